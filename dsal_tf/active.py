@@ -1,0 +1,200 @@
+"""The CEAL-style active-learning loop with a strong (oracle) and a weak (pseudo) labeler.
+
+Run folder layout (`exp/<name>/`):
+    constants.py        snapshot of the constants file the run started from
+    config.json         the resolved configuration
+    normalizer.json     training-pool statistics used for z-score
+    learning_curve.csv  round, n_oracle, n_pseudo, val_dice, train_s, score_s
+    round_00/           initial model: best.keras, history.csv, pool.npz, DONE
+    round_01/ ...       + scores.csv (every scored pool image) and the round's pool.npz
+
+Every decision of a round (pool.npz, scores.csv) is written before training starts, and a
+round counts as complete only once `DONE` exists, so an interrupted run resumes from the last
+complete round with the same pool state.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .config import Config
+from .data import Normalizer, load_splits
+from .errors import DsalError
+from .pool import Pool
+
+# settings that may change between a run and its resumption
+RESUMABLE_CHANGES = {"nb_iterations", "progress", "resume_on", "nb_overlays", "distribute",
+                     "cache_dir", "mixed_precision", "exp_dir", "data_path"}
+CURVE_FIELDS = ["round", "n_oracle", "n_pseudo", "val_dice", "train_s", "score_s"]
+
+
+def round_dir(run_dir: Path, r: int) -> Path:
+    return run_dir / f"round_{r:02d}"
+
+
+def completed_rounds(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("round_*/DONE"))
+
+
+def prepare_run_dir(cfg: Config, constants_path: str | Path | None = None) -> Path:
+    """Create or reopen `exp/<name>`; refuse to mix a finished run with different settings."""
+    run = cfg.run_dir
+    saved = run / "config.json"
+    if saved.is_file() and completed_rounds(run):
+        old = json.loads(saved.read_text())
+        if not cfg.resume_on:
+            raise DsalError(
+                f"{run} already holds a run and RESUME_ON is False; pass --exp NEW_NAME or delete {run}"
+            )
+        new = json.loads(cfg.to_json())
+        diff = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+        if diff:
+            k = diff[0]
+            raise DsalError(
+                f"{run} was run with {k.upper()} = {old.get(k)!r}, now {new[k]!r}; "
+                f"use --exp NEW_NAME for new settings (nothing was changed)"
+            )
+    run.mkdir(parents=True, exist_ok=True)
+    saved.write_text(cfg.to_json())
+    if constants_path is not None and Path(constants_path).is_file():
+        shutil.copyfile(constants_path, run / "constants.py")
+    return run
+
+
+def _append_curve(run: Path, row: dict) -> None:
+    path = run / "learning_curve.csv"
+    rows = []
+    if path.is_file():
+        with path.open() as f:
+            rows = [r for r in csv.DictReader(f) if int(r["round"]) != row["round"]]
+    rows.append({k: row[k] for k in CURVE_FIELDS})
+    rows.sort(key=lambda r: int(r["round"]))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, CURVE_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _write_scores(path: Path, names: list[str], pool_idx: np.ndarray, scores: dict, oracle: np.ndarray,
+                  pseudo: np.ndarray) -> None:
+    """Per scored image: index, name, every per-image score, and what the round chose for it."""
+    keys = [k for k, v in scores.items() if v.ndim == 1]
+    chosen = np.full(len(pool_idx), "", object)
+    chosen[np.isin(pool_idx, oracle)] = "oracle"
+    chosen[np.isin(pool_idx, pseudo)] = "pseudo"
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "name", *keys, "chosen"])
+        for j, i in enumerate(pool_idx):
+            w.writerow([int(i), names[i], *(f"{float(scores[k][j]):.6g}" for k in keys), chosen[j]])
+    tmp.replace(path)
+
+
+def run_active_learning(
+    cfg: Config,
+    constants_path: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    initial_model: Path | None = None,
+) -> Path:
+    """Run (or resume) the whole loop; returns the run folder.
+
+    `initial_model`: a finished round-0 folder to reuse (strategy comparisons share it per seed).
+    """
+    from . import train
+    from .strategies import PSEUDO_POLICIES, QUERY_STRATEGIES
+
+    splits = load_splits(cfg)  # validates every file before anything is written
+    pool_data, val = splits["train"], splits["val"]
+    if cfg.nb_labeled > len(pool_data):
+        raise DsalError(
+            f"NB_LABELED = {cfg.nb_labeled} but {cfg.data_path}/trainImg has only {len(pool_data)} images; "
+            "lower NB_LABELED or add images"
+        )
+    run = prepare_run_dir(cfg, constants_path)
+    norm_path = run / "normalizer.json"
+    if norm_path.is_file():
+        normalizer = Normalizer.load(norm_path)
+    else:
+        normalizer = Normalizer.fit(pool_data.images, cfg.normalization)
+        normalizer.save(norm_path)
+
+    train.set_precision(cfg)
+    strategy = train.get_distribution(cfg)
+    query = QUERY_STRATEGIES[cfg.query_strategy](cfg)
+    pseudo = PSEUDO_POLICIES[cfg.pseudo_policy](cfg)
+
+    done = completed_rounds(run)
+    start = 0
+    while start in done:
+        start += 1
+    if start > 0:
+        log(f"resuming {run} after round {start - 1}")
+    with strategy.scope():
+        for r in range(start, cfg.nb_iterations + 1):
+            rd = round_dir(run, r)
+            rd.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            score_s = 0.0
+            if r == 0 and initial_model is not None and (initial_model / "DONE").is_file():
+                shutil.copytree(initial_model, rd, dirs_exist_ok=True)
+                log(f"round 0: reusing the initial model of {initial_model}")
+                continue
+            if r == 0:
+                pool = Pool.initial(len(pool_data), cfg.nb_labeled, cfg.seed)
+                pool.save(rd / "pool.npz")
+                model = train.new_model(cfg, cfg.seed)
+                epochs = cfg.nb_initial_epochs
+            else:
+                model = train.load_model(round_dir(run, r - 1) / train.CHECKPOINT, cfg)
+                if (rd / "pool.npz").is_file() and (rd / "scores.csv").is_file():
+                    pool = Pool.load(rd / "pool.npz")  # the round's decisions survive an interruption
+                    log(f"round {r}: reusing the saved selection")
+                else:
+                    pool = Pool.load(round_dir(run, r - 1) / "pool.npz")
+                    score_s = _query_round(cfg, r, pool, pool_data, model, normalizer, query, pseudo, rd, log)
+                epochs = cfg.nb_active_epochs
+            x, y, is_pseudo = pool.training_set(pool_data.images, pool_data.masks)
+            log(f"round {r}/{cfg.nb_iterations}: training on {len(pool.labelled)} oracle + "
+                f"{int(is_pseudo.sum())} pseudo labels for {epochs} epochs")
+            t1 = time.perf_counter()
+            history = train.fit(model, cfg, x, y, is_pseudo, val, normalizer, rd, epochs, seed=cfg.seed * 1000 + r)
+            train_s = time.perf_counter() - t1
+            val_dice = max(history.get("val_main_dice", [float("nan")]) or [float("nan")])
+            row = dict(round=r, n_oracle=len(pool.labelled), n_pseudo=int(is_pseudo.sum()),
+                       val_dice=round(float(val_dice), 5), train_s=round(train_s, 2), score_s=round(score_s, 2))
+            _append_curve(run, row)
+            (rd / "DONE").write_text(json.dumps({**row, "wall_s": round(time.perf_counter() - t0, 2)}))
+            log(f"round {r}: val Dice {val_dice:.4f}")
+    return run
+
+
+def _query_round(cfg, r, pool, pool_data, model, normalizer, query, pseudo, rd, log) -> float:
+    """Score the unlabelled pool, pick oracle and pseudo labels, save them; returns scoring seconds."""
+    rng = np.random.default_rng([cfg.seed, r])
+    unl = pool.unlabelled
+    t = time.perf_counter()
+    scores = query.score_pool(model, pool_data.images[unl], pool_data.masks[unl], normalizer,
+                              cfg.batch_size, progress=cfg.progress)
+    score_s = time.perf_counter() - t
+    n_oracle = min(cfg.nb_next_sample, len(unl))
+    picks = query.select(scores, n_oracle, rng)
+    oracle = unl[picks]
+    pool.label(oracle, r)
+    available = np.setdiff1d(np.arange(len(unl)), picks)
+    n_pseudo = min(cfg.nb_pseudo(r), len(available))
+    chosen = pseudo.select(scores, available, n_pseudo, rng) if n_pseudo else np.zeros(0, np.int64)
+    masks = pseudo.labels(scores, chosen, pool_data.images[unl]) if len(chosen) else None
+    pool.set_pseudo(unl[chosen], masks)
+    _write_scores(rd / "scores.csv", pool_data.names, unl, scores, oracle, unl[chosen])
+    pool.save(rd / "pool.npz")
+    log(f"round {r}: {len(oracle)} images to the oracle, {len(chosen)} pseudo labels "
+        f"(scored {len(unl)} in {score_s:.1f}s)")
+    return score_s

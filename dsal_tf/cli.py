@@ -1,0 +1,146 @@
+"""The `dsal` command line. Options override `constants.py`; `main.py`/`test.py` call the same code."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .config import Config, load_config, parse_set_options
+from .errors import DsalError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg)
+
+
+def user_errors(fn):
+    """Turn `DsalError` into one line on stderr and exit code 2; a traceback is for our bugs only."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DsalError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; run the same command again to resume from the last complete round", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def common_options(fn):
+    opts = [
+        click.option("--constants", "constants", default="constants.py", show_default=True,
+                     help="Constants file to start from."),
+        click.option("--preset", default=None, help="Named preset: demo, isic2017, isic2017-cpu, bone_age."),
+        click.option("--exp", "exp_name", default=None, help="Experiment name (folder under EXP_DIR)."),
+        click.option("--exp-dir", default=None, help="Where runs are written (default exp/)."),
+        click.option("--data", "data_path", default=None, help="Data root in the orgData layout."),
+        click.option("--seed", type=int, default=None),
+        click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
+                     help="Override any constant, e.g. --set NB_ITERATIONS=5 (repeatable)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def build_config(constants: str, set_pairs: tuple[str, ...], **options) -> Config:
+    overrides = parse_set_options(set_pairs)
+    overrides.update({k: v for k, v in options.items() if v is not None})
+    return load_config(constants, overrides)
+
+
+def ensure_data(cfg: Config, log=_echo) -> None:
+    """With no data in the default `orgData/`, write the embedded synthetic set there first."""
+    train_dir = Path(cfg.data_path) / "trainImg"
+    if train_dir.is_dir() and any(train_dir.iterdir()):
+        return
+    if Path(cfg.data_path).name != "orgData":
+        return  # a user-given path: let the loader say what is missing
+    from .synthetic import make_synthetic
+
+    counts = make_synthetic(cfg.data_path, cfg.synthetic_counts, cfg.synthetic_size, cfg.seed)
+    log(f"no data in {cfg.data_path}/: wrote the embedded synthetic lesion dataset there "
+        f"({counts['train']} train, {counts['val']} val, {counts['test']} test images)")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """dsal-tf: label-efficient segmentation with deeply supervised active learning."""
+
+
+@cli.command()
+@common_options
+@click.option("--iterations", "nb_iterations", type=int, default=None, help="Active-learning rounds.")
+@click.option("--labeled", "nb_labeled", type=int, default=None, help="Initial oracle labels.")
+@click.option("--queries", "nb_next_sample", type=int, default=None, help="Oracle labels per round.")
+@click.option("--initial-epochs", "nb_initial_epochs", type=int, default=None)
+@click.option("--epochs", "nb_active_epochs", type=int, default=None, help="Epochs per round.")
+@click.option("--strategy", "query_strategy", default=None, help="Query strategy (dsal, random, ...).")
+@click.option("--pseudo", "pseudo_policy", default=None, help="Pseudo-label policy (confidence, random, none).")
+@click.option("--trainer", default=None, help="standard, rgs, rgm or rgsm.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", "learning_rate", type=float, default=None)
+@click.option("--base-filters", type=int, default=None)
+@click.option("--mixed-precision/--no-mixed-precision", default=None)
+@click.option("--resume/--no-resume", "resume_on", default=None)
+@click.option("--progress/--no-progress", default=None)
+@user_errors
+def run(constants, set_pairs, **options) -> None:
+    """Run (or resume) the active-learning loop."""
+    cfg = build_config(constants, set_pairs, **options)
+    ensure_data(cfg)
+    from .active import run_active_learning
+
+    run_dir = run_active_learning(cfg, constants_path=constants)
+    _echo(f"done: {run_dir} (evaluate with: python test.py --exp {cfg.name})")
+
+
+@cli.command()
+@common_options
+@click.option("--rounds", default=None, help="Comma-separated rounds to evaluate (default: all).")
+@user_errors
+def evaluate(constants, set_pairs, rounds, **options) -> None:
+    """Evaluate every round's model of an experiment on the test split."""
+    cfg = build_config(constants, set_pairs, **options)
+    from .evaluate import evaluate_run
+
+    wanted = [int(r) for r in rounds.split(",")] if rounds else None
+    evaluate_run(cfg, rounds=wanted, log=_echo)
+
+
+@cli.command("make-synthetic")
+@common_options
+@click.option("--counts", default=None, help="train,val,test image counts, e.g. 240,40,40.")
+@click.option("--size", "synthetic_size", type=int, default=None, help="Image side in pixels.")
+@user_errors
+def make_synthetic_cmd(constants, set_pairs, counts, **options) -> None:
+    """Write the embedded synthetic lesion dataset (ISIC naming) into the data folder."""
+    cfg = build_config(constants, set_pairs, synthetic_counts=counts, **options)
+    from .synthetic import make_synthetic
+
+    written = make_synthetic(cfg.data_path, cfg.synthetic_counts, cfg.synthetic_size, cfg.seed)
+    _echo(f"wrote {written} to {cfg.data_path}/")
+
+
+def main_py() -> None:
+    """`python main.py [options]` == `dsal run [options]`."""
+    cli.main(args=["run", *sys.argv[1:]], prog_name="main.py")
+
+
+def test_py() -> None:
+    """`python test.py [options]` == `dsal evaluate [options]`."""
+    cli.main(args=["evaluate", *sys.argv[1:]], prog_name="test.py")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,126 @@
+"""Test-split evaluation of every round: per-image Dice, IoU, HD95 and ASD, tables and plots.
+
+Writes into the run folder:
+    evaluation.csv            one row per round: n_oracle, n_pseudo, mean and std of each metric
+    round_XX/test_metrics.csv per test image
+    learning_curve.png        test Dice against the number of expert labels
+    overlays/round_XX.png     image with ground-truth (green) and prediction (red) contours
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .config import Config, resolve
+from .data import Normalizer, Split, load_split, make_dataset
+from .errors import DsalError
+from .metrics import batch_metrics
+
+METRICS = ("dice", "iou", "hd95", "asd")
+
+
+def predict_main(model, images: np.ndarray, normalizer: Normalizer, batch_size: int) -> np.ndarray:
+    """Main-head probabilities [N,H,W,1] in one batched pass."""
+    ds = make_dataset(images, np.zeros(images.shape[:3] + (1,), np.uint8), normalizer, batch_size).map(
+        lambda x, y: x)
+    return model.predict(ds, verbose=0)["main"]
+
+
+def saved_config(cfg: Config) -> Config:
+    """The configuration a run was made with (image size, data, ...), not today's constants."""
+    path = cfg.run_dir / "config.json"
+    if not path.is_file():
+        raise DsalError(f"no run at {cfg.run_dir}; train it first with: python main.py --exp {cfg.name}")
+    saved = json.loads(path.read_text())
+    saved["progress"] = cfg.progress
+    return resolve(saved, source=str(path))
+
+
+def summarize(per_image: pd.DataFrame) -> dict[str, float]:
+    out = {}
+    for m in METRICS:
+        out[f"{m}_mean"] = float(np.nanmean(per_image[m]))
+        out[f"{m}_std"] = float(np.nanstd(per_image[m]))
+    return out
+
+
+def evaluate_model(model, test: Split, normalizer: Normalizer, batch_size: int) -> tuple[pd.DataFrame, np.ndarray]:
+    prob = predict_main(model, test.images, normalizer, batch_size)
+    pred = (prob > 0.5).astype(np.uint8)
+    per_image = pd.DataFrame({"name": test.names, **batch_metrics(test.masks, pred)})
+    return per_image, pred
+
+
+def overlay_grid(images: np.ndarray, gt: np.ndarray, pred: np.ndarray, path: Path, n: int) -> None:
+    """Side-by-side tiles with ground-truth (green) and predicted (red) contours."""
+    import cv2
+
+    tiles = []
+    for img, g, p in zip(images[:n], gt[:n], pred[:n]):
+        tile = img if img.shape[-1] == 3 else np.repeat(img, 3, axis=-1)
+        tile = np.ascontiguousarray(tile)
+        for mask, color in ((g, (0, 255, 0)), (p, (255, 0, 0))):
+            contours, _ = cv2.findContours(mask[..., 0].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(tile, contours, -1, color, 1)
+        tiles.append(tile)
+    if tiles:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(tiles, axis=1), cv2.COLOR_RGB2BGR))
+
+
+def plot_curve(table: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.errorbar(table["n_oracle"], table["dice_mean"], yerr=table["dice_std"], marker="o", capsize=3)
+    ax.set_xlabel("expert (oracle) labels")
+    ax.set_ylabel("test Dice")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate_run(cfg: Config, rounds: list[int] | None = None, log: Callable[[str], None] = print) -> pd.DataFrame:
+    import keras
+
+    from .active import completed_rounds, round_dir
+    from .train import CHECKPOINT
+
+    cfg = saved_config(cfg)
+    run = cfg.run_dir
+    available = completed_rounds(run)
+    if not available:
+        raise DsalError(f"{run} has no finished round yet; run: python main.py --exp {cfg.name}")
+    rounds = available if rounds is None else rounds
+    missing = sorted(set(rounds) - set(available))
+    if missing:
+        raise DsalError(f"round {missing[0]} of {run} is not finished; finished rounds: {available}")
+    test = load_split(cfg, "test")
+    normalizer = Normalizer.load(run / "normalizer.json")
+    curve = pd.read_csv(run / "learning_curve.csv").set_index("round")
+    rows = []
+    for r in rounds:
+        rd = round_dir(run, r)
+        model = keras.models.load_model(rd / CHECKPOINT, compile=False)
+        per_image, pred = evaluate_model(model, test, normalizer, cfg.batch_size)
+        per_image.to_csv(rd / "test_metrics.csv", index=False)
+        rows.append({"round": r, "n_oracle": int(curve.loc[r, "n_oracle"]),
+                     "n_pseudo": int(curve.loc[r, "n_pseudo"]), **summarize(per_image)})
+        if r in (rounds[0], rounds[-1]) and cfg.nb_overlays:
+            overlay_grid(test.images, test.masks, pred, run / "overlays" / f"round_{r:02d}.png", cfg.nb_overlays)
+    table = pd.DataFrame(rows)
+    table.to_csv(run / "evaluation.csv", index=False, float_format="%.4f")
+    plot_curve(table, run / "learning_curve.png", cfg.name)
+    log(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    log(f"wrote {run / 'evaluation.csv'} and {run / 'learning_curve.png'}")
+    return table

@@ -1,0 +1,71 @@
+"""Deeply supervised 2D U-Net (METHODS.md section 1).
+
+Layout: NHWC. Outputs are named: `main` (full resolution), `side_1` (the decoder block at 1/4
+resolution, upsampled x4) and `side_2` (the 1/2 block, upsampled x2). Each head is a 1x1 conv
+producing logits (layers `<head>_logits`) followed by a float32 sigmoid, so mixed precision
+keeps the probabilities in float32.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+HEADS = ("main", "side_1", "side_2")
+
+
+def _block(x, filters: int, name: str):
+    for i in (1, 2):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu",
+                          kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
+    return x
+
+
+def build_unet(
+    input_shape: tuple[int, int, int],
+    base_filters: int = 32,
+    depth: int = 4,
+    dropout: float = 0.5,
+    name: str = "ds_unet",
+) -> keras.Model:
+    """U-Net with `depth` down and up blocks and two deep-supervision side heads.
+
+    Dropout (rate `dropout`) follows the deepest encoder block and the bottleneck, as in the
+    reference code; with `training=True` it gives CEAL's MC-dropout passes. There is no batch
+    norm, so `training=True` changes nothing but dropout.
+    """
+    if depth < 2:
+        raise ValueError("depth must be >= 2: the side heads sit on the 1/4 and 1/2 blocks")
+    inputs = keras.Input(shape=input_shape, name="image")
+    skips = []
+    x = inputs
+    for level in range(depth):
+        x = _block(x, base_filters * 2**level, f"enc{level}")
+        if level == depth - 1 and dropout > 0:
+            x = layers.Dropout(dropout, name=f"enc{level}_dropout")(x)
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
+    x = _block(x, base_filters * 2**depth, "bottleneck")
+    if dropout > 0:
+        x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
+
+    decoded = {}  # scale divisor -> decoder features
+    for level in reversed(range(depth)):
+        filters = base_filters * 2**level
+        x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"dec{level}_up")(x)
+        x = layers.Concatenate(name=f"dec{level}_concat")([x, skips[level]])
+        x = _block(x, filters, f"dec{level}")
+        decoded[2**level] = x
+
+    def head(features, scale: int, head_name: str):
+        logits = layers.Conv2D(1, 1, name=f"{head_name}_logits")(features)
+        if scale > 1:
+            logits = layers.UpSampling2D(scale, interpolation="bilinear", name=f"{head_name}_up")(logits)
+        return layers.Activation("sigmoid", dtype="float32", name=head_name)(logits)
+
+    outputs = {
+        "main": head(decoded[1], 1, "main"),
+        "side_1": head(decoded[4], 4, "side_1"),
+        "side_2": head(decoded[2], 2, "side_2"),
+    }
+    return keras.Model(inputs, outputs, name=name)

@@ -1,0 +1,119 @@
+"""Building, compiling and fitting the deeply supervised U-Net with plain Keras `fit`.
+
+Devices: the model is built under a `tf.distribute` strategy (`DISTRIBUTE`), so the same code
+runs on one CPU, several GPUs (MirroredStrategy) or several workers. Mixed precision is a flag;
+the heads stay float32.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .config import Config
+from .data import Normalizer, Split, make_dataset
+from .losses import deep_supervision, dice
+from .model import HEADS, build_unet
+
+CHECKPOINT = "best.keras"
+
+
+def get_distribution(cfg: Config) -> tf.distribute.Strategy:
+    """`auto`: MirroredStrategy on more than one GPU, else the default (no-op) strategy."""
+    if cfg.distribute == "mirrored" or (
+        cfg.distribute == "auto" and len(tf.config.list_logical_devices("GPU")) > 1
+    ):
+        return tf.distribute.MirroredStrategy()
+    if cfg.distribute == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def set_precision(cfg: Config) -> None:
+    keras.mixed_precision.set_global_policy("mixed_float16" if cfg.mixed_precision else "float32")
+
+
+def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
+    losses, weights = deep_supervision(cfg.loss, cfg.ds_weights)
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg.learning_rate),
+        loss=losses,
+        loss_weights=weights,
+        metrics={"main": [dice]},
+    )
+    return model
+
+
+def new_model(cfg: Config, seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    model = build_unet((cfg.img_rows, cfg.img_cols, cfg.channels), cfg.base_filters, cfg.depth, cfg.dropout)
+    return compile_model(model, cfg)
+
+
+def load_model(path: Path, cfg: Config | None = None) -> keras.Model:
+    """A saved U-Net; recompiled with `cfg` when given (training continues with a fresh optimizer)."""
+    model = keras.models.load_model(path, compile=False)
+    return compile_model(model, cfg) if cfg is not None else model
+
+
+def _callbacks(cfg: Config, out_dir: Path, epochs: int) -> list:
+    cbs: list = [
+        keras.callbacks.ModelCheckpoint(
+            str(out_dir / CHECKPOINT), monitor="val_main_dice", mode="max", save_best_only=True
+        ),
+        keras.callbacks.CSVLogger(str(out_dir / "history.csv")),
+    ]
+    if cfg.early_stop_patience:
+        cbs.append(keras.callbacks.EarlyStopping(monitor="val_main_dice", mode="max",
+                                                 patience=cfg.early_stop_patience))
+    if cfg.lr_schedule == "plateau":
+        cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_main_dice", mode="max", factor=0.5, patience=3))
+    elif cfg.lr_schedule == "cosine":
+        base = cfg.learning_rate
+        cbs.append(keras.callbacks.LearningRateScheduler(
+            lambda e, _lr: 0.5 * base * (1 + math.cos(math.pi * e / max(epochs, 1)))))
+    return cbs
+
+
+def fit(
+    model: keras.Model,
+    cfg: Config,
+    x: np.ndarray,
+    y: np.ndarray,
+    is_pseudo: np.ndarray,
+    val: Split,
+    normalizer: Normalizer,
+    out_dir: Path,
+    epochs: int,
+    seed: int,
+) -> dict[str, list[float]]:
+    """Train for `epochs`, keep the best epoch by `val_main_dice`, and load it back into `model`.
+
+    With a re-weighting trainer (`TRAINER` rgs/rgm/rgsm) and pseudo labels present, the pseudo
+    labels are the machine annotations and the oracle labels the clean set.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    verbose = 1 if cfg.progress and sys.stdout.isatty() else 2
+    val_ds = make_dataset(val.images, val.masks, normalizer, cfg.batch_size)
+    keras.utils.set_random_seed(seed)
+    if cfg.trainer != "standard" and is_pseudo.any():
+        from .noisy_teacher import fit_reweighted
+
+        history = fit_reweighted(model, cfg, x[~is_pseudo], y[~is_pseudo], x[is_pseudo], y[is_pseudo],
+                                 val_ds, normalizer, _callbacks(cfg, out_dir, epochs), epochs, seed, verbose)
+    else:
+        train_ds = make_dataset(x, y, normalizer, cfg.batch_size, shuffle=True, augment=cfg.augment,
+                                seed=seed, heads=HEADS)
+        history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
+                            callbacks=_callbacks(cfg, out_dir, epochs), verbose=verbose).history
+    best = out_dir / CHECKPOINT
+    if best.is_file():
+        model.set_weights(keras.models.load_model(best, compile=False).get_weights())
+    else:  # zero epochs: the starting weights are this round's model
+        model.save(best)
+    return history

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dsal-tf",
+    version="0.1.0",
+    description="Label-efficient medical image segmentation: deeply supervised active learning and friends (Keras 3 / TensorFlow)",
+    packages=find_packages(include=["dsal_tf", "dsal_tf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.16",
+        "keras>=3.0",
+        "opencv-python-headless>=4.8",
+        "scikit-image>=0.21",
+        "numpy>=1.24",
+        "click>=8.1",
+        "scipy>=1.10",
+        "pandas>=2.0",
+        "matplotlib>=3.7",
+        "tqdm>=4.65",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4"],
+        "crf": ["pydensecrf2"],
+    },
+    entry_points={"console_scripts": ["dsal=dsal_tf.cli:cli"]},
+)
