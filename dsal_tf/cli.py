@@ -12,7 +12,7 @@ import click
 from .config import Config, load_config, parse_set_options
 from .errors import DsalError
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TF start-up chatter out of the way
 
 
 def _echo(msg: str) -> None:

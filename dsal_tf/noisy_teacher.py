@@ -16,6 +16,7 @@ Layout: NHWC images `[N,H,W,C]`, masks `[N,H,W,1]`, every score and weight `[N]`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import keras
@@ -89,28 +90,29 @@ def per_sample_loss(outputs: dict, y, loss_fn: LossFn, ds_weights: Sequence[floa
 
 
 # ------------------------------------------------------------------ scores
-def score_model(segmenter: keras.Model, layer: str = LAST_LAYER) -> keras.Model:
-    """The segmenter with two more outputs, `features` (entering `layer`) and `logits` (leaving it).
+def score_model(segmenter: keras.Model) -> keras.Model:
+    """The segmenter plus `features` (entering `main_logits`) and each head's `<head>_logits`.
 
-    Shares every weight with `segmenter`; one call gives all we need for the RGM closed form.
+    Shares every weight with `segmenter`; one call gives what both scores need.
     """
-    last = segmenter.get_layer(layer)
     outputs = dict(segmenter.output)
-    outputs.update(features=last.input, logits=last.output)
+    outputs["features"] = segmenter.get_layer(LAST_LAYER).input
+    for head in HEADS:
+        outputs[f"{head}_logits"] = segmenter.get_layer(f"{head}_logits").output
     return keras.Model(segmenter.input, outputs, name=f"{segmenter.name}_scores")
 
 
-def logit_gradients(logits: tf.Tensor, y, loss_fn: LossFn, weight: float = 1.0) -> tf.Tensor:
-    """`dL_i/dlogit` per pixel, `[N,H,W,1]`, for the main head (`p = sigmoid(logit)`).
+def directional_derivatives(logit_grads: Sequence[tf.Tensor], logit_tangents: Sequence[tf.Tensor]) -> tf.Tensor:
+    """`e_i = sum_heads sum_pixels dL_i/dz[i] * dz[i]/dtheta . v`, shape [N]: chain rule at the logits.
 
-    Sample i's loss only sees sample i's logits, so one gradient of `sum_i L_i` holds them all.
+    Forward mode cannot cross the side heads' bilinear upsampling (TF has no JVP for
+    ResizeBilinear and silently yields None), so the JVP stops at the logits z and the short,
+    per-pixel path from z to L_i is taken in reverse mode.
     """
-    logits = tf.cast(tf.stop_gradient(logits), tf.float32)
-    target = y["main"] if isinstance(y, dict) else y
-    with tf.GradientTape() as tape:
-        tape.watch(logits)
-        loss = weight * tf.reduce_sum(tf.cast(loss_fn(target, tf.sigmoid(logits)), tf.float32))
-    return tape.gradient(loss, logits)
+    e = 0.0
+    for grad, tangent in zip(logit_grads, logit_tangents):
+        e += tf.reduce_sum(tf.cast(grad, tf.float32) * tf.cast(tangent, tf.float32), axis=[1, 2, 3])
+    return e
 
 
 def kernel_gradient_magnitude(features: tf.Tensor, logit_grads: tf.Tensor) -> tf.Tensor:
@@ -124,50 +126,44 @@ def kernel_gradient_magnitude(features: tf.Tensor, logit_grads: tf.Tensor) -> tf
     return tf.reduce_mean(tf.abs(per_sample_kernel), axis=[1, 2])
 
 
-def directional_losses(
-    forward: Callable[[], tf.Tensor], variables: Sequence, direction: Sequence[tf.Tensor]
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """`(L, dL . direction)`: `forward()` gives the loss vector L [B]; one JVP gives every e_i.
-
-    Forward mode pushes one tangent through the net, about one more forward pass, instead of B
-    backward passes. Called inside a `GradientTape`, L stays differentiable for the update.
-    """
-    primals = [getattr(v, "value", v) for v in variables]  # the tf.Variable behind a Keras Variable
-    with tf.autodiff.ForwardAccumulator(primals, list(direction)) as acc:
-        losses = forward()
-    e = acc.jvp(losses, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return losses, e
-
-
 def _clean_gradient(segmenter, x_clean, y_clean, loss_fn, ds_weights, training: bool, scale=None):
-    """`(mean L_clean, grad_theta mean L_clean)`; `scale` is the optimizer's loss scaling."""
+    """`(mean L_clean, outputs, grad_theta)`; `scale` is the optimizer's loss scaling."""
     variables = segmenter.trainable_variables
     with tf.GradientTape() as tape:
         outputs = segmenter(x_clean, training=training)
-        clean = per_sample_loss(outputs, y_clean, loss_fn, ds_weights)
-        loss = tf.reduce_mean(clean)
+        loss = tf.reduce_mean(per_sample_loss(outputs, y_clean, loss_fn, ds_weights))
         scaled = scale(loss) if scale is not None else loss
     grads = tape.gradient(scaled, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return loss, outputs, grads
 
 
 def _noisy_pass(scorer, variables, x, y, loss_fn, ds_weights, direction, need_g: bool, training: bool):
-    """One forward on the noisy batch: losses [B], trust e [B] or None, informativeness g [B] or None."""
-    out = {}
+    """One forward on the noisy batch: losses [B], trust e [B] (if `direction`), informativeness g [B].
 
-    def forward():
-        out.update(scorer(x, training=training))
-        return per_sample_loss(out, y, loss_fn, ds_weights)
-
-    if direction is not None:
-        losses, e = directional_losses(forward, variables, direction)
-    else:
-        losses, e = forward(), None
-    g = None
-    if need_g:
-        dz = logit_gradients(out["logits"], y, loss_fn, float(ds_weights[HEADS.index("main")]))
-        g = kernel_gradient_magnitude(out["features"], dz)
-    return losses, e, g, out
+    Called inside the caller's `GradientTape`, the losses stay differentiable for the update.
+    """
+    heads = [h for h, w in zip(HEADS, ds_weights) if w != 0]
+    with contextlib.ExitStack() as stack:
+        acc = None
+        if direction is not None:
+            primals = [getattr(v, "value", v) for v in variables]  # the tf.Variable behind a Keras one
+            acc = stack.enter_context(tf.autodiff.ForwardAccumulator(primals, list(direction)))
+        with tf.GradientTape() as tape:
+            out = scorer(x, training=training)
+            losses = per_sample_loss(out, y, loss_fn, ds_weights)
+            total = tf.reduce_sum(losses)
+    e = g = None
+    if acc is not None or need_g:
+        # Sample i's loss sees only sample i's logits, so one gradient of the sum holds every dL_i/dz.
+        logits = [out[f"{h}_logits"] for h in heads]
+        zero = tf.UnconnectedGradients.ZERO
+        dz = tape.gradient(total, logits, unconnected_gradients=zero)
+        if acc is not None:
+            e = directional_derivatives(dz, [acc.jvp(z, unconnected_gradients=zero) for z in logits])
+        if need_g:
+            main = dz[heads.index("main")] if "main" in heads else tf.zeros_like(out["main_logits"])
+            g = kernel_gradient_magnitude(out["features"], main)
+    return losses, e, g
 
 
 def trust_scores(
@@ -183,8 +179,9 @@ def trust_scores(
     """RGS trust `e_i = grad L_i . grad mean L_clean` for every noisy sample, shape [B]."""
     loss_fn = resolve_loss(loss)
     _, _, direction = _clean_gradient(segmenter, x_clean, y_clean, loss_fn, ds_weights, training)
-    _, e, _, _ = _noisy_pass(segmenter, segmenter.trainable_variables, x_noisy, y_noisy, loss_fn,
-                             ds_weights, direction, need_g=False, training=training)
+    scorer = score_model(segmenter)
+    _, e, _ = _noisy_pass(scorer, segmenter.trainable_variables, x_noisy, y_noisy, loss_fn, ds_weights,
+                          direction, need_g=False, training=training)
     return e
 
 
@@ -195,12 +192,11 @@ def informativeness_scores(
     loss: str | LossFn = "bce_dice",
     ds_weights: Sequence[float] = DS_WEIGHTS,
     training: bool = False,
-    layer: str = LAST_LAYER,
 ) -> tf.Tensor:
-    """RGM informativeness `g_i = mean |dL_i/dW|` for the 1x1 `layer` kernel, shape [B]."""
-    scorer = score_model(segmenter, layer)
-    _, _, g, _ = _noisy_pass(scorer, scorer.trainable_variables, x, y, resolve_loss(loss), ds_weights,
-                             None, need_g=True, training=training)
+    """RGM informativeness `g_i = mean |dL_i/dW|` for the 1x1 `main_logits` kernel W, shape [B]."""
+    scorer = score_model(segmenter)
+    _, _, g = _noisy_pass(scorer, segmenter.trainable_variables, x, y, resolve_loss(loss), ds_weights,
+                          None, need_g=True, training=training)
     return g
 
 
@@ -269,7 +265,7 @@ class ReweightedTrainer(keras.Model):
         # Loss scaling multiplies every e_i alike, so the normalised weights do not see it.
         direction = clean_grads if self.lam > 0.0 else None
         with tf.GradientTape() as tape:
-            noisy, e, g, _ = _noisy_pass(self.scorer, variables, x_noisy, y_noisy, self.loss_fn,
+            noisy, e, g = _noisy_pass(self.scorer, variables, x_noisy, y_noisy, self.loss_fn,
                                          self.ds_weights, direction, self.lam < 1.0, True)
             w = tf.stop_gradient(self.sample_weights(e, g))
             noisy_objective = tf.reduce_sum(w * noisy)

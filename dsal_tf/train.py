@@ -21,6 +21,7 @@ from .losses import deep_supervision, dice
 from .model import HEADS, build_unet
 
 CHECKPOINT = "best.keras"
+tf.get_logger().setLevel("ERROR")  # retracing notices per round are expected (a new model each round)
 
 
 def get_distribution(cfg: Config) -> tf.distribute.Strategy:
@@ -99,9 +100,9 @@ def fit(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     verbose = 1 if cfg.progress and sys.stdout.isatty() else 2
-    val_ds = make_dataset(val.images, val.masks, normalizer, cfg.batch_size)
     keras.utils.set_random_seed(seed)
     if cfg.trainer != "standard" and is_pseudo.any():
+        val_ds = make_dataset(val.images, val.masks, normalizer, cfg.batch_size)
         from .noisy_teacher import fit_reweighted
 
         history = fit_reweighted(model, cfg, x[~is_pseudo], y[~is_pseudo], x[is_pseudo], y[is_pseudo],
@@ -109,8 +110,10 @@ def fit(
     else:
         train_ds = make_dataset(x, y, normalizer, cfg.batch_size, shuffle=True, augment=cfg.augment,
                                 seed=seed, heads=HEADS)
+        val_ds = make_dataset(val.images, val.masks, normalizer, cfg.batch_size, heads=HEADS)
         history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
-                            callbacks=_callbacks(cfg, out_dir, epochs), verbose=verbose).history
+                            callbacks=_callbacks(cfg, out_dir, epochs), verbose=verbose,
+                            shuffle=False).history  # the dataset shuffles
     best = out_dir / CHECKPOINT
     if best.is_file():
         model.set_weights(keras.models.load_model(best, compile=False).get_weights())

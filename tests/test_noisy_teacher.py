@@ -1,0 +1,223 @@
+"""Noisy-teacher re-weighting: batched scores against brute-force per-sample gradients."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from dsal_tf import noisy_teacher as nt  # noqa: E402
+from dsal_tf.model import build_unet  # noqa: E402
+
+SHAPE = (16, 16, 3)
+DS = (0.6, 0.3, 0.1)
+
+
+def _unet(seed: int = 0, dropout: float = 0.0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return build_unet(SHAPE, base_filters=2, depth=3, dropout=dropout)  # depth 2 has no 1/4 head
+
+
+def _batch(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *SHAPE)).astype("float32")
+    y = (rng.random((n, *SHAPE[:2], 1)) > 0.6).astype("float32")
+    return x, y
+
+
+def _rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = _unet()
+    return model, _batch(4, 1), _batch(3, 2)
+
+
+def _per_sample_grads(model, x, y, loss, sources):
+    """Brute force: one backward pass per sample."""
+    loss_fn = nt.resolve_loss(loss)
+    grads = []
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            li = nt.per_sample_loss(model(x[i : i + 1]), y[i : i + 1], loss_fn, DS)[0]
+        grads.append(tape.gradient(li, sources))
+    return grads
+
+
+# ------------------------------------------------------------------ scores vs brute force
+@pytest.mark.parametrize("loss", ["bce_dice", "dice", "bce"])
+def test_trust_scores_match_per_sample_gradients(setup, loss):
+    model, (xn, yn), (xc, yc) = setup
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+        clean = tf.reduce_mean(nt.per_sample_loss(model(xc), yc, nt.resolve_loss(loss), DS))
+    g_clean = tape.gradient(clean, variables)
+    expected = [
+        sum(float(tf.reduce_sum(a * b)) for a, b in zip(g_i, g_clean))
+        for g_i in _per_sample_grads(model, xn, yn, loss, variables)
+    ]
+    e = nt.trust_scores(model, xn, yn, xc, yc, loss=loss, ds_weights=DS)
+    assert e.shape == (4,)
+    assert _rel_err(e, expected) < 1e-4
+
+
+def test_trust_scores_include_side_heads(setup):
+    """The side heads' bilinear upsampling has no forward-mode rule in TF; e must still count them."""
+    model, (xn, yn), (xc, yc) = setup
+    side_only = (0.0, 0.7, 0.3)
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+        clean = tf.reduce_mean(nt.per_sample_loss(model(xc), yc, nt.resolve_loss("bce_dice"), side_only))
+    g_clean = tape.gradient(clean, variables)
+    e = nt.trust_scores(model, xn, yn, xc, yc, ds_weights=side_only)
+    loss_fn = nt.resolve_loss("bce_dice")
+    expected = []
+    for i in range(4):
+        with tf.GradientTape() as tape:
+            li = nt.per_sample_loss(model(xn[i : i + 1]), yn[i : i + 1], loss_fn, side_only)[0]
+        g_i = tape.gradient(li, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        expected.append(sum(float(tf.reduce_sum(a * b)) for a, b in zip(g_i, g_clean)))
+    assert np.abs(expected).max() > 0
+    assert _rel_err(e, expected) < 1e-4
+
+
+@pytest.mark.parametrize("loss", ["bce_dice", "dice"])
+def test_informativeness_matches_kernel_gradients(setup, loss):
+    model, (xn, yn), _ = setup
+    kernel = model.get_layer("main_logits").kernel
+    expected = [float(tf.reduce_mean(tf.abs(g[0]))) for g in _per_sample_grads(model, xn, yn, loss, [kernel])]
+    g = nt.informativeness_scores(model, xn, yn, loss=loss, ds_weights=DS)
+    assert g.shape == (4,)
+    assert _rel_err(g, expected) < 1e-4
+
+
+def test_kernel_gradient_magnitude_by_hand():
+    # one sample, 2 pixels, 2 channels: dL/dW = [1*2 + 3*(-1), 2*2 + 0*(-1)] = [-1, 4] -> mean |.| = 2.5
+    features = tf.constant([[[[1.0, 2.0], [3.0, 0.0]]]])  # [1,1,2,2]
+    logit_grads = tf.constant([[[[2.0], [-1.0]]]])  # [1,1,2,1]
+    np.testing.assert_allclose(nt.kernel_gradient_magnitude(features, logit_grads), [2.5])
+
+
+# ------------------------------------------------------------------ weights by hand
+@pytest.mark.parametrize(
+    "e, expected",
+    [
+        ([1.0, 3.0], [0.25, 0.75]),
+        ([2.0, -1.0, 2.0], [0.5, 0.0, 0.5]),
+        ([-1.0, -2.0, 0.0], [0.0, 0.0, 0.0]),  # nobody helps: all zeros, not NaN
+        ([0.0, 0.0], [0.0, 0.0]),
+    ],
+)
+def test_normalize_positive(e, expected):
+    np.testing.assert_allclose(nt.normalize_positive(tf.constant(e)), expected)
+
+
+@pytest.mark.parametrize(
+    "w_e, w_x, lam, query, expected",
+    [
+        ([0.5, 0.5, 0.0, 0.0], [0.1, 0.1, 0.4, 0.4], 1.0, False, [0.5, 0.5, 0.0, 0.0]),  # RGS
+        ([0.5, 0.5, 0.0, 0.0], [0.1, 0.1, 0.4, 0.4], 0.0, False, [0.1, 0.1, 0.4, 0.4]),  # RGM
+        ([0.5, 0.5, 0.0, 0.0], [0.1, 0.1, 0.4, 0.4], 0.5, False, [0.3, 0.3, 0.2, 0.2]),  # RGS&M
+        # +AL, B = 4: weights below 1/4 go to zero and the rest is not renormalised
+        ([0.5, 0.5, 0.0, 0.0], [0.1, 0.1, 0.4, 0.4], 0.5, True, [0.3, 0.3, 0.0, 0.0]),
+        ([0.7, 0.2, 0.1, 0.0], [0.0, 0.0, 0.0, 0.0], 1.0, True, [0.7, 0.0, 0.0, 0.0]),
+        ([0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0], 1.0, True, [0.25, 0.25, 0.25, 0.25]),  # 1/B is kept
+    ],
+)
+def test_combine_weights(w_e, w_x, lam, query, expected):
+    w = nt.combine_weights(tf.constant(w_e), tf.constant(w_x), lam, query)
+    np.testing.assert_allclose(w, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_combine_weights_accepts_a_missing_score():
+    np.testing.assert_allclose(nt.combine_weights(tf.constant([0.2, 0.8]), None, 1.0, False), [0.2, 0.8])
+    np.testing.assert_allclose(nt.combine_weights(None, tf.constant([0.2, 0.8]), 0.0, True), [0.0, 0.8])
+
+
+def test_registry_and_bad_settings():
+    from dsal_tf.errors import DsalError
+
+    model = _unet()
+    assert nt.make_trainer("rgsm", model).lam == 0.5
+    assert nt.make_trainer("rgs", model, lam=-1.0).lam == 1.0  # the config's -1 means "default"
+    assert nt.make_trainer("rgs", model, lam=0.25).lam == 0.25
+    with pytest.raises(DsalError, match="rgm"):
+        nt.make_trainer("ren", model)
+    with pytest.raises(DsalError, match="rgs_lambda"):
+        nt.ReweightedTrainer(model, lam=2.0)
+    with pytest.raises(DsalError, match="bce_dice"):
+        nt.ReweightedTrainer(model, loss="focal")
+
+
+# ------------------------------------------------------------------ trainer
+class _FixedWeights(nt.ReweightedTrainer):
+    """Test double: the weights are given, so the update can be checked by hand."""
+
+    def __init__(self, *args, fixed, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fixed = tf.constant(fixed, tf.float32)
+
+    def sample_weights(self, e, g):
+        return self.fixed
+
+
+def _dataset(batch: int = 4) -> tf.data.Dataset:
+    xn, yn = _batch(4, 1)
+    xc, yc = _batch(3, 2)
+    return nt.make_reweighted_dataset(xn, yn, xc, yc, batch_size=batch, seed=0)
+
+
+def _snapshot(model) -> list[np.ndarray]:
+    return [v.numpy().copy() for v in model.trainable_variables]
+
+
+def test_zero_weights_and_no_expert_leave_the_model_alone():
+    model = _unet()
+    trainer = _FixedWeights(model, fixed=[0.0] * 4, expert_weight=0.0)
+    trainer.compile(keras.optimizers.Adam(1e-2))
+    before = _snapshot(model)
+    trainer.fit(_dataset(), epochs=2, verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, _snapshot(model)))
+
+
+def test_update_is_the_weighted_noisy_gradient():
+    """SGD with lr 1: the step is exactly -(sum_i w_i grad L_i), here w = one-hot on sample 2."""
+    model = _unet()
+    xn, yn = _batch(4, 1)
+    xc, yc = _batch(4, 2)
+    data = tf.data.Dataset.from_tensors(((xn, yn), (xc, yc)))
+    before = _snapshot(model)
+    expected = _per_sample_grads(model, xn[2:3], yn[2:3], "bce_dice", model.trainable_variables)[0]
+    trainer = _FixedWeights(model, fixed=[0.0, 0.0, 1.0, 0.0], expert_weight=0.0)
+    trainer.compile(keras.optimizers.SGD(1.0))
+    trainer.fit(data, epochs=1, verbose=0)
+    step = [b - a for a, b in zip(before, _snapshot(model))]
+    flat = lambda ts: np.concatenate([np.ravel(t) for t in ts])  # noqa: E731
+    assert _rel_err(-flat(step), flat(expected)) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(nt.TRAINERS))
+def test_fit_and_evaluate(name, tmp_path):
+    model = _unet(dropout=0.5)
+    trainer = nt.make_trainer(name, model, query=True)
+    trainer.compile(keras.optimizers.Adam(1e-3))
+    before = _snapshot(model)
+    xv, yv = _batch(3, 3)
+    val = tf.data.Dataset.from_tensor_slices((xv, yv)).batch(2)
+    history = trainer.fit(_dataset(batch=2), validation_data=val, epochs=1, verbose=0).history
+    for key in ("loss", "main_dice", "mean_weight", "kept_fraction", "val_loss", "val_main_dice"):
+        assert np.isfinite(history[key][-1]), key
+    assert 0.0 <= history["kept_fraction"][-1] <= 1.0
+    assert not all(np.array_equal(a, b) for a, b in zip(before, _snapshot(model)))
+    path = tmp_path / "unet.keras"
+    trainer.segmenter.save(path)
+    assert keras.models.load_model(path, compile=False).name == model.name
