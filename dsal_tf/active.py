@@ -137,6 +137,7 @@ def run_active_learning(
         start += 1
     if start > 0:
         log(f"resuming {run} after round {start - 1}")
+    model = None
     with strategy.scope():
         for r in range(start, cfg.nb_iterations + 1):
             rd = round_dir(run, r)
@@ -153,7 +154,11 @@ def run_active_learning(
                 model = train.new_model(cfg, cfg.seed)
                 epochs = cfg.nb_initial_epochs
             else:
-                model = train.load_model(round_dir(run, r - 1) / train.CHECKPOINT, cfg)
+                # `fit` left the previous round's best weights in `model`; a fresh process loads them.
+                # Keeping the model object keeps its compiled graphs (no retracing each round).
+                if model is None:
+                    model = train.load_model(round_dir(run, r - 1) / train.CHECKPOINT, cfg)
+                train.reset_optimizer(model, cfg.learning_rate)
                 if (rd / "pool.npz").is_file() and (rd / "scores.csv").is_file():
                     pool = Pool.load(rd / "pool.npz")  # the round's decisions survive an interruption
                     log(f"round {r}: reusing the saved selection")

@@ -52,6 +52,7 @@ class Config:
     early_stop_patience: int = 0  # 0 = off
     lr_schedule: str = "none"  # "none", "plateau" or "cosine"
     mixed_precision: bool = False
+    jit_compile: str = "auto"  # XLA: "auto" (on with a GPU, off on CPU where it is slower), "on", "off"
     distribute: str = "auto"  # "auto", "none", "mirrored" or "multiworker"
     seed: int = 0
     # --- active learning
@@ -127,7 +128,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # A reduced ISIC protocol that finishes in about 15 minutes on 2 CPU cores.
     "isic2017-cpu": dict(
-        img_rows=96, img_cols=96, color="rgb", base_filters=16, dropout=0.5, loss="dice",
+        img_rows=64, img_cols=64, color="rgb", base_filters=16, dropout=0.5, loss="dice",
         learning_rate=1e-3, batch_size=16, nb_initial_epochs=12, nb_active_epochs=5,
         nb_labeled=600, nb_iterations=5, nb_next_sample=70, pseudo_epoch=3,
         nb_pseudo_initial=40, pseudo_rate=40, pool_size=1600, normalization="zscore",
@@ -151,6 +152,7 @@ _CHOICES = {
     "lr_schedule": ("none", "plateau", "cosine"),
     "distribute": ("auto", "none", "mirrored", "multiworker"),
     "selection": ("rank", "histogram"),
+    "jit_compile": ("auto", "on", "off"),
     "trainer": ("standard", "rgs", "rgm", "rgsm"),
     "preset": tuple(PRESETS),
 }

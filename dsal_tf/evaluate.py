@@ -109,9 +109,13 @@ def evaluate_run(cfg: Config, rounds: list[int] | None = None, log: Callable[[st
     normalizer = Normalizer.load(run / "normalizer.json")
     curve = pd.read_csv(run / "learning_curve.csv").set_index("round")
     rows = []
+    model = None
     for r in rounds:
         rd = round_dir(run, r)
-        model = keras.models.load_model(rd / CHECKPOINT, compile=False)
+        if model is None:
+            model = keras.models.load_model(rd / CHECKPOINT, compile=False)
+        else:  # same architecture every round: swap weights, keep the traced predict graph
+            model.load_weights(rd / CHECKPOINT)
         per_image, pred = evaluate_model(model, test, normalizer, cfg.batch_size)
         per_image.to_csv(rd / "test_metrics.csv", index=False)
         rows.append({"round": r, "n_oracle": int(curve.loc[r, "n_oracle"]),

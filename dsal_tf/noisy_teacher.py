@@ -3,8 +3,10 @@
 Each step sees a machine-labelled ("noisy") batch of B images and an expert ("clean") batch.
 Noisy sample i gets a weight `w_i` from two scores:
 
-- trust `e_i = grad L_i . grad L_clean` (RGS). All B scores come from one forward-mode JVP of
-  the loss vector `(L_1..L_B)` along `grad L_clean`, so no per-sample backward pass is needed;
+- trust `e_i = grad L_i . grad L_clean` (RGS). All B scores come from one forward-mode JVP along
+  `grad L_clean` (about one extra forward pass), so no per-sample backward pass is needed. The
+  JVP runs up to each head's logits z; the per-pixel path z -> L_i is closed by reverse mode
+  (see `directional_derivatives`);
 - informativeness `g_i = mean |dL_i / dW|` for the 1x1 `main_logits` kernel W (RGM), in closed
   form: `dL_i/dW[c] = sum_pixels features[i, ..., c] * dL_i/dlogit[i, ...]`.
 
@@ -33,9 +35,9 @@ LAST_LAYER = "main_logits"
 
 # trainer name -> constructor defaults; `lam` mixes trust (1.0) and informativeness (0.0).
 TRAINERS: dict[str, dict] = {
-    "rgs": dict(lam=1.0),
-    "rgm": dict(lam=0.0),
-    "rgsm": dict(lam=0.5),
+    "rgs": {"lam": 1.0},
+    "rgm": {"lam": 0.0},
+    "rgsm": {"lam": 0.5},
 }
 
 
@@ -102,7 +104,9 @@ def score_model(segmenter: keras.Model) -> keras.Model:
     return keras.Model(segmenter.input, outputs, name=f"{segmenter.name}_scores")
 
 
-def directional_derivatives(logit_grads: Sequence[tf.Tensor], logit_tangents: Sequence[tf.Tensor]) -> tf.Tensor:
+def directional_derivatives(
+    logit_grads: Sequence[tf.Tensor], logit_tangents: Sequence[tf.Tensor]
+) -> tf.Tensor:
     """`e_i = sum_heads sum_pixels dL_i/dz[i] * dz[i]/dtheta . v`, shape [N]: chain rule at the logits.
 
     Forward mode cannot cross the side heads' bilinear upsampling (TF has no JVP for
@@ -126,9 +130,15 @@ def kernel_gradient_magnitude(features: tf.Tensor, logit_grads: tf.Tensor) -> tf
     return tf.reduce_mean(tf.abs(per_sample_kernel), axis=[1, 2])
 
 
+def _tf_variables(variables: Sequence) -> list:
+    """The `tf.Variable` behind each Keras Variable: what forward mode watches, and a dtype that
+    `UnconnectedGradients.ZERO` understands (a Keras Variable reports its dtype as a string)."""
+    return [getattr(v, "value", v) for v in variables]
+
+
 def _clean_gradient(segmenter, x_clean, y_clean, loss_fn, ds_weights, training: bool, scale=None):
     """`(mean L_clean, outputs, grad_theta)`; `scale` is the optimizer's loss scaling."""
-    variables = segmenter.trainable_variables
+    variables = _tf_variables(segmenter.trainable_variables)
     with tf.GradientTape() as tape:
         outputs = segmenter(x_clean, training=training)
         loss = tf.reduce_mean(per_sample_loss(outputs, y_clean, loss_fn, ds_weights))
@@ -146,8 +156,9 @@ def _noisy_pass(scorer, variables, x, y, loss_fn, ds_weights, direction, need_g:
     with contextlib.ExitStack() as stack:
         acc = None
         if direction is not None:
-            primals = [getattr(v, "value", v) for v in variables]  # the tf.Variable behind a Keras one
-            acc = stack.enter_context(tf.autodiff.ForwardAccumulator(primals, list(direction)))
+            acc = stack.enter_context(
+                tf.autodiff.ForwardAccumulator(_tf_variables(variables), list(direction))
+            )
         with tf.GradientTape() as tape:
             out = scorer(x, training=training)
             losses = per_sample_loss(out, y, loss_fn, ds_weights)
@@ -180,8 +191,17 @@ def trust_scores(
     loss_fn = resolve_loss(loss)
     _, _, direction = _clean_gradient(segmenter, x_clean, y_clean, loss_fn, ds_weights, training)
     scorer = score_model(segmenter)
-    _, e, _ = _noisy_pass(scorer, segmenter.trainable_variables, x_noisy, y_noisy, loss_fn, ds_weights,
-                          direction, need_g=False, training=training)
+    _, e, _ = _noisy_pass(
+        scorer,
+        segmenter.trainable_variables,
+        x_noisy,
+        y_noisy,
+        loss_fn,
+        ds_weights,
+        direction,
+        need_g=False,
+        training=training,
+    )
     return e
 
 
@@ -195,8 +215,17 @@ def informativeness_scores(
 ) -> tf.Tensor:
     """RGM informativeness `g_i = mean |dL_i/dW|` for the 1x1 `main_logits` kernel W, shape [B]."""
     scorer = score_model(segmenter)
-    _, _, g = _noisy_pass(scorer, segmenter.trainable_variables, x, y, resolve_loss(loss), ds_weights,
-                          None, need_g=True, training=training)
+    _, _, g = _noisy_pass(
+        scorer,
+        segmenter.trainable_variables,
+        x,
+        y,
+        resolve_loss(loss),
+        ds_weights,
+        None,
+        need_g=True,
+        training=training,
+    )
     return g
 
 
@@ -240,8 +269,13 @@ class ReweightedTrainer(keras.Model):
 
     @property
     def metrics(self) -> list:
-        return [self.loss_tracker, self.clean_loss_tracker, self.dice_tracker, self.weight_tracker,
-                self.kept_tracker]
+        return [
+            self.loss_tracker,
+            self.clean_loss_tracker,
+            self.dice_tracker,
+            self.weight_tracker,
+            self.kept_tracker,
+        ]
 
     def compile(self, optimizer="adam", jit_compile: bool | str = False, **kwargs) -> None:
         """Adam by default; XLA off by default (forward-mode autodiff inside XLA is untested)."""
@@ -261,16 +295,28 @@ class ReweightedTrainer(keras.Model):
         variables = self.segmenter.trainable_variables
         scale = self.optimizer.scale_loss
         clean_loss, clean_out, clean_grads = _clean_gradient(
-            self.segmenter, x_clean, y_clean, self.loss_fn, self.ds_weights, True, scale)
+            self.segmenter, x_clean, y_clean, self.loss_fn, self.ds_weights, True, scale
+        )
         # Loss scaling multiplies every e_i alike, so the normalised weights do not see it.
         direction = clean_grads if self.lam > 0.0 else None
         with tf.GradientTape() as tape:
-            noisy, e, g = _noisy_pass(self.scorer, variables, x_noisy, y_noisy, self.loss_fn,
-                                         self.ds_weights, direction, self.lam < 1.0, True)
+            noisy, e, g = _noisy_pass(
+                self.scorer,
+                variables,
+                x_noisy,
+                y_noisy,
+                self.loss_fn,
+                self.ds_weights,
+                direction,
+                self.lam < 1.0,
+                True,
+            )
             w = tf.stop_gradient(self.sample_weights(e, g))
             noisy_objective = tf.reduce_sum(w * noisy)
             scaled = scale(noisy_objective)
-        grads = tape.gradient(scaled, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = tape.gradient(
+            scaled, _tf_variables(variables), unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
         if self.expert_weight != 0.0:
             grads = [gn + self.expert_weight * gc for gn, gc in zip(grads, clean_grads)]
         self.optimizer.apply_gradients(zip(grads, variables))
@@ -288,7 +334,9 @@ class ReweightedTrainer(keras.Model):
         outputs = self.segmenter(x, training=False)
         per_sample = per_sample_loss(outputs, y, self.loss_fn, self.ds_weights)
         self.loss_tracker.update_state(per_sample, sample_weight=sample_weight)
-        self.dice_tracker.update_state(losses_lib.dice(_main(y), outputs["main"]), sample_weight=sample_weight)
+        self.dice_tracker.update_state(
+            losses_lib.dice(_main(y), outputs["main"]), sample_weight=sample_weight
+        )
         return {m.name: m.result() for m in (self.loss_tracker, self.dice_tracker)}
 
 
@@ -311,8 +359,9 @@ def make_trainer(
     settings = dict(TRAINERS[name])
     if lam is not None and lam >= 0:
         settings["lam"] = lam
-    return ReweightedTrainer(segmenter, loss=loss, ds_weights=ds_weights, query=query,
-                             expert_weight=expert_weight, **settings)
+    return ReweightedTrainer(
+        segmenter, loss=loss, ds_weights=ds_weights, query=query, expert_weight=expert_weight, **settings
+    )
 
 
 # ------------------------------------------------------------------ data
@@ -337,6 +386,7 @@ def make_reweighted_dataset(
         raise DsalError("make_reweighted_dataset needs at least one noisy and one clean image")
     prep = preprocess if preprocess is not None else (lambda x: tf.cast(x, tf.float32))
     noisy = make_dataset(x_noisy, y_noisy, prep, batch_size, shuffle=True, augment=augment, seed=seed)
-    clean = make_dataset(x_clean, y_clean, prep, batch_size, shuffle=True, augment=augment, seed=seed + 1,
-                         repeat=True)
+    clean = make_dataset(
+        x_clean, y_clean, prep, batch_size, shuffle=True, augment=augment, seed=seed + 1, repeat=True
+    )
     return tf.data.Dataset.zip((noisy, clean)).prefetch(tf.data.AUTOTUNE)

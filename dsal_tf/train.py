@@ -39,9 +39,16 @@ def set_precision(cfg: Config) -> None:
     keras.mixed_precision.set_global_policy("mixed_float16" if cfg.mixed_precision else "float32")
 
 
+def use_xla(cfg: Config) -> bool:
+    if cfg.jit_compile == "auto":
+        return bool(tf.config.list_logical_devices("GPU"))
+    return cfg.jit_compile == "on"
+
+
 def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
     losses, weights = deep_supervision(cfg.loss, cfg.ds_weights)
     model.compile(
+        jit_compile=use_xla(cfg),
         optimizer=keras.optimizers.Adam(cfg.learning_rate),
         loss=losses,
         loss_weights=weights,
@@ -60,6 +67,15 @@ def load_model(path: Path, cfg: Config | None = None) -> keras.Model:
     """A saved U-Net; recompiled with `cfg` when given (training continues with a fresh optimizer)."""
     model = keras.models.load_model(path, compile=False)
     return compile_model(model, cfg) if cfg is not None else model
+
+
+def reset_optimizer(model: keras.Model, learning_rate: float) -> None:
+    """Zero Adam's moments and step and restore the base learning rate, so a round trains the
+    same whether the run went straight through or was resumed from a checkpoint."""
+    opt = model.optimizer
+    for v in opt.variables:
+        v.assign(tf.zeros_like(v))
+    opt.learning_rate = learning_rate
 
 
 def _callbacks(cfg: Config, out_dir: Path, epochs: int) -> list:

@@ -20,13 +20,13 @@ def tiny_data(tmp_path_factory):
 
 
 def tiny_values(data_path, tmp_path, **extra) -> dict:
-    return dict(
+    values = dict(
         data_path=str(data_path), exp_dir=str(tmp_path / "exp"), exp_name="tiny",
         img_rows=32, img_cols=32, base_filters=2, depth=4, batch_size=8,
         nb_labeled=8, nb_iterations=2, nb_next_sample=4, pseudo_epoch=2, nb_pseudo_initial=3,
         pseudo_rate=1, nb_initial_epochs=1, nb_active_epochs=1, progress=False, nb_overlays=2,
-        **extra,
     )
+    return {**values, **extra}
 
 
 @pytest.fixture

@@ -6,13 +6,13 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
 
-from dsal_tf import noisy_teacher as nt  # noqa: E402
-from dsal_tf.model import build_unet  # noqa: E402
+from dsal_tf import noisy_teacher as nt
+from dsal_tf.model import build_unet
 
 SHAPE = (16, 16, 3)
 DS = (0.6, 0.3, 0.1)
@@ -41,15 +41,23 @@ def setup():
     return model, _batch(4, 1), _batch(3, 2)
 
 
-def _per_sample_grads(model, x, y, loss, sources):
+def _grad(tape, target, sources) -> list:
+    return [tf.zeros_like(s) if g is None else g for s, g in zip(sources, tape.gradient(target, sources))]
+
+
+def _per_sample_grads(model, x, y, loss, sources, ds=DS):
     """Brute force: one backward pass per sample."""
     loss_fn = nt.resolve_loss(loss)
     grads = []
     for i in range(len(x)):
         with tf.GradientTape() as tape:
-            li = nt.per_sample_loss(model(x[i : i + 1]), y[i : i + 1], loss_fn, DS)[0]
-        grads.append(tape.gradient(li, sources))
+            li = nt.per_sample_loss(model(x[i : i + 1]), y[i : i + 1], loss_fn, ds)[0]
+        grads.append(_grad(tape, li, sources))
     return grads
+
+
+def _dot(a, b) -> float:
+    return sum(float(tf.reduce_sum(u * v)) for u, v in zip(a, b))
 
 
 # ------------------------------------------------------------------ scores vs brute force
@@ -59,32 +67,28 @@ def test_trust_scores_match_per_sample_gradients(setup, loss):
     variables = model.trainable_variables
     with tf.GradientTape() as tape:
         clean = tf.reduce_mean(nt.per_sample_loss(model(xc), yc, nt.resolve_loss(loss), DS))
-    g_clean = tape.gradient(clean, variables)
-    expected = [
-        sum(float(tf.reduce_sum(a * b)) for a, b in zip(g_i, g_clean))
-        for g_i in _per_sample_grads(model, xn, yn, loss, variables)
-    ]
+    g_clean = _grad(tape, clean, variables)
+    expected = [_dot(g_i, g_clean) for g_i in _per_sample_grads(model, xn, yn, loss, variables)]
     e = nt.trust_scores(model, xn, yn, xc, yc, loss=loss, ds_weights=DS)
     assert e.shape == (4,)
     assert _rel_err(e, expected) < 1e-4
 
 
 def test_trust_scores_include_side_heads(setup):
-    """The side heads' bilinear upsampling has no forward-mode rule in TF; e must still count them."""
+    """The side heads' bilinear upsampling has no forward-mode rule in TF; e must still count them.
+
+    Also checks the scores inside `tf.function`, where the trainer computes them."""
     model, (xn, yn), (xc, yc) = setup
     side_only = (0.0, 0.7, 0.3)
     variables = model.trainable_variables
     with tf.GradientTape() as tape:
         clean = tf.reduce_mean(nt.per_sample_loss(model(xc), yc, nt.resolve_loss("bce_dice"), side_only))
-    g_clean = tape.gradient(clean, variables)
-    e = nt.trust_scores(model, xn, yn, xc, yc, ds_weights=side_only)
-    loss_fn = nt.resolve_loss("bce_dice")
-    expected = []
-    for i in range(4):
-        with tf.GradientTape() as tape:
-            li = nt.per_sample_loss(model(xn[i : i + 1]), yn[i : i + 1], loss_fn, side_only)[0]
-        g_i = tape.gradient(li, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        expected.append(sum(float(tf.reduce_sum(a * b)) for a, b in zip(g_i, g_clean)))
+    g_clean = _grad(tape, clean, variables)
+    scores = tf.function(lambda: nt.trust_scores(model, xn, yn, xc, yc, ds_weights=side_only))
+    e = scores()  # graph mode, as inside `fit`
+    expected = [
+        _dot(g_i, g_clean) for g_i in _per_sample_grads(model, xn, yn, "bce_dice", variables, side_only)
+    ]
     assert np.abs(expected).max() > 0
     assert _rel_err(e, expected) < 1e-4
 
@@ -175,16 +179,22 @@ def _dataset(batch: int = 4) -> tf.data.Dataset:
     return nt.make_reweighted_dataset(xn, yn, xc, yc, batch_size=batch, seed=0)
 
 
+def _flat(tensors) -> np.ndarray:
+    return np.concatenate([np.ravel(t) for t in tensors])
+
+
 def _snapshot(model) -> list[np.ndarray]:
     return [v.numpy().copy() for v in model.trainable_variables]
 
 
+@pytest.mark.slow
 def test_zero_weights_and_no_expert_leave_the_model_alone():
     model = _unet()
-    trainer = _FixedWeights(model, fixed=[0.0] * 4, expert_weight=0.0)
+    trainer = _FixedWeights(model, fixed=[0.0] * 4, lam=0.0, expert_weight=0.0)
     trainer.compile(keras.optimizers.Adam(1e-2))
     before = _snapshot(model)
-    trainer.fit(_dataset(), epochs=2, verbose=0)
+    history = trainer.fit(_dataset(), epochs=2, verbose=0).history  # 2 steps
+    assert np.isfinite(history["loss"]).all() and history["mean_weight"] == [0.0, 0.0]
     assert all(np.array_equal(a, b) for a, b in zip(before, _snapshot(model)))
 
 
@@ -196,16 +206,44 @@ def test_update_is_the_weighted_noisy_gradient():
     data = tf.data.Dataset.from_tensors(((xn, yn), (xc, yc)))
     before = _snapshot(model)
     expected = _per_sample_grads(model, xn[2:3], yn[2:3], "bce_dice", model.trainable_variables)[0]
-    trainer = _FixedWeights(model, fixed=[0.0, 0.0, 1.0, 0.0], expert_weight=0.0)
+    trainer = _FixedWeights(model, fixed=[0.0, 0.0, 1.0, 0.0], lam=0.0, expert_weight=0.0)
     trainer.compile(keras.optimizers.SGD(1.0))
     trainer.fit(data, epochs=1, verbose=0)
     step = [b - a for a, b in zip(before, _snapshot(model))]
-    flat = lambda ts: np.concatenate([np.ravel(t) for t in ts])  # noqa: E731
-    assert _rel_err(-flat(step), flat(expected)) < 1e-4
+    assert _rel_err(-_flat(step), _flat(expected)) < 1e-4
+
+
+class _Recorder(nt.ReweightedTrainer):
+    """Test double: keeps the scores the compiled train step computed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen_e = tf.Variable(tf.zeros([4]), trainable=False)
+        self.seen_g = tf.Variable(tf.zeros([4]), trainable=False)
+
+    def sample_weights(self, e, g):
+        self.seen_e.assign(e)
+        self.seen_g.assign(g)
+        return super().sample_weights(e, g)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(nt.TRAINERS))
+def test_train_step_scores_match_the_plain_functions():
+    """Inside `fit` the scores share the forward pass with the update; they must not change."""
+    model = _unet()
+    xn, yn = _batch(4, 1)
+    xc, yc = _batch(3, 2)
+    e = nt.trust_scores(model, xn, yn, xc, yc)
+    g = nt.informativeness_scores(model, xn, yn)
+    trainer = _Recorder(model, lam=0.5)
+    trainer.compile(keras.optimizers.Adam(1e-3))
+    trainer.fit(tf.data.Dataset.from_tensors(((xn, yn), (xc, yc))), epochs=1, verbose=0)
+    assert _rel_err(trainer.seen_e.numpy(), e) < 1e-4
+    assert _rel_err(trainer.seen_g.numpy(), g) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["rgs", "rgm"])  # rgsm runs in the test above
 def test_fit_and_evaluate(name, tmp_path):
     model = _unet(dropout=0.5)
     trainer = nt.make_trainer(name, model, query=True)

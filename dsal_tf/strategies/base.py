@@ -114,7 +114,10 @@ class QueryStrategy:
 
         if len(images) == 0:
             return {}
-        step = tf.function(lambda x, y: self._step(model, x, y), reduce_retracing=True)
+        if getattr(self, "_traced_for", None) is not model:  # one graph per model, reused each round
+            self._traced = tf.function(lambda x, y: self._step(model, x, y), reduce_retracing=True)
+            self._traced_for = model
+        step = self._traced
         parts: dict[str, list] = {}
         ds = make_dataset(images, masks, normalizer, batch_size)
         total = -(-len(images) // batch_size)

@@ -1,0 +1,76 @@
+"""The whole loop on tiny synthetic data: real files, real Keras models, real checkpoints."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dsal_tf.active import completed_rounds, run_active_learning
+from dsal_tf.config import resolve
+from dsal_tf.errors import DsalError
+from dsal_tf.evaluate import evaluate_run
+from dsal_tf.pool import Pool
+
+from .conftest import tiny_values
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_rounds_end_to_end_then_resume_and_evaluate(tiny_cfg):
+    logs = []
+    run = run_active_learning(tiny_cfg, log=logs.append)
+    assert completed_rounds(run) == [0, 1, 2]
+    curve = pd.read_csv(run / "learning_curve.csv")
+    assert list(curve["n_oracle"]) == [8, 12, 16]
+    assert list(curve["n_pseudo"]) == [0, 0, 3]  # pseudo labels from round PSEUDO_EPOCH = 2
+    assert json.loads((run / "config.json").read_text())["nb_labeled"] == 8
+    scores = pd.read_csv(run / "round_02" / "scores.csv")
+    assert len(scores) == 24 - 12  # every unlabelled image was scored
+    assert (scores["chosen"] == "oracle").sum() == 4 and (scores["chosen"] == "pseudo").sum() == 3
+    assert scores["agreement"].between(0, 1).all() and scores["true_dice"].between(0, 1).all()
+    # the oracle took the least-agreeing images
+    oracle = scores[scores["chosen"] == "oracle"]["agreement"]
+    assert oracle.max() <= scores[scores["chosen"] != "oracle"]["agreement"].min()
+    pool = Pool.load(run / "round_02" / "pool.npz")
+    assert sorted(np.bincount(pool.labelled_map)[1:]) == [4, 4, 8]
+    assert set(pool.pseudo_idx) == set(scores[scores["chosen"] == "pseudo"]["index"])
+
+    # interrupted during round 2's training: its decisions are kept and reused
+    (run / "round_02" / "DONE").unlink()
+    (run / "round_02" / "best.keras").unlink()
+    before = (run / "round_01" / "best.keras").stat().st_mtime_ns
+    logs.clear()
+    run_active_learning(tiny_cfg, log=logs.append)
+    assert any("resuming" in m for m in logs) and any("reusing the saved selection" in m for m in logs)
+    assert (run / "round_01" / "best.keras").stat().st_mtime_ns == before  # finished rounds untouched
+    again = Pool.load(run / "round_02" / "pool.npz")
+    assert np.array_equal(again.labelled_map, pool.labelled_map)
+    assert np.array_equal(again.pseudo_idx, pool.pseudo_idx)
+
+    # a longer run continues from the last round
+    run_active_learning(tiny_cfg.replace(nb_iterations=3), log=logs.append)
+    assert completed_rounds(run) == [0, 1, 2, 3]
+
+    table = evaluate_run(tiny_cfg, log=logs.append)
+    assert list(table["round"]) == [0, 1, 2, 3]
+    assert table["dice_mean"].between(0, 1).all()
+    per_image = pd.read_csv(run / "round_03" / "test_metrics.csv")
+    assert len(per_image) == 8 and set(per_image.columns) >= {"dice", "iou", "hd95", "asd"}
+    assert (run / "learning_curve.png").stat().st_size > 0
+    assert (run / "overlays" / "round_03.png").is_file()
+
+    # changing a setting that shapes the run is refused, and nothing is touched
+    with pytest.raises(DsalError, match="NB_LABELED"):
+        run_active_learning(tiny_cfg.replace(nb_labeled=9), log=logs.append)
+    assert completed_rounds(run) == [0, 1, 2, 3]
+
+
+def test_random_strategy_with_random_pseudo_and_too_few_images(tiny_data, tmp_path):
+    cfg = resolve(tiny_values(tiny_data, tmp_path, query_strategy="random", pseudo_policy="random",
+                              nb_iterations=1, pseudo_epoch=1))
+    run = run_active_learning(cfg, log=lambda m: None)
+    scores = pd.read_csv(run / "round_01" / "scores.csv")
+    assert (scores["chosen"] == "pseudo").sum() == 3
+    with pytest.raises(DsalError, match="NB_LABELED = 99 .* only 24"):
+        run_active_learning(cfg.replace(nb_labeled=99, exp_name="other"), log=lambda m: None)

@@ -1,0 +1,33 @@
+import numpy as np
+import pytest
+
+from dsal_tf.losses import bce_loss, deep_supervision, dice, soft_dice_loss
+from dsal_tf.model import build_unet
+
+
+def test_unet_has_named_full_resolution_heads():
+    model = build_unet((32, 48, 3), base_filters=2, depth=4, dropout=0.5)
+    out = model(np.zeros((2, 32, 48, 3), np.float32))
+    assert set(out) == {"main", "side_1", "side_2"}
+    assert all(v.shape == (2, 32, 48, 1) for v in out.values())
+    assert model.get_layer("main_logits").kernel.shape == (1, 1, 2, 1)
+    assert model.get_layer("side_1_logits").kernel.shape == (1, 1, 8, 1)  # 1/4 block: 4x base
+    assert model.get_layer("side_2_logits").kernel.shape == (1, 1, 4, 1)
+
+
+def test_losses_on_hand_made_masks():
+    y = np.array([[1, 1, 0, 0]], np.float32).reshape(1, 1, 4, 1)
+    p = np.array([[1, 0, 0, 0]], np.float32).reshape(1, 1, 4, 1)
+    # soft Dice = (2*1 + 1) / (2 + 1 + 1) = 0.75 -> loss 0.25
+    np.testing.assert_allclose(np.asarray(soft_dice_loss(y, p)), [0.25], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(dice(y, p)), [0.75], rtol=1e-6)
+    half = np.full((1, 1, 4, 1), 0.5, np.float32)
+    np.testing.assert_allclose(np.asarray(bce_loss(y, half)), [np.log(2)], rtol=1e-5)
+
+
+def test_deep_supervision_weights():
+    losses, weights = deep_supervision("bce_dice", (0.6, 0.3, 0.1))
+    assert weights == {"main": 0.6, "side_1": 0.3, "side_2": 0.1}
+    assert set(losses) == {"main", "side_1", "side_2"}
+    with pytest.raises(KeyError):
+        deep_supervision("hinge")
