@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         "RGS&M+AL": _reweighted("rgsm", True, 0),
     }
     rows = list(time_variants(variants, args.steps, args.warmup).items())
+    load = os.getloadavg()[1]  # 5-minute load average: other processes sharing the cores
     plain = rows[0][1]
     lines = [
         "# Training-step time: plain fit vs. noisy-teacher trainers",
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         ),
         (
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-            f"TensorFlow {tf.__version__}, Keras {keras.__version__}, no GPU, no XLA."
+            f"TensorFlow {tf.__version__}, Keras {keras.__version__}, no GPU, no XLA; "
+            f"5-minute load average {load:.1f} at the end (above the core count = shared machine)."
         ),
         "",
         f"| trainer | ms / step | x plain (batch {BATCH}) |",

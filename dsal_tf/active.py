@@ -146,6 +146,7 @@ def run_active_learning(
             score_s = 0.0
             if r == 0 and initial_model is not None and (initial_model / "DONE").is_file():
                 shutil.copytree(initial_model, rd, dirs_exist_ok=True)
+                _append_curve(run, json.loads((rd / "DONE").read_text()))
                 log(f"round 0: reusing the initial model of {initial_model}")
                 continue
             if r == 0:

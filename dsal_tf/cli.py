@@ -94,12 +94,19 @@ def cli() -> None:
 @click.option("--mixed-precision/--no-mixed-precision", default=None)
 @click.option("--resume/--no-resume", "resume_on", default=None)
 @click.option("--progress/--no-progress", default=None)
+@click.option("--full-supervision", is_flag=True,
+              help="Reference run: label the whole pool, no queries, the same total epochs.")
 @user_errors
-def run(constants, set_pairs, **options) -> None:
+def run(constants, set_pairs, full_supervision, **options) -> None:
     """Run (or resume) the active-learning loop."""
     cfg = build_config(constants, set_pairs, **options)
     ensure_data(cfg)
     from .active import run_active_learning
+
+    if full_supervision:
+        from .compare import full_supervision_config
+
+        cfg = full_supervision_config(cfg, options.get("exp_name"))
 
     run_dir = run_active_learning(cfg, constants_path=constants)
     _echo(f"done: {run_dir} (evaluate with: python test.py --exp {cfg.name})")
@@ -116,6 +123,35 @@ def evaluate(constants, set_pairs, rounds, **options) -> None:
 
     wanted = [int(r) for r in rounds.split(",")] if rounds else None
     evaluate_run(cfg, rounds=wanted, log=_echo)
+
+
+@cli.command()
+@common_options
+@click.option("--strategies", default="dsal,ceal,random,entropy", show_default=True,
+              help="Comma-separated query strategies.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
+@click.option("--name", default=None, help="Comparison folder under EXP_DIR (default compare-<preset>).")
+@click.option("--full-supervision/--no-full-supervision", default=True, show_default=True,
+              help="Also train the full-supervision reference per seed.")
+@click.option("--iterations", "nb_iterations", type=int, default=None)
+@click.option("--progress/--no-progress", default=None)
+@user_errors
+def compare(constants, set_pairs, strategies, seeds, name, full_supervision, **options) -> None:
+    """Run several strategies on the same data, split, seeds and budget, and compare them."""
+    cfg = build_config(constants, set_pairs, **options)
+    ensure_data(cfg)
+    from .compare import run_comparison
+    from .strategies import QUERY_STRATEGIES
+
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    for s in names:
+        if s not in QUERY_STRATEGIES:
+            raise DsalError(f"--strategies: unknown strategy {s!r}; choose from {sorted(QUERY_STRATEGIES)}")
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise DsalError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
+    run_comparison(cfg, names, seed_list, name or f"compare-{cfg.preset}", full_supervision, log=_echo)
 
 
 @cli.command("make-synthetic")

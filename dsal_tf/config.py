@@ -61,7 +61,7 @@ class Config:
     nb_next_sample: int = 20
     query_strategy: str = "dsal"
     pseudo_policy: str = "confidence"
-    selection: str = "rank"  # "rank" (top-n) or "histogram" (CEAL bins)
+    selection: str = "auto"  # "rank" (top-n), "histogram" (CEAL bins), "auto" (the strategy's own)
     ds_ascend: bool = False  # query the *most* agreeing images instead (DSAL ablation)
     conf_thres: bool = True  # confidence-histogram filter on pseudo-label candidates
     pseudo_epoch: int = 2
@@ -151,7 +151,7 @@ _CHOICES = {
     "loss": ("dice", "bce", "bce_dice"),
     "lr_schedule": ("none", "plateau", "cosine"),
     "distribute": ("auto", "none", "mirrored", "multiworker"),
-    "selection": ("rank", "histogram"),
+    "selection": ("auto", "rank", "histogram"),
     "jit_compile": ("auto", "on", "off"),
     "trainer": ("standard", "rgs", "rgm", "rgsm"),
     "preset": tuple(PRESETS),
@@ -219,6 +219,8 @@ def _check(cfg: Config, source: str) -> None:
     for name in _NON_NEGATIVE:
         if getattr(cfg, name) < 0:
             raise DsalError(f"{name.upper()} in {source} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.depth < 3:
+        raise DsalError(f"DEPTH in {source} must be >= 3 (the side heads sit on the 1/4 and 1/2 blocks)")
     if not 0.0 <= cfg.dropout < 1.0:
         raise DsalError(f"DROPOUT in {source} must be in [0, 1), got {cfg.dropout}")
     if cfg.learning_rate <= 0:

@@ -34,8 +34,8 @@ def build_unet(
     reference code; with `training=True` it gives CEAL's MC-dropout passes. There is no batch
     norm, so `training=True` changes nothing but dropout.
     """
-    if depth < 2:
-        raise ValueError("depth must be >= 2: the side heads sit on the 1/4 and 1/2 blocks")
+    if depth < 3:
+        raise ValueError("depth must be >= 3: the side heads sit on the 1/4 and 1/2 decoder blocks")
     inputs = keras.Input(shape=input_shape, name="image")
     skips = []
     x = inputs

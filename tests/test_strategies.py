@@ -9,8 +9,8 @@ from dsal_tf.strategies.pseudo import confidence_select
 
 
 def masks(*rows):
-    """Hand-made 1x4 masks as [N,1,4,1] probabilities."""
-    return tf.constant(np.array(rows, np.float32).reshape(len(rows), 1, 4, 1))
+    """Hand-made 1xW masks as [N,1,W,1] probabilities."""
+    return tf.constant(np.array(rows, np.float32).reshape(len(rows), 1, -1, 1))
 
 
 def test_agreement_on_hand_made_masks():
@@ -91,3 +91,52 @@ def test_histogram_select_returns_n_distinct(n):
     scores = np.random.default_rng(n).uniform(size=60)
     picked = histogram_select(scores, n, np.random.default_rng(0))
     assert len(picked) == n == len(set(picked))
+
+
+def test_entropy_query_on_hand_made_probabilities():
+    from dsal_tf.strategies.entropy import binary_entropy
+
+    main = masks([0.5, 0.5, 0.5, 0.5], [1, 0, 1, 0], [0.5, 0.5, 0, 0])
+    strategy = QUERY_STRATEGIES["entropy"](resolve({}))
+    out = strategy._step(fixed_model(main, main, main), None, main)
+    np.testing.assert_allclose(out["uncertainty"].numpy(), [np.log(2), 0.0, np.log(2) / 2], atol=1e-5)
+    np.testing.assert_allclose(binary_entropy(tf.constant([0.25])).numpy(),
+                               [-(0.25 * np.log(0.25) + 0.75 * np.log(0.75))], rtol=1e-5)
+
+
+def test_ceal_score_on_hand_made_mc_passes():
+    from dsal_tf.strategies.ceal import normalized_edt
+
+    # two dropout passes over one 1x5 image
+    passes = [masks([0, 1, 1.0, 1, 0]), masks([0, 1, 0.6, 1, 0])]
+
+    class MCModel:
+        calls = 0
+
+        def __call__(self, x, training=False):
+            assert training  # MC dropout: dropout on
+            p = passes[MCModel.calls % 2]
+            MCModel.calls += 1
+            return {"main": p}
+
+    # mean [0, 1, .8, 1, 0] -> binary [0, 1, 1, 1, 0] -> EDT [0, 1, 2, 1, 0] / 2
+    np.testing.assert_allclose(normalized_edt(np.array([0, 1, 1, 1, 0], bool).reshape(1, 1, 5, 1)).ravel(),
+                               [0, 0.5, 1, 0.5, 0])
+    cfg = resolve({"query_strategy": "ceal", "mc_passes": 2})
+    out = QUERY_STRATEGIES["ceal"](cfg)._step(MCModel(), None, passes[0])
+    # population variance at the centre pixel: ((1-.8)^2 + (.6-.8)^2) / 2 = 0.04, weight 1
+    np.testing.assert_allclose(out["uncertainty"].numpy(), [0.04], rtol=1e-5)
+    assert MCModel.calls == 2
+
+
+def test_ceal_selection_is_histogram_by_default_and_pseudo_from_fullest_bin():
+    from dsal_tf.strategies.ceal import most_populated_bin
+
+    cfg = resolve({"query_strategy": "ceal"})
+    u = np.concatenate([np.zeros(5), np.full(30, 0.5), np.linspace(0.9, 1.0, 5)])
+    picked = QUERY_STRATEGIES["ceal"](cfg).select({"uncertainty": u}, 7, np.random.default_rng(0))
+    np.testing.assert_array_equal(np.sort(picked), np.sort(histogram_select(u, 7, np.random.default_rng(0))))
+    assert set(most_populated_bin(u)) == set(range(5, 35))
+    available = np.arange(0, 40, 2)
+    chosen = PSEUDO_POLICIES["ceal"](cfg).select({"uncertainty": u}, available, 4, np.random.default_rng(1))
+    assert set(chosen) <= set(range(6, 35, 2)) and len(chosen) == 4

@@ -89,6 +89,7 @@ class QueryStrategy:
     """Ranks the unlabelled pool. Subclasses override `batch_scores`."""
 
     name = "base"
+    default_selection = "rank"  # used when SELECTION = "auto"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -131,7 +132,8 @@ class QueryStrategy:
         u = scores["uncertainty"]
         if self.cfg.ds_ascend:
             u = -u
-        if self.cfg.selection == "histogram":
+        selection = self.default_selection if self.cfg.selection == "auto" else self.cfg.selection
+        if selection == "histogram":
             return histogram_select(u, n, rng)
         return np.argsort(-u, kind="stable")[:n]
 
