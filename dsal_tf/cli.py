@@ -59,6 +59,13 @@ def build_config(constants: str, set_pairs: tuple[str, ...], **options) -> Confi
     return load_config(constants, overrides)
 
 
+def parse_int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise DsalError(f"{option} {text!r} must be comma-separated integers, e.g. 0,1,2") from None
+
+
 def ensure_data(cfg: Config, log=_echo) -> None:
     """With no data in the default `orgData/`, write the embedded synthetic set there first."""
     train_dir = Path(cfg.data_path) / "trainImg"
@@ -147,11 +154,27 @@ def compare(constants, set_pairs, strategies, seeds, name, full_supervision, **o
     for s in names:
         if s not in QUERY_STRATEGIES:
             raise DsalError(f"--strategies: unknown strategy {s!r}; choose from {sorted(QUERY_STRATEGIES)}")
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise DsalError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
-    run_comparison(cfg, names, seed_list, name or f"compare-{cfg.preset}", full_supervision, log=_echo)
+    run_comparison(cfg, names, parse_int_list(seeds, "--seeds"), name or f"compare-{cfg.preset}", full_supervision, log=_echo)
+
+
+@cli.command("noisy-teacher")
+@common_options
+@click.option("--experts", "n_expert", type=int, default=200, show_default=True,
+              help="Size of the expert-labelled subset the teacher trains on.")
+@click.option("--variants", default="teacher,equal,rgs,rgs+al,rgsm+al", show_default=True,
+              help="Comma-separated: teacher, equal, rgs, rgs+al, rgm, rgsm+al.")
+@click.option("--seeds", default="0", show_default=True)
+@click.option("--name", default=None, help="Folder under EXP_DIR (default noisy-teacher-<preset>-e<experts>).")
+@click.option("--progress/--no-progress", default=None)
+@user_errors
+def noisy_teacher(constants, set_pairs, n_expert, variants, seeds, name, **options) -> None:
+    """Teacher on expert labels, students on its machine labels re-weighted by gradient trust."""
+    cfg = build_config(constants, set_pairs, **options)
+    ensure_data(cfg)
+    from .teacher_student import run_noisy_teacher
+
+    run_noisy_teacher(cfg, n_expert, [v.strip() for v in variants.split(",") if v.strip()],
+                      parse_int_list(seeds, "--seeds"), name or f"noisy-teacher-{cfg.preset}-e{n_expert}", log=_echo)
 
 
 @cli.command("make-synthetic")

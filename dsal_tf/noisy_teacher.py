@@ -374,10 +374,12 @@ def make_reweighted_dataset(
     seed: int = 0,
     preprocess: Callable | None = None,
     augment: bool = False,
+    repeat: bool = False,
 ) -> tf.data.Dataset:
     """`((x_noisy, y_noisy), (x_clean, y_clean))` batches; one epoch is one pass over the noisy set.
 
-    The clean set is repeated and reshuffled, so a small expert set never ends an epoch.
+    The clean set is repeated and reshuffled, so a small expert set never ends an epoch; with
+    `repeat` the noisy set repeats too (then bound the epoch with `.take(steps)`).
     `preprocess` maps an image batch to float32 (e.g. a `data.Normalizer`); default: a cast.
     """
     from .data import make_dataset
@@ -385,8 +387,38 @@ def make_reweighted_dataset(
     if len(x_noisy) == 0 or len(x_clean) == 0:
         raise DsalError("make_reweighted_dataset needs at least one noisy and one clean image")
     prep = preprocess if preprocess is not None else (lambda x: tf.cast(x, tf.float32))
-    noisy = make_dataset(x_noisy, y_noisy, prep, batch_size, shuffle=True, augment=augment, seed=seed)
+    noisy = make_dataset(x_noisy, y_noisy, prep, batch_size, shuffle=True, augment=augment, seed=seed,
+                         repeat=repeat)
     clean = make_dataset(
         x_clean, y_clean, prep, batch_size, shuffle=True, augment=augment, seed=seed + 1, repeat=True
     )
     return tf.data.Dataset.zip((noisy, clean)).prefetch(tf.data.AUTOTUNE)
+
+
+def fit_reweighted(
+    segmenter: keras.Model,
+    cfg,
+    x_clean: np.ndarray,
+    y_clean: np.ndarray,
+    x_noisy: np.ndarray,
+    y_noisy: np.ndarray,
+    val_ds: tf.data.Dataset,
+    normalizer: Callable,
+    callbacks: list,
+    epochs: int,
+    seed: int,
+    verbose: int | str = "auto",
+) -> dict[str, list[float]]:
+    """Train `segmenter` with `cfg.trainer` re-weighting: clean = expert labels, noisy = machine labels.
+
+    An epoch is one pass over the larger of the two sets (the smaller one repeats), so expert
+    images are never under-trained when the machine set is small, as in early DSAL rounds.
+    """
+    trainer = make_trainer(cfg.trainer, segmenter, loss=cfg.loss, ds_weights=cfg.ds_weights,
+                           query=cfg.rgs_query, lam=cfg.rgs_lambda)
+    trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+    steps = -(-max(len(x_noisy), len(x_clean)) // cfg.batch_size)
+    ds = make_reweighted_dataset(x_noisy, y_noisy, x_clean, y_clean, cfg.batch_size, seed=seed,
+                                 preprocess=normalizer, augment=cfg.augment, repeat=True)
+    return trainer.fit(ds.take(steps), validation_data=val_ds, epochs=epochs, callbacks=callbacks,
+                       verbose=verbose, shuffle=False).history

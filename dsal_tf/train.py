@@ -78,11 +78,24 @@ def reset_optimizer(model: keras.Model, learning_rate: float) -> None:
     opt.learning_rate = learning_rate
 
 
+class BestCheckpoint(keras.callbacks.Callback):
+    """Save the U-Net whenever `val_main_dice` improves. Unlike `ModelCheckpoint`, it saves the
+    wrapped segmenter when a re-weighting trainer drives `fit`, so every checkpoint is a plain U-Net."""
+
+    def __init__(self, path: Path, monitor: str = "val_main_dice"):
+        super().__init__()
+        self.path, self.monitor, self.best = Path(path), monitor, -float("inf")
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is not None and float(value) > self.best:
+            self.best = float(value)
+            getattr(self.model, "segmenter", self.model).save(self.path)
+
+
 def _callbacks(cfg: Config, out_dir: Path, epochs: int) -> list:
     cbs: list = [
-        keras.callbacks.ModelCheckpoint(
-            str(out_dir / CHECKPOINT), monitor="val_main_dice", mode="max", save_best_only=True
-        ),
+        BestCheckpoint(out_dir / CHECKPOINT),
         keras.callbacks.CSVLogger(str(out_dir / "history.csv")),
     ]
     if cfg.early_stop_patience:

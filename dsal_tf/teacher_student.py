@@ -1,0 +1,128 @@
+"""The semi-supervised noisy-teacher workflow (METHODS.md section 3), standalone.
+
+1. Train a teacher on an expert-labelled subset of the pool (NB_LABELED images by default).
+2. The teacher annotates the rest of the pool: the machine (noisy) labels.
+3. Train students, initialised from the teacher, on expert + machine labels with each variant's
+   weighting, and evaluate everything on the test split.
+
+Layout (`exp/<name>/`): `s<seed>/teacher/`, `s<seed>/machine_labels.npz`, `s<seed>/<variant>/`,
+`results.csv` (per variant and seed) and `summary.csv` (mean and std over seeds).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .config import Config
+from .data import Normalizer, load_splits
+from .errors import DsalError
+from .metrics import dice
+
+# variant -> (TRAINER, RGS_QUERY); "teacher" is the expert-only model itself
+VARIANTS: dict[str, tuple[str, bool] | None] = {
+    "teacher": None,
+    "equal": ("standard", False),
+    "rgs": ("rgs", False),
+    "rgs+al": ("rgs", True),
+    "rgm": ("rgm", False),
+    "rgsm+al": ("rgsm", True),
+}
+
+
+def _train_once(out: Path, train_fn: Callable[[], None]) -> None:
+    """Run `train_fn` unless `out/DONE` says it already finished (resumable)."""
+    if (out / "DONE").is_file():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    train_fn()
+    (out / "DONE").write_text("ok")
+
+
+def run_noisy_teacher(
+    cfg: Config,
+    n_expert: int,
+    variants: list[str],
+    seeds: list[int],
+    name: str,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    import keras
+
+    from . import train
+    from .evaluate import evaluate_model, summarize
+
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise DsalError(f"unknown variant {unknown[0]!r}; choose from {list(VARIANTS)}")
+    splits = load_splits(cfg)
+    pool, val, test = splits["train"], splits["val"], splits["test"]
+    if not 0 < n_expert < len(pool):
+        raise DsalError(f"--experts {n_expert} must be between 1 and {len(pool) - 1} (the pool has {len(pool)})")
+    out = Path(cfg.exp_dir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    normalizer = Normalizer.fit(pool.images, cfg.normalization)
+    train.set_precision(cfg)
+    rows = []
+    for seed in seeds:
+        sd = out / f"s{seed}"
+        expert = np.sort(np.random.default_rng([seed, n_expert]).choice(len(pool), n_expert, replace=False))
+        machine = np.setdiff1d(np.arange(len(pool)), expert)
+        teacher_dir = sd / "teacher"
+
+        def train_teacher():
+            model = train.new_model(cfg, seed)
+            log(f"seed {seed}: teacher on {n_expert} expert labels")
+            train.fit(model, cfg, pool.images[expert], pool.masks[expert], np.zeros(n_expert, bool), val,
+                      normalizer, teacher_dir, cfg.nb_initial_epochs, seed)
+
+        _train_once(teacher_dir, train_teacher)
+        teacher = keras.models.load_model(teacher_dir / train.CHECKPOINT, compile=False)
+        labels_file = sd / "machine_labels.npz"
+        if not labels_file.is_file():
+            from .evaluate import predict_main
+
+            prob = predict_main(teacher, pool.images[machine], normalizer, cfg.batch_size)
+            np.savez_compressed(labels_file, idx=machine, masks=(prob > 0.5).astype(np.uint8))
+        with np.load(labels_file) as z:
+            machine_masks = z["masks"]
+        true_dice = float(np.mean([dice(a, b) for a, b in zip(machine_masks, pool.masks[machine])]))
+        log(f"seed {seed}: machine labels of {len(machine)} images, Dice to ground truth {true_dice:.4f}")
+        x = np.concatenate([pool.images[expert], pool.images[machine]])
+        y = np.concatenate([pool.masks[expert], machine_masks])
+        is_machine = np.r_[np.zeros(len(expert), bool), np.ones(len(machine), bool)]
+
+        for variant in variants:
+            vd = teacher_dir if variant == "teacher" else sd / variant
+            if variant != "teacher":
+                trainer, query = VARIANTS[variant]
+                vcfg = cfg.replace(trainer=trainer, rgs_query=query)
+
+                def train_student(vcfg=vcfg, vd=vd, variant=variant):
+                    model = train.compile_model(keras.models.load_model(teacher_dir / train.CHECKPOINT,
+                                                                        compile=False), vcfg)
+                    log(f"seed {seed}: student {variant} on {len(expert)} expert + {len(machine)} machine labels")
+                    history = train.fit(model, vcfg, x, y, is_machine, val, normalizer, vd,
+                                        cfg.nb_active_epochs, seed)
+                    (vd / "history.json").write_text(json.dumps(history, default=float))
+
+                _train_once(vd, train_student)
+            model = keras.models.load_model(vd / train.CHECKPOINT, compile=False)
+            per_image, _ = evaluate_model(model, test, normalizer, cfg.batch_size)
+            rows.append({"variant": variant, "seed": seed, "n_expert": n_expert,
+                         "machine_label_dice": true_dice, **summarize(per_image)})
+    results = pd.DataFrame(rows)
+    results.to_csv(out / "results.csv", index=False, float_format="%.4f")
+    summary = (results.groupby("variant", sort=False)
+               .agg(dice_mean=("dice_mean", "mean"), dice_std=("dice_mean", "std"),
+                    iou_mean=("iou_mean", "mean"), iou_std=("iou_mean", "std"),
+                    hd95_mean=("hd95_mean", "mean"), hd95_std=("hd95_mean", "std"), seeds=("seed", "count"))
+               .reset_index())
+    summary.to_csv(out / "summary.csv", index=False, float_format="%.4f")
+    log(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    log(f"wrote {out}/results.csv and summary.csv")
+    return summary
