@@ -1,0 +1,70 @@
+"""Scoring cost per active-learning round: DSAL (one pass, three heads) vs. entropy (one pass)
+vs. CEAL (T MC-dropout passes), on the same pool and model. Not a test: it only times.
+
+    python bench/bench_scoring.py [--data ../shared/data/isic2017] [--pool 1000] [--passes 20]
+
+Writes bench/results/scoring.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@click.command()
+@click.option("--data", default="../shared/data/isic2017", show_default=True)
+@click.option("--pool", "pool_n", default=1000, show_default=True, help="Unlabelled images to score.")
+@click.option("--passes", default=20, show_default=True, help="CEAL's MC-dropout passes T.")
+@click.option("--repeats", default=3, show_default=True)
+def main(data: str, pool_n: int, passes: int, repeats: int) -> None:
+    from dsal_tf.config import resolve
+    from dsal_tf.data import Normalizer, load_split
+    from dsal_tf.strategies import QUERY_STRATEGIES
+    from dsal_tf.train import new_model
+
+    cfg = resolve({"preset": "isic2017-cpu", "data_path": data, "mc_passes": passes})
+    if Path(data, "trainImg").is_dir():
+        split = load_split(cfg, "train")
+        images, masks, source = split.images[:pool_n], split.masks[:pool_n], f"ISIC 2017 train ({data})"
+    else:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 255, (pool_n, cfg.img_rows, cfg.img_cols, 3), dtype=np.uint8)
+        masks, source = (images[..., :1] > 127).astype(np.uint8), "random images"
+    norm = Normalizer.fit(images, cfg.normalization)
+    model = new_model(cfg, 0)
+    rows = []
+    for name in ("dsal", "entropy", "ceal"):
+        strategy = QUERY_STRATEGIES[name](cfg)
+        strategy.score_pool(model, images[: cfg.batch_size], masks[: cfg.batch_size], norm, cfg.batch_size)  # trace
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            strategy.score_pool(model, images, masks, norm, cfg.batch_size)
+            times.append(time.perf_counter() - t)
+        rows.append((name, float(np.median(times))))
+    base = rows[0][1]
+    lines = [
+        "# Scoring cost per round (median of %d)\n" % repeats,
+        f"Pool: {len(images)} images from {source}, {cfg.img_rows}x{cfg.img_cols}, isic2017-cpu U-Net "
+        f"(base {cfg.base_filters}), batch {cfg.batch_size}, CPU ({os.cpu_count()} cores). CEAL T = {passes}.\n",
+        "Command: `python bench/bench_scoring.py --data %s --pool %d --passes %d`\n" % (data, pool_n, passes),
+        "| strategy | seconds per round | ms per image | x DSAL |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, t in rows:
+        lines.append(f"| {name} | {t:.2f} | {1000 * t / len(images):.2f} | {t / base:.2f} |")
+    out = Path(__file__).parent / "results" / "scoring.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    click.echo(out.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Collect the ISIC benchmark folders under exp/ into bench/results/isic2017.md (partial results too)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+EXP = ROOT / "exp"
+OUT = ROOT / "bench" / "results" / "isic2017.md"
+
+
+def md(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parts = ["# ISIC 2017 results (isic2017-cpu preset: 64x64 RGB, 16 base filters)\n",
+             "Produced by `bash bench/isic_queue.sh`; test split (400 images); tuned on nothing but valImg.\n"]
+    single = EXP / "isic2017-cpu-dsal-s0" / "evaluation.csv"
+    if single.is_file():
+        parts += ["## DSAL through `python main.py --preset isic2017-cpu` / `python test.py` (seed 0)\n",
+                  md(pd.read_csv(single)), ""]
+    cmp_dir = EXP / "compare-isic2017-cpu"
+    for name, title in (("summary.csv", "Strategy summary (final round, AULC, wall time in s)"),
+                        ("comparison.csv", "Per round, mean and std over seeds"),
+                        ("spearman.csv", "Spearman(uncertainty, 1 - true Dice) on the pool")):
+        if (cmp_dir / name).is_file():
+            parts += [f"## {title}\n", md(pd.read_csv(cmp_dir / name)), ""]
+    for nt in sorted(EXP.glob("noisy-teacher-isic2017-cpu-e*/summary.csv")):
+        parts += [f"## Noisy teacher, {nt.parent.name}\n", md(pd.read_csv(nt)), ""]
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("\n".join(parts) + "\n")
+    print(f"wrote {OUT}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
