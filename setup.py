@@ -19,7 +19,7 @@ setup(
         "tqdm>=4.65",
     ],
     extras_require={
-        "test": ["pytest>=7.4"],
+        "test": ["pytest>=7.4", "pydensecrf2"],
         "crf": ["pydensecrf2"],
     },
     entry_points={"console_scripts": ["dsal=dsal_tf.cli:cli"]},

@@ -165,7 +165,8 @@ def run_active_learning(
                     log(f"round {r}: reusing the saved selection")
                 else:
                     pool = Pool.load(round_dir(run, r - 1) / "pool.npz")
-                    score_s = _query_round(cfg, r, pool, pool_data, model, normalizer, query, pseudo, rd, log)
+                    score_s = _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo, rd,
+                                           log)
                 epochs = cfg.nb_active_epochs
             x, y, is_pseudo = pool.training_set(pool_data.images, pool_data.masks)
             log(f"round {r}/{cfg.nb_iterations}: training on {len(pool.labelled)} oracle + "
@@ -182,11 +183,23 @@ def run_active_learning(
     return run
 
 
-def _query_round(cfg, r, pool, pool_data, model, normalizer, query, pseudo, rd, log) -> float:
+def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo, rd, log) -> float:
     """Score the unlabelled pool, pick oracle and pseudo labels, save them; returns scoring seconds."""
+    from . import train
+
     rng = np.random.default_rng([cfg.seed, r])
     unl = pool.unlabelled
+    x, y, is_pseudo = pool.training_set(pool_data.images, pool_data.masks)
+
+    def train_member(out_dir: Path, start: Path | None, seed: int):
+        """One more model on the previous round's training set (for ensemble strategies)."""
+        m = train.load_model(start, cfg) if start is not None else train.new_model(cfg, seed)
+        epochs = cfg.nb_active_epochs if start is not None else cfg.nb_initial_epochs
+        train.fit(m, cfg, x, y, is_pseudo, val, normalizer, out_dir, epochs, seed)
+        return m
+
     t = time.perf_counter()
+    query.prepare(model, r, rd.parent, train_member)
     scores = query.score_pool(model, pool_data.images[unl], pool_data.masks[unl], normalizer,
                               cfg.batch_size, progress=cfg.progress)
     score_s = time.perf_counter() - t

@@ -74,3 +74,11 @@ def test_random_strategy_with_random_pseudo_and_too_few_images(tiny_data, tmp_pa
     assert (scores["chosen"] == "pseudo").sum() == 3
     with pytest.raises(DsalError, match="NB_LABELED = 99 .* only 24"):
         run_active_learning(cfg.replace(nb_labeled=99, exp_name="other"), log=lambda m: None)
+
+
+def test_ensemble_strategy_trains_and_keeps_its_members(tiny_data, tmp_path):
+    cfg = resolve(tiny_values(tiny_data, tmp_path, query_strategy="ensemble_js", nb_ensemble=2, nb_iterations=1))
+    run = run_active_learning(cfg, log=lambda m: None)
+    assert (run / "round_00" / "member_1" / "best.keras").is_file()
+    scores = pd.read_csv(run / "round_01" / "scores.csv")
+    assert (scores["uncertainty"] >= -1e-6).all() and scores["uncertainty"].nunique() > 1

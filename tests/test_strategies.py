@@ -140,3 +140,15 @@ def test_ceal_selection_is_histogram_by_default_and_pseudo_from_fullest_bin():
     available = np.arange(0, 40, 2)
     chosen = PSEUDO_POLICIES["ceal"](cfg).select({"uncertainty": u}, available, 4, np.random.default_rng(1))
     assert set(chosen) <= set(range(6, 35, 2)) and len(chosen) == 4
+
+
+def test_ensemble_scores_on_hand_made_members():
+    from dsal_tf.strategies.ensemble import ensemble_scores
+    from dsal_tf.strategies.entropy import binary_entropy
+
+    # two members, one pixel each image: image 0 they agree (0.5, 0.5); image 1 they disagree (0.9, 0.1)
+    probs = tf.constant(np.array([[0.5, 0.5], [0.9, 0.1]], np.float32).reshape(2, 1, 1, 1, 2))
+    h_s, js = ensemble_scores(probs)
+    h09 = float(binary_entropy(tf.constant(0.9)))
+    np.testing.assert_allclose(h_s.numpy(), [np.log(2), np.log(2)], rtol=1e-5)  # both means are 0.5
+    np.testing.assert_allclose(js.numpy(), [0.0, np.log(2) - h09], atol=1e-6)  # only image 1 disagrees

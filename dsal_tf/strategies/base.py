@@ -97,6 +97,11 @@ class QueryStrategy:
     def batch_scores(self, model, x) -> dict:
         raise NotImplementedError
 
+    def prepare(self, model, round_: int, run_dir, train_member) -> None:
+        """Hook run before scoring round `round_`; strategies needing more than the main model
+        (ensembles) build it here. `train_member(out_dir, start_checkpoint_or_None, seed)` trains
+        one extra model on the previous round's training set. Default: nothing."""
+
     def _step(self, model, x, y):
         out = dict(self.batch_scores(model, x))
         prob = out.pop("prob")
@@ -115,9 +120,10 @@ class QueryStrategy:
 
         if len(images) == 0:
             return {}
-        if getattr(self, "_traced_for", None) is not model:  # one graph per model, reused each round
+        key = (id(model), *map(id, getattr(self, "members", ())))
+        if getattr(self, "_traced_for", None) != key:  # one graph per model, reused each round
             self._traced = tf.function(lambda x, y: self._step(model, x, y), reduce_retracing=True)
-            self._traced_for = model
+            self._traced_for = key
         step = self._traced
         parts: dict[str, list] = {}
         ds = make_dataset(images, masks, normalizer, batch_size)
@@ -151,5 +157,12 @@ class PseudoPolicy:
         raise NotImplementedError
 
     def labels(self, scores: dict[str, np.ndarray], chosen: np.ndarray, images: np.ndarray) -> np.ndarray:
-        """The pseudo masks: the thresholded main head (refinements override this)."""
-        return scores["pred"][chosen]
+        """The pseudo masks: the thresholded main head, CRF-refined where `USE_CRF` is on.
+
+        `images` are the scored images (uint8), indexed like `scores`."""
+        masks = scores["pred"][chosen]
+        if self.cfg.use_crf and len(chosen):
+            from ..crf import refine_pseudo_labels
+
+            masks, _ = refine_pseudo_labels(images[chosen], masks, self.cfg.use_crf_thres)
+        return masks

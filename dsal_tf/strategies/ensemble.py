@@ -1,0 +1,54 @@
+"""Ensemble queries over T independently trained models (METHODS.md section 1, "other criteria").
+
+ensemble_s  = H(mean_t p_t)                 (entropy of the mean prediction)
+ensemble_js = H(mean_t p_t) - mean_t H(p_t)  (Jensen-Shannon divergence: disagreement only)
+Member 0 is the loop's own model; members 1..T-1 are trained with other seeds on the same data
+each round, continuing from their own previous checkpoint (round_XX/member_k/best.keras).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from .base import QueryStrategy, mean_over_pixels, register_query
+from .entropy import binary_entropy
+
+
+def ensemble_scores(probs):
+    """probs [N,H,W,1,T] -> (H(mean), H(mean) - mean H), each [N] (mean over pixels)."""
+    h_mean = binary_entropy(tf.reduce_mean(probs, axis=-1))
+    mean_h = tf.reduce_mean(binary_entropy(probs), axis=-1)
+    return mean_over_pixels(h_mean), mean_over_pixels(h_mean - mean_h)
+
+
+class _Ensemble(QueryStrategy):
+    use_js = False
+
+    def prepare(self, model, round_: int, run_dir, train_member) -> None:
+        self.members = [model]
+        prev = Path(run_dir) / f"round_{round_ - 1:02d}"
+        for k in range(1, self.cfg.nb_ensemble):
+            out = prev / f"member_{k}"
+            if not (out / "DONE").is_file():
+                start = Path(run_dir) / f"round_{round_ - 2:02d}" / f"member_{k}" / "best.keras"
+                train_member(out, start if start.is_file() else None, self.cfg.seed * 7919 + k * 101 + round_)
+                (out / "DONE").write_text("ok")
+            self.members.append(keras.models.load_model(out / "best.keras", compile=False))
+
+    def batch_scores(self, model, x):
+        probs = tf.stack([m(x, training=False)["main"] for m in self.members], axis=-1)
+        h_s, js = ensemble_scores(probs)
+        return {"uncertainty": js if self.use_js else h_s, "prob": probs[..., 0]}
+
+
+@register_query("ensemble_s")
+class EnsembleEntropy(_Ensemble):
+    use_js = False
+
+
+@register_query("ensemble_js")
+class EnsembleJS(_Ensemble):
+    use_js = True
