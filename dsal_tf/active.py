@@ -54,7 +54,8 @@ def prepare_run_dir(cfg: Config, constants_path: str | Path | None = None) -> Pa
                 f"{run} already holds a run and RESUME_ON is False; pass --exp NEW_NAME or delete {run}"
             )
         new = json.loads(cfg.to_json())
-        diff = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+        # settings added to dsal-tf after the run started take their defaults; ignore them
+        diff = [k for k in new if k in old and k not in RESUMABLE_CHANGES and old[k] != new[k]]
         if diff:
             k = diff[0]
             raise DsalError(
@@ -135,7 +136,9 @@ def run_active_learning(
     start = 0
     while start in done:
         start += 1
-    if start > 0:
+    if start > cfg.nb_iterations:
+        log(f"{run}: all {cfg.nb_iterations} rounds are already complete")
+    elif start > 0:
         log(f"resuming {run} after round {start - 1}")
     model = None
     with strategy.scope():

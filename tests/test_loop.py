@@ -43,6 +43,9 @@ def test_two_rounds_end_to_end_then_resume_and_evaluate(tiny_cfg):
     logs.clear()
     run_active_learning(tiny_cfg, log=logs.append)
     assert any("resuming" in m for m in logs) and any("reusing the saved selection" in m for m in logs)
+    logs.clear()
+    run_active_learning(tiny_cfg, log=logs.append)
+    assert any("already complete" in m for m in logs)
     assert (run / "round_01" / "best.keras").stat().st_mtime_ns == before  # finished rounds untouched
     again = Pool.load(run / "round_02" / "pool.npz")
     assert np.array_equal(again.labelled_map, pool.labelled_map)
