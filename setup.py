@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 setup(
     name="dsal-tf",
     version="0.1.0",
-    description="Label-efficient medical image segmentation: deeply supervised active learning and friends (Keras 3 / TensorFlow)",
+    description="Label-efficient medical image segmentation with deeply supervised active learning (Keras 3 / TF)",
     packages=find_packages(include=["dsal_tf", "dsal_tf.*"]),
     python_requires=">=3.10",
     install_requires=[

@@ -51,10 +51,10 @@ def main(data: str, pool_n: int, passes: int, repeats: int) -> None:
         rows.append((name, float(np.median(times))))
     base = rows[0][1]
     lines = [
-        "# Scoring cost per round (median of %d)\n" % repeats,
+        f"# Scoring cost per round (median of {repeats})\n",
         f"Pool: {len(images)} images from {source}, {cfg.img_rows}x{cfg.img_cols}, isic2017-cpu U-Net "
         f"(base {cfg.base_filters}), batch {cfg.batch_size}, CPU ({os.cpu_count()} cores). CEAL T = {passes}.\n",
-        "Command: `python bench/bench_scoring.py --data %s --pool %d --passes %d`\n" % (data, pool_n, passes),
+        f"Command: `python bench/bench_scoring.py --data {data} --pool {pool_n} --passes {passes}`\n",
         "| strategy | seconds per round | ms per image | x DSAL |",
         "|---|---:|---:|---:|",
     ]

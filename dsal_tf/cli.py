@@ -154,7 +154,8 @@ def compare(constants, set_pairs, strategies, seeds, name, full_supervision, **o
     for s in names:
         if s not in QUERY_STRATEGIES:
             raise DsalError(f"--strategies: unknown strategy {s!r}; choose from {sorted(QUERY_STRATEGIES)}")
-    run_comparison(cfg, names, parse_int_list(seeds, "--seeds"), name or f"compare-{cfg.preset}", full_supervision, log=_echo)
+    run_comparison(cfg, names, parse_int_list(seeds, "--seeds"), name or f"compare-{cfg.preset}",
+                   full_supervision, log=_echo)
 
 
 @cli.command("noisy-teacher")

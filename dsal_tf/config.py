@@ -103,7 +103,7 @@ class Config:
             return 0
         return self.nb_pseudo_initial + self.pseudo_rate * (iteration - self.pseudo_epoch)
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return resolve({**self.to_dict(), **changes}, source="override")
 
     def to_dict(self) -> dict:

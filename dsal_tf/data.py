@@ -144,7 +144,7 @@ class Normalizer:
     std: tuple[float, ...]
 
     @classmethod
-    def fit(cls, images: np.ndarray, mode: str) -> "Normalizer":
+    def fit(cls, images: np.ndarray, mode: str) -> Normalizer:
         channels = images.shape[-1]
         if mode == "unit":
             return cls((0.0,) * channels, (1.0,) * channels)
@@ -164,7 +164,7 @@ class Normalizer:
         path.write_text(json.dumps({"mean": self.mean, "std": self.std}))
 
     @classmethod
-    def load(cls, path: Path) -> "Normalizer":
+    def load(cls, path: Path) -> Normalizer:
         d = json.loads(path.read_text())
         return cls(tuple(d["mean"]), tuple(d["std"]))
 

@@ -23,7 +23,7 @@ class Pool:
     pseudo_masks: np.ndarray | None = None  # uint8 [P,H,W,1] in {0,1}
 
     @classmethod
-    def initial(cls, size: int, n_labelled: int, seed: int) -> "Pool":
+    def initial(cls, size: int, n_labelled: int, seed: int) -> Pool:
         if n_labelled > size:
             raise DsalError(
                 f"NB_LABELED = {n_labelled} but the training pool has only {size} images; "
@@ -73,7 +73,7 @@ class Pool:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path) -> "Pool":
+    def load(cls, path: Path) -> Pool:
         with np.load(path) as z:
             masks = z["pseudo_masks"]
             return cls(z["labelled_map"].astype(np.int32), z["pseudo_idx"].astype(np.int64),

@@ -12,8 +12,8 @@ Layout (`exp/<name>/`): `s<seed>/teacher/`, `s<seed>/machine_labels.npz`, `s<see
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from dsal_tf.config import PRESETS, load_config, parse_set_options, resolve
@@ -43,7 +45,7 @@ def test_config_is_frozen_and_round_trips_through_json():
     import json
 
     cfg = resolve({"preset": "bone_age"})
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 3
     assert resolve(json.loads(cfg.to_json())) == cfg
     assert cfg.loss == "bce" and cfg.normalization == "unit"

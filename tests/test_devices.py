@@ -24,7 +24,8 @@ SCRIPT = textwrap.dedent("""
     from dsal_tf.config import resolve
     from dsal_tf.train import get_distribution
     import keras
-    values = tiny_values(sys.argv[1], __import__("pathlib").Path(sys.argv[2]), nb_iterations=1, **json.loads(sys.argv[3]))
+    from pathlib import Path
+    values = tiny_values(sys.argv[1], Path(sys.argv[2]), nb_iterations=1, **json.loads(sys.argv[3]))
     cfg = resolve(values)
     strategy = get_distribution(cfg)
     run = run_active_learning(cfg, log=print)

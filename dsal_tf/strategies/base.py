@@ -15,8 +15,8 @@ import tensorflow as tf
 
 from ..config import Config
 
-QUERY_STRATEGIES: dict[str, type["QueryStrategy"]] = {}
-PSEUDO_POLICIES: dict[str, type["PseudoPolicy"]] = {}
+QUERY_STRATEGIES: dict[str, type[QueryStrategy]] = {}
+PSEUDO_POLICIES: dict[str, type[PseudoPolicy]] = {}
 
 
 def register_query(name: str):
@@ -60,8 +60,7 @@ def histogram_select(scores: np.ndarray, n: int, rng: np.random.Generator, bins:
     scores = np.asarray(scores, np.float64)
     n = min(n, len(scores))
     n_low = round(n * 10 / 35)
-    n_rand = round(n * 15 / 35)
-    n_top = n - n_low - n_rand
+    n_rand = round(n * 15 / 35)  # the rest (10 of 35) comes from the top bins
     counts, edges = np.histogram(scores, bins=bins)
     which = np.clip(np.digitize(scores, edges[1:-1]), 0, bins - 1)
     chosen: list[int] = []
