@@ -19,22 +19,20 @@ QUERY_STRATEGIES: dict[str, type[QueryStrategy]] = {}
 PSEUDO_POLICIES: dict[str, type[PseudoPolicy]] = {}
 
 
-def register_query(name: str):
-    def deco(cls):
-        cls.name = name
-        QUERY_STRATEGIES[name] = cls
-        return cls
+def _registrar(registry: dict):
+    def register(name: str):
+        def deco(cls):
+            cls.name = name
+            registry[name] = cls
+            return cls
 
-    return deco
+        return deco
+
+    return register
 
 
-def register_pseudo(name: str):
-    def deco(cls):
-        cls.name = name
-        PSEUDO_POLICIES[name] = cls
-        return cls
-
-    return deco
+register_query = _registrar(QUERY_STRATEGIES)
+register_pseudo = _registrar(PSEUDO_POLICIES)
 
 
 def binary_dice(a, b):
