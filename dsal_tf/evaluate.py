@@ -61,11 +61,14 @@ def overlay_grid(images: np.ndarray, gt: np.ndarray, pred: np.ndarray, path: Pat
     import cv2
 
     tiles = []
+    scale = max(1, 192 // images.shape[1])  # small model inputs are shown enlarged
     for img, g, p in zip(images[:n], gt[:n], pred[:n]):
         tile = img if img.shape[-1] == 3 else np.repeat(img, 3, axis=-1)
-        tile = np.ascontiguousarray(tile)
+        size = (tile.shape[1] * scale, tile.shape[0] * scale)
+        tile = np.ascontiguousarray(cv2.resize(tile, size, interpolation=cv2.INTER_CUBIC))
         for mask, color in ((g, (0, 255, 0)), (p, (255, 0, 0))):
-            contours, _ = cv2.findContours(mask[..., 0].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            mask = cv2.resize(mask[..., 0].astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
             cv2.drawContours(tile, contours, -1, color, 1)
         tiles.append(tile)
     if tiles:
