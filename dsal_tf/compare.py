@@ -80,7 +80,6 @@ def run_comparison(
     """Run every (strategy, seed) pair that is not finished yet, then aggregate all of them."""
     from .active import run_active_learning
 
-    runs, full_runs = [], []
     for seed in seeds:
         init = cfg.replace(seed=seed, nb_iterations=0, query_strategy="random", exp_name=f"{name}/init-s{seed}")
         run_active_learning(init, log=log)
@@ -88,16 +87,41 @@ def run_comparison(
             scfg = cfg.replace(seed=seed, query_strategy=strategy, exp_name=f"{name}/{strategy}-s{seed}")
             log(f"== {strategy}, seed {seed}")
             run_active_learning(scfg, log=log, initial_model=init.run_dir / "round_00")
-            runs.append((strategy, seed, scfg))
         if full_supervision:
             fcfg = full_supervision_config(cfg.replace(seed=seed), exp_name=f"{name}/full-s{seed}")
             log(f"== full supervision, seed {seed}")
             run_active_learning(fcfg, log=log)
-            full_runs.append((seed, fcfg))
-    return aggregate(Path(cfg.exp_dir) / name, runs, full_runs, log)
+    return aggregate(Path(cfg.exp_dir) / name, log)
 
 
-def aggregate(out: Path, runs, full_runs, log) -> pd.DataFrame:
+def finished_runs(out: Path) -> tuple[list, list]:
+    """Every finished `<strategy>-s<seed>` and `full-s<seed>` run in a comparison folder, so a
+    comparison grown over several calls (more seeds, more strategies) is summarized as a whole."""
+    from .active import completed_rounds
+
+    runs, full_runs = [], []
+    for run in sorted(p for p in out.glob("*-s*") if (p / "config.json").is_file()):
+        strategy, _, seed = run.name.rpartition("-s")
+        if strategy == "init" or not seed.isdigit():
+            continue
+        cfg = resolve_run(run)
+        if completed_rounds(run) != list(range(cfg.nb_iterations + 1)):
+            continue  # still running or interrupted: left out until it finishes
+        (full_runs.append((int(seed), cfg)) if strategy == "full" else runs.append((strategy, int(seed), cfg)))
+    return sorted(runs, key=lambda r: (r[0], r[1])), full_runs
+
+
+def resolve_run(run: Path) -> Config:
+    """The configuration a run folder was made with."""
+    import json
+
+    from .config import resolve
+
+    return resolve(json.loads((run / "config.json").read_text()), source=str(run / "config.json"))
+
+
+def aggregate(out: Path, log) -> pd.DataFrame:
+    runs, full_runs = finished_runs(out)
     per_run, summary_rows, rho_rows = [], [], []
     for strategy, seed, scfg in runs:
         table = _evaluated(scfg, log).assign(strategy=strategy, seed=seed)

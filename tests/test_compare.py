@@ -45,6 +45,6 @@ def test_tiny_comparison_shares_the_initial_model(tiny_data, tmp_path):
     comparison = pd.read_csv(out / "comparison.csv")
     assert len(comparison) == 3 * 2  # 3 strategies x rounds 0..1
     assert (out / "learning_curves.png").is_file() and (out / "spearman.csv").is_file()
-    # a rerun finds everything finished and only aggregates
-    again = run_comparison(cfg, ["dsal", "ceal", "entropy"], [0], "cmp", log=lambda m: None)
+    # a rerun with one strategy finds it finished and still summarizes every finished run
+    again = run_comparison(cfg, ["dsal"], [0], "cmp", log=lambda m: None)
     pd.testing.assert_frame_equal(summary, again, check_exact=False, atol=1e-4)
