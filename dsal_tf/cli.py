@@ -146,7 +146,6 @@ def evaluate(constants, set_pairs, rounds, **options) -> None:
 def compare(constants, set_pairs, strategies, seeds, name, full_supervision, **options) -> None:
     """Run several strategies on the same data, split, seeds and budget, and compare them."""
     cfg = build_config(constants, set_pairs, **options)
-    ensure_data(cfg)
     from .compare import run_comparison
     from .strategies import QUERY_STRATEGIES
 
@@ -154,6 +153,7 @@ def compare(constants, set_pairs, strategies, seeds, name, full_supervision, **o
     for s in names:
         if s not in QUERY_STRATEGIES:
             raise DsalError(f"--strategies: unknown strategy {s!r}; choose from {sorted(QUERY_STRATEGIES)}")
+    ensure_data(cfg)
     run_comparison(cfg, names, parse_int_list(seeds, "--seeds"), name or f"compare-{cfg.preset}",
                    full_supervision, log=_echo)
 

@@ -68,3 +68,36 @@ def test_run_evaluate_and_bad_data_keeps_saved_results(tiny_data, tmp_path):
     assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 1 and "missing mask for" in result.output
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == saved  # nothing saved was lost
+
+
+def test_empty_orgdata_gets_the_synthetic_set(tmp_path):
+    from dsal_tf.cli import ensure_data
+    from dsal_tf.config import resolve
+
+    cfg = resolve({"data_path": str(tmp_path / "orgData"), "synthetic_counts": (4, 2, 2), "synthetic_size": 32})
+    said = []
+    ensure_data(cfg, log=said.append)
+    assert len(said) == 1 and "synthetic" in said[0]
+    assert len(os.listdir(tmp_path / "orgData" / "trainImg")) == 4
+    ensure_data(cfg, log=said.append)  # data present: nothing written, nothing said
+    assert len(said) == 1
+    other = resolve({"data_path": str(tmp_path / "mydata")})
+    ensure_data(other, log=said.append)  # a user-given folder is never filled with fake data
+    assert not (tmp_path / "mydata").exists()
+
+
+def test_main_and_test_py_are_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    for script, word in (("main.py", "--full-supervision"), ("test.py", "--rounds")):
+        proc = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert proc.returncode == 0 and word in proc.stdout
+
+
+def test_compare_rejects_an_unknown_strategy(tmp_path):
+    (tmp_path / "constants.py").write_text("")
+    result = CliRunner().invoke(cli, ["compare", "--constants", str(tmp_path / "constants.py"),
+                                      "--strategies", "dsal,ceel"])
+    assert result.exit_code == 2 and "ceel" in result.output
