@@ -171,11 +171,15 @@ def compare(constants, set_pairs, strategies, seeds, name, full_supervision, **o
 def noisy_teacher(constants, set_pairs, n_expert, variants, seeds, name, **options) -> None:
     """Teacher on expert labels, students on its machine labels re-weighted by gradient trust."""
     cfg = build_config(constants, set_pairs, **options)
-    ensure_data(cfg)
-    from .teacher_student import run_noisy_teacher
+    from .teacher_student import VARIANTS, run_noisy_teacher
 
-    run_noisy_teacher(cfg, n_expert, [v.strip() for v in variants.split(",") if v.strip()],
-                      parse_int_list(seeds, "--seeds"), name or f"noisy-teacher-{cfg.preset}-e{n_expert}", log=_echo)
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    for v in names:
+        if v not in VARIANTS:
+            raise DsalError(f"--variants: unknown variant {v!r}; choose from {list(VARIANTS)}")
+    ensure_data(cfg)
+    run_noisy_teacher(cfg, n_expert, names, parse_int_list(seeds, "--seeds"),
+                      name or f"noisy-teacher-{cfg.preset}-e{n_expert}", log=_echo)
 
 
 @cli.command("make-synthetic")
