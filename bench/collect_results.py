@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,10 +14,11 @@ OUT = ROOT / "bench" / "results" / "isic2017.md"
 
 
 def md(df: pd.DataFrame) -> str:
+    """A markdown table; floats with 4 decimals, integer columns as integers."""
     cols = list(df.columns)
+    cells = {c: [f"{v:.4f}" if pd.api.types.is_float_dtype(df[c]) else str(v) for v in df[c]] for c in cols}
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r) + " |")
+    lines += ["| " + " | ".join(cells[c][i] for c in cols) + " |" for i in range(len(df))]
     return "\n".join(lines)
 
 
@@ -33,6 +35,9 @@ def main() -> None:
                         ("spearman.csv", "Spearman(uncertainty, 1 - true Dice) on the pool")):
         if (cmp_dir / name).is_file():
             parts += [f"## {title}\n", md(pd.read_csv(cmp_dir / name)), ""]
+    if (cmp_dir / "learning_curves.png").is_file():
+        shutil.copyfile(cmp_dir / "learning_curves.png", OUT.parent / "learning_curves.png")
+        parts += ["![learning curves](learning_curves.png)\n"]
     for nt in sorted(EXP.glob("noisy-teacher-isic2017-cpu-e*/summary.csv")):
         parts += [f"## Noisy teacher, {nt.parent.name}\n", md(pd.read_csv(nt)), ""]
     OUT.parent.mkdir(parents=True, exist_ok=True)
