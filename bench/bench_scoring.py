@@ -1,5 +1,6 @@
-"""Scoring cost per active-learning round: DSAL (one pass, three heads) vs. entropy (one pass)
-vs. CEAL (T MC-dropout passes), on the same pool and model. Not a test: it only times.
+"""Scoring cost per active-learning round on the same pool and model: random and DSAL and entropy
+(one pass), ensemble (NB_ENSEMBLE passes, member training not included), CEAL (T MC-dropout
+passes). Not a test: it only times.
 
     python bench/bench_scoring.py [--data ../shared/data/isic2017] [--pool 1000] [--passes 20]
 
@@ -40,8 +41,10 @@ def main(data: str, pool_n: int, passes: int, repeats: int) -> None:
     norm = Normalizer.fit(images, cfg.normalization)
     model = new_model(cfg, 0)
     rows = []
-    for name in ("dsal", "entropy", "ceal"):
+    for name in ("random", "dsal", "entropy", "ensemble_s", "ceal"):
         strategy = QUERY_STRATEGIES[name](cfg)
+        if name == "ensemble_s":  # scoring cost only: NB_ENSEMBLE forward passes (members untrained here)
+            strategy.members = [model] + [new_model(cfg, k) for k in range(1, cfg.nb_ensemble)]
         strategy.score_pool(model, images[: cfg.batch_size], masks[: cfg.batch_size], norm, cfg.batch_size)  # trace
         times = []
         for _ in range(repeats):
@@ -49,11 +52,12 @@ def main(data: str, pool_n: int, passes: int, repeats: int) -> None:
             strategy.score_pool(model, images, masks, norm, cfg.batch_size)
             times.append(time.perf_counter() - t)
         rows.append((name, float(np.median(times))))
-    base = rows[0][1]
+    base = dict(rows)["dsal"]
     lines = [
         f"# Scoring cost per round (median of {repeats})\n",
         f"Pool: {len(images)} images from {source}, {cfg.img_rows}x{cfg.img_cols}, isic2017-cpu U-Net "
-        f"(base {cfg.base_filters}), batch {cfg.batch_size}, CPU ({os.cpu_count()} cores). CEAL T = {passes}.\n",
+        f"(base {cfg.base_filters}), batch {cfg.batch_size}, CPU ({os.cpu_count()} cores). CEAL T = {passes}, "
+        f"ensemble of {cfg.nb_ensemble}. Each pass includes the confidence, prediction and true-Dice outputs.\n",
         f"Command: `python bench/bench_scoring.py --data {data} --pool {pool_n} --passes {passes}`\n",
         "| strategy | seconds per round | ms per image | x DSAL |",
         "|---|---:|---:|---:|",
