@@ -21,7 +21,7 @@ from .losses import deep_supervision, dice
 from .model import HEADS, build_unet
 
 CHECKPOINT = "best.keras"
-tf.get_logger().setLevel("ERROR")  # retracing notices per round are expected (a new model each round)
+tf.get_logger().setLevel("ERROR")  # retracing notices are expected: evaluation and ensembles load many models
 
 
 def get_distribution(cfg: Config) -> tf.distribute.Strategy:
@@ -72,7 +72,8 @@ def load_model(path: Path, cfg: Config | None = None) -> keras.Model:
 def reset_optimizer(model: keras.Model, learning_rate: float) -> None:
     """Zero Adam's moments and step and restore the base learning rate, so a round trains the
     same whether the run went straight through or was resumed from a checkpoint."""
-    opt = model.optimizer
+    # under mixed precision the optimizer is a LossScaleOptimizer: keep its adaptive loss scale
+    opt = getattr(model.optimizer, "inner_optimizer", model.optimizer)
     for v in opt.variables:
         v.assign(tf.zeros_like(v))
     opt.learning_rate = learning_rate

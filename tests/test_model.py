@@ -31,3 +31,26 @@ def test_deep_supervision_weights():
     assert set(losses) == {"main", "side_1", "side_2"}
     with pytest.raises(KeyError):
         deep_supervision("hinge")
+
+
+def test_round_reset_keeps_the_mixed_precision_loss_scale():
+    import keras
+
+    from dsal_tf import train
+    from dsal_tf.config import resolve
+    from dsal_tf.model import HEADS
+
+    cfg = resolve({"img_rows": 32, "img_cols": 32, "base_filters": 2, "mixed_precision": True})
+    train.set_precision(cfg)
+    try:
+        model = train.new_model(cfg, 0)
+        x = np.random.default_rng(0).random((4, 32, 32, 3)).astype("float32")
+        y = (x[..., :1] > 0.5).astype("float32")
+        model.fit(x, {h: y for h in HEADS}, verbose=0)
+        model.optimizer.learning_rate = 0.5
+        train.reset_optimizer(model, 1e-3)
+        assert float(model.optimizer.dynamic_scale) > 0  # a zeroed loss scale would stop all learning
+        assert int(model.optimizer.inner_optimizer.iterations) == 0
+        assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
