@@ -66,6 +66,15 @@ def parse_int_list(text: str, option: str) -> list[int]:
         raise DsalError(f"{option} {text!r} must be comma-separated integers, e.g. 0,1,2") from None
 
 
+def parse_name_list(text: str, option: str, valid: list[str]) -> list[str]:
+    """Comma-separated names, each checked against `valid` (checked before any data is written)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in valid:
+            raise DsalError(f"{option}: unknown name {n!r}; choose from {valid}")
+    return names
+
+
 def ensure_data(cfg: Config, log=_echo) -> None:
     """With no data in the default `orgData/`, write the embedded synthetic set there first."""
     train_dir = Path(cfg.data_path) / "trainImg"
@@ -149,10 +158,7 @@ def compare(constants, set_pairs, strategies, seeds, name, full_supervision, **o
     from .compare import run_comparison
     from .strategies import QUERY_STRATEGIES
 
-    names = [s.strip() for s in strategies.split(",") if s.strip()]
-    for s in names:
-        if s not in QUERY_STRATEGIES:
-            raise DsalError(f"--strategies: unknown strategy {s!r}; choose from {sorted(QUERY_STRATEGIES)}")
+    names = parse_name_list(strategies, "--strategies", sorted(QUERY_STRATEGIES))
     ensure_data(cfg)
     run_comparison(cfg, names, parse_int_list(seeds, "--seeds"), name or f"compare-{cfg.preset}",
                    full_supervision, log=_echo)
@@ -173,10 +179,7 @@ def noisy_teacher(constants, set_pairs, n_expert, variants, seeds, name, **optio
     cfg = build_config(constants, set_pairs, **options)
     from .teacher_student import VARIANTS, run_noisy_teacher
 
-    names = [v.strip() for v in variants.split(",") if v.strip()]
-    for v in names:
-        if v not in VARIANTS:
-            raise DsalError(f"--variants: unknown variant {v!r}; choose from {list(VARIANTS)}")
+    names = parse_name_list(variants, "--variants", list(VARIANTS))
     ensure_data(cfg)
     run_noisy_teacher(cfg, n_expert, names, parse_int_list(seeds, "--seeds"),
                       name or f"noisy-teacher-{cfg.preset}-e{n_expert}", log=_echo)
