@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import json
 import runpy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -320,4 +320,4 @@ def parse_set_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Config", "PRESETS", "load_config", "resolve", "read_constants", "parse_set_options", "field"]
+__all__ = ["Config", "PRESETS", "load_config", "resolve", "read_constants", "parse_set_options"]
