@@ -192,10 +192,10 @@ def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo,
 
     rng = np.random.default_rng([cfg.seed, r])
     unl = pool.unlabelled
-    x, y, is_pseudo = pool.training_set(pool_data.images, pool_data.masks)
 
     def train_member(out_dir: Path, start: Path | None, seed: int):
         """One more model on the previous round's training set (for ensemble strategies)."""
+        x, y, is_pseudo = pool.training_set(pool_data.images, pool_data.masks)  # before this round's labels
         m = train.load_model(start, cfg) if start is not None else train.new_model(cfg, seed)
         epochs = cfg.nb_active_epochs if start is not None else cfg.nb_initial_epochs
         train.fit(m, cfg, x, y, is_pseudo, val, normalizer, out_dir, epochs, seed)
