@@ -117,6 +117,10 @@ def run(constants, set_pairs, full_supervision, **options) -> None:
     """Run (or resume) the active-learning loop."""
     cfg = build_config(constants, set_pairs, **options)
     ensure_data(cfg)
+    if cfg.preset == "auto":  # plan from the data on first use; the plan is stored in the run folder
+        from .plan import explicit_values, plan_for_run
+
+        cfg = plan_for_run(cfg, explicit_values(constants, {**parse_set_options(set_pairs), **options}), log=_echo)
     from .active import run_active_learning
 
     if full_supervision:
@@ -189,14 +193,36 @@ def noisy_teacher(constants, set_pairs, n_expert, variants, seeds, name, **optio
 @common_options
 @click.option("--counts", default=None, help="train,val,test image counts, e.g. 240,40,40.")
 @click.option("--size", "synthetic_size", type=int, default=None, help="Image side in pixels.")
+@click.option("--small", is_flag=True, help="Small lesions (1-3 per image, ~0.5% foreground) instead of one large one.")
 @user_errors
-def make_synthetic_cmd(constants, set_pairs, counts, **options) -> None:
+def make_synthetic_cmd(constants, set_pairs, counts, small, **options) -> None:
     """Write the embedded synthetic lesion dataset (ISIC naming) into the data folder."""
     cfg = build_config(constants, set_pairs, synthetic_counts=counts, **options)
     from .synthetic import make_synthetic
 
-    written = make_synthetic(cfg.data_path, cfg.synthetic_counts, cfg.synthetic_size, cfg.seed)
+    written = make_synthetic(cfg.data_path, cfg.synthetic_counts, cfg.synthetic_size, cfg.seed, small=small)
     _echo(f"wrote {written} to {cfg.data_path}/")
+
+
+@cli.command()
+@click.option("--data", "data_path", required=True, help="Data root in the orgData layout.")
+@click.option("--budget-minutes", type=float, default=15.0, show_default=True,
+              help="Run-time budget of the planned run (all rounds, training and scoring).")
+@click.option("--out", default=None, help="plan.json path (default exp/plan-<data folder>/plan.json).")
+@click.option("--constants", "constants", default=None,
+              help="Constants file whose settings the plan must keep (default: none).")
+@click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE", help="A setting the plan must keep.")
+@user_errors
+def plan(data_path, budget_minutes, out, constants, set_pairs) -> None:
+    """Plan the input size and training settings from the data, within a time budget."""
+    from .plan import explicit_values, make_plan, table, write_plan
+
+    name = f"plan-{Path(data_path).resolve().name}"
+    result = make_plan(data_path, budget_minutes, fixed=explicit_values(constants, parse_set_options(set_pairs)),
+                       log=_echo)
+    path, const = write_plan(result, out or Path("exp") / name / "plan.json", exp_name=name)
+    _echo(table(result))
+    _echo(f"wrote {path} and {const} (run it with: python main.py --constants {const})")
 
 
 def main_py() -> None:

@@ -79,6 +79,7 @@ class Config:
     resume_on: bool = True
     nb_overlays: int = 6
     progress: bool = True
+    plan_budget_minutes: float = 15.0  # PRESET "auto": the run-time budget the plan fits
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -119,6 +120,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 PRESETS: dict[str, dict[str, Any]] = {
     # Embedded synthetic data; the whole loop finishes on 2 CPU cores in a few minutes.
     "demo": {},
+    # Planned from the data on first use (`dsal plan`, dsal_tf/plan.py), stored in the run folder.
+    "auto": {},
     # The paper's ISIC 2017 protocol (METHODS.md section 1).
     "isic2017": dict(
         img_rows=192, img_cols=240, color="rgb", base_filters=32, dropout=0.5, loss="dice",
@@ -223,6 +226,8 @@ def _check(cfg: Config, source: str) -> None:
         raise DsalError(f"DEPTH in {source} must be >= 3 (the side heads sit on the 1/4 and 1/2 blocks)")
     if not 0.0 <= cfg.dropout < 1.0:
         raise DsalError(f"DROPOUT in {source} must be in [0, 1), got {cfg.dropout}")
+    if cfg.plan_budget_minutes <= 0:
+        raise DsalError(f"PLAN_BUDGET_MINUTES in {source} must be > 0, got {cfg.plan_budget_minutes}")
     if cfg.learning_rate <= 0:
         raise DsalError(f"LEARNING_RATE in {source} must be > 0, got {cfg.learning_rate}")
     if len(cfg.ds_weights) != 3 or any(w < 0 for w in cfg.ds_weights):

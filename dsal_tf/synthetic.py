@@ -25,6 +25,11 @@ from .errors import DsalError
 
 SPLITS = ("train", "val", "test")
 AREA_RANGE = (0.05, 0.50)  # lesion area as a fraction of the image, before rejection
+# The small-lesion variant (`make_synthetic(..., small=True)`): 1-3 lesions per image, each 0.08-0.6%
+# of the image, about 1% foreground in all, like infection in a CT slice: at 256x256 the smallest
+# lesions are ~50 pixels, ~3 pixels once resized to 64x64.
+SMALL_AREA_RANGE = (0.0008, 0.006)
+SMALL_MAX_LESIONS = 3
 JPEG_QUALITY = 95
 
 # Skin tones (RGB, 0..1) to mix from: light beige, pink, tan, olive-beige.
@@ -55,15 +60,15 @@ def _random_mix(rng: np.random.Generator, tones: np.ndarray) -> np.ndarray:
     return (weights @ tones).astype(np.float32)
 
 
-def _lesion_mask(rng: np.random.Generator, size: int) -> np.ndarray:
+def _lesion_mask(rng: np.random.Generator, size: int, area_range: tuple = AREA_RANGE) -> np.ndarray:
     """An irregular blob: an ellipse whose radius is perturbed by a few random Fourier harmonics.
 
-    Resamples until the lesion covers `AREA_RANGE` of the image, so the mask statistics are
+    Resamples until the lesion covers `area_range` of the image, so the mask statistics are
     bounded whatever the draw (the rng stays deterministic, so this is still seeded).
     """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     for _ in range(100):
-        frac = rng.uniform(*AREA_RANGE)
+        frac = rng.uniform(*area_range)
         r0 = np.sqrt(frac * size * size / np.pi)
         aspect = rng.uniform(0.7, 1.0)
         angle = rng.uniform(0.0, np.pi)
@@ -80,9 +85,9 @@ def _lesion_mask(rng: np.random.Generator, size: int) -> np.ndarray:
             radius += amp * np.cos(k * theta + rng.uniform(0.0, 2 * np.pi))
         radius = r0 * np.sqrt(aspect) * np.maximum(radius, 0.3)
         mask = (np.hypot(u, v) <= radius).astype(np.uint8)
-        if AREA_RANGE[0] <= mask.mean() <= AREA_RANGE[1]:
+        if area_range[0] <= mask.mean() <= area_range[1]:
             return mask
-    raise RuntimeError("could not draw a lesion within AREA_RANGE; widen AREA_RANGE")
+    raise RuntimeError(f"could not draw a lesion within {area_range}; widen the area range")
 
 
 def _hair_layer(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -109,8 +114,11 @@ def _hair_layer(rng: np.random.Generator, size: int) -> np.ndarray:
     return small.astype(np.float32) / 255.0
 
 
-def render_case(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def render_case(rng: np.random.Generator, size: int, small: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Draw one synthetic dermoscopy image and its lesion mask.
+
+    `small`: 1-`SMALL_MAX_LESIONS` lesions of `SMALL_AREA_RANGE` each instead of one large one
+    (the default draws exactly as before, so the demo data stay byte-identical).
 
     Returns `(image, mask)`: `image` is `[size, size, 3]` uint8 in **BGR** order (what cv2
     writes), `mask` is `[size, size]` uint8 with values 0/1 and is exactly the lesion region,
@@ -123,7 +131,12 @@ def render_case(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     img = skin[None, None, :] * (light * mottle)[..., None]
 
     # --- lesion: shape, pigment and contrast
-    mask = _lesion_mask(rng, size)
+    if small:
+        mask = _lesion_mask(rng, size, SMALL_AREA_RANGE)
+        for _ in range(int(rng.integers(1, SMALL_MAX_LESIONS + 1)) - 1):
+            mask |= _lesion_mask(rng, size, SMALL_AREA_RANGE)
+    else:
+        mask = _lesion_mask(rng, size)
     pigment = _random_mix(rng, _PIGMENT_TONES)
     # ~1 in 4 lesions is faint: only a small step in colour from the skin around it.
     contrast = rng.uniform(0.12, 0.3) if rng.random() < 0.25 else rng.uniform(0.4, 0.95)
@@ -189,8 +202,12 @@ def make_synthetic(
     counts: tuple[int, int, int] = (240, 40, 40),
     size: int = 128,
     seed: int = 0,
+    small: bool = False,
 ) -> dict[str, int]:
     """Write a train/val/test synthetic lesion dataset under `root` in ISIC layout.
+
+    `small=True` writes the small-lesion variant (`render_case(..., small=True)`), whose
+    structures vanish at 64x64: the case `dsal plan`'s size rule is for.
 
     `counts` is images per split (train, val, test). Same seed -> byte-identical files.
     Returns the number of images written per split, e.g. `{"train": 240, "val": 40, "test": 40}`.
@@ -209,7 +226,7 @@ def make_synthetic(
         img_dir.mkdir(parents=True, exist_ok=True)
         gt_dir.mkdir(parents=True, exist_ok=True)
         for i in range(int(n)):
-            image, mask = render_case(case_rng(seed, split, i), int(size))
+            image, mask = render_case(case_rng(seed, split, i), int(size), small)
             name = f"SYN_{i + 1:06d}"
             cv2.imwrite(
                 str(img_dir / f"{name}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]

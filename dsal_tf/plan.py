@@ -1,0 +1,602 @@
+"""`dsal plan`: choose the input size and training settings from the data, within a time budget.
+
+nnU-Net's self-configuration, for this product and for the machine at hand:
+
+1. **Fingerprint** (`fingerprint`), streaming: image sizes and colour mode from file headers (no
+   decode), intensity statistics from a seeded sample of training images decoded one at a time,
+   and from every train/val mask (decoded one at a time; the test split is never looked at) the
+   foreground fraction and the connected components (8-connectivity) in pixels at the original size.
+2. **Candidates** (`size_ladder`): sizes that keep the median aspect and divide by 2**DEPTH, times
+   base filters. The size rule: the 5th-percentile structure must keep `MIN_STRUCTURE_PIXELS`
+   pixels after resizing.
+3. **Measured steps** (`measure_steps`): a few real Keras training, validation and DSAL scoring
+   steps of each candidate U-Net on this machine, after warm-up.
+4. **Budget rule** (`predict_seconds`, `choose`): predicted run time = data loading + initial
+   epochs + rounds x (scoring pass + epochs), from the measured per-step times; the preferred
+   candidate whose prediction fits the budget wins.
+
+`make_plan` runs all four and returns a JSON-able dict; `write_plan` saves `plan.json` and a
+ready constants file. `PRESET = "auto"` runs the plan on first use (`plan_for_run`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .config import Config, read_constants, resolve
+from .errors import DsalError
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+MIN_STRUCTURE_PIXELS = 16  # the 5th-percentile structure keeps at least a 4x4 patch after resizing
+MIN_SIDE = 64  # smallest input side considered (below it the U-Net's deepest block is 4 pixels)
+FILTERS = (16, 32, 8)  # base-filter ladder; 8 only when no 16-filter candidate fits the budget
+SMALL_FOREGROUND = 0.05  # mean foreground fraction below which the loss is Dice + BCE
+INTENSITY_SAMPLE = 64  # training images decoded for intensity statistics
+BATCH_SIZES = (16, 8, 4, 2)  # largest whose estimated activations use <= MEMORY_SHARE of memory
+MEMORY_SHARE = 0.25
+# The active-learning schedule, scaled from `isic2017-cpu` (1600 pool: 600 initial, 5 rounds of 70,
+# pseudo labels from round 3, 40 + 40(t-3)) by the pool size.
+SCHEDULE_REFERENCE = dict(pool=1600, nb_labeled=600, nb_next_sample=70, nb_pseudo_initial=40, pseudo_rate=40)
+NB_ITERATIONS, PSEUDO_EPOCH = 5, 3
+INITIAL_STEPS, ROUND_STEPS = 450, 200  # optimizer steps of the initial model and round 1 (isic2017-cpu: 12, 5 epochs)
+
+
+# ------------------------------------------------------------------------------------ fingerprint
+def _split_files(root: Path, split: str) -> list[tuple[Path, Path | None]]:
+    """(image, mask or None) of a split, sorted; a missing folder is an empty split."""
+    img_dir, gt_dir = root / f"{split}Img", root / f"{split}GT"
+    if not img_dir.is_dir():
+        return []
+    out = []
+    for img in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")):
+        cands = [gt_dir / f"{img.stem}_segmentation.png", gt_dir / img.name, gt_dir / f"{img.stem}.png"]
+        out.append((img, next((c for c in cands if c.is_file()), None)))
+    return out
+
+
+def _header(path: Path) -> tuple[int, int, str]:
+    """(rows, cols, mode) from the file header only (PIL reads no pixel data until asked)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0], im.mode
+    except (UnidentifiedImageError, OSError):
+        raise DsalError(f"cannot read the header of {path} (corrupt or not an image); replace or remove it") from None
+
+
+def component_areas(mask: np.ndarray) -> np.ndarray:
+    """Pixel counts of the 8-connected foreground components of a 2-D mask (foreground = > 0)."""
+    n, _, stats, _ = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8), connectivity=8)
+    return stats[1:n, cv2.CC_STAT_AREA].astype(np.int64)
+
+
+def _looks_like_ct(dtype: np.dtype, lo: float, hi: float, p1: float) -> bool:
+    """16-bit values spanning > 1500 levels with air at about -1000 HU (signed) or near 0 (HU + 1024)."""
+    if np.dtype(dtype).itemsize < 2 or hi - lo < 1500:
+        return False
+    return lo <= -500 or (lo >= 0 and p1 <= 100)
+
+
+def fingerprint(data_path: str | Path, sample: int = INTENSITY_SAMPLE, seed: int = 0,
+                log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """The dataset fingerprint (see the module docstring); never holds more than one image decoded."""
+    root = Path(data_path)
+    files = {s: _split_files(root, s) for s in SPLITS}
+    if not files["train"]:
+        raise DsalError(f"no training images in {root / 'trainImg'}; put the pool there (see README, Data)")
+    # --- sizes and colour mode: headers only
+    headers = [_header(img) for s in SPLITS for img, _ in files[s]]
+    rows = np.array([h[0] for h in headers], float)
+    cols = np.array([h[1] for h in headers], float)
+    aspect = cols / rows
+    modes = sorted({h[2] for h in headers})
+    # --- intensity: a seeded sample of training images, one decoded at a time
+    train = files["train"]
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(len(train), size=min(sample, len(train)), replace=False))
+    sums, sq, n_px, lo, hi, p1s, grey_as_rgb, decode_s = 0.0, 0.0, 0, np.inf, -np.inf, [], True, []
+    dtype = np.dtype(np.uint8)
+    for i in picks:
+        t = time.perf_counter()
+        img = cv2.imread(str(train[i][0]), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise DsalError(f"cannot decode image {train[i][0]} (corrupt or not an image); replace or remove it")
+        cv2.resize(img, (64, 64), interpolation=cv2.INTER_AREA)  # the loader's work, for the load-time estimate
+        decode_s.append(time.perf_counter() - t)
+        dtype = img.dtype
+        x = img.reshape(img.shape[0], img.shape[1], -1).astype(np.float64)
+        if x.shape[-1] >= 3:
+            grey_as_rgb &= bool(np.array_equal(x[..., 0], x[..., 1]) and np.array_equal(x[..., 1], x[..., 2]))
+            x = x[..., :3]
+        sums = sums + x.reshape(-1, x.shape[-1]).sum(0)
+        sq = sq + (x.reshape(-1, x.shape[-1]) ** 2).sum(0)
+        n_px += x.shape[0] * x.shape[1]
+        lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+        p1s.append(float(np.percentile(x, 1)))
+    mean = sums / n_px
+    std = np.sqrt(np.maximum(sq / n_px - mean**2, 0.0))
+    channels = len(np.atleast_1d(mean))
+    color = "rgb" if channels >= 3 and not grey_as_rgb else "gray"
+    # --- masks: every train and val mask, one at a time, at the original size
+    fractions, areas, n_empty, n_masks, missing = [], [], 0, 0, 0
+    for split in ("train", "val"):
+        for _img, mask_path in files[split]:
+            if mask_path is None:
+                missing += 1
+                continue
+            mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+            if mask is None:
+                raise DsalError(f"cannot decode mask {mask_path} (corrupt or not an image); replace or remove it")
+            n_masks += 1
+            fractions.append(float((mask > 0).mean()))
+            a = component_areas(mask)
+            n_empty += int(len(a) == 0)
+            areas.extend(a.tolist())
+    areas_arr = np.array(areas, np.int64)
+    log(f"fingerprint: {len(headers)} image headers, {len(picks)} sampled images, {n_masks} masks")
+    return {
+        "data_path": str(root),
+        "counts": {s: len(files[s]) for s in SPLITS},
+        "image_size": {
+            "median_rows": float(np.median(rows)), "median_cols": float(np.median(cols)),
+            "rows_range": [int(rows.min()), int(rows.max())], "cols_range": [int(cols.min()), int(cols.max())],
+            "median_aspect": round(float(np.median(aspect)), 4),
+            "aspect_range": [round(float(aspect.min()), 4), round(float(aspect.max()), 4)],
+            "distinct_sizes": len({(h[0], h[1]) for h in headers}), "modes": modes,
+        },
+        "color": color,
+        "intensity": {
+            "sampled_images": int(len(picks)), "sample_seed": seed, "dtype": str(dtype),
+            "min": lo, "max": hi, "mean": [round(float(v), 3) for v in np.atleast_1d(mean)],
+            "std": [round(float(v), 3) for v in np.atleast_1d(std)],
+            "grey_stored_as_rgb": bool(channels >= 3 and grey_as_rgb),
+            "looks_like_ct_hu": _looks_like_ct(dtype, lo, hi, float(np.median(p1s))),
+            "note": f"statistics from a seeded sample of {len(picks)} training images (seed {seed}), "
+                    "decoded one at a time; sizes and modes from every file's header",
+        },
+        "decode_s_per_image": round(float(np.median(decode_s)), 5),
+        "masks": {
+            "splits": ["train", "val"], "masks_read": n_masks, "images_without_mask": missing,
+            "empty_masks": n_empty,
+            "foreground_fraction_mean": round(float(np.mean(fractions)), 5) if fractions else None,
+            "foreground_fraction_median": round(float(np.median(fractions)), 5) if fractions else None,
+            "components": int(len(areas_arr)),
+            "component_pixels_min": int(areas_arr.min()) if len(areas_arr) else None,
+            "component_pixels_p5": float(np.percentile(areas_arr, 5)) if len(areas_arr) else None,
+            "component_pixels_median": float(np.median(areas_arr)) if len(areas_arr) else None,
+            "note": "8-connected components in pixels at the original size; the test split is not read",
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------ size rule
+def size_ladder(fp: dict, depth: int = 4, min_pixels: int = MIN_STRUCTURE_PIXELS) -> list[dict]:
+    """Input sizes from `MIN_SIDE` up to the median image size, in steps of 2**DEPTH, keeping the
+    median aspect; each says how many pixels the 5th-percentile structure keeps at that size and
+    whether that meets `min_pixels`."""
+    step = 2**depth
+    rows, cols = fp["image_size"]["median_rows"], fp["image_size"]["median_cols"]
+    short = min(rows, cols)
+    top = max(step, int(short // step) * step)
+    sides = sorted({s for s in range(min(MIN_SIDE, top), top + 1, step)} | {top})
+    p5 = fp["masks"]["component_pixels_p5"]
+    out = []
+    for s in sides:
+        scale = s / short
+        r = max(step, int(round(rows * scale / step)) * step)
+        c = max(step, int(round(cols * scale / step)) * step)
+        kept = None if p5 is None else p5 * (r / rows) * (c / cols)
+        out.append(dict(img_rows=r, img_cols=c, p5_structure_pixels=None if kept is None else round(kept, 2),
+                        meets_size_rule=kept is None or kept >= min_pixels))
+    return out
+
+
+# ------------------------------------------------------------------------------------ schedule
+def schedule(n_pool: int, batch_size: int) -> dict[str, int]:
+    """The active-learning schedule and epochs for a pool of `n_pool` images.
+
+    Labels scale with the pool like `isic2017-cpu`; epochs give the initial model about
+    `INITIAL_STEPS` optimizer steps and round 1 about `ROUND_STEPS` (isic2017-cpu: 12 and 5)."""
+    ref = SCHEDULE_REFERENCE
+
+    def scaled(k):
+        return max(1, round(n_pool * ref[k] / ref["pool"]))
+
+    nb_labeled = min(n_pool, scaled("nb_labeled"))
+    q = scaled("nb_next_sample")
+    initial = min(50, max(5, math.ceil(INITIAL_STEPS / math.ceil(nb_labeled / batch_size))))
+    active = min(30, max(2, math.ceil(ROUND_STEPS / math.ceil((nb_labeled + q) / batch_size))))
+    return dict(nb_labeled=nb_labeled, nb_iterations=NB_ITERATIONS, nb_next_sample=q, pseudo_epoch=PSEUDO_EPOCH,
+                nb_pseudo_initial=scaled("nb_pseudo_initial"), pseudo_rate=scaled("pseudo_rate"),
+                nb_initial_epochs=initial, nb_active_epochs=active)
+
+
+# ------------------------------------------------------------------------------------ budget rule
+def predict_seconds(cfg: Config, timing: dict, n_pool: int, n_val: int, load_s: float = 0.0) -> dict[str, float]:
+    """Predicted run time of `cfg` from measured per-batch times (seconds).
+
+    `timing`: `train_step_s`, `eval_step_s` (a validation batch), `score_step_s` (a pool-scoring
+    batch), `epoch_overhead_s` (per epoch: checkpoint, logs) and `trace_s` (once per run).
+    Initial model: epochs x (training + validation batches); each round r: one scoring pass over the
+    unlabelled pool, then epochs over the oracle + pseudo labels; plus data loading and tracing."""
+    b = cfg.batch_size
+    val_batches = math.ceil(n_val / b)
+
+    def fit_s(n_train, epochs):
+        return epochs * (math.ceil(n_train / b) * timing["train_step_s"] + val_batches * timing["eval_step_s"]
+                         + timing["epoch_overhead_s"])
+
+    n_lab = min(cfg.nb_labeled, n_pool)
+    train = fit_s(n_lab, cfg.nb_initial_epochs)
+    score = 0.0
+    for r in range(1, cfg.nb_iterations + 1):
+        unl = n_pool - n_lab
+        score += math.ceil(unl / b) * timing["score_step_s"]
+        n_lab = min(n_pool, n_lab + cfg.nb_next_sample)
+        n_pseudo = min(cfg.nb_pseudo(r), max(0, unl - cfg.nb_next_sample))
+        train += fit_s(n_lab + n_pseudo, cfg.nb_active_epochs)
+    total = load_s + timing["trace_s"] + train + score
+    return dict(load_s=round(load_s, 2), trace_s=round(timing["trace_s"], 2), train_s=round(train, 2),
+                score_s=round(score, 2), total_s=round(total, 2))
+
+
+def preference(c: dict) -> tuple:
+    """Larger is preferred: meets the size rule, >= 16 base filters, more pixels, more filters."""
+    return (c["meets_size_rule"], c["base_filters"] >= 16, c["img_rows"] * c["img_cols"], c["base_filters"])
+
+
+def choose(candidates: list[dict], budget_s: float) -> tuple[dict, str]:
+    """The most preferred measured candidate whose predicted run time fits `budget_s`; if none
+    fits, the fastest candidate that meets the size rule (or the fastest of all), with the reason."""
+    measured = [c for c in candidates if c.get("predicted_s") is not None]
+    if not measured:
+        raise DsalError("no candidate could be measured; check that TensorFlow runs on this machine")
+    fits = [c for c in measured if c["predicted_s"] <= budget_s]
+    if fits:
+        best = max(fits, key=preference)
+        why = (f"largest candidate whose predicted run time ({best['predicted_s'] / 60:.1f} min) fits the "
+               f"{budget_s / 60:.0f}-minute budget (preferring the size rule, >= 16 base filters, then more "
+               "pixels, then more filters)")
+        if not best["meets_size_rule"]:
+            why += "; WARNING: no candidate meeting the size rule fits, structures may vanish"
+        return best, why
+    pool = [c for c in measured if c["meets_size_rule"]] or measured
+    best = min(pool, key=lambda c: c["predicted_s"])
+    return best, (f"no candidate fits the {budget_s / 60:.0f}-minute budget; the fastest one"
+                  f"{' meeting the size rule' if best['meets_size_rule'] else ''} "
+                  f"({best['predicted_s'] / 60:.1f} min) with epochs cut to fit")
+
+
+def fit_epochs(cfg: Config, timing: dict, n_pool: int, n_val: int, load_s: float, budget_s: float) -> Config:
+    """Scale both epoch counts down (at least 2 initial, 1 per round) until the prediction fits."""
+    for f in np.linspace(1.0, 0.05, 40):
+        c = cfg.replace(nb_initial_epochs=max(2, int(cfg.nb_initial_epochs * f)),
+                        nb_active_epochs=max(1, int(cfg.nb_active_epochs * f)))
+        if predict_seconds(c, timing, n_pool, n_val, load_s)["total_s"] <= budget_s:
+            return c
+    return c
+
+
+# ------------------------------------------------------------------------------------ measured steps
+def activation_bytes(cfg: Config) -> int:
+    """Bytes of float32 activations one image keeps for backprop (outputs of every layer, x2 for
+    their gradients); the basis of the batch-size rule."""
+    from .model import build_unet
+
+    m = build_unet((cfg.img_rows, cfg.img_cols, cfg.channels), cfg.base_filters, cfg.depth, cfg.dropout)
+    elems = sum(int(np.prod(layer.output.shape[1:])) for layer in m.layers)
+    return 2 * 4 * elems
+
+
+def memory_bytes() -> int:
+    """Memory the planner may plan against: the GPU's (nvidia-smi) if one is visible, else RAM."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        import subprocess
+
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            return int(min(int(v) for v in out.split())) * 2**20
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return 16 * 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def pick_batch_size(cfg: Config, memory: int) -> int:
+    per_image = activation_bytes(cfg)
+    return next((b for b in BATCH_SIZES if b * per_image <= MEMORY_SHARE * memory), BATCH_SIZES[-1])
+
+
+def _as_the_run_does(cfg: Config) -> None:
+    """Seeds and op determinism as the loop sets them (determinism changes the kernels timed)."""
+    try:
+        from . import determinism
+    except ImportError:  # a tree without DETERMINISTIC
+        return
+    determinism.apply(cfg)
+
+
+def measure_steps(cfg: Config, steps: int = 3, seed: int = 0) -> dict[str, float]:
+    """Seconds per training, validation and DSAL-scoring batch of the real U-Net (`train.new_model`),
+    through the real `fit`/`evaluate` input pipeline and the strategy's compiled scoring pass,
+    after one warm-up call of each (its extra time is `trace_s`)."""
+    import tempfile
+
+    from . import train
+    from .data import Normalizer, make_dataset
+    from .model import HEADS
+    from .strategies import QUERY_STRATEGIES
+
+    b = cfg.batch_size
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(2 * b, cfg.img_rows, cfg.img_cols, cfg.channels), dtype=np.uint8)
+    masks = (rng.random((2 * b, cfg.img_rows, cfg.img_cols, 1)) < 0.2).astype(np.uint8)
+    norm = Normalizer.fit(images, cfg.normalization)
+    _as_the_run_does(cfg)
+    train.set_precision(cfg)
+    model = train.new_model(cfg, seed)
+    ds = make_dataset(images, masks, norm, b, shuffle=True, augment=cfg.augment, seed=seed, heads=HEADS,
+                      repeat=True)
+    val = make_dataset(images[:b], masks[:b], norm, b, heads=HEADS)
+
+    def timed(fn):
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    first_fit = timed(lambda: model.fit(ds, steps_per_epoch=1, epochs=1, verbose=0))
+    train_s = timed(lambda: model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)) / steps
+    first_eval = timed(lambda: model.evaluate(val, verbose=0))
+    eval_s = min(timed(lambda: model.evaluate(val, verbose=0)) for _ in range(steps))
+    query = QUERY_STRATEGIES[cfg.query_strategy](cfg)
+    first_score = timed(lambda: query.score_pool(model, images, masks, norm, b))
+    score_s = min(timed(lambda: query.score_pool(model, images, masks, norm, b)) for _ in range(steps)) / 2
+    with tempfile.TemporaryDirectory() as tmp:
+        save_s = timed(lambda: model.save(Path(tmp) / "m.keras"))
+    trace = max(0.0, first_fit - train_s) + max(0.0, first_eval - eval_s) + max(0.0, first_score - 2 * score_s)
+    return dict(train_step_s=round(train_s, 4), eval_step_s=round(eval_s, 4), score_step_s=round(score_s, 4),
+                epoch_overhead_s=round(save_s, 4), trace_s=round(trace, 2))
+
+
+# ------------------------------------------------------------------------------------ the plan
+PLANNED = ("img_rows", "img_cols", "color", "base_filters", "batch_size", "loss", "normalization",
+           "learning_rate", "nb_labeled", "nb_iterations", "nb_next_sample", "pseudo_epoch",
+           "nb_pseudo_initial", "pseudo_rate", "nb_initial_epochs", "nb_active_epochs", "pool_size")
+
+
+def base_settings(fp: dict) -> dict[str, tuple[Any, str]]:
+    """Settings that follow from the fingerprint alone, each with its reason."""
+    fg = fp["masks"]["foreground_fraction_mean"]
+    small = fg is not None and fg < SMALL_FOREGROUND
+    return {
+        "color": (fp["color"], "grey images (or grey stored as RGB)" if fp["color"] == "gray" else "colour images"),
+        "loss": ("bce_dice" if small else "dice",
+                 f"mean foreground fraction {fg} {'<' if small else '>='} {SMALL_FOREGROUND}: "
+                 + ("Dice + BCE (small foreground)" if small else "soft Dice")),
+        "normalization": ("zscore", "z-score with the training pool's per-channel statistics (saved with the run)"),
+        "learning_rate": (1e-3, "Adam 1e-3, as isic2017-cpu (1e-5 of the paper is for 15 epochs of 32-filter nets)"),
+        "pool_size": (0, "the whole pool"),
+    }
+
+
+def make_plan(
+    data_path: str | Path,
+    budget_minutes: float = 15.0,
+    fixed: dict[str, Any] | None = None,
+    measure: Callable[[Config], dict] | None = None,
+    log: Callable[[str], None] = print,
+    sample: int = INTENSITY_SAMPLE,
+) -> dict[str, Any]:
+    """Fingerprint `data_path`, measure candidates, and choose the settings (a JSON-able dict).
+
+    `fixed`: settings the user set (constants file, command line); they hold in every candidate.
+    `measure(cfg) -> timing dict` defaults to `measure_steps` (tests inject fake timings)."""
+    t0 = time.perf_counter()
+    fixed = {k.lower(): v for k, v in (fixed or {}).items() if k.lower() not in ("preset",)}
+    fixed["data_path"] = str(data_path)
+    fp = fingerprint(data_path, sample=sample, seed=int(fixed.get("seed", 0)), log=log)
+    measure = measure or measure_steps
+    memory = memory_bytes() if measure is measure_steps else 64 * 2**30
+    budget_s = 60.0 * budget_minutes
+    n_pool, n_val = fp["counts"]["train"], fp["counts"]["val"]
+    if n_val == 0:
+        raise DsalError(f"no validation images in {Path(data_path) / 'valImg'}; add some (checkpoints use them)")
+    base = {k: v for k, (v, _) in base_settings(fp).items()}
+    depth = int(fixed.get("depth", Config.depth))
+    ladder = size_ladder(fp, depth)
+    workers = min(8, os.cpu_count() or 1)
+    load_s = fp["decode_s_per_image"] * (n_pool + n_val) / workers
+
+    def settings_for(size: dict, filters: int) -> tuple[Config, dict]:
+        cfg = resolve({**base, **size_only(size), "base_filters": filters, **fixed}, source="the plan")
+        if "batch_size" not in fixed:
+            cfg = cfg.replace(batch_size=pick_batch_size(cfg, memory))
+        sched = {k: v for k, v in schedule(n_pool, cfg.batch_size).items() if k not in fixed}
+        cfg = cfg.replace(**sched)
+        p5, im = fp["masks"]["component_pixels_p5"], fp["image_size"]
+        kept = None if p5 is None else round(
+            p5 * cfg.img_rows / im["median_rows"] * cfg.img_cols / im["median_cols"], 2)
+        return cfg, {"img_rows": cfg.img_rows, "img_cols": cfg.img_cols, "base_filters": cfg.base_filters,
+                     "batch_size": cfg.batch_size, "p5_structure_pixels": kept,
+                     "meets_size_rule": kept is None or kept >= MIN_STRUCTURE_PIXELS}
+
+    candidates: dict[tuple, dict] = {}
+    configs: dict[tuple, Config] = {}
+
+    def run_candidate(size: dict, filters: int) -> dict:
+        cfg, row = settings_for(size, filters)
+        key = (cfg.img_rows, cfg.img_cols, cfg.base_filters, cfg.batch_size)
+        if key in candidates:
+            return candidates[key]
+        t = time.perf_counter()
+        timing = measure(cfg)
+        row.update(timing, measure_s=round(time.perf_counter() - t, 1))
+        pred = predict_seconds(cfg, timing, n_pool, n_val, load_s)
+        row.update(predicted=pred, predicted_s=pred["total_s"])
+        candidates[key], configs[key] = row, cfg
+        log(f"  {cfg.img_rows}x{cfg.img_cols} f{cfg.base_filters} b{cfg.batch_size}: "
+            f"train {timing['train_step_s'] * 1000:.0f} ms/step, predicted {pred['total_s'] / 60:.1f} min")
+        return row
+
+    # Search: the size ladder upwards (from the smallest size meeting the size rule) at each filter
+    # count, stopping at the first size over budget; costs grow with size and filters, so nothing
+    # skipped could fit. 32 filters only at sizes where 16 fit; 8 only if no 16 fits.
+    allowed = [s for s in ladder if s["meets_size_rule"]] or ladder[-1:]
+    fit16: list[dict] = []
+    for filters in FILTERS:
+        sizes = allowed if filters != 32 else [s for s in allowed if any(_same(s, f) for f in fit16)]
+        if filters == 8 and fit16:
+            break
+        for size in sizes:
+            row = run_candidate(size, filters)
+            if row["predicted_s"] > budget_s:
+                break
+            if filters == 16:
+                fit16.append(size)
+    rows = list(candidates.values())
+    best, reason = choose(rows, budget_s)
+    key = (best["img_rows"], best["img_cols"], best["base_filters"], best["batch_size"])
+    cfg = configs[key]
+    if best["predicted_s"] > budget_s and not {"nb_initial_epochs", "nb_active_epochs"} & set(fixed):
+        cfg = fit_epochs(cfg, best, n_pool, n_val, load_s, budget_s)
+    predicted = predict_seconds(cfg, best, n_pool, n_val, load_s)
+    settings = {k: getattr(cfg, k) for k in PLANNED}
+    reasons = {k: r for k, (_, r) in base_settings(fp).items()}
+    reasons.update(
+        img_rows=f"size rule: the 5th-percentile structure ({fp['masks']['component_pixels_p5']} px at the original "
+                 f"size) keeps {best['p5_structure_pixels']} px (minimum {MIN_STRUCTURE_PIXELS}); aspect "
+                 f"{fp['image_size']['median_aspect']} kept; " + reason,
+        base_filters=reason,
+        batch_size=f"largest of {list(BATCH_SIZES)} whose activations ({activation_bytes(cfg) / 2**20:.0f} MiB "
+                   f"per image) use <= {MEMORY_SHARE:.0%} of {memory / 2**30:.0f} GiB",
+        nb_initial_epochs=f"about {INITIAL_STEPS} steps for the initial model, {ROUND_STEPS} in round 1 "
+                          "(isic2017-cpu: 12 and 5 epochs)",
+        nb_labeled="labels and queries scale with the pool like isic2017-cpu (600 + 5 x 70 of 1600)",
+    )
+    warnings = []
+    if fp["intensity"]["looks_like_ct_hu"]:
+        warnings.append("16-bit values look like CT Hounsfield units, but the loader reads 8 bits: window them "
+                        "(e.g. lung -1000..400 HU) into 8-bit PNGs first")
+    if fp["intensity"]["grey_stored_as_rgb"]:
+        warnings.append("the images are grey stored as RGB: COLOR = gray uses a third of the input")
+    if fp["masks"]["masks_read"] == 0:
+        warnings.append("no masks found: the size rule could not be applied")
+    for k in fixed:
+        if k in settings:
+            reasons[k] = "set by the user"
+    return {
+        "budget_minutes": budget_minutes,
+        "fingerprint": fp,
+        "min_structure_pixels": MIN_STRUCTURE_PIXELS,
+        "size_ladder": ladder,
+        "candidates": sorted(rows, key=preference),
+        "choice": {"settings": settings, "predicted": predicted, "reasons": reasons},
+        "warnings": warnings,
+        "plan_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def size_only(size: dict) -> dict:
+    return {"img_rows": size["img_rows"], "img_cols": size["img_cols"]}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a["img_rows"] == b["img_rows"] and a["img_cols"] == b["img_cols"]
+
+
+def constants_text(plan: dict, exp_name: str | None = None) -> str:
+    """A ready constants file with the planned settings."""
+    s = plan["choice"]["settings"]
+    fp = plan["fingerprint"]
+    lines = [
+        f'"""Planned by `dsal plan` for {fp["data_path"]} (budget {plan["budget_minutes"]} min, predicted '
+        f'{plan["choice"]["predicted"]["total_s"] / 60:.1f} min). Reasons: plan.json."""',
+        "",
+        'PRESET = "demo"  # the base; every planned setting is below',
+        f"DATA_PATH = {fp['data_path']!r}",
+    ]
+    if exp_name:
+        lines.append(f"EXP_NAME = {exp_name!r}")
+    lines += [f"{k.upper()} = {v!r}" for k, v in s.items()]
+    return "\n".join(lines) + "\n"
+
+
+def table(plan: dict) -> str:
+    """The short printed summary: fingerprint, candidates, choice."""
+    fp, ch = plan["fingerprint"], plan["choice"]
+    m, im = fp["masks"], fp["image_size"]
+    out = [
+        f"data {fp['data_path']}: {fp['counts']['train']} pool, {fp['counts']['val']} val, "
+        f"{fp['counts']['test']} test; "
+        f"median {im['median_rows']:.0f}x{im['median_cols']:.0f} ({fp['color']}, {fp['intensity']['dtype']}); "
+        f"foreground {m['foreground_fraction_mean']}; components p5 {m['component_pixels_p5']} px, "
+        f"min {m['component_pixels_min']} px",
+        f"{'size':>9} {'filters':>7} {'batch':>5} {'p5 px':>7} {'rule':>4} {'train ms':>8} {'score ms':>8} "
+        f"{'predicted':>9}",
+    ]
+    for c in plan["candidates"]:
+        out.append(f"{c['img_rows']:>4}x{c['img_cols']:<4} {c['base_filters']:>7} {c['batch_size']:>5} "
+                   f"{c['p5_structure_pixels'] if c['p5_structure_pixels'] is not None else '-':>7} "
+                   f"{'ok' if c['meets_size_rule'] else 'no':>4} {c['train_step_s'] * 1000:>8.0f} "
+                   f"{c['score_step_s'] * 1000:>8.0f} {c['predicted_s'] / 60:>7.1f} m")
+    s = ch["settings"]
+    out.append(f"chosen: {s['img_rows']}x{s['img_cols']}, {s['base_filters']} filters, batch {s['batch_size']}, "
+               f"loss {s['loss']}, {s['nb_initial_epochs']}+{s['nb_iterations']}x{s['nb_active_epochs']} epochs; "
+               f"predicted {ch['predicted']['total_s'] / 60:.1f} min of {plan['budget_minutes']} "
+               f"(planning took {plan['plan_s']:.0f} s)")
+    out += [f"warning: {w}" for w in plan["warnings"]]
+    return "\n".join(out)
+
+
+def write_plan(plan: dict, out: str | Path, exp_name: str | None = None) -> tuple[Path, Path]:
+    """`plan.json` at `out` and the constants file beside it (`<stem>_constants.py`)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(plan, indent=2, default=float))
+    tmp.replace(out)
+    const = out.with_name(f"{out.stem}_constants.py")
+    const.write_text(constants_text(plan, exp_name))
+    return out, const
+
+
+def explicit_values(constants: str | Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """What the user set: the constants file's names, then the command line's (lower-case keys)."""
+    values: dict[str, Any] = {}
+    if constants is not None and Path(constants).is_file():
+        values.update({k.lower(): v for k, v in read_constants(constants).items()})
+    values.update({k.lower(): v for k, v in overrides.items() if v is not None})
+    return values
+
+
+def plan_for_run(cfg: Config, user: dict[str, Any], log: Callable[[str], None] = print) -> Config:
+    """`PRESET = "auto"`: plan on first use, store `plan.json` in the run folder, and resolve
+    planned settings < constants file < command line. A resumed run reuses its stored plan."""
+    path = cfg.run_dir / "plan.json"
+    if path.is_file():
+        plan = json.loads(path.read_text())
+        log(f"PRESET auto: using the stored plan {path}")
+    else:
+        log(f"PRESET auto: planning for {cfg.data_path} within {cfg.plan_budget_minutes} min")
+        plan = make_plan(cfg.data_path, cfg.plan_budget_minutes, fixed=user, log=log)
+        write_plan(plan, path)
+        log(table(plan))
+    settings = {**plan["choice"]["settings"], **{k: v for k, v in user.items() if k != "preset"}}
+    return resolve({**settings, "preset": "auto"}, source=f"the plan {path} and your settings")
+
+
+__all__ = ["fingerprint", "component_areas", "size_ladder", "schedule", "predict_seconds", "choose",
+           "measure_steps", "make_plan", "write_plan", "plan_for_run", "table", "explicit_values"]

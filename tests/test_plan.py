@@ -1,0 +1,206 @@
+"""`dsal plan`: the fingerprint on hand-made masks, the size rule, the budget rule with fake timings."""
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dsal_tf.cli import cli
+from dsal_tf.config import load_config, resolve
+from dsal_tf.plan import choose, fingerprint, make_plan, predict_seconds, size_ladder
+
+H, W = 48, 72  # most images; one training image is 64x96 (same aspect 1.5)
+
+
+def _square(mask, r, c, side):
+    mask[r:r + side, c:c + side] = 255
+
+
+def _write(root, split, name, mask, rng):
+    (root / f"{split}Img").mkdir(parents=True, exist_ok=True)
+    (root / f"{split}GT").mkdir(parents=True, exist_ok=True)
+    grey = rng.integers(0, 256, size=mask.shape, dtype=np.uint8)
+    cv2.imwrite(str(root / f"{split}Img" / f"{name}.png"), np.dstack([grey] * 3))  # grey stored as RGB
+    cv2.imwrite(str(root / f"{split}GT" / f"{name}_segmentation.png"), mask)
+
+
+@pytest.fixture(scope="module")
+def hand_data(tmp_path_factory):
+    """Components (8-connected): train 9 + 25, none, 100 + a diagonal pair (2); val 16; test 1 (never read)."""
+    root = tmp_path_factory.mktemp("hand")
+    rng = np.random.default_rng(0)
+    m0 = np.zeros((H, W), np.uint8)
+    _square(m0, 2, 2, 3)
+    _square(m0, 20, 30, 5)
+    m1 = np.zeros((H, W), np.uint8)
+    m2 = np.zeros((64, 96), np.uint8)
+    _square(m2, 10, 10, 10)
+    m2[40, 40] = m2[41, 41] = 255  # touching diagonally: one component of 2 pixels
+    mv = np.zeros((H, W), np.uint8)
+    _square(mv, 5, 5, 4)
+    mt = np.zeros((H, W), np.uint8)
+    mt[1, 1] = 255
+    for split, name, mask in [("train", "a", m0), ("train", "b", m1), ("train", "c", m2), ("val", "v", mv),
+                              ("test", "t", mt)]:
+        _write(root, split, name, mask, rng)
+    return root
+
+
+def test_fingerprint_on_hand_made_masks(hand_data):
+    fp = fingerprint(hand_data, sample=8)
+    assert fp["counts"] == {"train": 3, "val": 1, "test": 1}
+    assert fp["image_size"]["median_rows"] == H and fp["image_size"]["median_cols"] == W
+    assert fp["image_size"]["rows_range"] == [48, 64] and fp["image_size"]["median_aspect"] == 1.5
+    m = fp["masks"]
+    assert m["masks_read"] == 4 and m["empty_masks"] == 1 and m["components"] == 5
+    assert m["component_pixels_min"] == 2  # the test split's 1-pixel speck is not read
+    assert m["component_pixels_p5"] == pytest.approx(2 + 0.2 * (9 - 2))  # 5th percentile of 2, 9, 16, 25, 100
+    assert m["component_pixels_median"] == 16
+    fractions = [34 / (H * W), 0.0, 102 / (64 * 96), 16 / (H * W)]
+    assert m["foreground_fraction_mean"] == pytest.approx(np.mean(fractions), abs=1e-5)
+    assert fp["color"] == "gray" and fp["intensity"]["grey_stored_as_rgb"]
+    assert fp["intensity"]["dtype"] == "uint8" and not fp["intensity"]["looks_like_ct_hu"]
+
+
+def test_fingerprint_flags_16_bit_ct(tmp_path):
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        (tmp_path / f"{split}Img").mkdir()
+        (tmp_path / f"{split}GT").mkdir()
+        hu = np.full((32, 32), -1000, np.int32)  # air, then a body of soft tissue and bone
+        hu[8:24, 8:24] = rng.integers(-100, 1500, size=(16, 16))
+        cv2.imwrite(str(tmp_path / f"{split}Img" / "s.png"), (hu + 1024).astype(np.uint16))
+        cv2.imwrite(str(tmp_path / f"{split}GT" / "s.png"), np.zeros((32, 32), np.uint8))
+    fp = fingerprint(tmp_path)
+    assert fp["intensity"]["dtype"] == "uint16" and fp["intensity"]["looks_like_ct_hu"]
+    assert fp["color"] == "gray" and fp["masks"]["components"] == 0
+
+
+def test_size_rule_rejects_64_when_structures_vanish():
+    fp = {"image_size": {"median_rows": 256, "median_cols": 256}, "masks": {"component_pixels_p5": 40.0}}
+    ladder = size_ladder(fp, depth=4, min_pixels=16)
+    assert ladder[0]["img_rows"] == 64 and ladder[0]["p5_structure_pixels"] == 2.5  # 40 / 16
+    assert not ladder[0]["meets_size_rule"]
+    # 40 (s/256)^2 >= 16  <=>  s >= 161.9: the first multiple of 16 is 176
+    assert [s["img_rows"] for s in ladder if s["meets_size_rule"]] == [176, 192, 208, 224, 240, 256]
+    assert ladder[-1]["img_rows"] == 256  # never above the data's own size
+
+
+def test_size_ladder_keeps_aspect_and_divides():
+    fp = {"image_size": {"median_rows": 200, "median_cols": 300}, "masks": {"component_pixels_p5": None}}
+    ladder = size_ladder(fp, depth=4)
+    assert [s["img_rows"] for s in ladder] == [64, 80, 96, 112, 128, 144, 160, 176, 192]
+    for s in ladder:
+        assert s["img_rows"] % 16 == 0 and s["img_cols"] % 16 == 0 and s["meets_size_rule"]
+        assert abs(s["img_cols"] / s["img_rows"] - 1.5) < 0.13
+    assert (ladder[0]["img_rows"], ladder[0]["img_cols"]) == (64, 96)
+
+
+def test_predicted_time_by_hand(tmp_path):
+    cfg = resolve(dict(nb_labeled=10, batch_size=4, nb_initial_epochs=2, nb_active_epochs=1, nb_iterations=2,
+                       nb_next_sample=5, pseudo_policy="confidence", pseudo_epoch=2, nb_pseudo_initial=3,
+                       pseudo_rate=1))
+    timing = dict(train_step_s=1.0, eval_step_s=0.5, score_step_s=0.25, epoch_overhead_s=0.1, trace_s=2.0)
+    p = predict_seconds(cfg, timing, n_pool=30, n_val=5, load_s=3.0)
+    # initial: 2 x (3 + 2 x 0.5 + 0.1); round 1: score 20 -> 5 batches, train 15 -> 4 batches;
+    # round 2: score 15 -> 4 batches, train 20 oracle + 3 pseudo -> 6 batches
+    assert p["train_s"] == pytest.approx(2 * 4.1 + 5.1 + 7.1)
+    assert p["score_s"] == pytest.approx(5 * 0.25 + 4 * 0.25)
+    assert p["total_s"] == pytest.approx(3.0 + 2.0 + 20.4 + 2.25)
+
+
+def _cand(rows, filters, seconds, rule=True):
+    return dict(img_rows=rows, img_cols=rows, base_filters=filters, batch_size=16, predicted_s=seconds,
+                meets_size_rule=rule)
+
+
+@pytest.mark.parametrize("budget,expected", [(360, (128, 32)), (250, (128, 16)), (60, (128, 8)), (10, (128, 8))])
+def test_choose_with_fake_timings(budget, expected):
+    cands = [_cand(64, 16, 100, rule=False), _cand(128, 16, 200), _cand(160, 16, 400), _cand(128, 32, 350),
+             _cand(128, 8, 50)]
+    best, why = choose(cands, budget)
+    assert (best["img_rows"], best["base_filters"]) == expected
+    assert ("no candidate fits" in why) == (budget == 10)
+
+
+def _fake_measure(cfg):
+    """Per-batch seconds growing with pixels and filters, like the real U-Net (no clock involved)."""
+    step = 2e-3 * cfg.img_rows * cfg.img_cols / 4096 * cfg.base_filters / 16 * cfg.batch_size / 16
+    return dict(train_step_s=step, eval_step_s=step / 3, score_step_s=step / 3, epoch_overhead_s=0.0,
+                trace_s=0.0)
+
+
+def _small_structures(tmp_path):
+    """256x256 images, each with one 6x6 structure: 36 px, 2.25 px at 64x64."""
+    rng = np.random.default_rng(2)
+    for split, n in (("train", 16), ("val", 4), ("test", 2)):
+        for i in range(n):
+            mask = np.zeros((256, 256), np.uint8)
+            _square(mask, 40 + 5 * i, 60 + 3 * i, 6)
+            _write(tmp_path, split, f"s{i:02d}", mask, rng)
+    return tmp_path
+
+
+def test_plan_budget_rule_with_fake_timings(tmp_path):
+    data = _small_structures(tmp_path)
+    full = make_plan(data, budget_minutes=1000, measure=_fake_measure, log=lambda m: None)
+    s = full["choice"]["settings"]
+    assert (s["img_rows"], s["img_cols"], s["base_filters"]) == (256, 256, 32)  # everything fits: the largest
+    assert s["loss"] == "bce_dice" and s["color"] == "gray"
+    # 36 px need s >= 256 sqrt(16/36) = 170.7 -> 176; nothing smaller is even measured
+    assert min(c["img_rows"] for c in full["candidates"]) == 176
+    tight = make_plan(data, budget_minutes=0.1, measure=_fake_measure, log=lambda m: None)
+    t = tight["choice"]
+    assert t["predicted"]["total_s"] <= 6
+    best = [c for c in tight["candidates"] if c["img_rows"] == t["settings"]["img_rows"]
+            and c["base_filters"] == t["settings"]["base_filters"]][0]
+    assert best["meets_size_rule"]
+    better = [c for c in tight["candidates"] if (c["img_rows"], c["base_filters"] >= 16)
+              > (best["img_rows"], best["base_filters"] >= 16) and c["meets_size_rule"]]
+    assert better and all(c["predicted_s"] > 6 for c in better)
+
+
+def test_no_fit_cuts_epochs(tmp_path):
+    data = _small_structures(tmp_path)
+    plan = make_plan(data, budget_minutes=0.01, measure=_fake_measure, log=lambda m: None)
+    s = plan["choice"]["settings"]
+    assert s["img_rows"] == 176 and s["base_filters"] == 8  # the fastest candidate meeting the size rule
+    assert "no candidate fits" in plan["choice"]["reasons"]["img_rows"]
+    assert s["nb_initial_epochs"] < 50 or s["nb_active_epochs"] < 30
+
+
+@pytest.mark.slow
+def test_plan_cli_measures_and_writes_a_usable_constants_file(tiny_data, tmp_path):
+    out = tmp_path / "p" / "plan.json"
+    result = CliRunner().invoke(cli, ["plan", "--data", str(tiny_data), "--budget-minutes", "5", "--out", str(out),
+                                      "--set", "BASE_FILTERS=2", "--set", "BATCH_SIZE=4"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(out.read_text())
+    c = plan["candidates"][0]
+    assert c["train_step_s"] > 0 and c["score_step_s"] > 0 and c["predicted_s"] > 0
+    assert plan["choice"]["settings"]["base_filters"] == 2 and plan["choice"]["reasons"]["base_filters"] == \
+        "set by the user"
+    cfg = load_config(out.with_name("plan_constants.py"))
+    assert (cfg.img_rows, cfg.img_cols) == (48, 48) and cfg.data_path == str(tiny_data)
+
+
+@pytest.mark.slow
+def test_preset_auto_plans_once_and_stores_the_plan(tiny_data, tmp_path):
+    const = tmp_path / "constants.py"
+    const.write_text(f'PRESET = "auto"\nDATA_PATH = "{tiny_data}"\nEXP_DIR = "{tmp_path / "exp"}"\n'
+                     "BASE_FILTERS = 2\nNB_ITERATIONS = 1\nNB_INITIAL_EPOCHS = 1\nNB_ACTIVE_EPOCHS = 1\n"
+                     "PROGRESS = False\nPLAN_BUDGET_MINUTES = 5\n")
+    args = ["run", "--constants", str(const), "--exp", "auto"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    run = tmp_path / "exp" / "auto"
+    plan = json.loads((run / "plan.json").read_text())
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["preset"] == "auto" and saved["img_rows"] == 48 and saved["base_filters"] == 2
+    assert saved["nb_iterations"] == 1 and saved["nb_labeled"] == plan["choice"]["settings"]["nb_labeled"]
+    assert saved["nb_labeled"] == math.ceil(24 * 600 / 1600)
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and "using the stored plan" in again.output
