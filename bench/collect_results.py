@@ -29,7 +29,7 @@ def main() -> None:
     if single.is_file():
         parts += ["## DSAL through `python main.py --preset isic2017-cpu` / `python test.py` (seed 0)\n",
                   md(pd.read_csv(single)), ""]
-    cmp_dir = EXP / "compare-isic2017-cpu"
+    cmp_dir = EXP / "compare-isic2017-cpu-v2"
     for name, title in (("summary.csv", "Strategy summary (final round, AULC, wall time in s)"),
                         ("comparison.csv", "Per round, mean and std over seeds"),
                         ("spearman.csv", "Spearman(uncertainty, 1 - true Dice) on the pool")):

@@ -1,19 +1,33 @@
 #!/usr/bin/env bash
-# The ISIC 2017 benchmark queue behind the README's results tables. Every step is resumable:
-# rerun this script after an interruption and finished runs are skipped.
-# Usage: bash bench/isic_queue.sh [SEEDS]   (default 0; the README tables name the seeds used)
+# The ISIC 2017 benchmark queue behind the README's strategy tables (issue 8). Every step is
+# resumable: rerun this script after an interruption and finished runs are skipped.
+# Usage: nohup bash bench/isic_queue.sh [SEEDS] > exp/isic_queue.log 2>&1 &
+#   SEEDS: comma-separated, default 0,1,2 (the README tables name the seeds that finished)
+#   STEPS: space-separated subset of "compare main noisy" (default "compare main")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${ISIC_DATA:-../shared/data/isic2017}
-SEEDS=${1:-0}
+SEEDS=${1:-0,1,2}
+STEPS=${STEPS:-compare main}
 COMMON=(--preset isic2017-cpu --data "$DATA" --no-progress)
+NAME=compare-isic2017-cpu-v2
+# DSAL and random first (the headline difference), then the rest; full supervision ends each seed.
+# Every row uses its own weak labeler (CEAL: ceal bins; the others: DSAL's confidence rule).
+STRATEGIES=dsal,random,dsal+diverse,ceal,entropy
 
-# issue 2: DSAL with the isic2017-cpu preset through the user entry points
-python main.py "${COMMON[@]}"
-python test.py --preset isic2017-cpu --data "$DATA"
-# issue 3: strategies side by side (DSAL and random first, then the rest), plus full supervision
-dsal compare "${COMMON[@]}" --strategies dsal,random --seeds "$SEEDS" --name compare-isic2017-cpu
-dsal compare "${COMMON[@]}" --strategies dsal,random,entropy,ceal --seeds "$SEEDS" --name compare-isic2017-cpu
-# issue 4: noisy teacher with 200 expert labels
-dsal noisy-teacher "${COMMON[@]}" --experts 200 --seeds "$SEEDS"
-python bench/collect_results.py
+for step in $STEPS; do
+  case $step in
+    compare)
+      for seed in ${SEEDS//,/ }; do
+        dsal compare "${COMMON[@]}" --strategies "$STRATEGIES" --seeds "$seed" --name "$NAME" --baseline random
+        python bench/collect_results.py
+      done ;;
+    main)  # DSAL through the user entry points (seed 0)
+      python main.py "${COMMON[@]}" --exp isic2017-cpu-dsal-s0
+      python test.py --preset isic2017-cpu --data "$DATA" --exp isic2017-cpu-dsal-s0
+      python bench/collect_results.py ;;
+    noisy)  # noisy teacher with 200 expert labels
+      dsal noisy-teacher "${COMMON[@]}" --experts 200 --seeds "$SEEDS"
+      python bench/collect_results.py ;;
+  esac
+done

@@ -109,8 +109,8 @@ def run_active_learning(
 
     `initial_model`: a finished round-0 folder to reuse (strategy comparisons share it per seed).
     """
-    from . import train
-    from .strategies import PSEUDO_POLICIES, QUERY_STRATEGIES
+    from . import determinism, train
+    from .strategies import PSEUDO_POLICIES, QUERY_STRATEGIES, pseudo_policy_name
 
     splits = load_splits(cfg)  # validates every file before anything is written
     pool_data, val = splits["train"], splits["val"]
@@ -127,10 +127,11 @@ def run_active_learning(
         normalizer = Normalizer.fit(pool_data.images, cfg.normalization)
         normalizer.save(norm_path)
 
+    determinism.apply(cfg)  # seeds (and DETERMINISTIC op determinism) before any model is built
     train.set_precision(cfg)
     strategy = train.get_distribution(cfg)
     query = QUERY_STRATEGIES[cfg.query_strategy](cfg)
-    pseudo = PSEUDO_POLICIES[cfg.pseudo_policy](cfg)
+    pseudo = PSEUDO_POLICIES[pseudo_policy_name(cfg)](cfg)
 
     done = completed_rounds(run)
     start = 0

@@ -148,7 +148,11 @@ def evaluate(constants, set_pairs, rounds, **options) -> None:
 @cli.command()
 @common_options
 @click.option("--strategies", default="dsal,ceal,random,entropy", show_default=True,
-              help="Comma-separated query strategies.")
+              help="Comma-separated query strategies, each optionally +SELECTION (e.g. dsal+diverse).")
+@click.option("--pseudo", default=None,
+              help="One weak labeler for every strategy (default: each strategy's own; CEAL uses ceal).")
+@click.option("--baseline", default="random", show_default=True,
+              help="Strategy the paired differences are taken against.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
 @click.option("--name", default=None, help="Comparison folder under EXP_DIR (default compare-<preset>).")
 @click.option("--full-supervision/--no-full-supervision", default=True, show_default=True,
@@ -156,16 +160,18 @@ def evaluate(constants, set_pairs, rounds, **options) -> None:
 @click.option("--iterations", "nb_iterations", type=int, default=None)
 @click.option("--progress/--no-progress", default=None)
 @user_errors
-def compare(constants, set_pairs, strategies, seeds, name, full_supervision, **options) -> None:
+def compare(constants, set_pairs, strategies, seeds, name, full_supervision, pseudo, baseline, **options) -> None:
     """Run several strategies on the same data, split, seeds and budget, and compare them."""
     cfg = build_config(constants, set_pairs, **options)
-    from .compare import run_comparison
-    from .strategies import QUERY_STRATEGIES
+    from .compare import parse_strategy_list, run_comparison
+    from .strategies import PSEUDO_POLICIES
 
-    names = parse_name_list(strategies, "--strategies", sorted(QUERY_STRATEGIES))
+    names = parse_strategy_list(strategies)
+    if pseudo is not None:
+        parse_name_list(pseudo, "--pseudo", sorted(PSEUDO_POLICIES))
     ensure_data(cfg)
     run_comparison(cfg, names, parse_int_list(seeds, "--seeds"), name or f"compare-{cfg.preset}",
-                   full_supervision, log=_echo)
+                   full_supervision, log=_echo, pseudo=pseudo, baseline=baseline)
 
 
 @cli.command("noisy-teacher")

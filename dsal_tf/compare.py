@@ -1,11 +1,20 @@
 """Strategies side by side: same data, split, seeds and budget; one run folder each.
 
+Rows are strategy specs: a query strategy name, optionally `+<selection>` (`dsal+diverse` is DSAL
+with SELECTION = "diverse"; also `+rank`, `+histogram`). Each row runs with its strategy's own
+weak labeler (PSEUDO_POLICY = "auto": CEAL's bins for `ceal`, DSAL's confidence rule otherwise)
+unless `pseudo` names one policy for every row.
+
 Layout (`exp/<name>/`):
     init-s<seed>/          the initial model of each seed, trained once and shared by strategies
-    <strategy>-s<seed>/    one active-learning run (resumable, evaluated on the test split)
+    <spec>-s<seed>/        one active-learning run (resumable, evaluated on the test split)
     full-s<seed>/          full supervision on the whole pool (the reference)
     comparison.csv         per strategy and round: mean and std over seeds of test Dice, IoU, HD95
-    summary.csv            per strategy: final Dice, area under the learning curve, wall time
+    summary.csv            per strategy: weak labeler, selection, final Dice, area under the
+                           learning curve (AULC), wall time
+    differences.csv        paired differences against the baseline (final Dice, AULC) and against
+                           full supervision (final Dice): per seed and pooled, with bootstrap 95%
+                           intervals over test images and seeds; `outside_noise` = 0 not inside
     spearman.csv           per strategy and round: Spearman(uncertainty, 1 - true Dice) on the pool
     learning_curves.png    test Dice against expert labels, a line and a std band per strategy
 """
@@ -20,6 +29,32 @@ import pandas as pd
 
 from .config import Config
 from .data import find_pairs
+from .errors import DsalError
+
+SELECTIONS = ("rank", "histogram", "diverse")
+BOOTSTRAP_REPS = 2000
+
+
+def parse_strategy_spec(spec: str) -> dict:
+    """`dsal` -> {query_strategy: dsal}; `dsal+diverse` -> also {selection: diverse}."""
+    from .strategies import QUERY_STRATEGIES
+
+    name, _, selection = spec.partition("+")
+    if name not in QUERY_STRATEGIES:
+        raise DsalError(f"--strategies: unknown strategy {name!r} in {spec!r}; choose from "
+                        f"{sorted(QUERY_STRATEGIES)}, optionally +{'/+'.join(SELECTIONS)}")
+    if selection and selection not in SELECTIONS:
+        raise DsalError(f"--strategies: unknown selection {selection!r} in {spec!r}; "
+                        f"use one of {list(SELECTIONS)}, e.g. dsal+diverse")
+    return {"query_strategy": name, **({"selection": selection} if selection else {})}
+
+
+def parse_strategy_list(text: str) -> list[str]:
+    """Comma-separated strategy specs, each checked before any data is written."""
+    specs = [s.strip() for s in text.split(",") if s.strip()]
+    for s in specs:
+        parse_strategy_spec(s)
+    return specs
 
 
 def full_supervision_config(cfg: Config, exp_name: str | None = None) -> Config:
@@ -76,22 +111,29 @@ def run_comparison(
     name: str,
     full_supervision: bool = True,
     log: Callable[[str], None] = print,
+    pseudo: str | None = None,
+    baseline: str = "random",
 ) -> pd.DataFrame:
-    """Run every (strategy, seed) pair that is not finished yet, then aggregate all of them."""
+    """Run every (strategy spec, seed) pair that is not finished yet, then aggregate all of them.
+
+    `pseudo`: one weak labeler for every row (default: each strategy's own)."""
     from .active import run_active_learning
 
+    specs = {s: parse_strategy_spec(s) for s in strategies}
+    # the initial model takes no pseudo labels: it does not depend on the weak labeler
+    base = cfg.replace(pseudo_policy=pseudo or "auto", selection="auto")
     for seed in seeds:
-        init = cfg.replace(seed=seed, nb_iterations=0, query_strategy="random", exp_name=f"{name}/init-s{seed}")
+        init = base.replace(seed=seed, nb_iterations=0, query_strategy="random", exp_name=f"{name}/init-s{seed}")
         run_active_learning(init, log=log)
-        for strategy in strategies:
-            scfg = cfg.replace(seed=seed, query_strategy=strategy, exp_name=f"{name}/{strategy}-s{seed}")
-            log(f"== {strategy}, seed {seed}")
+        for spec, overrides in specs.items():
+            scfg = base.replace(seed=seed, exp_name=f"{name}/{spec}-s{seed}", **overrides)
+            log(f"== {spec}, seed {seed}")
             run_active_learning(scfg, log=log, initial_model=init.run_dir / "round_00")
         if full_supervision:
-            fcfg = full_supervision_config(cfg.replace(seed=seed), exp_name=f"{name}/full-s{seed}")
+            fcfg = full_supervision_config(base.replace(seed=seed), exp_name=f"{name}/full-s{seed}")
             log(f"== full supervision, seed {seed}")
             run_active_learning(fcfg, log=log)
-    return aggregate(Path(cfg.exp_dir) / name, log)
+    return aggregate(Path(cfg.exp_dir) / name, log, baseline)
 
 
 def finished_runs(out: Path) -> tuple[list, list]:
@@ -120,26 +162,99 @@ def resolve_run(run: Path) -> Config:
     return resolve(json.loads((run / "config.json").read_text()), source=str(run / "config.json"))
 
 
-def aggregate(out: Path, log) -> pd.DataFrame:
+def per_image_dice(run: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """(n_oracle per round, test Dice as a [rounds x images] frame, columns = image names) from
+    each round's `test_metrics.csv` (written by evaluation)."""
+    curve = pd.read_csv(run / "learning_curve.csv").sort_values("round")
+    rows = {}
+    for r in curve["round"]:
+        per_image = pd.read_csv(run / f"round_{int(r):02d}" / "test_metrics.csv")
+        rows[int(r)] = per_image.set_index("name")["dice"]
+    return curve["n_oracle"].to_numpy(float), pd.DataFrame(rows).T.sort_index()
+
+
+def image_aulc(n_labels: np.ndarray, dice: np.ndarray) -> np.ndarray:
+    """`aulc` of every column of `dice` [rounds, images] at once."""
+    dice = np.asarray(dice, float)
+    if len(n_labels) < 2 or n_labels[-1] == n_labels[0]:
+        return dice.mean(axis=0)
+    return np.trapezoid(dice, np.asarray(n_labels, float), axis=0) / (n_labels[-1] - n_labels[0])
+
+
+def bootstrap_ci(diffs: np.ndarray, reps: int = BOOTSTRAP_REPS, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of paired differences `diffs` [seeds, images] and its percentile bootstrap interval.
+
+    Two-stage resampling: seeds with replacement, then test images with replacement inside each
+    drawn seed (the same image draw for both strategies: the differences are already paired)."""
+    d = np.atleast_2d(np.asarray(diffs, float))
+    n_seeds, n_img = d.shape
+    rng = np.random.default_rng(seed)
+    s_idx = rng.integers(0, n_seeds, (reps, n_seeds))
+    i_idx = rng.integers(0, n_img, (reps, n_seeds, n_img))
+    means = d[s_idx[..., None], i_idx].mean(axis=(1, 2))
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def paired_differences(curves: dict, baseline: str) -> list[dict]:
+    """`curves[(strategy, seed)] = (n_oracle, dice frame)`. Per strategy other than `baseline`,
+    on the seeds both have: final-round Dice and AULC differences (strategy - baseline), per
+    seed and pooled, with bootstrap intervals. Against `full`, only the final Dice exists."""
+    rows = []
+    strategies = sorted({s for s, _ in curves} - {baseline})
+    for strategy in strategies:
+        seeds = sorted(seed for s, seed in curves if s == strategy and (baseline, seed) in curves)
+        metrics = ("final_dice",) if "full" in (strategy, baseline) else ("final_dice", "aulc")
+        for metric in metrics:
+            per_seed = []
+            for seed in seeds:
+                (n_a, a), (n_b, b) = curves[(strategy, seed)], curves[(baseline, seed)]
+                names = a.columns.intersection(b.columns)
+                if metric == "final_dice":
+                    diff = a[names].iloc[-1].to_numpy() - b[names].iloc[-1].to_numpy()
+                else:
+                    diff = image_aulc(n_a, a[names].to_numpy()) - image_aulc(n_b, b[names].to_numpy())
+                per_seed.append(diff)
+                rows.append(_difference_row(strategy, baseline, metric, str(seed), diff))
+            if len(per_seed) > 1 and len({len(p) for p in per_seed}) == 1:
+                rows.append(_difference_row(strategy, baseline, metric, "all", np.stack(per_seed)))
+    return rows
+
+
+def _difference_row(strategy, baseline, metric, seeds, diffs) -> dict:
+    mean, lo, hi = bootstrap_ci(diffs)
+    return {"strategy": strategy, "baseline": baseline, "metric": metric, "seeds": seeds,
+            "diff": mean, "ci_low": lo, "ci_high": hi, "outside_noise": bool(lo > 0 or hi < 0)}
+
+
+def aggregate(out: Path, log, baseline: str = "random") -> pd.DataFrame:
+    from .strategies import pseudo_policy_name
+
     runs, full_runs = finished_runs(out)
-    per_run, summary_rows, rho_rows = [], [], []
+    per_run, summary_rows, rho_rows, curves = [], [], [], {}
     for strategy, seed, scfg in runs:
         table = _evaluated(scfg, log).assign(strategy=strategy, seed=seed)
         per_run.append(table)
+        curves[(strategy, seed)] = per_image_dice(scfg.run_dir)
         curve = pd.read_csv(scfg.run_dir / "learning_curve.csv")
         active = curve[curve["round"] > 0]
         summary_rows.append({
-            "strategy": strategy, "seed": seed,
+            "strategy": strategy, "pseudo": pseudo_policy_name(scfg), "selection": scfg.selection, "seed": seed,
             "final_dice": float(table["dice_mean"].iloc[-1]),
             "final_n_oracle": int(table["n_oracle"].iloc[-1]),
             "aulc": aulc(table["n_oracle"], table["dice_mean"]),
             "train_s": float(active["train_s"].sum()), "score_s": float(active["score_s"].sum()),
         })
-        rho_rows += [{"strategy": strategy, "seed": seed, **r} for r in spearman_table(scfg.run_dir)]
+        if scfg.query_strategy != "random":  # random's scores only rank its pseudo labels
+            rho_rows += [{"strategy": strategy, "seed": seed, **r} for r in spearman_table(scfg.run_dir)]
     for seed, fcfg in full_runs:
         table = _evaluated(fcfg, log)
+        curves[("full", seed)] = per_image_dice(fcfg.run_dir)
         curve = pd.read_csv(fcfg.run_dir / "learning_curve.csv")
-        summary_rows.append({"strategy": "full", "seed": seed, "final_dice": float(table["dice_mean"].iloc[-1]),
+        summary_rows.append({"strategy": "full", "pseudo": "none", "selection": "-", "seed": seed,
+                             "final_dice": float(table["dice_mean"].iloc[-1]),
                              "final_n_oracle": int(table["n_oracle"].iloc[-1]),
                              "aulc": float("nan"), "train_s": float(curve["train_s"].sum()), "score_s": 0.0})
     out.mkdir(parents=True, exist_ok=True)
@@ -151,18 +266,29 @@ def aggregate(out: Path, log) -> pd.DataFrame:
                   .reset_index())
     comparison.to_csv(out / "comparison.csv", index=False, float_format="%.4f")
     summary = (pd.DataFrame(summary_rows).groupby("strategy")
-               .agg(final_dice_mean=("final_dice", "mean"), final_dice_std=("final_dice", "std"),
+               .agg(pseudo=("pseudo", "first"), selection=("selection", "first"),
+                    final_dice_mean=("final_dice", "mean"), final_dice_std=("final_dice", "std"),
                     n_oracle=("final_n_oracle", "first"), aulc_mean=("aulc", "mean"), aulc_std=("aulc", "std"),
                     train_s=("train_s", "mean"), score_s=("score_s", "mean"), seeds=("seed", "count"))
                .reset_index())
     summary.to_csv(out / "summary.csv", index=False, float_format="%.4f")
+    diff_rows = paired_differences({k: v for k, v in curves.items() if k[0] != "full"}, baseline)
+    diff_rows += paired_differences(curves, "full")  # every strategy's final Dice against full supervision
+    differences = pd.DataFrame(diff_rows, columns=["strategy", "baseline", "metric", "seeds", "diff", "ci_low",
+                                                   "ci_high", "outside_noise"])
+    differences.to_csv(out / "differences.csv", index=False, float_format="%.4f")
     if rho_rows:
         rho = pd.DataFrame(rho_rows).groupby(["strategy", "round"])["spearman"].agg(["mean", "std"]).reset_index()
         rho.to_csv(out / "spearman.csv", index=False, float_format="%.4f")
     full = summary[summary["strategy"] == "full"]
     plot_comparison(comparison, full, out / "learning_curves.png")
     log(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    log(f"wrote {out}/comparison.csv, summary.csv, spearman.csv and learning_curves.png")
+    pooled = differences[differences["seeds"].isin(["all"]) | ~differences.duplicated(
+        ["strategy", "baseline", "metric"], keep=False)]
+    if len(pooled):
+        log("paired differences (bootstrap 95% interval over test images and seeds):")
+        log(pooled.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    log(f"wrote {out}/comparison.csv, summary.csv, differences.csv, spearman.csv and learning_curves.png")
     return summary
 
 

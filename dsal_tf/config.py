@@ -60,9 +60,11 @@ class Config:
     nb_iterations: int = 3
     nb_next_sample: int = 20
     query_strategy: str = "dsal"
-    pseudo_policy: str = "confidence"
-    selection: str = "auto"  # "rank" (top-n), "histogram" (CEAL bins), "auto" (the strategy's own)
-    ds_ascend: bool = False  # query the *most* agreeing images instead (DSAL ablation)
+    pseudo_policy: str = "auto"  # "auto" = the strategy's own (CEAL: "ceal", others: "confidence")
+    selection: str = "auto"  # "rank" (top-n), "histogram" (CEAL bins), "diverse", "auto" (strategy's own)
+    diverse_factor: int = 3  # "diverse": k-center greedy over the DIVERSE_FACTOR * n top candidates
+    ds_ascend: bool = True  # reference meaning: True = least agreeing first (DSAL); False = ablation
+    deterministic: bool = True  # seeds + tf op determinism: reruns give identical weights and pools
     conf_thres: bool = True  # confidence-histogram filter on pseudo-label candidates
     pseudo_epoch: int = 2
     nb_pseudo_initial: int = 20
@@ -154,14 +156,14 @@ _CHOICES = {
     "loss": ("dice", "bce", "bce_dice"),
     "lr_schedule": ("none", "plateau", "cosine"),
     "distribute": ("auto", "none", "mirrored", "multiworker"),
-    "selection": ("auto", "rank", "histogram"),
+    "selection": ("auto", "rank", "histogram", "diverse"),
     "jit_compile": ("auto", "on", "off"),
     "trainer": ("standard", "rgs", "rgm", "rgsm"),
     "preset": tuple(PRESETS),
 }
 _POSITIVE = {
     "img_rows", "img_cols", "base_filters", "depth", "batch_size", "nb_labeled",
-    "nb_next_sample", "mc_passes", "nb_ensemble", "synthetic_size",
+    "nb_next_sample", "mc_passes", "nb_ensemble", "synthetic_size", "diverse_factor",
 }
 _NON_NEGATIVE = {
     "nb_initial_epochs", "nb_active_epochs", "early_stop_patience", "nb_iterations",
@@ -250,7 +252,7 @@ def _check(cfg: Config, source: str) -> None:
 
     for name, registry in (("query_strategy", QUERY_STRATEGIES), ("pseudo_policy", PSEUDO_POLICIES)):
         value = getattr(cfg, name)
-        if value not in registry:
+        if value not in registry and not (name == "pseudo_policy" and value == "auto"):
             raise DsalError(
                 f"{name.upper()} in {source} = {value!r} is not one of {sorted(registry)}"
                 + _suggest(value, registry)

@@ -1,7 +1,9 @@
 """Test-split evaluation of every round: per-image Dice, IoU, HD95 and ASD, tables and plots.
 
 Writes into the run folder:
-    evaluation.csv            one row per round: n_oracle, n_pseudo, mean and std of each metric
+    evaluation.csv            one row per round: n_oracle, n_pseudo, mean and std of each metric,
+                              and `n_undefined`: test images whose HD95/ASD is undefined (exactly
+                              one of prediction and ground truth empty), left out of those means
     round_XX/test_metrics.csv per test image
     learning_curve.png        test Dice against the number of expert labels
     overlays/round_XX.png     image with ground-truth (green) and prediction (red) contours
@@ -42,10 +44,16 @@ def saved_config(cfg: Config) -> Config:
 
 
 def summarize(per_image: pd.DataFrame) -> dict[str, float]:
-    out = {}
+    """Mean and std of each metric. HD95/ASD are undefined (nan) when exactly one mask is empty;
+    those images are left out of the surface means and counted in `n_undefined` (Dice and IoU
+    count them, as 0). All-nan columns give nan, not a warning."""
+    out: dict[str, float] = {}
     for m in METRICS:
-        out[f"{m}_mean"] = float(np.nanmean(per_image[m]))
-        out[f"{m}_std"] = float(np.nanstd(per_image[m]))
+        v = per_image[m].to_numpy(float)
+        v = v[~np.isnan(v)]
+        out[f"{m}_mean"] = float(v.mean()) if len(v) else float("nan")
+        out[f"{m}_std"] = float(v.std()) if len(v) else float("nan")
+    out["n_undefined"] = int(per_image["hd95"].isna().sum())
     return out
 
 
@@ -127,6 +135,9 @@ def evaluate_run(cfg: Config, rounds: list[int] | None = None, log: Callable[[st
             overlay_grid(test.images, test.masks, pred, run / "overlays" / f"round_{r:02d}.png", cfg.nb_overlays)
     table = pd.DataFrame(rows)
     table.to_csv(run / "evaluation.csv", index=False, float_format="%.4f")
+    if table["n_undefined"].any():
+        log(f"HD95/ASD undefined (one mask empty) for up to {int(table['n_undefined'].max())} of "
+            f"{len(test.names)} test images a round; left out of hd95/asd means (n_undefined column)")
     plot_curve(table, run / "learning_curve.png", cfg.name)
     log(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     log(f"wrote {run / 'evaluation.csv'} and {run / 'learning_curve.png'}")

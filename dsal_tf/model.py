@@ -4,6 +4,11 @@ Layout: NHWC. Outputs are named: `main` (full resolution), `side_1` (the decoder
 resolution, upsampled x4) and `side_2` (the 1/2 block, upsampled x2). Each head is a 1x1 conv
 producing logits (layers `<head>_logits`) followed by a float32 sigmoid, so mixed precision
 keeps the probabilities in float32.
+
+Matched to the reference code: dropout only at the bottleneck, and side-head logits upsampled by
+nearest neighbour (each coarse pixel becomes a block; bilinear would smooth the side masks and
+raise their agreement with the main head). `with_features` adds the bottleneck features of the
+same forward pass as a named output for diversity-aware selection.
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ def build_unet(
 ) -> keras.Model:
     """U-Net with `depth` down and up blocks and two deep-supervision side heads.
 
-    Dropout (rate `dropout`) follows the deepest encoder block and the bottleneck, as in the
-    reference code; with `training=True` it gives CEAL's MC-dropout passes. There is no batch
-    norm, so `training=True` changes nothing but dropout.
+    Dropout (rate `dropout`) follows the bottleneck block only, as in the reference code; with
+    `training=True` it gives CEAL's MC-dropout passes. There is no batch norm, so
+    `training=True` changes nothing but dropout.
     """
     if depth < 3:
         raise ValueError("depth must be >= 3: the side heads sit on the 1/4 and 1/2 decoder blocks")
@@ -41,8 +46,6 @@ def build_unet(
     x = inputs
     for level in range(depth):
         x = _block(x, base_filters * 2**level, f"enc{level}")
-        if level == depth - 1 and dropout > 0:
-            x = layers.Dropout(dropout, name=f"enc{level}_dropout")(x)
         skips.append(x)
         x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
     x = _block(x, base_filters * 2**depth, "bottleneck")
@@ -60,7 +63,7 @@ def build_unet(
     def head(features, scale: int, head_name: str):
         logits = layers.Conv2D(1, 1, name=f"{head_name}_logits")(features)
         if scale > 1:
-            logits = layers.UpSampling2D(scale, interpolation="bilinear", name=f"{head_name}_up")(logits)
+            logits = layers.UpSampling2D(scale, interpolation="nearest", name=f"{head_name}_up")(logits)
         return layers.Activation("sigmoid", dtype="float32", name=head_name)(logits)
 
     outputs = {
@@ -69,3 +72,14 @@ def build_unet(
         "side_2": head(decoded[2], 2, "side_2"),
     }
     return keras.Model(inputs, outputs, name=name)
+
+
+FEATURES_LAYER = "bottleneck_conv2"
+
+
+def with_features(model: keras.Model) -> keras.Model:
+    """The same graph and weights with one more named output, `features` [N, C]: the bottleneck
+    block's activations, global-average-pooled (taken before the dropout, so MC passes agree)."""
+    feats = layers.GlobalAveragePooling2D(name="features")(model.get_layer(FEATURES_LAYER).output)
+    outputs = {name: model.get_layer(name).output for name in HEADS}
+    return keras.Model(model.inputs, {**outputs, "features": feats}, name=f"{model.name}_features")

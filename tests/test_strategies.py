@@ -38,7 +38,7 @@ def test_dsal_ranks_least_agreeing_first_and_ascend_reverses():
     strategy = QUERY_STRATEGIES["dsal"](cfg)
     scores = {k: v.numpy() for k, v in strategy._step(fixed_model(main, side_1, side_2), None, main).items()}
     assert list(strategy.select(scores, 3, np.random.default_rng(0))) == [1, 2, 0]
-    assert list(QUERY_STRATEGIES["dsal"](cfg.replace(ds_ascend=True)).select(scores, 1, None)) == [0]
+    assert list(QUERY_STRATEGIES["dsal"](cfg.replace(ds_ascend=False)).select(scores, 1, None)) == [0]
     # confidence = mean |p - 0.5| of the main head; true Dice against y = main is 1
     np.testing.assert_allclose(scores["confidence"], [0.5, 0.5, 0.5])
     np.testing.assert_allclose(scores["true_dice"], [1, 1, 1])
@@ -60,10 +60,12 @@ def test_pseudo_policies_choose_only_available_images():
     cfg = resolve({})
     scores = {"confidence": np.linspace(0, 0.5, 10), "uncertainty": np.linspace(1, 0, 10)}
     available = np.array([0, 2, 4, 6, 8])
-    for name in ("confidence", "random"):
-        picked = PSEUDO_POLICIES[name](cfg).select(scores, available, 3, np.random.default_rng(0))
-        assert len(picked) == 3 and set(picked) <= set(available)
+    # confidence: of the available, conf 0.5 (image 8) alone is in the top bin; then certainty
+    assert list(PSEUDO_POLICIES["confidence"](cfg).select(scores, available, 3, None)) == [8, 6, 4]
     assert list(PSEUDO_POLICIES["confidence"](cfg).select(scores, available, 2, None)) == [8, 6]
+    # random pseudo policy: exactly the seeded permutation of the available images
+    picked = PSEUDO_POLICIES["random"](cfg).select(scores, available, 3, np.random.default_rng(0))
+    assert list(picked) == list(np.random.default_rng(0).permutation(available)[:3])
     assert len(PSEUDO_POLICIES["none"](cfg).select(scores, available, 3, None)) == 0
 
 
@@ -76,14 +78,26 @@ def test_random_query_is_seeded():
 
 
 def test_histogram_select_parts():
-    rng = np.random.default_rng(0)
-    scores = np.concatenate([np.zeros(20), rng.uniform(0.0, 0.2, 200), np.linspace(0.9, 1.0, 10)])
-    picked = histogram_select(scores, 35, rng)
+    # 80 bins over [0, 0.8): bin b holds [b/100, (b+1)/100). Hand-made populations:
+    #   20 zeros (bin 0, the mode), 1 each in bins 3..7 (below the band [mode+6, 47) = [6, 47)),
+    #   30 in the band (bins 10..39), top bins 75..79 with 3, 1, 2, 1, 2 images
+    band = [b / 100 + 0.005 for b in range(10, 40)]
+    top = {75: 3, 76: 1, 77: 2, 78: 1, 79: 2}
+    scores = np.array([0.0] * 20 + [b / 100 + 0.005 for b in range(3, 8)] + band
+                      + [b / 100 + 0.001 * k + 0.002 for b, c in top.items() for k in range(c)] + [0.8])
+    # 0.8 is the histogram's right edge: it falls in bin 79, which now holds 3
+    which = np.minimum((scores * 100).astype(int), 79)
+    picked = histogram_select(scores, 35, np.random.default_rng(0))
     assert len(picked) == 35 and len(set(picked)) == 35
-    assert set(range(10)) <= set(picked[:10]) | set(range(20))  # lowest scores first
-    assert scores[picked[:10]].max() == 0.0
-    # the 10 top-bin picks are the high-score tail
-    assert (scores[picked[-10:]] >= 0.9).all()
+    assert scores[picked[:10]].max() == 0.0  # 10 of 35: the lowest scores
+    middle = picked[10:25]  # 15 of 35: a random draw from the band, never outside it
+    assert ((which[middle] >= 6) & (which[middle] < 47)).all()
+    expected_middle = np.random.default_rng(0).permutation(np.flatnonzero((which >= 6) & (which < 47)))[:15]
+    assert list(middle) == list(expected_middle)
+    # 10 of 35 from the top 5 bins, least-populated first (ties: higher bin first), highest score first
+    tail = picked[25:]
+    assert list(which[tail]) == [78, 76, 77, 77, 79, 79, 79, 75, 75, 75]
+    assert scores[tail[4]] == 0.8
 
 
 @pytest.mark.parametrize("n", [1, 7, 35])
@@ -152,3 +166,119 @@ def test_ensemble_scores_on_hand_made_members():
     h09 = float(binary_entropy(tf.constant(0.9)))
     np.testing.assert_allclose(h_s.numpy(), [np.log(2), np.log(2)], rtol=1e-5)  # both means are 0.5
     np.testing.assert_allclose(js.numpy(), [0.0, np.log(2) - h09], atol=1e-6)  # only image 1 disagrees
+
+
+def test_k_center_greedy_skips_duplicates():
+    from dsal_tf.strategies import k_center_greedy
+
+    # candidates in priority order; 1 and 2 duplicate 0, 3 is far, 4 is farther from {0, 3} than 1, 2
+    feats = np.array([[0, 0], [0, 0], [0, 0], [5, 0], [0, 3]], np.float32)
+    assert list(k_center_greedy(feats, 3)) == [0, 3, 4]
+    # only when nothing else is left do duplicates come, earliest first
+    assert list(k_center_greedy(feats, 5)) == [0, 3, 4, 1, 2]
+
+
+def test_diverse_selection_skips_near_duplicates_among_the_top_candidates():
+    cfg = resolve({"selection": "diverse", "diverse_factor": 2})
+    # the 4 most uncertain are 0..3 (0, 1, 2 the same image); the pick of 2 is 0 and 3
+    scores = {"uncertainty": np.array([0.9, 0.89, 0.88, 0.5, 0.1, 0.05]),
+              "features": np.array([[1, 1], [1, 1], [1, 1], [4, 5], [9, 9], [9, 8]], np.float32)}
+    assert list(QUERY_STRATEGIES["dsal"](cfg).select(scores, 2, np.random.default_rng(0))) == [0, 3]
+    assert list(QUERY_STRATEGIES["dsal"](cfg.replace(selection="rank")).select(scores, 2, None)) == [0, 1]
+    # random + diverse: a random candidate draw of 4, thinned the same way
+    cand = np.random.default_rng(0).permutation(6)[:4]
+    from dsal_tf.strategies import k_center_greedy
+
+    expected = cand[k_center_greedy(scores["features"][cand], 2)]
+    got = QUERY_STRATEGIES["random"](cfg).select(scores, 2, np.random.default_rng(0))
+    assert list(got) == list(expected)
+
+
+def test_diverse_scoring_returns_bottleneck_features_from_the_same_pass(tiny_cfg):
+    from dsal_tf import train
+    from dsal_tf.data import Normalizer
+
+    cfg = tiny_cfg.replace(selection="diverse", mc_passes=2)
+    model = train.new_model(cfg, 0)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    masks = (images[..., :1] > 127).astype(np.uint8)
+    norm = Normalizer.fit(images, "zscore")
+    for name in ("dsal", "ceal", "entropy", "random"):
+        scores = QUERY_STRATEGIES[name](cfg).score_pool(model, images, masks, norm, 4)
+        assert scores["features"].shape == (5, 2 * 2**4)  # base 2 filters, depth 4: 32 channels
+        assert len(scores["uncertainty"]) == 5
+
+
+def test_ds_ascend_changes_only_dsal_and_keeps_the_reference_meaning():
+    u = np.array([0.1, 0.9, 0.5, 0.3])
+    scores = {"uncertainty": u, "features": np.zeros((4, 1))}
+    on, off = resolve({}), resolve({"ds_ascend": False})
+    assert on.ds_ascend  # the reference default: plain DSAL
+    assert list(QUERY_STRATEGIES["dsal"](on).select(scores, 2, None)) == [1, 2]  # least agreeing first
+    assert list(QUERY_STRATEGIES["dsal"](off).select(scores, 2, None)) == [0, 3]  # ablation
+    for name in ("entropy", "ceal"):
+        a = QUERY_STRATEGIES[name](on).select(scores, 2, np.random.default_rng(0))
+        b = QUERY_STRATEGIES[name](off).select(scores, 2, np.random.default_rng(0))
+        assert list(a) == list(b)
+
+
+def test_each_strategy_has_its_own_weak_labeler_unless_overridden():
+    from dsal_tf.strategies import pseudo_policy_name
+
+    assert pseudo_policy_name(resolve({"query_strategy": "ceal"})) == "ceal"
+    for name in ("dsal", "random", "entropy"):
+        assert pseudo_policy_name(resolve({"query_strategy": name})) == "confidence"
+    assert pseudo_policy_name(resolve({"query_strategy": "ceal", "pseudo_policy": "confidence"})) == "confidence"
+
+
+def test_random_query_scores_like_dsal_so_its_pseudo_labels_follow_agreement():
+    main = masks([1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0])
+    side_1 = masks([1, 1, 0, 0], [0.9, 0.2, 0, 0], [0, 0, 0, 0])
+    side_2 = masks([1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 0, 0])
+    cfg = resolve({"query_strategy": "random", "conf_thres": False})
+    out = QUERY_STRATEGIES["random"](cfg)._step(fixed_model(main, side_1, side_2), None, main)
+    scores = {k: v.numpy() for k, v in out.items()}
+    np.testing.assert_allclose(scores["agreement"], [1.0, 0.475, 0.75], rtol=1e-6)
+    # not file order: of the available images 1 and 2, the more agreeing (2) is pseudo-labelled
+    pseudo = PSEUDO_POLICIES["confidence"](cfg)
+    assert list(pseudo.select(scores, np.array([1, 2]), 1, np.random.default_rng(0))) == [2]
+
+
+def test_ceal_weak_labeler_draws_only_from_the_fullest_bin_of_the_available():
+    cfg = resolve({"query_strategy": "ceal"})
+    # available images 0..7: uncertainties with the fullest 80-bin bin at 0.3 (images 2, 4, 5, 7)
+    u = np.array([0.0, 0.9, 0.3, 0.8, 0.3, 0.3, 0.1, 0.3, 0.3])
+    available = np.arange(8)
+    chosen = PSEUDO_POLICIES["ceal"](cfg).select({"uncertainty": u}, available, 3, np.random.default_rng(5))
+    assert list(chosen) == list(np.random.default_rng(5).permutation([2, 4, 5, 7])[:3])
+
+
+def test_ceal_weight_on_an_all_foreground_prediction_is_the_distance_to_the_border():
+    from dsal_tf.strategies.ceal import normalized_edt
+
+    full = np.ones((1, 1, 5, 1), bool)
+    # padded with background: distances 1, 2, 3, 2, 1 (the 1-pixel-high image: 1 everywhere)
+    np.testing.assert_allclose(normalized_edt(full).ravel(), [1, 1, 1, 1, 1])
+    full = np.ones((1, 5, 5, 1), bool)
+    d = normalized_edt(full)[0, ..., 0]
+    np.testing.assert_allclose(d[2], [1 / 3, 2 / 3, 1, 2 / 3, 1 / 3])
+    assert d[2, 2] == 1.0 and d[0, 0] == pytest.approx(1 / 3)
+    assert not normalized_edt(np.zeros((1, 3, 3, 1), bool)).any()
+
+
+def test_scoring_graph_is_rebuilt_for_a_new_model_object(tiny_cfg):
+    from dsal_tf import train
+    from dsal_tf.data import Normalizer
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    masks = np.zeros((3, 32, 32, 1), np.uint8)
+    norm = Normalizer.fit(images, "zscore")
+    strategy = QUERY_STRATEGIES["entropy"](tiny_cfg)
+    for seed in (0, 1):  # the first model is freed before the second is made
+        model = train.new_model(tiny_cfg, seed)
+        got = strategy.score_pool(model, images, masks, norm, 4)["pred"]
+        want = (model(norm(images.astype(np.float32)), training=False)["main"].numpy() > 0.5).astype(np.uint8)
+        assert np.array_equal(got, want)
+        del model

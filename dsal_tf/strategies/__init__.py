@@ -1,6 +1,22 @@
 """Registries of query strategies and pseudo-label policies, picked by name from constants."""
 
 from . import ceal, dsal, ensemble, entropy, pseudo, random_query  # noqa: F401  (registration)
-from .base import PSEUDO_POLICIES, QUERY_STRATEGIES, PseudoPolicy, QueryStrategy, histogram_select
+from .base import (
+    PSEUDO_POLICIES,
+    QUERY_STRATEGIES,
+    PseudoPolicy,
+    QueryStrategy,
+    histogram_select,
+    k_center_greedy,
+)
 
-__all__ = ["QUERY_STRATEGIES", "PSEUDO_POLICIES", "QueryStrategy", "PseudoPolicy", "histogram_select"]
+
+def pseudo_policy_name(cfg) -> str:
+    """The weak labeler a run uses: `PSEUDO_POLICY`, or with "auto" the query strategy's own."""
+    if cfg.pseudo_policy != "auto":
+        return cfg.pseudo_policy
+    return QUERY_STRATEGIES[cfg.query_strategy].default_pseudo
+
+
+__all__ = ["QUERY_STRATEGIES", "PSEUDO_POLICIES", "QueryStrategy", "PseudoPolicy", "histogram_select",
+           "k_center_greedy", "pseudo_policy_name"]

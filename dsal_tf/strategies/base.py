@@ -6,6 +6,10 @@ returns per-image tensors: `uncertainty` [N] (higher = more uncertain = sent to 
 pool, adds the main head's confidence `mean|p - 0.5|`, the binary prediction and the true Dice
 against the ground truth (for analysis only), and ranks. Layout: NHWC; MC passes stack on a
 trailing axis, [N,H,W,C,T].
+
+With `SELECTION = "diverse"` the pool is scored by `model.with_features(model)`, the same graph
+with one more output, so a strategy's own forward pass also returns the bottleneck `features`
+[N,C]; strategies pass them on with `keep_features`.
 """
 
 from __future__ import annotations
@@ -41,6 +45,34 @@ def binary_dice(a, b):
     b = tf.cast(b, tf.float32)
     inter = tf.reduce_sum(a * b, axis=[1, 2, 3])
     return (2.0 * inter + 1.0) / (tf.reduce_sum(a, axis=[1, 2, 3]) + tf.reduce_sum(b, axis=[1, 2, 3]) + 1.0)
+
+
+def keep_features(out: dict, result: dict) -> dict:
+    """`result` plus the model's `features` output when the model has one (diverse selection)."""
+    if "features" in out:
+        result["features"] = out["features"]
+    return result
+
+
+def k_center_greedy(features: np.ndarray, n: int) -> np.ndarray:
+    """k-center greedy (Sener & Savarese 2018) over candidates given in priority order.
+
+    Starts with candidate 0 (the most uncertain), then repeatedly adds the candidate farthest
+    (Euclidean) from everything chosen so far; ties go to the earlier (more uncertain) one.
+    Exact duplicates are at distance 0, so they come last.
+    """
+    f = np.asarray(features, np.float64).reshape(len(features), -1)
+    n = min(n, len(f))
+    if n == 0:
+        return np.zeros(0, np.int64)
+    chosen = [0]
+    nearest = np.linalg.norm(f - f[0], axis=1)
+    for _ in range(n - 1):
+        nearest[chosen] = -1.0
+        pick = int(np.argmax(nearest))  # argmax takes the first of equal maxima
+        chosen.append(pick)
+        nearest = np.minimum(nearest, np.linalg.norm(f - f[pick], axis=1))
+    return np.array(chosen, np.int64)
 
 
 def mean_over_pixels(pixel_map):
@@ -87,9 +119,14 @@ class QueryStrategy:
 
     name = "base"
     default_selection = "rank"  # used when SELECTION = "auto"
+    default_pseudo = "confidence"  # the weak labeler used when PSEUDO_POLICY = "auto"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+
+    @property
+    def selection(self) -> str:
+        return self.default_selection if self.cfg.selection == "auto" else self.cfg.selection
 
     def batch_scores(self, model, x) -> dict:
         raise NotImplementedError
@@ -117,9 +154,17 @@ class QueryStrategy:
 
         if len(images) == 0:
             return {}
-        key = (id(model), *map(id, getattr(self, "members", ())))
-        if getattr(self, "_traced_for", None) != key:  # one graph per model, reused each round
-            self._traced = tf.function(lambda x, y: self._step(model, x, y), reduce_retracing=True)
+        # one graph per set of models, reused each round; the key holds the models themselves
+        # (compared by identity), so a freed model's id can never be mistaken for a new one
+        key = (model, *getattr(self, "members", ()))
+        cached = getattr(self, "_traced_for", ())
+        if len(cached) != len(key) or any(a is not b for a, b in zip(cached, key)):
+            scored = model
+            if self.selection == "diverse":
+                from ..model import with_features
+
+                scored = with_features(model)
+            self._traced = tf.function(lambda x, y: self._step(scored, x, y), reduce_retracing=True)
             self._traced_for = key
         step = self._traced
         parts: dict[str, list] = {}
@@ -130,15 +175,29 @@ class QueryStrategy:
                 parts.setdefault(k, []).append(v.numpy())
         return {k: np.concatenate(v) for k, v in parts.items()}
 
-    def select(self, scores: dict[str, np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
-        """Positions (into the scored arrays) of the `n` images for the oracle."""
-        u = scores["uncertainty"]
-        if self.cfg.ds_ascend:
-            u = -u
-        selection = self.default_selection if self.cfg.selection == "auto" else self.cfg.selection
-        if selection == "histogram":
+    def query_score(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        """What the oracle pick ranks by, higher first (default: the uncertainty)."""
+        return scores["uncertainty"]
+
+    def pick(self, scores: dict[str, np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
+        """The strategy's own pick of `n` positions, in priority order."""
+        u = self.query_score(scores)
+        base = self.default_selection if self.selection in ("auto", "diverse") else self.selection
+        if base == "histogram":
             return histogram_select(u, n, rng)
         return np.argsort(-u, kind="stable")[:n]
+
+    def select(self, scores: dict[str, np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
+        """Positions (into the scored arrays) of the `n` images for the oracle.
+
+        "diverse": the strategy's own pick of DIVERSE_FACTOR * n candidates, thinned to `n` by
+        k-center greedy on the bottleneck features of the scoring pass."""
+        if self.selection != "diverse":
+            return self.pick(scores, n, rng)
+        if "features" not in scores:
+            raise ValueError("SELECTION = 'diverse' needs the scores of a model with a `features` output")
+        cand = self.pick(scores, min(self.cfg.diverse_factor * n, len(scores["uncertainty"])), rng)
+        return cand[k_center_greedy(scores["features"][cand], n)]
 
 
 class PseudoPolicy:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import QueryStrategy, binary_dice, register_query
+from .base import QueryStrategy, binary_dice, keep_features, register_query
 
 
 def agreement(main, side_1, side_2):
@@ -13,9 +13,16 @@ def agreement(main, side_1, side_2):
 
 @register_query("dsal")
 class DSALQuery(QueryStrategy):
-    """One forward pass: low agreement goes to the oracle, high agreement to the weak labeler."""
+    """One forward pass: low agreement goes to the oracle, high agreement to the weak labeler.
+
+    `DS_ASCEND` keeps the reference's meaning: True (default) queries in ascending agreement
+    (least agreeing first, plain DSAL); False queries the most agreeing first (the ablation).
+    It changes only this strategy's oracle pick, never the scores or the weak labeler."""
 
     def batch_scores(self, model, x):
         out = model(x, training=False)
         a = agreement(out["main"], out["side_1"], out["side_2"])
-        return {"uncertainty": 1.0 - a, "agreement": a, "prob": out["main"]}
+        return keep_features(out, {"uncertainty": 1.0 - a, "agreement": a, "prob": out["main"]})
+
+    def query_score(self, scores):
+        return scores["uncertainty"] if self.cfg.ds_ascend else -scores["uncertainty"]

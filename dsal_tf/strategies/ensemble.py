@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from .base import QueryStrategy, mean_over_pixels, register_query
+from .base import QueryStrategy, keep_features, mean_over_pixels, register_query
 from .entropy import binary_entropy
 
 
@@ -39,9 +39,11 @@ class _Ensemble(QueryStrategy):
             self.members.append(keras.models.load_model(out / "best.keras", compile=False))
 
     def batch_scores(self, model, x):
-        probs = tf.stack([m(x, training=False)["main"] for m in self.members], axis=-1)
+        # member 0 is the loop's model, the one the scoring pass was given (with features if asked)
+        outs = [model(x, training=False)] + [m(x, training=False) for m in self.members[1:]]
+        probs = tf.stack([o["main"] for o in outs], axis=-1)
         h_s, js = ensemble_scores(probs)
-        return {"uncertainty": js if self.use_js else h_s, "prob": probs[..., 0]}
+        return keep_features(outs[0], {"uncertainty": js if self.use_js else h_s, "prob": probs[..., 0]})
 
 
 @register_query("ensemble_s")

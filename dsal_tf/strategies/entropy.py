@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from .base import QueryStrategy, mean_over_pixels, register_query
+from .base import QueryStrategy, keep_features, mean_over_pixels, register_query
 
 EPS = 1e-7
 
@@ -18,5 +18,6 @@ def binary_entropy(p):
 @register_query("entropy")
 class EntropyQuery(QueryStrategy):
     def batch_scores(self, model, x):
-        prob = model(x, training=False)["main"]
-        return {"uncertainty": mean_over_pixels(binary_entropy(prob)), "prob": prob}
+        out = model(x, training=False)
+        prob = out["main"]
+        return keep_features(out, {"uncertainty": mean_over_pixels(binary_entropy(prob)), "prob": prob})

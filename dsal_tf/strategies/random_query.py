@@ -1,18 +1,19 @@
-"""Random query: the baseline every strategy must beat."""
+"""Random query: the baseline every strategy must beat.
+
+Random changes only the oracle pick, as in the reference code: the pool is scored like DSAL
+(one pass, side-head agreement), so the weak labeler still ranks its pseudo labels by agreement
+and DSAL vs. random measures the query alone.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 
-from .base import QueryStrategy, register_query
+from .base import register_query
+from .dsal import DSALQuery
 
 
 @register_query("random")
-class RandomQuery(QueryStrategy):
-    def batch_scores(self, model, x):
-        prob = model(x, training=False)["main"]
-        return {"uncertainty": tf.zeros(tf.shape(prob)[:1]), "prob": prob}
-
-    def select(self, scores, n, rng: np.random.Generator) -> np.ndarray:
+class RandomQuery(DSALQuery):
+    def pick(self, scores, n, rng: np.random.Generator) -> np.ndarray:
         return rng.permutation(len(scores["uncertainty"]))[:n]
