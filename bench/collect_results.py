@@ -6,10 +6,12 @@ import shutil
 import sys
 from pathlib import Path
 
+import os
+
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-EXP = ROOT / "exp"
+EXP = Path(os.environ.get("EXP_DIR") or ROOT / "exp").resolve()
 OUT = ROOT / "bench" / "results" / "isic2017.md"
 
 
