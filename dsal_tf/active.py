@@ -17,22 +17,28 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from .config import Config
 from .data import Normalizer, load_splits
+from .determinism import reset_seed_generators
 from .errors import DsalError
 from .pool import Pool
 
 # settings that may change between a run and its resumption
-RESUMABLE_CHANGES = {"nb_iterations", "progress", "resume_on", "nb_overlays", "distribute",
+RESUMABLE_CHANGES = {"nb_iterations", "progress", "resume_on", "nb_overlays", "distribute", "tensorboard",
+                     "stop_budget", "stop_patience", "stop_min_delta", "stop_agreement",
                      "cache_dir", "mixed_precision", "exp_dir", "data_path"}
-CURVE_FIELDS = ["round", "n_oracle", "n_pseudo", "val_dice", "train_s", "score_s"]
+CURVE_FIELDS = ["round", "n_oracle", "n_pseudo", "val_dice", "train_s", "score_s", "stop"]
+STOPPED = "STOPPED"
+PSEUDO_DIR = "pseudo"
 
 
 def round_dir(run_dir: Path, r: int) -> Path:
@@ -75,17 +81,18 @@ def _append_curve(run: Path, row: dict) -> None:
     if path.is_file():
         with path.open() as f:
             rows = [r for r in csv.DictReader(f) if int(r["round"]) != row["round"]]
-    rows.append({k: row[k] for k in CURVE_FIELDS})
+    rows.append({k: row.get(k, "") for k in CURVE_FIELDS})
     rows.sort(key=lambda r: int(r["round"]))
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, CURVE_FIELDS)
+        w = csv.DictWriter(f, CURVE_FIELDS, restval="", extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
 
 
 def _write_scores(path: Path, names: list[str], pool_idx: np.ndarray, scores: dict, oracle: np.ndarray,
                   pseudo: np.ndarray) -> None:
-    """Per scored image: index, name, every per-image score, and what the round chose for it."""
+    """Per scored image: index, name, every per-image score, and what the round chose for it.
+    A score that cannot be known (NaN: the true Dice of an image nobody has drawn) is left empty."""
     keys = [k for k, v in scores.items() if v.ndim == 1]
     chosen = np.full(len(pool_idx), "", object)
     chosen[np.isin(pool_idx, oracle)] = "oracle"
@@ -95,7 +102,8 @@ def _write_scores(path: Path, names: list[str], pool_idx: np.ndarray, scores: di
         w = csv.writer(f)
         w.writerow(["index", "name", *keys, "chosen"])
         for j, i in enumerate(pool_idx):
-            w.writerow([int(i), names[i], *(f"{float(scores[k][j]):.6g}" for k in keys), chosen[j]])
+            values = (float(scores[k][j]) for k in keys)
+            w.writerow([int(i), names[i], *("" if np.isnan(v) else f"{v:.6g}" for v in values), chosen[j]])
     tmp.replace(path)
 
 
@@ -108,8 +116,11 @@ def run_active_learning(
     """Run (or resume) the whole loop; returns the run folder.
 
     `initial_model`: a finished round-0 folder to reuse (strategy comparisons share it per seed).
+    Raises `AwaitingAnnotation` when a human oracle (`ORACLE = "files"`) has masks to draw; running
+    again after they are imported goes on from there.
     """
     from . import determinism, train
+    from .oracle import ORACLES, AwaitingAnnotation, initial_labels, waiting_message
     from .strategies import PSEUDO_POLICIES, QUERY_STRATEGIES, pseudo_policy_name
 
     splits = load_splits(cfg)  # validates every file before anything is written
@@ -119,7 +130,12 @@ def run_active_learning(
             f"NB_LABELED = {cfg.nb_labeled} but {cfg.data_path}/trainImg has only {len(pool_data)} images; "
             "lower NB_LABELED or add images"
         )
+    oracle = ORACLES[cfg.oracle](cfg)
     run = prepare_run_dir(cfg, constants_path)
+    if (run / STOPPED).is_file():
+        info = json.loads((run / STOPPED).read_text())
+        log(f"{run} stopped after round {info['round']}: {info['reason']} (delete {run / STOPPED} to go on)")
+        return run
     norm_path = run / "normalizer.json"
     if norm_path.is_file():
         normalizer = Normalizer.load(norm_path)
@@ -133,6 +149,12 @@ def run_active_learning(
     query = QUERY_STRATEGIES[cfg.query_strategy](cfg)
     pseudo = PSEUDO_POLICIES[pseudo_policy_name(cfg)](cfg)
 
+    def await_masks(r: int, pool: Pool) -> None:
+        missing = oracle.missing(pool.labelled, pool_data)
+        if len(missing):
+            asked = int(np.sum(pool.labelled_map == r + 1))
+            raise AwaitingAnnotation(waiting_message(cfg, r, len(missing), asked))
+
     done = completed_rounds(run)
     start = 0
     while start in done:
@@ -145,7 +167,6 @@ def run_active_learning(
     with strategy.scope():
         for r in range(start, cfg.nb_iterations + 1):
             rd = round_dir(run, r)
-            rd.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             score_s = 0.0
             if r == 0 and initial_model is not None and (initial_model / "DONE").is_file():
@@ -154,23 +175,42 @@ def run_active_learning(
                 log(f"round 0: reusing the initial model of {initial_model}")
                 continue
             if r == 0:
-                pool = Pool.initial(len(pool_data), cfg.nb_labeled, cfg.seed)
-                pool.save(rd / "pool.npz")
+                if (rd / "pool.npz").is_file():  # a cold start already asked for its masks
+                    pool = Pool.load(rd / "pool.npz")
+                else:
+                    known = oracle.known(pool_data)
+                    pool = Pool.from_labelled(len(pool_data), initial_labels(cfg, pool_data.images, known))
+                    rd.mkdir(parents=True, exist_ok=True)
+                    pool.save(rd / "pool.npz")
+                    asked = pool.labelled[~known[pool.labelled]]
+                    if len(asked):
+                        oracle.request(rd, asked, pool_data)
+                await_masks(r, pool)
                 model = train.new_model(cfg, cfg.seed)
                 epochs = cfg.nb_initial_epochs
             else:
-                # `fit` left the previous round's best weights in `model`; a fresh process loads them.
-                # Keeping the model object keeps its compiled graphs (no retracing each round).
-                if model is None:
-                    model = train.load_model(round_dir(run, r - 1) / train.CHECKPOINT, cfg)
-                train.reset_optimizer(model, cfg.learning_rate)
                 if (rd / "pool.npz").is_file() and (rd / "scores.csv").is_file():
                     pool = Pool.load(rd / "pool.npz")  # the round's decisions survive an interruption
                     log(f"round {r}: reusing the saved selection")
+                    await_masks(r, pool)
+                    if model is None:
+                        model = train.load_model(round_dir(run, r - 1) / train.CHECKPOINT, cfg)
                 else:
                     pool = Pool.load(round_dir(run, r - 1) / "pool.npz")
-                    score_s = _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo, rd,
-                                           log)
+                    reason = stop_reason(cfg, run, pool)
+                    # `fit` left the previous round's best weights in `model`; a fresh process loads them.
+                    # Keeping the model object keeps its compiled graphs (no retracing each round).
+                    if reason is None and model is None:
+                        model = train.load_model(round_dir(run, r - 1) / train.CHECKPOINT, cfg)
+                    if reason is None:
+                        score_s, reason = _query_round(cfg, r, pool, pool_data, val, model, normalizer, query,
+                                                       pseudo, oracle, rd, log)
+                    if reason is not None:
+                        _stop(run, r - 1, reason, log)
+                        break
+                    await_masks(r, pool)
+                _drop_deleted_pseudo(pool, pool_data.names, rd, log)
+                train.reset_optimizer(model, cfg.learning_rate)
                 epochs = cfg.nb_active_epochs
             x, y, is_pseudo = pool.training_set(pool_data.images, pool_data.masks)
             log(f"round {r}/{cfg.nb_iterations}: training on {len(pool.labelled)} oracle + "
@@ -187,8 +227,68 @@ def run_active_learning(
     return run
 
 
-def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo, rd, log) -> float:
-    """Score the unlabelled pool, pick oracle and pseudo labels, save them; returns scoring seconds."""
+def stop_reason(cfg: Config, run: Path, pool: Pool) -> str | None:
+    """Why the loop should end before querying again (expert budget, flat validation Dice), or None."""
+    if cfg.stop_budget and len(pool.labelled) >= cfg.stop_budget:
+        return f"expert budget STOP_BUDGET = {cfg.stop_budget} labels reached ({len(pool.labelled)} used)"
+    k = cfg.stop_patience
+    path = run / "learning_curve.csv"
+    if k and path.is_file():
+        with path.open() as f:
+            dice = [float(row["val_dice"]) for row in csv.DictReader(f)]
+        if len(dice) > k and max(dice[-k:]) < max(dice[:-k]) + cfg.stop_min_delta:
+            return f"validation Dice has not improved by {cfg.stop_min_delta} for {k} rounds (STOP_PATIENCE)"
+    return None
+
+
+def _stop(run: Path, last_round: int, reason: str, log) -> None:
+    """End the loop for good: the reason goes to learning_curve.csv (last round's row) and STOPPED."""
+    path = run / "learning_curve.csv"
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        if int(row["round"]) == last_round:
+            _append_curve(run, {**row, "round": last_round, "stop": reason})
+    tmp = run / (STOPPED + ".tmp")
+    tmp.write_text(json.dumps({"round": last_round, "reason": reason}))
+    os.replace(tmp, run / STOPPED)
+    shutil.rmtree(round_dir(run, last_round + 1), ignore_errors=True)  # nothing of it was decided
+    log(f"stopped after round {last_round}: {reason}")
+
+
+def _drop_deleted_pseudo(pool: Pool, names: list[str], rd: Path, log) -> None:
+    """A pseudo label whose `round_XX/pseudo/<stem>.png` a person deleted does not train."""
+    folder = rd / PSEUDO_DIR
+    if not folder.is_dir() or not len(pool.pseudo_idx):
+        return
+    keep = np.array([(folder / f"{names[i]}.png").is_file() for i in pool.pseudo_idx], bool)
+    if keep.all():
+        return
+    pool.set_pseudo(pool.pseudo_idx[keep], pool.pseudo_masks[keep] if keep.any() else None)
+    pool.save(rd / "pool.npz")
+    log(f"round {rd.name}: {int((~keep).sum())} pseudo labels were deleted from {folder}; training without them")
+
+
+def _write_pseudo_pngs(folder: Path, idx: np.ndarray, masks: np.ndarray, pool_data) -> None:
+    """Each pseudo mask at its image's original size (0/255 PNG), for a person to inspect or delete."""
+    from .predict import original_size
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for i, mask in zip(idx, masks):
+        h, w = original_size(pool_data.files[i])
+        big = cv2.resize(mask[..., 0].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+        cv2.imwrite(str(tmp / f"{pool_data.names[i]}.png"), big * 255)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo, oracle, rd, log):
+    """Score the unlabelled pool, pick oracle and pseudo labels, save them and ask the oracle.
+
+    Returns (scoring seconds, stop reason or None): a pool that already agrees with itself
+    (`STOP_AGREEMENT`) ends the loop before anything is chosen."""
     from . import train
 
     rng = np.random.default_rng([cfg.seed, r])
@@ -203,21 +303,40 @@ def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo,
         return m
 
     t = time.perf_counter()
+    reset_seed_generators(model, cfg.seed * 1000 + r)  # MC-dropout scores do not depend on the history
     query.prepare(model, r, rd.parent, train_member)
     scores = query.score_pool(model, pool_data.images[unl], pool_data.masks[unl], normalizer,
                               cfg.batch_size, progress=cfg.progress)
     score_s = time.perf_counter() - t
+    if "true_dice" in scores:  # only meaningful where the mask exists
+        scores["true_dice"] = np.where(pool_data.has_mask[unl], scores["true_dice"], np.nan)
+    if cfg.stop_agreement and "agreement" in scores:
+        mean = float(np.mean(scores["agreement"]))
+        if mean >= cfg.stop_agreement:
+            return score_s, f"mean pool agreement {mean:.4f} >= STOP_AGREEMENT = {cfg.stop_agreement}"
     n_oracle = min(cfg.nb_next_sample, len(unl))
+    if cfg.stop_budget:
+        n_oracle = min(n_oracle, cfg.stop_budget - len(pool.labelled))
     picks = query.select(scores, n_oracle, rng)
-    oracle = unl[picks]
-    pool.label(oracle, r)
+    oracle_idx = unl[picks]
+    pool.label(oracle_idx, r)
     available = np.setdiff1d(np.arange(len(unl)), picks)
     n_pseudo = min(cfg.nb_pseudo(r), len(available))
     chosen = pseudo.select(scores, available, n_pseudo, rng) if n_pseudo else np.zeros(0, np.int64)
     masks = pseudo.labels(scores, chosen, pool_data.images[unl]) if len(chosen) else None
     pool.set_pseudo(unl[chosen], masks)
-    _write_scores(rd / "scores.csv", pool_data.names, unl, scores, oracle, unl[chosen])
-    pool.save(rd / "pool.npz")
-    log(f"round {r}: {len(oracle)} images to the oracle, {len(chosen)} pseudo labels "
+    rd.mkdir(parents=True, exist_ok=True)
+    if len(chosen):
+        _write_pseudo_pngs(rd / PSEUDO_DIR, unl[chosen], masks, pool_data)
+    prelabels = None
+    if oracle.wants_prelabels() and len(picks):
+        from .predict import masks_at_original_size
+
+        prelabels = masks_at_original_size(model, pool_data.images[oracle_idx],
+                                           [pool_data.files[i] for i in oracle_idx], normalizer, cfg.batch_size)
+    oracle.request(rd, oracle_idx, pool_data, scores, picks, prelabels)
+    _write_scores(rd / "scores.csv", pool_data.names, unl, scores, oracle_idx, unl[chosen])
+    pool.save(rd / "pool.npz")  # last: a saved pool.npz with scores.csv means the round is decided
+    log(f"round {r}: {len(oracle_idx)} images to the oracle, {len(chosen)} pseudo labels "
         f"(scored {len(unl)} in {score_s:.1f}s)")
-    return score_s
+    return score_s, None

@@ -24,8 +24,13 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .oracle import AwaitingAnnotation
+
         try:
             return fn(*args, **kwargs)
+        except AwaitingAnnotation as exc:  # a person has masks to draw: not an error
+            click.echo(str(exc))
+            sys.exit(0)
         except DsalError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
@@ -103,7 +108,10 @@ def cli() -> None:
 @click.option("--epochs", "nb_active_epochs", type=int, default=None, help="Epochs per round.")
 @click.option("--strategy", "query_strategy", default=None, help="Query strategy (dsal, random, ...).")
 @click.option("--pseudo", "pseudo_policy", default=None, help="Pseudo-label policy (confidence, random, none).")
-@click.option("--trainer", default=None, help="standard, rgs, rgm or rgsm.")
+@click.option("--trainer", default=None,
+              help="standard, uniform, rgs, rgm, rgsm, mwnet, mcpm, pnt, int or pint (dsal_tf/trainers/).")
+@click.option("--oracle", default=None,
+              help="simulated (masks on disk are revealed) or files (export requests, wait for dsal import-labels).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", "learning_rate", type=float, default=None)
 @click.option("--base-filters", type=int, default=None)
@@ -178,8 +186,9 @@ def compare(constants, set_pairs, strategies, seeds, name, full_supervision, pse
 @common_options
 @click.option("--experts", "n_expert", type=int, default=200, show_default=True,
               help="Size of the expert-labelled subset the teacher trains on.")
-@click.option("--variants", default="teacher,equal,rgs,rgs+al,rgsm+al", show_default=True,
-              help="Comma-separated: teacher, equal, rgs, rgs+al, rgm, rgsm+al.")
+@click.option("--variants", default="teacher,equal,uniform,rgs,rgs+al,rgsm+al", show_default=True,
+              help="Comma-separated: teacher, equal, uniform (same sampler and step as rgs, w=1/B), rgs, "
+                   "rgs+al, rgm, rgsm+al.")
 @click.option("--seeds", default="0", show_default=True)
 @click.option("--name", default=None, help="Folder under EXP_DIR (default noisy-teacher-<preset>-e<experts>).")
 @click.option("--progress/--no-progress", default=None)
@@ -193,6 +202,83 @@ def noisy_teacher(constants, set_pairs, n_expert, variants, seeds, name, **optio
     ensure_data(cfg)
     run_noisy_teacher(cfg, n_expert, names, parse_int_list(seeds, "--seeds"),
                       name or f"noisy-teacher-{cfg.preset}-e{n_expert}", log=_echo)
+
+
+@cli.command("import-labels")
+@common_options
+@click.option("--masks", "masks_dir", default=None, type=click.Path(path_type=Path),
+              help="Folder of drawn masks, one per manifest row (<image>_segmentation.png or <image>.png).")
+@click.option("--label-studio", "label_studio", default=None, type=click.Path(path_type=Path),
+              help="A Label Studio JSON export of brush annotations instead of --masks.")
+@user_errors
+def import_labels(constants, set_pairs, masks_dir, label_studio, **options) -> None:
+    """Check the masks a round asked for and copy them into trainGT/ (all or nothing)."""
+    cfg = build_config(constants, set_pairs, **options)
+    from .annotate import import_label_studio, import_masks
+
+    if (masks_dir is None) == (label_studio is None):
+        raise DsalError("import-labels needs exactly one of --masks DIR or --label-studio FILE")
+    if label_studio is not None:
+        import_label_studio(cfg, label_studio, log=_echo)
+    else:
+        import_masks(cfg, masks_dir, log=_echo)
+
+
+def round_option(fn):
+    return click.option("--round", "which", default="best", show_default=True,
+                        help="best (highest validation Dice), last, or a round number.")(fn)
+
+
+@cli.command()
+@common_options
+@round_option
+@click.option("-i", "--input", "in_dir", required=True, type=click.Path(path_type=Path), help="Folder of images.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Where <name>.png masks (original size) and predictions.csv go.")
+@click.option("--probabilities", is_flag=True, help="Also write probabilities/<name>.png (p x 255).")
+@click.option("--overlays", is_flag=True, help="Also write overlays/<name>.jpg (prediction contour in red).")
+@click.option("--flag-below", type=float, default=0.8, show_default=True,
+              help="Flag images whose side-head agreement is below this in predictions.csv.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--progress/--no-progress", default=None)
+@user_errors
+def predict(constants, set_pairs, which, in_dir, out_dir, probabilities, overlays, flag_below, batch_size,
+            **options) -> None:
+    """Segment a folder of new images with a trained run; masks keep each image's name and size."""
+    cfg = build_config(constants, set_pairs, **options)
+    from .predict import predict_folder
+
+    predict_folder(cfg, in_dir, out_dir, which, probabilities, overlays, flag_below, batch_size,
+                   progress=cfg.progress, log=_echo)
+
+
+@cli.command()
+@common_options
+@round_option
+@click.option("--format", "fmt", type=click.Choice(["savedmodel", "onnx"]), default="savedmodel", show_default=True)
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path))
+@user_errors
+def export(constants, set_pairs, which, fmt, out_dir, **options) -> None:
+    """Export a round's main head with resizing and normalization inside (uint8 images in)."""
+    cfg = build_config(constants, set_pairs, **options)
+    from .export import export_model
+
+    export_model(cfg, out_dir, fmt, which, log=_echo)
+
+
+@cli.command()
+@click.option("--data", "src", required=True, help="orgData folder to read (never written).")
+@click.option("--out", "out", required=True, help="New folder to write.")
+@click.option("--rate", type=float, required=True, help="Fraction of training masks to corrupt, in [0, 1].")
+@click.option("--kind", type=click.Choice(["dilate", "erode", "elastic"]), default="dilate", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--naming", default="auto", show_default=True, help="Mask naming: auto, isic or same.")
+@user_errors
+def corrupt(src, out, rate, kind, seed, naming) -> None:
+    """Copy an orgData folder with a seeded fraction of training masks corrupted (label-noise simulator)."""
+    from .corrupt import corrupt_folder
+
+    corrupt_folder(src, out, rate, kind, seed, naming, log=_echo)
 
 
 @cli.command("make-synthetic")

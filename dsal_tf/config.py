@@ -74,9 +74,22 @@ class Config:
     mc_passes: int = 20
     nb_ensemble: int = 5
     # --- noisy-teacher trainers
-    trainer: str = "standard"  # "standard", "rgs", "rgm" or "rgsm"
+    trainer: str = "standard"  # dsal_tf/trainers/: standard, uniform, rgs, rgm, rgsm, mwnet, mcpm, pnt, int, pint
     rgs_query: bool = False
     rgs_lambda: float = -1.0  # -1 -> from trainer (rgs 1.0, rgm 0.0, rgsm 0.5)
+    meta_size: int = 0  # clean set of the weighting trainers: 0 = every oracle label, N = a seeded N of them
+    meta_lr: float = 1e-3  # mwnet/mcpm: Adam on the meta net (weight decay 1e-4)
+    ema_decay: float = 0.99  # pnt/int/pint: EMA teacher
+    teacher_passes: int = 8  # pnt/int/pint: perturbed teacher passes T
+    teacher_noise: float = 0.1  # pnt/int/pint: Gaussian input noise sigma (normalised units)
+    # --- the strong labeler (oracle) and when to stop
+    oracle: str = "simulated"  # "simulated" (masks on disk are revealed) or "files" (a person draws them)
+    initial_selection: str = "auto"  # first labels: "random", "kcenter" (spread over the pool), "auto"
+    stop_budget: int = 0  # stop once this many expert labels are used (0 = off)
+    stop_patience: int = 0  # stop when val Dice has not improved by STOP_MIN_DELTA for k rounds (0 = off)
+    stop_min_delta: float = 0.001
+    stop_agreement: float = 0.0  # stop when the pool's mean side-head agreement reaches this (0 = off)
+    tensorboard: bool = False  # Keras TensorBoard logs per round under exp/<name>/tensorboard/
     # --- run control
     resume_on: bool = True
     nb_overlays: int = 6
@@ -158,7 +171,9 @@ _CHOICES = {
     "distribute": ("auto", "none", "mirrored", "multiworker"),
     "selection": ("auto", "rank", "histogram", "diverse"),
     "jit_compile": ("auto", "on", "off"),
-    "trainer": ("standard", "rgs", "rgm", "rgsm"),
+    "oracle": ("simulated", "files"),
+    "initial_selection": ("auto", "random", "kcenter"),
+    "trainer": ("standard", "uniform", "rgs", "rgm", "rgsm", "mwnet", "mcpm", "pnt", "int", "pint"),
     "preset": tuple(PRESETS),
 }
 _POSITIVE = {
@@ -168,6 +183,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "nb_initial_epochs", "nb_active_epochs", "early_stop_patience", "nb_iterations",
     "pseudo_epoch", "nb_pseudo_initial", "pseudo_rate", "pool_size", "nb_overlays",
+    "stop_budget", "stop_patience", "stop_min_delta",
 }
 
 
@@ -246,8 +262,15 @@ def _check(cfg: Config, source: str) -> None:
                 f"{name.upper()} in {source} = {getattr(cfg, name)} must be divisible by "
                 f"2**DEPTH = {step}; use {getattr(cfg, name) // step * step or step}"
             )
+    if not 0.0 <= cfg.stop_agreement <= 1.0:
+        raise DsalError(f"STOP_AGREEMENT in {source} must be in [0, 1] (0 = off), got {cfg.stop_agreement}")
     if not cfg.rgs_lambda == -1.0 and not 0.0 <= cfg.rgs_lambda <= 1.0:
         raise DsalError(f"RGS_LAMBDA in {source} must be in [0, 1] (or -1 for the default)")
+    if cfg.meta_size < 0 or cfg.teacher_passes < 1 or cfg.teacher_noise < 0 or cfg.meta_lr <= 0:
+        raise DsalError(f"META_SIZE >= 0, TEACHER_PASSES >= 1, TEACHER_NOISE >= 0 and META_LR > 0 in {source}; "
+                        f"got {cfg.meta_size}, {cfg.teacher_passes}, {cfg.teacher_noise}, {cfg.meta_lr}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise DsalError(f"EMA_DECAY in {source} must be in [0, 1), got {cfg.ema_decay}")
     from .strategies import PSEUDO_POLICIES, QUERY_STRATEGIES
 
     for name, registry in (("query_strategy", QUERY_STRATEGIES), ("pseudo_policy", PSEUDO_POLICIES)):

@@ -27,11 +27,20 @@ CACHE_VERSION = 1
 
 @dataclass
 class Split:
-    """One decoded split: file stems, uint8 images [N,H,W,C] and {0,1} masks [N,H,W,1]."""
+    """One decoded split: file stems, uint8 images [N,H,W,C] and {0,1} masks [N,H,W,1].
+
+    `has_mask[i]` is False for a pool image nobody has drawn yet (`ORACLE = "files"`); its mask
+    row is all zero and means nothing. `files` are the image paths on disk."""
 
     names: list[str]
     images: np.ndarray
     masks: np.ndarray
+    has_mask: np.ndarray | None = None
+    files: list[Path] | None = None
+
+    def __post_init__(self):
+        if self.has_mask is None:
+            self.has_mask = np.ones(len(self.names), bool)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -47,23 +56,51 @@ def _mask_candidates(img: Path, gt_dir: Path, naming: str) -> list[Path]:
     return [isic, *same]
 
 
-def find_pairs(data_path: str | Path, split: str, naming: str = "auto") -> list[tuple[Path, Path]]:
-    """(image, mask) paths of a split, sorted by name. Raises on an empty folder or a missing mask."""
+def list_images(folder: Path) -> list[Path]:
+    """Image files of a folder, sorted by name (hidden files skipped); [] if it does not exist."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def detect_naming(data_path: str | Path, naming: str = "auto") -> str:
+    """`isic` (X.jpg -> X_segmentation.png) or `same` (X.png -> X.png), decided from the first image
+    that has a mask (train, then val, then test), so a pool without masks still gets the dataset's rule."""
+    if naming != "auto":
+        return naming
+    root = Path(data_path)
+    for split in SPLITS:
+        gt_dir = root / f"{split}GT"
+        for img in list_images(root / f"{split}Img"):
+            found = [p for p in _mask_candidates(img, gt_dir, "auto") if p.is_file()]
+            if found:
+                return "isic" if found[0].name.endswith("_segmentation.png") else "same"
+    return "same"
+
+
+def mask_name(stem: str, naming: str) -> str:
+    """The file name a mask of image `stem` gets under the dataset's naming rule."""
+    return f"{stem}_segmentation.png" if naming == "isic" else f"{stem}.png"
+
+
+def find_pairs(
+    data_path: str | Path, split: str, naming: str = "auto", require_masks: bool = True
+) -> list[tuple[Path, Path | None]]:
+    """(image, mask) paths of a split, sorted by name. Raises on an empty folder, and on a missing
+    mask unless `require_masks` is False (an unlabelled pool): then the mask path is None."""
     root = Path(data_path)
     img_dir, gt_dir = root / f"{split}Img", root / f"{split}GT"
     if not img_dir.is_dir():
         raise DsalError(f"folder {img_dir} not found; put the {split} images there (see README, Data)")
-    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+    images = list_images(img_dir)
     if not images:
         raise DsalError(f"folder {img_dir} has no images ({', '.join(IMAGE_EXTS)}); add the {split} images")
-    if naming == "auto":  # decide once from the first image, then hold every file to it
-        found = [p for p in _mask_candidates(images[0], gt_dir, "auto") if p.is_file()]
-        naming = "isic" if found and found[0].name.endswith("_segmentation.png") else "same"
+    naming = detect_naming(root, naming)  # decided once, then every file is held to it
     pairs = []
     for img in images:
         candidates = _mask_candidates(img, gt_dir, naming)
         mask = next((p for p in candidates if p.is_file()), None)
-        if mask is None:
+        if mask is None and require_masks:
             raise DsalError(
                 f"missing mask for {img}: expected {candidates[0]}; add it or remove the image"
             )
@@ -71,31 +108,46 @@ def find_pairs(data_path: str | Path, split: str, naming: str = "auto") -> list[
     return pairs
 
 
-def read_pair(img_path: Path, mask_path: Path, rows: int, cols: int, color: str) -> tuple[np.ndarray, np.ndarray]:
-    """Decode, check and resize one pair: area interpolation for the image, nearest for the mask."""
-    for path in (img_path, mask_path):
-        if os.path.getsize(path) == 0:
-            raise DsalError(f"{path} is empty (0 bytes); replace or remove it")
-    flag = cv2.IMREAD_COLOR if color == "rgb" else cv2.IMREAD_GRAYSCALE
-    img = cv2.imread(str(img_path), flag)
+def read_image(path: Path, color: str) -> np.ndarray:
+    """Decode one image at its original size: [H,W,3] RGB or [H,W] gray, uint8; one-line error if bad."""
+    if os.path.getsize(path) == 0:
+        raise DsalError(f"{path} is empty (0 bytes); replace or remove it")
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR if color == "rgb" else cv2.IMREAD_GRAYSCALE)
     if img is None:
-        raise DsalError(f"cannot decode image {img_path} (corrupt or not an image); replace or remove it")
-    mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        raise DsalError(f"cannot decode image {path} (corrupt or not an image); replace or remove it")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if color == "rgb" else img
+
+
+def read_mask(path: Path, shape: tuple[int, int] | None = None, image: Path | None = None) -> np.ndarray:
+    """Decode and check one mask: [H,W] uint8 in {0,1}. `shape` (rows, cols) is the image's size."""
+    if os.path.getsize(path) == 0:
+        raise DsalError(f"{path} is empty (0 bytes); replace or remove it")
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if mask is None:
-        raise DsalError(f"cannot decode mask {mask_path} (corrupt or not an image); replace or remove it")
-    if img.shape[:2] != mask.shape[:2]:
+        raise DsalError(f"cannot decode mask {path} (corrupt or not an image); replace or remove it")
+    if shape is not None and mask.shape[:2] != tuple(shape):
         raise DsalError(
-            f"size mismatch: {img_path} is {img.shape[1]}x{img.shape[0]} but its mask {mask_path} "
+            f"size mismatch: {image or 'the image'} is {shape[1]}x{shape[0]} but its mask {path} "
             f"is {mask.shape[1]}x{mask.shape[0]}; re-export the mask at the image size"
         )
     values = np.unique(mask)
     if len(values) > 2 or (len(values) == 2 and values[0] != 0):
         raise DsalError(
-            f"mask {mask_path} is not binary ({len(values)} grey levels, e.g. {values[:4].tolist()}); "
+            f"mask {path} is not binary ({len(values)} grey levels, e.g. {values[:4].tolist()}); "
             "save it as a 0/255 PNG"
         )
-    if color == "rgb":
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return (mask > 0).astype(np.uint8)
+
+
+def read_pair(img_path: Path, mask_path: Path | None, rows: int, cols: int,
+              color: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decode, check and resize one pair: area interpolation for the image, nearest for the mask.
+    Without a mask (an unlabelled pool image) the mask is all zero."""
+    img = read_image(img_path, color)
+    if mask_path is None:
+        mask = np.zeros(img.shape[:2], np.uint8)
+    else:
+        mask = read_mask(mask_path, img.shape[:2], img_path)
     img = cv2.resize(img, (cols, rows), interpolation=cv2.INTER_AREA)
     mask = cv2.resize(mask, (cols, rows), interpolation=cv2.INTER_NEAREST)
     img = img.reshape(rows, cols, -1)
@@ -103,26 +155,34 @@ def read_pair(img_path: Path, mask_path: Path, rows: int, cols: int, color: str)
 
 
 def _cache_key(pairs, cfg: Config, split: str) -> str:
-    files = [(str(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for pair in pairs for p in pair]
+    files = [(str(p), os.path.getsize(p), os.stat(p).st_mtime_ns) if p is not None else None
+             for pair in pairs for p in pair]
     settings = dict(v=CACHE_VERSION, split=split, rows=cfg.img_rows, cols=cfg.img_cols,
                     color=cfg.color, naming=cfg.mask_naming, files=files)
     return hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:20]
 
 
+def masks_optional(cfg: Config, split: str) -> bool:
+    """With a human oracle (`ORACLE = "files"`) pool images may wait for their masks."""
+    return split == "train" and cfg.oracle == "files"
+
+
 def load_split(cfg: Config, split: str, use_cache: bool = True) -> Split:
     """Decode one split (cached). The train split is truncated to `pool_size` images if set."""
-    pairs = find_pairs(cfg.data_path, split, cfg.mask_naming)
+    pairs = find_pairs(cfg.data_path, split, cfg.mask_naming, require_masks=not masks_optional(cfg, split))
     if split == "train" and cfg.pool_size:
         pairs = pairs[: cfg.pool_size]
     cache_file = cfg.cache_path / f"{split}-{_cache_key(pairs, cfg, split)}.npz"
     names = [img.stem for img, _ in pairs]
+    files = [img for img, _ in pairs]
+    has_mask = np.array([m is not None for _, m in pairs], bool)
     if use_cache and cache_file.is_file():
         with np.load(cache_file) as z:
             if list(z["names"]) == names:
-                return Split(names, z["images"], z["masks"])
+                return Split(names, z["images"], z["masks"], has_mask, files)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
         decoded = list(ex.map(lambda p: read_pair(*p, cfg.img_rows, cfg.img_cols, cfg.color), pairs))
-    split_data = Split(names, np.stack([d[0] for d in decoded]), np.stack([d[1] for d in decoded]))
+    split_data = Split(names, np.stack([d[0] for d in decoded]), np.stack([d[1] for d in decoded]), has_mask, files)
     if use_cache:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp.npz")
@@ -132,7 +192,10 @@ def load_split(cfg: Config, split: str, use_cache: bool = True) -> Split:
 
 
 def load_splits(cfg: Config, splits=SPLITS) -> dict[str, Split]:
-    return {s: load_split(cfg, s) for s in splits}
+    """Decode the splits. With `ORACLE = "files"` the test split is optional (absent: left out)."""
+    root = Path(cfg.data_path)
+    return {s: load_split(cfg, s) for s in splits
+            if not (s == "test" and cfg.oracle == "files" and not list_images(root / "testImg"))}
 
 
 # ------------------------------------------------------------------ normalization

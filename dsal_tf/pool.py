@@ -34,6 +34,13 @@ class Pool:
         lm[rng.choice(size, n_labelled, replace=False)] = 1
         return cls(lm)
 
+    @classmethod
+    def from_labelled(cls, size: int, idx: np.ndarray) -> Pool:
+        """Round 0 with the images `idx` labelled."""
+        lm = np.zeros(size, np.int32)
+        lm[np.asarray(idx, np.int64)] = 1
+        return cls(lm)
+
     @property
     def labelled(self) -> np.ndarray:
         return np.flatnonzero(self.labelled_map)

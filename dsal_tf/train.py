@@ -16,9 +16,10 @@ import numpy as np
 import tensorflow as tf
 
 from .config import Config
-from .data import Normalizer, Split, make_dataset
+from .data import Normalizer, Split
+from .determinism import reset_seed_generators
 from .losses import deep_supervision, dice
-from .model import HEADS, build_unet
+from .model import build_unet
 
 CHECKPOINT = "best.keras"
 tf.get_logger().setLevel("ERROR")  # retracing notices are expected: evaluation and ensembles load many models
@@ -99,6 +100,9 @@ def _callbacks(cfg: Config, out_dir: Path, epochs: int) -> list:
         BestCheckpoint(out_dir / CHECKPOINT),
         keras.callbacks.CSVLogger(str(out_dir / "history.csv")),
     ]
+    if cfg.tensorboard:  # one log folder per round (and per ensemble member) under exp/<name>/tensorboard/
+        run = out_dir.parent if out_dir.name.startswith("round_") else out_dir.parent.parent
+        cbs.append(keras.callbacks.TensorBoard(log_dir=str(run / "tensorboard" / out_dir.relative_to(run))))
     if cfg.early_stop_patience:
         cbs.append(keras.callbacks.EarlyStopping(monitor="val_main_dice", mode="max",
                                                  patience=cfg.early_stop_patience))
@@ -125,25 +129,17 @@ def fit(
 ) -> dict[str, list[float]]:
     """Train for `epochs`, keep the best epoch by `val_main_dice`, and load it back into `model`.
 
-    With a re-weighting trainer (`TRAINER` rgs/rgm/rgsm) and pseudo labels present, the pseudo
-    labels are the machine annotations and the oracle labels the clean set.
+    The trainer is `TRAINERS[cfg.trainer]` (dsal_tf/trainers/); for the weighting trainers the
+    pseudo labels are the noisy stream and the oracle labels the clean one (see `trainers.base`).
     """
+    from .trainers import get_trainer
+
     out_dir.mkdir(parents=True, exist_ok=True)
     verbose = 1 if cfg.progress and sys.stdout.isatty() else 2
     keras.utils.set_random_seed(seed)
-    if cfg.trainer != "standard" and is_pseudo.any():
-        val_ds = make_dataset(val.images, val.masks, normalizer, cfg.batch_size)
-        from .noisy_teacher import fit_reweighted
-
-        history = fit_reweighted(model, cfg, x[~is_pseudo], y[~is_pseudo], x[is_pseudo], y[is_pseudo],
-                                 val_ds, normalizer, _callbacks(cfg, out_dir, epochs), epochs, seed, verbose)
-    else:
-        train_ds = make_dataset(x, y, normalizer, cfg.batch_size, shuffle=True, augment=cfg.augment,
-                                seed=seed, heads=HEADS)
-        val_ds = make_dataset(val.images, val.masks, normalizer, cfg.batch_size, heads=HEADS)
-        history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
-                            callbacks=_callbacks(cfg, out_dir, epochs), verbose=verbose,
-                            shuffle=False).history  # the dataset shuffles
+    reset_seed_generators(model, seed)  # dropout draws the same masks straight through or resumed
+    history = get_trainer(cfg.trainer).fit_arrays(model, cfg, x, y, is_pseudo, val, normalizer,
+                                                  _callbacks(cfg, out_dir, epochs), epochs, seed, verbose)
     best = out_dir / CHECKPOINT
     if best.is_file():
         model.set_weights(keras.models.load_model(best, compile=False).get_weights())

@@ -1,0 +1,172 @@
+"""Bringing a person's masks back into the pool (`dsal import-labels`).
+
+A round run with `ORACLE = "files"` asks for masks in `round_XX/to_annotate/manifest.csv`. The
+import checks every returned mask before it copies anything (named like the dataset's masks, one
+per manifest row and nothing else, decodable, binary, the image's size), then copies them into
+`trainGT/` one atomic rename each and records the import (time, source, files, SHA-256) in
+`round_XX/imports.json`. Importing the same masks twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .config import Config
+from .data import detect_naming, mask_name, read_mask
+from .errors import DsalError
+from .oracle import MANIFEST, TO_ANNOTATE, read_manifest
+from .predict import original_size
+
+IMPORTS = "imports.json"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def pending_round(run: Path) -> int:
+    """The latest round that asked for masks."""
+    asked = sorted(run.glob(f"round_*/{TO_ANNOTATE}/{MANIFEST}"))
+    if not asked:
+        raise DsalError(f"no round of {run} has asked for masks (no round_XX/{TO_ANNOTATE}/{MANIFEST}); "
+                        "run it with ORACLE = \"files\" (--oracle files) first")
+    return int(asked[-1].parent.parent.name.split("_")[1])
+
+
+def _stem_of(name: str) -> str | None:
+    m = re.fullmatch(r"(.+?)(_segmentation)?\.png", name, flags=re.IGNORECASE)
+    return m.group(1) if m else None
+
+
+def check_masks(masks_dir: Path, manifest: list[dict], image_dir: Path, round_: int) -> dict[str, Path]:
+    """{image name: mask file} for exactly the manifest's images; a one-line error on anything else."""
+    if not masks_dir.is_dir():
+        raise DsalError(f"mask folder {masks_dir} not found; pass --masks FOLDER with the drawn masks")
+    wanted = {row["name"]: row for row in manifest}
+    found: dict[str, Path] = {}
+    for p in sorted(masks_dir.iterdir()):
+        if p.name.startswith(".") or p.is_dir():
+            continue
+        stem = _stem_of(p.name)
+        if stem is None:
+            raise DsalError(f"{p}: a mask must be named <image>_segmentation.png or <image>.png; rename or remove it")
+        if stem not in wanted:
+            raise DsalError(f"{p} is a mask for {stem!r}, which round {round_} did not ask for "
+                            f"(see its {MANIFEST}); remove it")
+        if stem in found:
+            raise DsalError(f"{found[stem].name} and {p.name} are both masks for {stem!r}; keep one")
+        found[stem] = p
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        raise DsalError(f"no mask for {missing[0]!r} in {masks_dir} ({len(missing)} of {len(wanted)} missing); "
+                        f"round {round_} asked for every image in its {MANIFEST}")
+    for stem, p in found.items():
+        image = image_dir / wanted[stem]["file"]
+        read_mask(p, original_size(image), image)  # decodable, binary, the image's size
+    return found
+
+
+def import_masks(cfg: Config, masks_dir: str | Path, log: Callable[[str], None] = print, source: str = "") -> int:
+    """Check and copy the masks a round asked for into `trainGT/`; returns how many were new or changed."""
+    from .active import round_dir
+    from .evaluate import saved_config
+
+    cfg = saved_config(cfg)
+    r = pending_round(cfg.run_dir)
+    rd = round_dir(cfg.run_dir, r)
+    manifest = read_manifest(rd / TO_ANNOTATE / MANIFEST)
+    root = Path(cfg.data_path)
+    found = check_masks(Path(masks_dir), manifest, root / "trainImg", r)
+    gt = root / "trainGT"
+    naming = detect_naming(root, cfg.mask_naming)
+    targets = {stem: gt / mask_name(stem, naming) for stem in found}
+    changed = [s for s in found if not targets[s].is_file() or sha256(targets[s]) != sha256(found[s])]
+    if changed and (rd / "DONE").is_file():
+        raise DsalError(f"round {r} of {cfg.name} already trained with other masks for {changed[0]!r}; "
+                        "start a new run (--exp NEW) to train with corrected masks")
+    gt.mkdir(parents=True, exist_ok=True)
+    for stem in changed:  # every check passed: copy, one atomic rename per file
+        tmp = gt / f".{targets[stem].name}.tmp"
+        shutil.copyfile(found[stem], tmp)
+        os.replace(tmp, targets[stem])
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": source or str(Path(masks_dir).resolve()),
+              "new_or_changed": len(changed),
+              "files": [{"name": s, "mask": targets[s].name, "sha256": sha256(targets[s])} for s in sorted(found)]}
+    log_path = rd / IMPORTS
+    history = json.loads(log_path.read_text()) if log_path.is_file() else []
+    tmp = log_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([*history, record], indent=1))
+    os.replace(tmp, log_path)
+    if changed:
+        log(f"imported {len(changed)} masks into {gt}/ for round {r} of {cfg.name}; "
+            "run the same training command again to go on")
+    else:
+        log(f"the {len(found)} masks of round {r} were already in {gt}/; nothing changed")
+    return len(changed)
+
+
+def _task_name(task: dict) -> str:
+    data = task.get("data", {})
+    if data.get("name"):
+        return str(data["name"])
+    image = str(data.get("image", "")).split("?d=")[-1]
+    stem = Path(image).stem
+    return re.sub(r"^[0-9a-f]{8}-", "", stem)  # Label Studio prefixes uploaded files with a hash
+
+
+def masks_from_label_studio(export: Path, out_dir: Path, image_dir: Path, manifest: list[dict]) -> None:
+    """Decode the brush annotations of a Label Studio JSON export into `<name>.png` masks (0/255).
+
+    The latest non-cancelled annotation of each task counts; its brush regions are merged. A task
+    annotated with no region is an empty mask. RLE decoding is label-studio-sdk's (extra `[labelstudio]`)."""
+    try:
+        from label_studio_sdk.converter.brush import decode_rle
+    except ImportError:
+        raise DsalError("reading Label Studio exports needs label-studio-sdk: "
+                        "pip install 'dsal-tf[labelstudio]'") from None
+    try:
+        tasks = json.loads(Path(export).read_text())
+    except (OSError, ValueError) as exc:
+        raise DsalError(f"cannot read the Label Studio export {export}: {exc}; export it as JSON") from None
+    if isinstance(tasks, dict):
+        tasks = [tasks]
+    files = {row["name"]: row["file"] for row in manifest}
+    for task in tasks:
+        name = _task_name(task)
+        annotations = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
+        if not annotations or name not in files:
+            continue  # check_masks names what is missing or not asked for
+        h, w = original_size(image_dir / files[name])
+        mask = np.zeros((h, w), bool)
+        for res in annotations[-1].get("result", []):
+            value = res.get("value", {})
+            if res.get("type") != "brushlabels" or value.get("format") != "rle":
+                continue
+            rh, rw = int(res["original_height"]), int(res["original_width"])
+            mask |= cv2.resize((np.asarray(decode_rle(value["rle"])).reshape(rh, rw, 4)[..., 3] > 0)
+                               .astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+        cv2.imwrite(str(out_dir / f"{name}.png"), mask.astype(np.uint8) * 255)
+
+
+def import_label_studio(cfg: Config, export: str | Path, log: Callable[[str], None] = print) -> int:
+    """`import_masks` from a Label Studio JSON export of brush annotations."""
+    from .active import round_dir
+    from .evaluate import saved_config
+
+    run_cfg = saved_config(cfg)
+    r = pending_round(run_cfg.run_dir)
+    manifest = read_manifest(round_dir(run_cfg.run_dir, r) / TO_ANNOTATE / MANIFEST)
+    with tempfile.TemporaryDirectory() as tmp:
+        masks_from_label_studio(Path(export), Path(tmp), Path(run_cfg.data_path) / "trainImg", manifest)
+        return import_masks(cfg, tmp, log, source=str(Path(export).resolve()))

@@ -1,0 +1,199 @@
+"""The strong labeler (oracle) behind one small interface that the loop calls.
+
+- `simulated` (benchmarks): every pool mask is already on disk and asking reveals it.
+- `files` (a person with unlabelled images): asking writes `round_XX/to_annotate/` (the images at
+  their original size, the model's masks as a starting point, a manifest and a Label Studio tasks
+  file) and the loop stops until the masks are in `trainGT/` (`dsal import-labels`).
+
+Both oracles make the same decisions from the same scores: only where the masks come from differs.
+The first labels (round 0) come from `initial_selection`: random (the paper's protocol) or k-center
+greedy on small thumbnails, which spreads a cold start over the pool.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .config import Config
+from .data import Split
+from .strategies.base import _registrar
+
+ORACLES: dict[str, type[Oracle]] = {}
+register_oracle = _registrar(ORACLES)
+TO_ANNOTATE = "to_annotate"
+MANIFEST = "manifest.csv"
+MANIFEST_FIELDS = ["name", "file", "rank", "uncertainty", "agreement"]
+
+
+class AwaitingAnnotation(Exception):
+    """The loop stopped to wait for a person's masks (not an error: the CLI prints it, exit 0)."""
+
+
+# ------------------------------------------------------------------ initial labels
+def k_center_greedy(features: np.ndarray, n: int, centers=(), rng: np.random.Generator | None = None) -> np.ndarray:
+    """`n` new indices by k-center greedy (Sener & Savarese 2018): each pick is the point farthest
+    (Euclidean) from every center so far. Without `centers`, the first pick is drawn with `rng`
+    (index 0 without one). Ties go to the lower index."""
+    f = np.asarray(features, np.float64).reshape(len(features), -1)
+    n = min(n, len(f) - len(centers))
+    chosen: list[int] = []
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    if len(centers) == 0:
+        first = int(rng.integers(len(f))) if rng is not None else 0
+        chosen.append(first)
+        centers = [first]
+    nearest = np.full(len(f), np.inf)
+    for c in centers:
+        nearest = np.minimum(nearest, np.linalg.norm(f - f[c], axis=1))
+    nearest[list(centers)] = -1.0
+    while len(chosen) < n:
+        pick = int(np.argmax(nearest))
+        chosen.append(pick)
+        nearest = np.minimum(nearest, np.linalg.norm(f - f[pick], axis=1))
+        nearest[pick] = -1.0
+    return np.array(chosen, np.int64)
+
+
+def thumbnails(images: np.ndarray, side: int = 16) -> np.ndarray:
+    """[N, side*side*C] float32 in [0,1]: area-downsampled copies, the features of a cold start."""
+    return np.stack([cv2.resize(im, (side, side), interpolation=cv2.INTER_AREA).reshape(-1)
+                     for im in images]).astype(np.float32) / 255.0
+
+
+def initial_labels(cfg: Config, images: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Round 0's labelled set: `known` (bool [N], masks that already exist) plus picks up to NB_LABELED.
+
+    `random` draws like the original protocol (`rng.choice` over the rest, seeded); `kcenter`
+    spreads the picks over the pool on 16x16 thumbnails, around what is already labelled."""
+    rng = np.random.default_rng(cfg.seed)
+    labelled = np.flatnonzero(known)
+    need = max(cfg.nb_labeled - len(labelled), 0)
+    method = cfg.initial_selection
+    if method == "auto":
+        method = "kcenter" if cfg.oracle == "files" else "random"
+    rest = np.flatnonzero(~known)
+    if method == "random":
+        new = rng.choice(rest, need, replace=False) if need else np.zeros(0, np.int64)
+    else:
+        new = k_center_greedy(thumbnails(images), need, centers=labelled, rng=rng)
+    return np.sort(np.concatenate([labelled, new]).astype(np.int64))
+
+
+# ------------------------------------------------------------------ oracles
+class Oracle:
+    """Answers the loop's requests for expert masks. Override `request` and `missing`."""
+
+    name = "base"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def known(self, pool: Split) -> np.ndarray:
+        """bool [N]: pool images that are labelled before anyone was asked (round 0)."""
+        return np.zeros(len(pool), bool)
+
+    def request(self, round_dir: Path, idx: np.ndarray, pool: Split, scores: dict | None = None,
+                positions: np.ndarray | None = None, prelabels: np.ndarray | None = None) -> None:
+        """Ask for the masks of pool images `idx` (in priority order). `scores` and `positions`
+        (rows of `idx` in `scores`) describe why; `prelabels` are the model's masks at original size."""
+
+    def missing(self, idx: np.ndarray, pool: Split) -> np.ndarray:
+        """Of the pool images `idx`, those whose masks have not arrived yet."""
+        return np.zeros(0, np.int64)
+
+    def wants_prelabels(self) -> bool:
+        return False
+
+
+@register_oracle("simulated")
+class SimulatedOracle(Oracle):
+    """Every mask is on disk already; the loop only pretends not to see the unlabelled ones."""
+
+
+@register_oracle("files")
+class FileOracle(Oracle):
+    """A person draws the masks: requests are exported as files, answers come back through
+    `dsal import-labels` (or by saving masks into trainGT/ directly)."""
+
+    def known(self, pool: Split) -> np.ndarray:
+        return pool.has_mask.copy()
+
+    def wants_prelabels(self) -> bool:
+        return True
+
+    def missing(self, idx, pool):
+        idx = np.asarray(idx, np.int64)
+        return idx[~pool.has_mask[idx]]
+
+    def request(self, round_dir, idx, pool, scores=None, positions=None, prelabels=None):
+        write_request(round_dir / TO_ANNOTATE, idx, pool, scores, positions, prelabels)
+
+
+def write_request(out: Path, idx: np.ndarray, pool: Split, scores: dict | None, positions: np.ndarray | None,
+                  prelabels: list[np.ndarray] | None) -> None:
+    """`out/`: the images (original files), `prelabels/<stem>.png` (0/255), `manifest.csv` and
+    `tasks.json` for Label Studio (prelabels as predictions). Written to a temporary folder, then renamed."""
+    import shutil
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "prelabels").mkdir(parents=True)
+    rows, tasks = [], []
+    for rank, i in enumerate(idx):
+        src = pool.files[i]
+        shutil.copyfile(src, tmp / src.name)
+        row = {"name": pool.names[i], "file": src.name, "rank": rank + 1, "uncertainty": "", "agreement": ""}
+        if scores is not None and positions is not None:
+            for key in ("uncertainty", "agreement"):
+                if key in scores:
+                    row[key] = f"{float(scores[key][positions[rank]]):.6g}"
+        rows.append(row)
+        task = {"data": {"image": f"/data/local-files/?d={out.resolve().relative_to('/')}/{src.name}",
+                         "name": pool.names[i]}}
+        if prelabels is not None:
+            mask = prelabels[rank]
+            cv2.imwrite(str(tmp / "prelabels" / f"{pool.names[i]}.png"), mask * 255)
+            task["predictions"] = [label_studio_prediction(mask)]
+        tasks.append(task)
+    with (tmp / MANIFEST).open("w", newline="") as f:
+        w = csv.DictWriter(f, MANIFEST_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    (tmp / "tasks.json").write_text(json.dumps(tasks))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def label_studio_prediction(mask: np.ndarray, label: str = "lesion") -> dict:
+    """A Label Studio brush prediction for a {0,1} [H,W] mask (RLE by label-studio-sdk, extra `[labelstudio]`);
+    without the extra, the tasks carry no pre-drawn masks."""
+    try:
+        from label_studio_sdk.converter.brush import mask2rle
+    except ImportError:
+        return {"model_version": "dsal-tf", "result": []}
+    h, w = mask.shape[:2]
+    return {"model_version": "dsal-tf", "result": [{
+        "from_name": "label", "to_name": "image", "type": "brushlabels",
+        "original_width": int(w), "original_height": int(h), "image_rotation": 0,
+        "value": {"format": "rle", "rle": mask2rle((mask.reshape(h, w) > 0).astype(np.uint8) * 255),
+                  "brushlabels": [label]},
+    }]}
+
+
+def read_manifest(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def waiting_message(cfg: Config, round_: int, n_missing: int, n_asked: int) -> str:
+    where = cfg.run_dir / f"round_{round_:02d}" / TO_ANNOTATE
+    return (f"round {round_}: waiting for {n_missing} of {n_asked} expert masks; draw them for the images in "
+            f"{where}/ (prelabels/ holds the model's masks to start from), then run "
+            f"`dsal import-labels --exp {cfg.name} --masks DIR` and this command again")

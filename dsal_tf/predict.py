@@ -1,0 +1,216 @@
+"""Masks for a folder of new images with a trained run (`dsal predict`), nnU-Net style: the output
+keeps every input's name and original size.
+
+Pipeline: `tf.data` decodes files in parallel (OpenCV, area-resized to the model's size), one
+compiled pass per batch gives the main head's probabilities and the side-head agreement (DSAL's
+score, a per-image quality flag: low agreement = look at this one), then each probability map is
+resized to the image's original size *before* thresholding at 0.5.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from .config import Config
+from .data import IMAGE_EXTS, Normalizer, list_images, read_image
+from .errors import DsalError
+
+THRESHOLD = 0.5
+
+
+def original_size(path: Path) -> tuple[int, int]:
+    """(rows, cols) of an image file as it decodes (EXIF orientation applied, like training)."""
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise DsalError(f"cannot decode image {path} (corrupt or not an image); replace or remove it")
+    return img.shape[:2]
+
+
+def to_original(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A [h,w] or [h,w,1] probability map resized (bilinear) to `shape` (rows, cols), float32."""
+    prob = np.asarray(prob, np.float32).reshape(prob.shape[0], prob.shape[1])
+    return cv2.resize(prob, (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_LINEAR)
+
+
+def masks_at_original_size(model, images: np.ndarray, files: list[Path], normalizer: Normalizer,
+                           batch_size: int) -> list[np.ndarray]:
+    """The model's {0,1} uint8 masks for model-size `images`, each at the original size of its file."""
+    from .evaluate import predict_main
+
+    prob = predict_main(model, images, normalizer, batch_size)
+    return [(to_original(p, original_size(f)) > THRESHOLD).astype(np.uint8) for p, f in zip(prob, files)]
+
+
+def choose_round(run: Path, which: str | int) -> int:
+    """`best` (highest validation Dice), `last` (latest complete round) or a round number."""
+    from .active import completed_rounds
+
+    done = completed_rounds(run)
+    if not done:
+        raise DsalError(f"{run} has no finished round yet; train it first with: python main.py --exp {run.name}")
+    which = str(which).strip().lower()
+    if which == "last":
+        return done[-1]
+    if which == "best":
+        curve = pd.read_csv(run / "learning_curve.csv")
+        curve = curve[curve["round"].isin(done)]
+        return int(curve.loc[curve["val_dice"].idxmax(), "round"])
+    try:
+        r = int(which)
+    except ValueError:
+        raise DsalError(f"--round {which!r} must be best, last or a round number, e.g. --round 3") from None
+    if r not in done:
+        raise DsalError(f"round {r} of {run} is not finished; finished rounds: {done}")
+    return r
+
+
+def load_round(cfg: Config, which: str | int = "best"):
+    """(run config, round, plain U-Net, normalizer) of a finished round of `cfg`'s run."""
+    import keras
+
+    from .active import round_dir
+    from .evaluate import saved_config
+    from .train import CHECKPOINT
+
+    cfg = saved_config(cfg)
+    r = choose_round(cfg.run_dir, which)
+    model = keras.models.load_model(round_dir(cfg.run_dir, r) / CHECKPOINT, compile=False)
+    return cfg, r, model, Normalizer.load(cfg.run_dir / "normalizer.json")
+
+
+def _check_inputs(in_dir: Path, out_dir: Path) -> list[Path]:
+    if not in_dir.is_dir():
+        raise DsalError(f"input folder {in_dir} not found; pass -i FOLDER with the images to segment")
+    files = list_images(in_dir)
+    if not files:
+        raise DsalError(f"input folder {in_dir} has no images ({', '.join(IMAGE_EXTS)})")
+    if out_dir.resolve() == in_dir.resolve():
+        raise DsalError(f"-o {out_dir} is the input folder; write the masks to another folder")
+    stems: dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems:
+            raise DsalError(f"{stems[f.stem].name} and {f.name} would both write {f.stem}.png; rename one")
+        stems[f.stem] = f
+        if os.path.getsize(f) == 0 or not cv2.haveImageReader(str(f)):
+            raise DsalError(f"{f} is empty or not an image; replace or remove it")
+    return files
+
+
+def image_dataset(files: list[Path], rows: int, cols: int, color: str, batch_size: int):
+    """Batches of (uint8 images at the model size, original (rows, cols), decoded-ok flag)."""
+    import tensorflow as tf
+
+    channels = 3 if color == "rgb" else 1
+
+    def decode(path):
+        try:
+            img = read_image(Path(path.decode()), color)
+        except DsalError:
+            return np.zeros((rows, cols, channels), np.uint8), np.zeros(2, np.int32), np.int32(0)
+        shape = np.array(img.shape[:2], np.int32)
+        img = cv2.resize(img, (cols, rows), interpolation=cv2.INTER_AREA).reshape(rows, cols, channels)
+        return img, shape, np.int32(1)
+
+    def load(path):
+        img, shape, ok = tf.numpy_function(decode, [path], [tf.uint8, tf.int32, tf.int32])
+        img.set_shape((rows, cols, channels))
+        shape.set_shape((2,))
+        ok.set_shape(())
+        return img, shape, ok
+
+    ds = tf.data.Dataset.from_tensor_slices([str(f) for f in files])
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def predict_step(model, normalizer: Normalizer):
+    """A compiled step: uint8 batch -> main-head probabilities and side-head agreement per image."""
+    import tensorflow as tf
+
+    from .strategies.dsal import agreement
+
+    @tf.function(reduce_retracing=True)
+    def step(x):
+        out = model(normalizer(x), training=False)
+        return out["main"], agreement(out["main"], out["side_1"], out["side_2"])
+
+    return step
+
+
+def predict_folder(
+    cfg: Config,
+    in_dir: str | Path,
+    out_dir: str | Path,
+    which: str | int = "best",
+    probabilities: bool = False,
+    overlays: bool = False,
+    flag_below: float = 0.8,
+    batch_size: int | None = None,
+    progress: bool = True,
+    log=print,
+) -> pd.DataFrame:
+    """Write `<stem>.png` (0/255, original size) for every image of `in_dir` into `out_dir`, plus
+    `predictions.csv` (size, foreground fraction, agreement, `check` where agreement < `flag_below`);
+    `probabilities/<stem>.png` (p x 255) and `overlays/<stem>.jpg` on request."""
+    from tqdm.auto import tqdm
+
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    files = _check_inputs(in_dir, out_dir)
+    cfg, r, model, normalizer = load_round(cfg, which)
+    batch_size = batch_size or cfg.batch_size
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for sub, wanted in (("probabilities", probabilities), ("overlays", overlays)):
+        if wanted:
+            (out_dir / sub).mkdir(exist_ok=True)
+    step = predict_step(model, normalizer)
+    rows, failed = [], []
+    t0 = time.perf_counter()
+    i = 0
+    bar = tqdm(total=len(files), desc="predicting", unit="img", disable=not progress, leave=False)
+    for x, shapes, ok in image_dataset(files, cfg.img_rows, cfg.img_cols, cfg.color, batch_size):
+        prob, agree = (t.numpy() for t in step(x))
+        for p, a, shape, good in zip(prob, agree, shapes.numpy(), ok.numpy()):
+            f = files[i]
+            i += 1
+            if not good:
+                failed.append(f)
+                continue
+            full = to_original(p, shape)
+            mask = (full > THRESHOLD).astype(np.uint8)
+            cv2.imwrite(str(out_dir / f"{f.stem}.png"), mask * 255)
+            if probabilities:
+                cv2.imwrite(str(out_dir / "probabilities" / f"{f.stem}.png"),
+                            np.round(full * 255).astype(np.uint8))
+            if overlays:
+                _write_overlay(f, mask, out_dir / "overlays" / f"{f.stem}.jpg", cfg.color)
+            rows.append({"name": f.stem, "file": f.name, "height": int(shape[0]), "width": int(shape[1]),
+                         "foreground_fraction": round(float(mask.mean()), 6), "agreement": round(float(a), 6),
+                         "check": bool(a < flag_below)})
+        bar.update(len(prob))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    table = pd.DataFrame(rows, columns=["name", "file", "height", "width", "foreground_fraction", "agreement",
+                                        "check"])
+    tmp = out_dir / "predictions.csv.tmp"
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, out_dir / "predictions.csv")
+    log(f"{len(table)} masks from round {r} of {cfg.name} in {out_dir}/ ({len(files) / seconds:.1f} images/s); "
+        f"{int(table['check'].sum())} with side-head agreement < {flag_below} are flagged in predictions.csv")
+    if failed:
+        raise DsalError(f"{len(failed)} image(s) could not be decoded, e.g. {failed[0]}; "
+                        f"replace or remove them (the other masks are written)")
+    return table
+
+
+def _write_overlay(path: Path, mask: np.ndarray, out: Path, color: str) -> None:
+    img = read_image(path, color)
+    img = img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    img = np.ascontiguousarray(img)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(img, contours, -1, (255, 0, 0), max(1, round(max(img.shape[:2]) / 300)))
+    cv2.imwrite(str(out), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
