@@ -23,10 +23,14 @@ from .data import Normalizer, load_splits
 from .errors import DsalError
 from .metrics import dice
 
-# variant -> (TRAINER, RGS_QUERY); "teacher" is the expert-only model itself
+# variant -> (TRAINER, RGS_QUERY); "teacher" is the expert-only model itself. `equal` is a plain
+# `fit` over expert + machine labels; `uniform` is the control for the re-weighted variants: the
+# same paired sampler and step as `rgs` (each step B machine + B expert images, Adam on
+# sum_i w_i L_i(machine) + mean_j L_j(expert)) with w_i = 1/B, so only the weights differ.
 VARIANTS: dict[str, tuple[str, bool] | None] = {
     "teacher": None,
     "equal": ("standard", False),
+    "uniform": ("uniform", False),
     "rgs": ("rgs", False),
     "rgs+al": ("rgs", True),
     "rgm": ("rgm", False),

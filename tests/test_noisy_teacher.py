@@ -1,4 +1,5 @@
-"""Noisy-teacher re-weighting: batched scores against brute-force per-sample gradients."""
+"""Noisy-teacher re-weighting (trainers/reweight.py) and its uniform control: batched scores against
+brute-force per-sample gradients, weights by hand, and what the compiled step does with them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dsal_tf import noisy_teacher as nt
+from dsal_tf import trainers as nt
 from dsal_tf.model import build_unet
 
 SHAPE = (16, 16, 3)
@@ -169,14 +170,14 @@ class _FixedWeights(nt.ReweightedTrainer):
         super().__init__(*args, **kwargs)
         self.fixed = tf.constant(fixed, tf.float32)
 
-    def sample_weights(self, e, g):
+    def sample_weights(self, e, g, losses):
         return self.fixed
 
 
 def _dataset(batch: int = 4) -> tf.data.Dataset:
     xn, yn = _batch(4, 1)
     xc, yc = _batch(3, 2)
-    return nt.make_reweighted_dataset(xn, yn, xc, yc, batch_size=batch, seed=0)
+    return nt.make_paired_dataset(xn, yn, xc, yc, batch_size=batch, seed=0)
 
 
 def _flat(tensors) -> np.ndarray:
@@ -221,10 +222,10 @@ class _Recorder(nt.ReweightedTrainer):
         self.seen_e = tf.Variable(tf.zeros([4]), trainable=False)
         self.seen_g = tf.Variable(tf.zeros([4]), trainable=False)
 
-    def sample_weights(self, e, g):
+    def sample_weights(self, e, g, losses):
         self.seen_e.assign(e)
         self.seen_g.assign(g)
-        return super().sample_weights(e, g)
+        return super().sample_weights(e, g, losses)
 
 
 @pytest.mark.slow
@@ -235,7 +236,7 @@ def test_train_step_scores_match_the_plain_functions():
     xc, yc = _batch(3, 2)
     e = nt.trust_scores(model, xn, yn, xc, yc)
     g = nt.informativeness_scores(model, xn, yn)
-    trainer = _Recorder(model, lam=0.5)
+    trainer = _Recorder(model, lam=0.5)  # RGS&M: both scores
     trainer.compile(keras.optimizers.Adam(1e-3))
     trainer.fit(tf.data.Dataset.from_tensors(((xn, yn), (xc, yc))), epochs=1, verbose=0)
     assert _rel_err(trainer.seen_e.numpy(), e) < 1e-4
@@ -254,8 +255,62 @@ def test_fit_and_evaluate(name, tmp_path):
     history = trainer.fit(_dataset(batch=2), validation_data=val, epochs=1, verbose=0).history
     for key in ("loss", "main_dice", "mean_weight", "kept_fraction", "val_loss", "val_main_dice"):
         assert np.isfinite(history[key][-1]), key
-    assert 0.0 <= history["kept_fraction"][-1] <= 1.0
     assert not all(np.array_equal(a, b) for a, b in zip(before, _snapshot(model)))
     path = tmp_path / "unet.keras"
     trainer.segmenter.save(path)
     assert keras.models.load_model(path, compile=False).name == model.name
+
+
+class _WeightRecorder(nt.ReweightedTrainer):
+    """Test double: keeps the trust scores and the weights of the last compiled step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen_e = tf.Variable(tf.zeros([4]), trainable=False)
+        self.seen_w = tf.Variable(tf.zeros([4]), trainable=False)
+
+    def sample_weights(self, e, g, losses):
+        w = super().sample_weights(e, g, losses)
+        self.seen_e.assign(e)
+        self.seen_w.assign(w)
+        return w
+
+
+@pytest.mark.slow
+def test_query_zeroes_weights_inside_the_step():
+    """+AL inside `fit`: every weight below 1/B is 0, the rest is max(e,0)/sum max(e,0) unrenormalised,
+    and `kept_fraction` is the share of non-zero weights of that very step."""
+    model = _unet()
+    xn, yn = _batch(4, 1)
+    xc, yc = _batch(3, 2)
+    trainer = _WeightRecorder(model, lam=1.0, query=True)
+    trainer.compile(keras.optimizers.Adam(1e-3))
+    history = trainer.fit(tf.data.Dataset.from_tensors(((xn, yn), (xc, yc))), epochs=1, verbose=0).history
+    e, w = trainer.seen_e.numpy(), trainer.seen_w.numpy()
+    pos = np.maximum(e, 0.0)
+    plain = pos / pos.sum()
+    expected = np.where(plain < 0.25, 0.0, plain)
+    assert 0 < (expected > 0).sum() < 4  # the query drops some samples here and keeps some
+    np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-7)
+    assert history["kept_fraction"] == [pytest.approx((expected > 0).mean())]
+    assert history["mean_weight"] == [pytest.approx(expected.mean(), rel=1e-5)]
+
+
+def test_uniform_control_is_the_same_step_with_weights_one_over_b():
+    """`uniform` through the same step, SGD lr 1: the update is -(mean_i grad L_i + grad mean L_clean)."""
+    model = _unet()
+    xn, yn = _batch(4, 1)
+    xc, yc = _batch(4, 2)
+    variables = model.trainable_variables
+    loss_fn = nt.resolve_loss("bce_dice")
+    with tf.GradientTape() as tape:
+        target = tf.reduce_mean(nt.per_sample_loss(model(xn), yn, loss_fn, DS))
+        target += tf.reduce_mean(nt.per_sample_loss(model(xc), yc, loss_fn, DS))
+    expected = _grad(tape, target, variables)
+    before = _snapshot(model)
+    trainer = nt.make_trainer("uniform", model)
+    trainer.compile(keras.optimizers.SGD(1.0))
+    history = trainer.fit(tf.data.Dataset.from_tensors(((xn, yn), (xc, yc))), epochs=1, verbose=0).history
+    step = [b - a for a, b in zip(before, _snapshot(model))]
+    assert _rel_err(-_flat(step), _flat(expected)) < 1e-4
+    assert history["mean_weight"] == [pytest.approx(0.25)] and history["kept_fraction"] == [1.0]

@@ -19,26 +19,24 @@ Layout: NHWC images `[N,H,W,C]`, masks `[N,H,W,1]`, every score and weight `[N]`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from . import losses as losses_lib
-from .errors import DsalError
-from .model import HEADS
+from ..errors import DsalError
+from ..model import HEADS
+from .base import (
+    DS_WEIGHTS,
+    LossFn,
+    PairedTrainer,
+    per_sample_loss,
+    register_trainer,
+    resolve_loss,
+)
+from .base import tf_variables as _tf_variables
 
-LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
-DS_WEIGHTS = (0.6, 0.3, 0.1)
 LAST_LAYER = "main_logits"
-
-# trainer name -> constructor defaults; `lam` mixes trust (1.0) and informativeness (0.0).
-TRAINERS: dict[str, dict] = {
-    "rgs": {"lam": 1.0},
-    "rgm": {"lam": 0.0},
-    "rgsm": {"lam": 0.5},
-}
 
 
 # ------------------------------------------------------------------ weights
@@ -65,30 +63,6 @@ def combine_weights(w_e: tf.Tensor | None, w_x: tf.Tensor | None, lam: float, qu
         threshold = 1.0 / tf.cast(tf.shape(w)[0], w.dtype)
         w = tf.where(w < threshold, tf.zeros_like(w), w)
     return w
-
-
-# ------------------------------------------------------------------ per-sample losses
-def resolve_loss(loss: str | LossFn) -> LossFn:
-    """A loss name from `losses.LOSSES` or a per-sample callable `(y, p) -> [N]`."""
-    if callable(loss):
-        return loss
-    if loss not in losses_lib.LOSSES:
-        raise DsalError(f"unknown loss {loss!r}: use one of {sorted(losses_lib.LOSSES)}")
-    return losses_lib.get_loss(loss)
-
-
-def per_sample_loss(outputs: dict, y, loss_fn: LossFn, ds_weights: Sequence[float] = DS_WEIGHTS) -> tf.Tensor:
-    """`L_i = sum_k ds_weights[k] * loss(y_i, outputs[head_k]_i)`, shape [N], in float32.
-
-    `y` is one mask `[N,H,W,1]` shared by all heads, or a `{head: mask}` dict.
-    """
-    total = 0.0
-    for head, weight in zip(HEADS, ds_weights):
-        if weight == 0:
-            continue
-        target = y[head] if isinstance(y, dict) else y
-        total += float(weight) * tf.cast(loss_fn(target, outputs[head]), tf.float32)
-    return total
 
 
 # ------------------------------------------------------------------ scores
@@ -128,12 +102,6 @@ def kernel_gradient_magnitude(features: tf.Tensor, logit_grads: tf.Tensor) -> tf
     logit_grads = tf.cast(logit_grads, tf.float32)
     per_sample_kernel = tf.einsum("nhwc,nhwo->nco", features, logit_grads)
     return tf.reduce_mean(tf.abs(per_sample_kernel), axis=[1, 2])
-
-
-def _tf_variables(variables: Sequence) -> list:
-    """The `tf.Variable` behind each Keras Variable: what forward mode watches, and a dtype that
-    `UnconnectedGradients.ZERO` understands (a Keras Variable reports its dtype as a string)."""
-    return [getattr(v, "value", v) for v in variables]
 
 
 def _clean_gradient(segmenter, x_clean, y_clean, loss_fn, ds_weights, training: bool, scale=None):
@@ -230,61 +198,44 @@ def informativeness_scores(
 
 
 # ------------------------------------------------------------------ trainer
-class ReweightedTrainer(keras.Model):
-    """Wraps a segmenter; `fit` on `((x_noisy, y_noisy), (x_clean, y_clean))` batches.
+class ReweightedTrainer(PairedTrainer):
+    """Noisy sample i gets `w_i` from trust `e` and informativeness `g` (`lam` mixes them, `query` is +AL).
 
-    Only `train_step` changes (the update itself is re-weighted); `evaluate` takes plain `(x, y)`
-    and reports `loss` and `main_dice`, so `val_main_dice` drives checkpoints. Save
-    `trainer.segmenter`, a plain U-Net, never the trainer.
+    The update is Adam on `sum_i w_i L_i(noisy) + expert_weight * mean_j L_j(clean)`, with `w`
+    held constant (stop-gradient). `lam` = None takes the class default (`rgs` 1, `rgm` 0, `rgsm` 0.5).
     """
+
+    default_lam = 1.0
 
     def __init__(
         self,
         segmenter: keras.Model,
         loss: str | LossFn = "bce_dice",
         ds_weights: Sequence[float] = DS_WEIGHTS,
-        lam: float = 1.0,
+        lam: float | None = None,
         query: bool = False,
         expert_weight: float = 1.0,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(segmenter, loss=loss, ds_weights=ds_weights, expert_weight=expert_weight, **kwargs)
+        lam = self.default_lam if lam is None or lam == -1.0 else float(lam)
         if not 0.0 <= lam <= 1.0:
             raise DsalError(f"rgs_lambda={lam} is out of range: use a value in [0, 1] (1 RGS, 0 RGM)")
-        if len(ds_weights) != len(HEADS):
-            raise DsalError(f"ds_weights={tuple(ds_weights)} needs {len(HEADS)} values, one per head {HEADS}")
-        self.segmenter = segmenter
         self.scorer = score_model(segmenter)
-        self.loss_fn = resolve_loss(loss)
-        self.ds_weights = tuple(float(w) for w in ds_weights)
-        self.lam = float(lam)
+        self.lam = lam
         self.query = bool(query)
-        self.expert_weight = float(expert_weight)
-        self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.clean_loss_tracker = keras.metrics.Mean(name="clean_loss")
-        self.dice_tracker = keras.metrics.Mean(name="main_dice")
-        self.weight_tracker = keras.metrics.Mean(name="mean_weight")
-        self.kept_tracker = keras.metrics.Mean(name="kept_fraction")
-        self.built = True  # the segmenter is built; stops fit from calling us on a zipped batch
 
-    @property
-    def metrics(self) -> list:
-        return [
-            self.loss_tracker,
-            self.clean_loss_tracker,
-            self.dice_tracker,
-            self.weight_tracker,
-            self.kept_tracker,
-        ]
+    @classmethod
+    def config_kwargs(cls, cfg, total_steps: int) -> dict:
+        return {"lam": cfg.rgs_lambda, "query": cfg.rgs_query}
 
-    def compile(self, optimizer="adam", jit_compile: bool | str = False, **kwargs) -> None:
-        """Adam by default; XLA off by default (forward-mode autodiff inside XLA is untested)."""
-        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+    def needs_trust(self) -> bool:
+        return self.lam > 0.0
 
-    def call(self, x, training: bool = False):
-        return self.segmenter(x, training=training)
+    def needs_informativeness(self) -> bool:
+        return self.lam < 1.0
 
-    def sample_weights(self, e: tf.Tensor | None, g: tf.Tensor | None) -> tf.Tensor:
+    def sample_weights(self, e: tf.Tensor | None, g: tf.Tensor | None, losses: tf.Tensor) -> tf.Tensor:
         """The step's weights [B] from trust e and informativeness g (either may be None)."""
         w_e = normalize_positive(e) if e is not None else None
         w_x = normalize_positive(g) if g is not None else None
@@ -298,7 +249,7 @@ class ReweightedTrainer(keras.Model):
             self.segmenter, x_clean, y_clean, self.loss_fn, self.ds_weights, True, scale
         )
         # Loss scaling multiplies every e_i alike, so the normalised weights do not see it.
-        direction = clean_grads if self.lam > 0.0 else None
+        direction = clean_grads if self.needs_trust() else None
         with tf.GradientTape() as tape:
             noisy, e, g = _noisy_pass(
                 self.scorer,
@@ -308,10 +259,10 @@ class ReweightedTrainer(keras.Model):
                 self.loss_fn,
                 self.ds_weights,
                 direction,
-                self.lam < 1.0,
+                self.needs_informativeness(),
                 True,
             )
-            w = tf.stop_gradient(self.sample_weights(e, g))
+            w = tf.stop_gradient(self.sample_weights(e, g, noisy))
             noisy_objective = tf.reduce_sum(w * noisy)
             scaled = scale(noisy_objective)
         grads = tape.gradient(
@@ -320,105 +271,25 @@ class ReweightedTrainer(keras.Model):
         if self.expert_weight != 0.0:
             grads = [gn + self.expert_weight * gc for gn, gc in zip(grads, clean_grads)]
         self.optimizer.apply_gradients(zip(grads, variables))
-
-        self.loss_tracker.update_state(noisy_objective + self.expert_weight * clean_loss)
-        self.clean_loss_tracker.update_state(clean_loss)
-        # Dice against the expert masks: the only labels this step can trust.
-        self.dice_tracker.update_state(losses_lib.dice(_main(y_clean), clean_out["main"]))
-        self.weight_tracker.update_state(tf.reduce_mean(w))
-        self.kept_tracker.update_state(tf.reduce_mean(tf.cast(w > 0, tf.float32)))
-        return {m.name: m.result() for m in self.metrics}
-
-    def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        outputs = self.segmenter(x, training=False)
-        per_sample = per_sample_loss(outputs, y, self.loss_fn, self.ds_weights)
-        self.loss_tracker.update_state(per_sample, sample_weight=sample_weight)
-        self.dice_tracker.update_state(
-            losses_lib.dice(_main(y), outputs["main"]), sample_weight=sample_weight
-        )
-        return {m.name: m.result() for m in (self.loss_tracker, self.dice_tracker)}
+        return self.track(noisy_objective + self.expert_weight * clean_loss, clean_loss, clean_out, y_clean, w)
 
 
-def _main(y):
-    return y["main"] if isinstance(y, dict) else y
+@register_trainer("rgs")
+class RGS(ReweightedTrainer):
+    """Trust only: `w = max(e, 0) / sum max(e, 0)`."""
+
+    default_lam = 1.0
 
 
-def make_trainer(
-    name: str,
-    segmenter: keras.Model,
-    loss: str | LossFn = "bce_dice",
-    ds_weights: Sequence[float] = DS_WEIGHTS,
-    query: bool = False,
-    lam: float | None = None,
-    expert_weight: float = 1.0,
-) -> ReweightedTrainer:
-    """A `ReweightedTrainer` by registry name; `lam=None` (or < 0, the config's -1) takes its default."""
-    if name not in TRAINERS:
-        raise DsalError(f"trainer={name!r} is not a re-weighting trainer: use one of {sorted(TRAINERS)}")
-    settings = dict(TRAINERS[name])
-    if lam is not None and lam >= 0:
-        settings["lam"] = lam
-    return ReweightedTrainer(
-        segmenter, loss=loss, ds_weights=ds_weights, query=query, expert_weight=expert_weight, **settings
-    )
+@register_trainer("rgm")
+class RGM(ReweightedTrainer):
+    """Informativeness only: `w = g / sum g`."""
+
+    default_lam = 0.0
 
 
-# ------------------------------------------------------------------ data
-def make_reweighted_dataset(
-    x_noisy: np.ndarray,
-    y_noisy: np.ndarray,
-    x_clean: np.ndarray,
-    y_clean: np.ndarray,
-    batch_size: int,
-    seed: int = 0,
-    preprocess: Callable | None = None,
-    augment: bool = False,
-    repeat: bool = False,
-) -> tf.data.Dataset:
-    """`((x_noisy, y_noisy), (x_clean, y_clean))` batches; one epoch is one pass over the noisy set.
+@register_trainer("rgsm")
+class RGSM(ReweightedTrainer):
+    """`w = 0.5 w^e + 0.5 w^x`."""
 
-    The clean set is repeated and reshuffled, so a small expert set never ends an epoch; with
-    `repeat` the noisy set repeats too (then bound the epoch with `.take(steps)`).
-    `preprocess` maps an image batch to float32 (e.g. a `data.Normalizer`); default: a cast.
-    """
-    from .data import make_dataset
-
-    if len(x_noisy) == 0 or len(x_clean) == 0:
-        raise DsalError("make_reweighted_dataset needs at least one noisy and one clean image")
-    prep = preprocess if preprocess is not None else (lambda x: tf.cast(x, tf.float32))
-    noisy = make_dataset(x_noisy, y_noisy, prep, batch_size, shuffle=True, augment=augment, seed=seed,
-                         repeat=repeat)
-    clean = make_dataset(
-        x_clean, y_clean, prep, batch_size, shuffle=True, augment=augment, seed=seed + 1, repeat=True
-    )
-    return tf.data.Dataset.zip((noisy, clean)).prefetch(tf.data.AUTOTUNE)
-
-
-def fit_reweighted(
-    segmenter: keras.Model,
-    cfg,
-    x_clean: np.ndarray,
-    y_clean: np.ndarray,
-    x_noisy: np.ndarray,
-    y_noisy: np.ndarray,
-    val_ds: tf.data.Dataset,
-    normalizer: Callable,
-    callbacks: list,
-    epochs: int,
-    seed: int,
-    verbose: int | str = "auto",
-) -> dict[str, list[float]]:
-    """Train `segmenter` with `cfg.trainer` re-weighting: clean = expert labels, noisy = machine labels.
-
-    An epoch is one pass over the larger of the two sets (the smaller one repeats), so expert
-    images are never under-trained when the machine set is small, as in early DSAL rounds.
-    """
-    trainer = make_trainer(cfg.trainer, segmenter, loss=cfg.loss, ds_weights=cfg.ds_weights,
-                           query=cfg.rgs_query, lam=cfg.rgs_lambda)
-    trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-    steps = -(-max(len(x_noisy), len(x_clean)) // cfg.batch_size)
-    ds = make_reweighted_dataset(x_noisy, y_noisy, x_clean, y_clean, cfg.batch_size, seed=seed,
-                                 preprocess=normalizer, augment=cfg.augment, repeat=True)
-    return trainer.fit(ds.take(steps), validation_data=val_ds, epochs=epochs, callbacks=callbacks,
-                       verbose=verbose, shuffle=False).history
+    default_lam = 0.5

@@ -1,0 +1,61 @@
+"""Trainers, picked by name (`TRAINER`): one algorithm per file on the shared core in `base.py`.
+
+| name | file | noisy-batch weighting |
+|---|---|---|
+| `standard` | `standard.py` | none: plain `fit` on every label alike |
+| `uniform` | `uniform.py` | `w_i = 1/B` through the paired sampler (the control) |
+| `rgs`, `rgm`, `rgsm` | `reweight.py` | gradient trust / magnitude (noisy teacher) |
+| `mwnet` | `mwnet.py` | per-sample weights from a meta-learned weight net |
+| `mcpm` | `mcpm.py` | per-pixel weights from a meta-learned mask net |
+| `pnt`, `int`, `pint` | `pint.py` | EMA-teacher uncertainty gates label vs. teacher consistency |
+
+`train.fit` calls `TRAINERS[cfg.trainer].fit_arrays(...)` and never branches on the name.
+"""
+
+from . import mcpm, mwnet, pint, reweight, standard, uniform  # noqa: F401  (registration)
+from .base import (
+    DS_WEIGHTS,
+    TRAINERS,
+    PairedTrainer,
+    make_paired_dataset,
+    per_sample_loss,
+    pixel_weighted_loss,
+    register_trainer,
+    resolve_loss,
+    split_clean,
+)
+from .reweight import (
+    ReweightedTrainer,
+    combine_weights,
+    informativeness_scores,
+    kernel_gradient_magnitude,
+    normalize_positive,
+    trust_scores,
+)
+
+
+def get_trainer(name: str) -> type:
+    from ..errors import DsalError
+
+    if name not in TRAINERS:
+        raise DsalError(f"TRAINER = {name!r} is not one of {sorted(TRAINERS)}")
+    return TRAINERS[name]
+
+
+def make_trainer(name: str, segmenter, **kwargs) -> PairedTrainer:
+    """A wrapping trainer by registry name (not `standard`, which has no wrapper)."""
+    from ..errors import DsalError
+
+    cls = get_trainer(name)
+    if not issubclass(cls, PairedTrainer):
+        raise DsalError(f"trainer {name!r} has no wrapper model; use one of "
+                        f"{sorted(n for n, c in TRAINERS.items() if issubclass(c, PairedTrainer))}")
+    return cls(segmenter, **kwargs)
+
+
+__all__ = [
+    "DS_WEIGHTS", "TRAINERS", "PairedTrainer", "ReweightedTrainer", "combine_weights", "get_trainer",
+    "informativeness_scores", "kernel_gradient_magnitude", "make_paired_dataset", "make_trainer",
+    "normalize_positive", "per_sample_loss", "pixel_weighted_loss", "register_trainer", "resolve_loss",
+    "split_clean", "trust_scores",
+]

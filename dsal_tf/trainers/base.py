@@ -1,0 +1,300 @@
+"""The shared core of every trainer: per-sample and pixel-weighted losses, the paired noisy/clean
+sampler, and `PairedTrainer`, the Keras `Model` that wraps a U-Net and drives `fit`.
+
+Every trainer here sees the same data: each step one batch of B "noisy" images (machine labels,
+pseudo labels or corrupted masks) and one batch of B "clean" images (expert labels, the meta set),
+from `make_paired_dataset`. Its update is Adam on
+
+    noisy_objective(weights) + expert_weight * mean_j L_j(clean),
+
+so trainers differ only in how the noisy batch is weighted (`uniform`: w_i = 1/B, the control).
+
+Layout: NHWC images `[N,H,W,C]`, masks `[N,H,W,1]`, per-sample values `[N]`, pixel maps
+`[N,H,W,1]`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .. import losses as losses_lib
+from ..errors import DsalError
+from ..model import HEADS
+
+LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+DS_WEIGHTS = (0.6, 0.3, 0.1)
+EPS = 1e-7
+
+
+TRAINERS: dict[str, type] = {}
+
+
+def register_trainer(name: str):
+    """Class decorator: make a trainer selectable as `TRAINER = name`."""
+
+    def deco(cls):
+        cls.name = name
+        TRAINERS[name] = cls
+        return cls
+
+    return deco
+
+
+# ------------------------------------------------------------------ losses
+def resolve_loss(loss: str | LossFn) -> LossFn:
+    """A loss name from `losses.LOSSES` or a per-sample callable `(y, p) -> [N]`."""
+    if callable(loss):
+        return loss
+    if loss not in losses_lib.LOSSES:
+        raise DsalError(f"unknown loss {loss!r}: use one of {sorted(losses_lib.LOSSES)}")
+    return losses_lib.get_loss(loss)
+
+
+def per_sample_loss(outputs: dict, y, loss_fn: LossFn, ds_weights: Sequence[float] = DS_WEIGHTS) -> tf.Tensor:
+    """`L_i = sum_k ds_weights[k] * loss(y_i, outputs[head_k]_i)`, shape [N], in float32.
+
+    `y` is one mask `[N,H,W,1]` shared by all heads, or a `{head: mask}` dict.
+    """
+    total = 0.0
+    for head, weight in zip(HEADS, ds_weights):
+        if weight == 0:
+            continue
+        target = y[head] if isinstance(y, dict) else y
+        total += float(weight) * tf.cast(loss_fn(target, outputs[head]), tf.float32)
+    return total
+
+
+def pixel_bce(y, p) -> tf.Tensor:
+    """Per-pixel binary cross-entropy `[N,H,W,1]` (the loss map MCPM's meta net reads)."""
+    y = tf.cast(y, tf.float32)
+    p = tf.clip_by_value(tf.cast(p, tf.float32), EPS, 1.0 - EPS)
+    return -(y * tf.math.log(p) + (1.0 - y) * tf.math.log(1.0 - p))
+
+
+def pixel_weighted_loss(y, p, r, loss: str) -> tf.Tensor:
+    """The configured loss with pixel weights `r` `[N,H,W,1]`, per sample [N]; `r = 1` gives the plain loss.
+
+    bce: `mean_xy r * bce_xy`; dice: `1 - (2 sum r y p + 1) / (sum r y + sum r p + 1)` (a pixel with
+    r = 0 leaves both the overlap and the sizes); bce_dice: their sum.
+    """
+    if loss not in losses_lib.LOSSES:
+        raise DsalError(f"pixel weights need a named loss, one of {sorted(losses_lib.LOSSES)}, not {loss!r}")
+    y = tf.cast(y, tf.float32)
+    p = tf.cast(p, tf.float32)
+    r = tf.cast(r, tf.float32)
+    axes = [1, 2, 3]
+    total = 0.0
+    if loss in ("bce", "bce_dice"):
+        total += tf.reduce_mean(r * pixel_bce(y, p), axis=axes)
+    if loss in ("dice", "bce_dice"):
+        inter = tf.reduce_sum(r * y * p, axis=axes)
+        size = tf.reduce_sum(r * y, axis=axes) + tf.reduce_sum(r * p, axis=axes)
+        total += 1.0 - (2.0 * inter + losses_lib.SMOOTH) / (size + losses_lib.SMOOTH)
+    return total
+
+
+def head_sum(fn: Callable[[str], tf.Tensor], ds_weights: Sequence[float]) -> tf.Tensor:
+    """`sum_k ds_weights[k] * fn(head_k)` over the heads with a non-zero weight."""
+    return sum(float(w) * fn(h) for h, w in zip(HEADS, ds_weights) if w != 0)
+
+
+def main_mask(y):
+    return y["main"] if isinstance(y, dict) else y
+
+
+def tf_variables(variables: Sequence) -> list:
+    """The `tf.Variable` behind each Keras Variable: what forward mode and nested tapes watch, and a
+    dtype that `UnconnectedGradients.ZERO` understands (a Keras Variable reports a string)."""
+    return [getattr(v, "value", v) for v in variables]
+
+
+# ------------------------------------------------------------------ the paired sampler
+def make_paired_dataset(
+    x_noisy: np.ndarray,
+    y_noisy: np.ndarray,
+    x_clean: np.ndarray,
+    y_clean: np.ndarray,
+    batch_size: int,
+    seed: int = 0,
+    preprocess: Callable | None = None,
+    augment: bool = False,
+    repeat: bool = False,
+) -> tf.data.Dataset:
+    """`((x_noisy, y_noisy), (x_clean, y_clean))` batches; one epoch is one pass over the noisy set.
+
+    The clean set is repeated and reshuffled, so a small expert set never ends an epoch; with
+    `repeat` the noisy set repeats too (then bound the epoch with `.take(steps)`).
+    `preprocess` maps an image batch to float32 (e.g. a `data.Normalizer`); default: a cast.
+    """
+    from ..data import make_dataset
+
+    if len(x_noisy) == 0 or len(x_clean) == 0:
+        raise DsalError("the paired sampler needs at least one noisy and one clean image")
+    prep = preprocess if preprocess is not None else (lambda x: tf.cast(x, tf.float32))
+    noisy = make_dataset(x_noisy, y_noisy, prep, batch_size, shuffle=True, augment=augment, seed=seed,
+                         repeat=repeat)
+    clean = make_dataset(
+        x_clean, y_clean, prep, batch_size, shuffle=True, augment=augment, seed=seed + 1, repeat=True
+    )
+    return tf.data.Dataset.zip((noisy, clean)).prefetch(tf.data.AUTOTUNE)
+
+
+def split_clean(is_noisy: np.ndarray, meta_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(clean, noisy)` indices. Clean = the expert (not `is_noisy`) images; with `meta_size` > 0 and
+    more expert images than that, a seeded `meta_size` of them, and the other expert images join
+    the noisy stream (still trained on, now weighted like the rest)."""
+    clean = np.flatnonzero(~is_noisy)
+    noisy = np.flatnonzero(is_noisy)
+    if 0 < meta_size < len(clean):
+        keep = np.sort(np.random.default_rng([seed, meta_size]).choice(len(clean), meta_size, replace=False))
+        noisy = np.sort(np.r_[noisy, np.delete(clean, keep)])
+        clean = clean[keep]
+    return clean, noisy
+
+
+# ------------------------------------------------------------------ the trainer
+class PairedTrainer(keras.Model):
+    """Wraps a segmenter; `fit` on `((x_noisy, y_noisy), (x_clean, y_clean))` batches.
+
+    Subclasses override `train_step` (the update itself changes); `evaluate` takes plain `(x, y)`
+    and reports `loss` and `main_dice`, so `val_main_dice` drives checkpoints. Save
+    `trainer.segmenter`, a plain U-Net, never the trainer (`train.BestCheckpoint` does).
+    Trackers: `loss`, `clean_loss`, `main_dice` (on the clean batch), `mean_weight` and
+    `kept_fraction` (the share of noisy samples or pixels with a non-zero weight).
+    """
+
+    name: str = "paired"  # the registry name, set by `register_trainer`
+
+    def __init__(
+        self,
+        segmenter: keras.Model,
+        loss: str | LossFn = "bce_dice",
+        ds_weights: Sequence[float] = DS_WEIGHTS,
+        expert_weight: float = 1.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if len(ds_weights) != len(HEADS):
+            raise DsalError(f"ds_weights={tuple(ds_weights)} needs {len(HEADS)} values, one per head {HEADS}")
+        self.segmenter = segmenter
+        self.loss_name = loss if isinstance(loss, str) else None
+        self.loss_fn = resolve_loss(loss)
+        self.ds_weights = tuple(float(w) for w in ds_weights)
+        self.expert_weight = float(expert_weight)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.clean_loss_tracker = keras.metrics.Mean(name="clean_loss")
+        self.dice_tracker = keras.metrics.Mean(name="main_dice")
+        self.weight_tracker = keras.metrics.Mean(name="mean_weight")
+        self.kept_tracker = keras.metrics.Mean(name="kept_fraction")
+        self.built = True  # the segmenter is built; stops fit from calling us on a zipped batch
+
+    @classmethod
+    def config_kwargs(cls, cfg, total_steps: int) -> dict:
+        """Constructor settings a run's config gives this trainer (beyond loss and ds_weights)."""
+        return {}
+
+    @classmethod
+    def fit_arrays(cls, model, cfg, x, y, is_noisy, val, normalizer, callbacks, epochs, seed, verbose="auto"):
+        """What `train.fit` calls: the paired sampler, or plain `fit` when nothing is noisy (round 0)."""
+        from ..data import make_dataset
+
+        val_ds = make_dataset(val.images, val.masks, normalizer, cfg.batch_size)
+        history = fit_paired(cls, model, cfg, x, y, is_noisy, val_ds, normalizer, callbacks, epochs, seed,
+                             verbose)
+        if history is None:
+            history = fit_plain(model, cfg, x, y, val, normalizer, callbacks, epochs, seed, verbose)
+        return history
+
+    @property
+    def metrics(self) -> list:
+        return [self.loss_tracker, self.clean_loss_tracker, self.dice_tracker, self.weight_tracker,
+                self.kept_tracker]
+
+    def compile(self, optimizer="adam", jit_compile: bool | str = False, **kwargs) -> None:
+        """Adam by default; XLA off by default (forward mode and nested tapes inside XLA are untested)."""
+        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+
+    def call(self, x, training: bool = False):
+        return self.segmenter(x, training=training)
+
+    def losses_of(self, outputs: dict, y) -> tf.Tensor:
+        return per_sample_loss(outputs, y, self.loss_fn, self.ds_weights)
+
+    def need_loss_name(self) -> str:
+        if self.loss_name is None:
+            raise DsalError(f"trainer {self.name!r} weighs pixels and needs a named LOSS "
+                            f"({sorted(losses_lib.LOSSES)}), not a callable")
+        return self.loss_name
+
+    def track(self, objective, clean_loss, clean_out, y_clean, weights) -> dict:
+        """Update the trackers; `weights` are the noisy batch's sample or pixel weights."""
+        self.loss_tracker.update_state(objective)
+        self.clean_loss_tracker.update_state(clean_loss)
+        # Dice against the expert masks: the only labels this step can trust.
+        self.dice_tracker.update_state(losses_lib.dice(main_mask(y_clean), clean_out["main"]))
+        self.weight_tracker.update_state(tf.reduce_mean(weights))
+        self.kept_tracker.update_state(tf.reduce_mean(tf.cast(weights > 0, tf.float32)))
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        outputs = self.segmenter(x, training=False)
+        self.loss_tracker.update_state(self.losses_of(outputs, y), sample_weight=sample_weight)
+        self.dice_tracker.update_state(
+            losses_lib.dice(main_mask(y), outputs["main"]), sample_weight=sample_weight
+        )
+        return {m.name: m.result() for m in (self.loss_tracker, self.dice_tracker)}
+
+
+def steps_per_epoch(n_noisy: int, n_clean: int, batch_size: int) -> int:
+    """One pass over the larger of the two sets (the smaller one repeats)."""
+    return max(1, math.ceil(max(n_noisy, n_clean) / batch_size))
+
+
+def fit_paired(
+    trainer_cls: type[PairedTrainer],
+    model: keras.Model,
+    cfg,
+    x: np.ndarray,
+    y: np.ndarray,
+    is_noisy: np.ndarray,
+    val_ds: tf.data.Dataset,
+    normalizer: Callable,
+    callbacks: list,
+    epochs: int,
+    seed: int,
+    verbose: int | str = "auto",
+) -> dict[str, list[float]] | None:
+    """Train `model` with `trainer_cls` on the paired sampler: noisy = `is_noisy` images, clean = the
+    rest (capped at `META_SIZE`, see `split_clean`). `None` when there is no noisy image to weigh.
+
+    An epoch is one pass over the larger of the two sets (the smaller one repeats), so expert
+    images are never under-trained when the noisy set is small, as in early DSAL rounds.
+    """
+    clean, noisy = split_clean(np.asarray(is_noisy, bool), cfg.meta_size, seed)
+    if len(noisy) == 0 or len(clean) == 0:
+        return None
+    steps = steps_per_epoch(len(noisy), len(clean), cfg.batch_size)
+    trainer = trainer_cls(model, loss=cfg.loss, ds_weights=cfg.ds_weights,
+                          **trainer_cls.config_kwargs(cfg, steps * max(epochs, 1)))
+    trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+    ds = make_paired_dataset(x[noisy], y[noisy], x[clean], y[clean], cfg.batch_size, seed=seed,
+                             preprocess=normalizer, augment=cfg.augment, repeat=True)
+    return trainer.fit(ds.take(steps), validation_data=val_ds, epochs=epochs, callbacks=callbacks,
+                       verbose=verbose, shuffle=False).history
+
+
+def fit_plain(model: keras.Model, cfg, x, y, val, normalizer, callbacks, epochs, seed, verbose="auto") -> dict:
+    """Plain Keras `fit` of the compiled multi-output U-Net on all of `(x, y)`."""
+    from ..data import make_dataset
+
+    train_ds = make_dataset(x, y, normalizer, cfg.batch_size, shuffle=True, augment=cfg.augment,
+                            seed=seed, heads=HEADS)
+    val_ds = make_dataset(val.images, val.masks, normalizer, cfg.batch_size, heads=HEADS)
+    return model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, verbose=verbose,
+                     shuffle=False).history  # the dataset shuffles

@@ -1,0 +1,47 @@
+"""MCPM, meta corrupted pixels mining (METHODS.md section 4): per-pixel weights from a small fully
+convolutional meta net on the per-pixel loss map, learned by `meta.MetaTrainer`'s bi-level step.
+
+Meta net on the loss map L `[B,H,W,1]` (the main head's pixel cross-entropy; soft Dice has no
+per-pixel loss): two branches [3x3 conv 1->32, ReLU, 3x3 conv 32->1] and [5x5 conv 1->32, ReLU,
+5x5 conv 32->1], concatenated with L, then a 3x3 conv 3->1 and a sigmoid: R in (0,1).
+Objective `O = (1/B) sum_i sum_k ds_k loss_R(y_i, p_k,i)`, where `loss_R` is the configured loss with
+pixel weights R (`base.pixel_weighted_loss`: R-weighted cross-entropy, R-weighted soft Dice); one
+map R, from the main head, weighs every head (the side heads are upsampled to full size).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from .base import head_sum, pixel_bce, pixel_weighted_loss, register_trainer
+from .meta import MetaTrainer
+
+
+def mask_net(width: int = 32) -> keras.Model:
+    """`[B,H,W,1]` loss map -> `[B,H,W,1]` pixel weights in (0, 1); any H, W."""
+    loss = keras.Input(shape=(None, None, 1), name="loss_map")
+    a = keras.layers.Conv2D(width, 3, padding="same", activation="relu", name="a1")(loss)
+    a = keras.layers.Conv2D(1, 3, padding="same", name="a2")(a)
+    b = keras.layers.Conv2D(width, 5, padding="same", activation="relu", name="b1")(loss)
+    b = keras.layers.Conv2D(1, 5, padding="same", name="b2")(b)
+    h = keras.layers.Concatenate(name="concat")([a, b, loss])
+    r = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid", name="weight")(h)
+    return keras.Model(loss, r, name="mcpm_mask_net")
+
+
+@register_trainer("mcpm")
+class MCPM(MetaTrainer):
+    """Per-pixel weights `R = V(L)`."""
+
+    def build_meta_net(self) -> keras.Model:
+        return mask_net()
+
+    def meta_input(self, outputs: dict, y) -> tf.Tensor:
+        return pixel_bce(y["main"] if isinstance(y, dict) else y, outputs["main"])
+
+    def objective(self, outputs: dict, y, w: tf.Tensor) -> tf.Tensor:
+        name = self.need_loss_name()
+        target = (lambda h: y[h]) if isinstance(y, dict) else (lambda h: y)
+        per_sample = head_sum(lambda h: pixel_weighted_loss(target(h), outputs[h], w, name), self.ds_weights)
+        return tf.reduce_mean(per_sample)

@@ -1,0 +1,151 @@
+"""PNT, INT and PINT: pixel- and image-level noise tolerance with an EMA teacher (METHODS.md section 5).
+
+Teacher: `theta_t = gamma theta_t + (1 - gamma) theta_s` after every student step (gamma = 0.99),
+starting from the student's weights. Each step the teacher makes T passes over the noisy batch,
+each with Gaussian input noise (sigma 0.1 in normalised units, T = 8), all in one batched call:
+`p_bar = mean_t p_t` (the main head) and the pixel uncertainty `u = H(p_bar)` (binary entropy, nats,
+at most ln 2). With `sup_a(i) = sum_k ds_k loss_a(y_i, p_k,i)` (the configured loss with pixel
+weights a, `base.pixel_weighted_loss`) and `con_a(i) = sum_k ds_k mean_xy a (p_k,i - p_bar_i)^2`:
+
+- pixel mask `a_v = 1[u_v < tau]`, tau ramped as in UA-MT:
+  `tau(t) = (0.75 + 0.25 exp(-5 (1 - t/t_max)^2)) ln 2` (0.52 at the start, ln 2 at the end, so the
+  share of supervised pixels grows; t = optimizer step, t_max = the run's total steps);
+- image mask `a_i = 1[U_i < median_batch U]`, `U_i = mean_v u_v` (the more certain half of the
+  batch counts as clean; a batch of one image has no clean image);
+- PNT: `L_i = sup_a(i) + con_{1-a}(i)`;
+- INT: `L_i = a_i L_i^seg + (1 - a_i) con_1(i)` (seg = the plain loss);
+- PINT: `L_i = a_i L_i^seg + (1 - a_i) [sup_a(i) + con_{1-a}(i)]`: clean-judged images keep every
+  pixel, including uncertain boundary pixels.
+
+The update is Adam on `(1/B) sum_i L_i + expert_weight * mean_j L_j(clean)`. Trackers:
+`mean_weight` and `kept_fraction` are the share of supervised noisy pixels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from .base import EPS, PairedTrainer, head_sum, main_mask, pixel_weighted_loss, register_trainer, tf_variables
+
+LN2 = math.log(2.0)
+
+
+def ramp_threshold(step, total_steps) -> tf.Tensor:
+    """UA-MT's ramp: `(0.75 + 0.25 exp(-5 (1 - t/t_max)^2)) ln 2`, t clipped to t_max."""
+    t = tf.minimum(tf.cast(step, tf.float32) / tf.cast(tf.maximum(total_steps, 1), tf.float32), 1.0)
+    return (0.75 + 0.25 * tf.exp(-5.0 * tf.square(1.0 - t))) * LN2
+
+
+def binary_entropy(p) -> tf.Tensor:
+    p = tf.clip_by_value(tf.cast(p, tf.float32), EPS, 1.0 - EPS)
+    return -(p * tf.math.log(p) + (1.0 - p) * tf.math.log(1.0 - p))
+
+
+def below_median(values: tf.Tensor) -> tf.Tensor:
+    """`1[v_i < median(v)]` as float [B]; the median of an even count is the mean of the middle two."""
+    s = tf.sort(values)
+    n = tf.shape(values)[0]
+    median = 0.5 * (s[(n - 1) // 2] + s[n // 2])
+    return tf.cast(values < median, tf.float32)
+
+
+class TeacherTrainer(PairedTrainer):
+    """EMA teacher + uncertainty-gated mixing; `mode` is "pixel" (PNT), "image" (INT) or "both" (PINT)."""
+
+    mode = "both"
+
+    def __init__(self, segmenter: keras.Model, ema: float = 0.99, passes: int = 8, noise: float = 0.1,
+                 total_steps: int = 1000, seed: int = 0, **kwargs) -> None:
+        super().__init__(segmenter, **kwargs)
+        self.need_loss_name()
+        self.teacher = keras.models.clone_model(segmenter)
+        self.teacher.set_weights(segmenter.get_weights())
+        self.teacher.trainable = False
+        self.ema, self.passes, self.noise = float(ema), int(passes), float(noise)
+        self.total_steps = int(total_steps)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    @classmethod
+    def config_kwargs(cls, cfg, total_steps: int) -> dict:
+        return {"ema": cfg.ema_decay, "passes": cfg.teacher_passes, "noise": cfg.teacher_noise,
+                "total_steps": total_steps, "seed": cfg.seed}
+
+    def teacher_view(self, x) -> tuple[tf.Tensor, tf.Tensor]:
+        """`(p_bar, u)`, each `[B,H,W,1]`, from T noisy teacher passes in one batched call."""
+        b = tf.shape(x)[0]
+        tiled = tf.tile(x, [self.passes, 1, 1, 1])
+        tiled += self.noise * keras.random.normal(tf.shape(tiled), seed=self.seed_generator)
+        p = self.teacher(tiled, training=False)["main"]
+        p_bar = tf.reduce_mean(tf.reshape(p, tf.concat([[self.passes, b], tf.shape(p)[1:]], 0)), axis=0)
+        return p_bar, binary_entropy(p_bar)
+
+    def masks(self, u: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Pixel mask `[B,H,W,1]` and image mask [B] (1 = supervised by the given label)."""
+        pixel = tf.cast(u < ramp_threshold(self.optimizer.iterations, self.total_steps), tf.float32)
+        image = below_median(tf.reduce_mean(u, axis=[1, 2, 3]))
+        return pixel, image
+
+    def sample_losses(self, outputs: dict, y, p_bar, pixel, image) -> tf.Tensor:
+        """`L_i` [B] for this trainer's mode."""
+        name = self.loss_name
+        y = main_mask(y)
+
+        def consistency(a):
+            return head_sum(lambda h: tf.reduce_mean(a * tf.square(outputs[h] - p_bar), axis=[1, 2, 3]),
+                            self.ds_weights)
+
+        pixel_rule = head_sum(lambda h: pixel_weighted_loss(y, outputs[h], pixel, name), self.ds_weights)
+        pixel_rule += consistency(1.0 - pixel)
+        if self.mode == "pixel":
+            return pixel_rule
+        seg = self.losses_of(outputs, y)
+        other = consistency(tf.ones_like(pixel)) if self.mode == "image" else pixel_rule
+        return image * seg + (1.0 - image) * other
+
+    def supervised_share(self, pixel, image) -> tf.Tensor:
+        """Per-pixel 1 where the given label supervises the pixel `[B,H,W,1]` (for the trackers)."""
+        img = image[:, None, None, None]
+        if self.mode == "pixel":
+            return pixel
+        if self.mode == "image":
+            return tf.ones_like(pixel) * img
+        return tf.maximum(pixel, img)
+
+    def train_step(self, data):
+        (x_noisy, y_noisy), (x_clean, y_clean) = data
+        p_bar, u = self.teacher_view(x_noisy)
+        pixel, image = self.masks(u)
+        theta = self.segmenter.trainable_variables
+        with tf.GradientTape() as tape:
+            out_noisy = self.segmenter(x_noisy, training=True)
+            out_clean = self.segmenter(x_clean, training=True)
+            clean_loss = tf.reduce_mean(self.losses_of(out_clean, y_clean))
+            noisy_objective = tf.reduce_mean(self.sample_losses(out_noisy, y_noisy, p_bar, pixel, image))
+            total = noisy_objective + self.expert_weight * clean_loss
+            scaled = self.optimizer.scale_loss(total)
+        grads = tape.gradient(scaled, tf_variables(theta), unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        self.optimizer.apply_gradients(zip(grads, theta))
+        self.update_teacher()
+        return self.track(total, clean_loss, out_clean, y_clean, self.supervised_share(pixel, image))
+
+    def update_teacher(self) -> None:
+        for t, s in zip(self.teacher.weights, self.segmenter.weights):
+            t.assign(self.ema * t + (1.0 - self.ema) * s)
+
+
+@register_trainer("pnt")
+class PNT(TeacherTrainer):
+    mode = "pixel"
+
+
+@register_trainer("int")
+class INT(TeacherTrainer):
+    mode = "image"
+
+
+@register_trainer("pint")
+class PINT(TeacherTrainer):
+    mode = "both"
