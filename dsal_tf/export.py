@@ -26,14 +26,25 @@ SIDECAR = "dsal_export.json"
 def serving_model(unet, normalizer, rows: int, cols: int, channels: int):
     """uint8 image -> resize -> /255 -> z-score -> U-Net -> main head, as one Keras model."""
     import keras
-    from keras import layers
+    from keras import layers, ops
+
+    mean = np.asarray(normalizer.mean, np.float32)
+    std = np.asarray(normalizer.std, np.float32)
+
+    class Preprocess(layers.Layer):
+        """Bilinear resize to the trained size (`ops.image.resize`: the identity at that size; Keras'
+        `Resizing` layer is not, on inputs of unknown size, in Keras 3.15), then the run's normalization
+        with its statistics as constants (an ONNX graph then has one input)."""
+
+        def call(self, x):
+            x = ops.image.resize(ops.cast(x, "float32"), (rows, cols), interpolation="bilinear")
+            return (x / 255.0 - mean) / std
+
+        def compute_output_shape(self, shape):
+            return (shape[0], rows, cols, shape[-1])
 
     image = keras.Input((None, None, channels), dtype="uint8", name="image")
-    x = layers.Resizing(rows, cols, interpolation="bilinear", name="resize")(image)
-    x = layers.Rescaling(1.0 / 255.0, name="to_unit")(x)
-    std = np.asarray(normalizer.std, np.float32)
-    x = layers.Normalization(mean=list(normalizer.mean), variance=list(std**2), name="zscore")(x)
-    prob = layers.Identity(name="probability")(unet(x)["main"])
+    prob = layers.Identity(name="probability")(unet(Preprocess(name="preprocess")(image))["main"])
     return keras.Model(image, prob, name="dsal_serving")
 
 
@@ -46,6 +57,7 @@ def export_model(cfg: Config, out_dir: str | Path, fmt: str = "savedmodel", whic
         raise DsalError(f"--format {fmt!r} is not one of {sorted(FORMATS)}")
     run_cfg, r, unet, normalizer = load_round(cfg, which)
     model = serving_model(unet, normalizer, run_cfg.img_rows, run_cfg.img_cols, run_cfg.channels)
+    model(np.zeros((1, run_cfg.img_rows, run_cfg.img_cols, run_cfg.channels), np.uint8))  # built before export
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / ("model.onnx" if fmt == "onnx" else "savedmodel")
