@@ -19,8 +19,11 @@ setup(
         "tqdm>=4.65",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pydensecrf2"],
+        "test": ["pytest>=7.4", "hypothesis>=6.100", "pydensecrf2", "label-studio-sdk>=1.0", "tf2onnx>=1.16",
+                 "onnxruntime>=1.17"],
         "crf": ["pydensecrf2"],
+        "labelstudio": ["label-studio-sdk>=1.0"],  # brush RLE for Label Studio tasks and imports
+        "onnx": ["tf2onnx>=1.16", "onnxruntime>=1.17"],  # dsal export --format onnx (and checking it)
     },
     entry_points={"console_scripts": ["dsal=dsal_tf.cli:cli"]},
 )
