@@ -2,8 +2,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dsal_tf.compare import aulc, full_supervision_config, run_comparison, spearman_table
+from dsal_tf.compare import (
+    aulc,
+    bootstrap_ci,
+    full_supervision_config,
+    image_aulc,
+    paired_differences,
+    parse_strategy_spec,
+    run_comparison,
+    spearman_table,
+)
 from dsal_tf.config import resolve
+from dsal_tf.errors import DsalError
 
 from .conftest import tiny_values
 
@@ -12,6 +22,63 @@ def test_aulc_is_the_mean_dice_over_the_label_range():
     # trapezoids: (0.5+0.7)/2*10 + (0.7+0.7)/2*10 = 6 + 7 = 13, over 20 labels -> 0.65
     assert aulc([10, 20, 30], [0.5, 0.7, 0.7]) == pytest.approx(0.65)
     assert aulc([10], [0.4]) == pytest.approx(0.4)
+
+
+def test_image_aulc_matches_aulc_per_image():
+    dice = np.array([[0.5, 0.2], [0.7, 0.4], [0.7, 0.9]])
+    np.testing.assert_allclose(image_aulc(np.array([10, 20, 30]), dice),
+                               [aulc([10, 20, 30], dice[:, 0]), aulc([10, 20, 30], dice[:, 1])])
+
+
+def test_bootstrap_interval_on_synthetic_differences_with_known_answers():
+    # every image of every seed differs by exactly 0.02: the interval is the point [0.02, 0.02]
+    mean, lo, hi = bootstrap_ci(np.full((3, 50), 0.02))
+    assert mean == lo == hi == pytest.approx(0.02)
+    # two seeds, constant within each (0.01 and 0.05): resampling seeds gives means 0.01, 0.03, 0.05
+    # with probabilities 1/4, 1/2, 1/4, so the 95% interval is exactly [0.01, 0.05]
+    mean, lo, hi = bootstrap_ci(np.stack([np.full(40, 0.01), np.full(40, 0.05)]))
+    assert (mean, lo, hi) == pytest.approx((0.03, 0.01, 0.05))
+    # one seed, 400 images of +-0.1: mean 0, and the interval is the normal one, 1.96 * 0.1 / sqrt(400)
+    diffs = np.tile([0.1, -0.1], 200)[None]
+    mean, lo, hi = bootstrap_ci(diffs, reps=4000)
+    assert mean == pytest.approx(0.0, abs=1e-12)
+    assert lo == pytest.approx(-0.0098, rel=0.1) and hi == pytest.approx(0.0098, rel=0.1)
+
+
+def _curve(n_oracle, dice):
+    dice = np.asarray(dice, float)
+    return np.asarray(n_oracle, float), pd.DataFrame(dice, columns=[f"img{i}" for i in range(dice.shape[1])])
+
+
+def test_paired_differences_per_seed_and_pooled():
+    n = [10, 20]
+    curves = {
+        ("random", 0): _curve(n, [[0.5, 0.5, 0.5], [0.6, 0.6, 0.6]]),
+        ("random", 1): _curve(n, [[0.5, 0.5, 0.5], [0.6, 0.6, 0.6]]),
+        ("dsal", 0): _curve(n, [[0.5, 0.5, 0.5], [0.7, 0.7, 0.7]]),  # +0.1 at the end, AULC +0.05
+        ("dsal", 1): _curve(n, [[0.5, 0.5, 0.5], [0.6, 0.6, 0.6]]),  # no difference
+        ("full", 0): _curve([30], [[0.8, 0.8, 0.8]]),
+    }
+    rows = pd.DataFrame(paired_differences({k: v for k, v in curves.items() if k[0] != "full"}, "random"))
+    got = {(r.metric, r.seeds): (r.diff, r.ci_low, r.ci_high, r.outside_noise) for r in rows.itertuples()}
+    assert got[("final_dice", "0")] == pytest.approx((0.1, 0.1, 0.1, True))
+    assert got[("aulc", "0")] == pytest.approx((0.05, 0.05, 0.05, True))
+    assert got[("final_dice", "1")] == pytest.approx((0.0, 0.0, 0.0, False))
+    # pooled over the two seeds: mean 0.05, and a seed draw of (1, 1) gives 0, so 0 is inside
+    assert got[("final_dice", "all")] == pytest.approx((0.05, 0.0, 0.1, False))
+    vs_full = pd.DataFrame(paired_differences(curves, "full"))
+    assert set(vs_full["metric"]) == {"final_dice"}  # full supervision has no learning curve
+    dsal_vs_full = vs_full[(vs_full["strategy"] == "dsal")].iloc[0]
+    assert dsal_vs_full["seeds"] == "0" and dsal_vs_full["diff"] == pytest.approx(-0.1)
+
+
+def test_strategy_specs():
+    assert parse_strategy_spec("dsal") == {"query_strategy": "dsal"}
+    assert parse_strategy_spec("dsal+diverse") == {"query_strategy": "dsal", "selection": "diverse"}
+    with pytest.raises(DsalError, match="diversee"):
+        parse_strategy_spec("dsal+diversee")
+    with pytest.raises(DsalError, match="dsl"):
+        parse_strategy_spec("dsl")
 
 
 def test_spearman_of_uncertainty_against_real_error(tmp_path):
@@ -36,15 +103,25 @@ def test_full_supervision_config(tiny_cfg):
 @pytest.mark.slow
 def test_tiny_comparison_shares_the_initial_model(tiny_data, tmp_path):
     cfg = resolve(tiny_values(tiny_data, tmp_path, nb_iterations=1, pseudo_epoch=1, mc_passes=2))
-    summary = run_comparison(cfg, ["dsal", "ceal", "entropy"], [0], "cmp", log=lambda m: None)
+    specs = ["dsal", "ceal", "dsal+diverse"]
+    summary = run_comparison(cfg, specs, [0], "cmp", log=lambda m: None, baseline="dsal")
     out = tmp_path / "exp" / "cmp"
-    assert set(summary["strategy"]) == {"dsal", "ceal", "entropy", "full"}
+    assert set(summary["strategy"]) == {*specs, "full"}
+    # each row names its weak labeler: CEAL its own, the others DSAL's confidence rule
+    assert dict(zip(summary["strategy"], summary["pseudo"])) == {
+        "dsal": "confidence", "ceal": "ceal", "dsal+diverse": "confidence", "full": "none"}
+    assert dict(zip(summary["strategy"], summary["selection"]))["dsal+diverse"] == "diverse"
     init = (out / "init-s0" / "round_00" / "best.keras").read_bytes()
-    for s in ("dsal", "ceal", "entropy"):
+    for s in specs:
         assert (out / f"{s}-s0" / "round_00" / "best.keras").read_bytes() == init
     comparison = pd.read_csv(out / "comparison.csv")
     assert len(comparison) == 3 * 2  # 3 strategies x rounds 0..1
     assert (out / "learning_curves.png").is_file() and (out / "spearman.csv").is_file()
+    diffs = pd.read_csv(out / "differences.csv")
+    vs_dsal = diffs[diffs["baseline"] == "dsal"]
+    assert set(zip(vs_dsal["strategy"], vs_dsal["metric"])) == {
+        (s, m) for s in ("ceal", "dsal+diverse") for m in ("final_dice", "aulc")}
+    assert (diffs["ci_low"] <= diffs["diff"]).all() and (diffs["diff"] <= diffs["ci_high"]).all()
     # a rerun with one strategy finds it finished and still summarizes every finished run
-    again = run_comparison(cfg, ["dsal"], [0], "cmp", log=lambda m: None)
+    again = run_comparison(cfg, ["dsal"], [0], "cmp", log=lambda m: None, baseline="dsal")
     pd.testing.assert_frame_equal(summary, again, check_exact=False, atol=1e-4)

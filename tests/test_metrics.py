@@ -119,3 +119,19 @@ def test_batch_metrics_per_image_and_channel_axis():
 def test_batch_metrics_bad_shape_says_what_to_do():
     with pytest.raises(ValueError, match=r"\[N,H,W\]"):
         batch_metrics(np.zeros((2, 4, 4, 3)), np.zeros((2, 4, 4, 3)))
+
+
+def test_evaluation_summary_counts_undefined_surface_distances():
+    import pandas as pd
+
+    from dsal_tf.evaluate import summarize
+
+    # image 2: exactly one mask empty -> hd95/asd nan, Dice 0; it counts for Dice, not for HD95
+    per_image = pd.DataFrame({"dice": [1.0, 0.5, 0.0], "iou": [1.0, 1 / 3, 0.0],
+                              "hd95": [0.0, 2.0, np.nan], "asd": [0.0, 1.0, np.nan]})
+    s = summarize(per_image)
+    assert s["n_undefined"] == 1
+    assert s["dice_mean"] == pytest.approx(0.5) and s["hd95_mean"] == pytest.approx(1.0)
+    assert s["asd_std"] == pytest.approx(0.5)
+    all_nan = summarize(per_image.assign(hd95=np.nan, asd=np.nan))
+    assert np.isnan(all_nan["hd95_mean"]) and all_nan["n_undefined"] == 3

@@ -54,3 +54,35 @@ def test_round_reset_keeps_the_mixed_precision_loss_scale():
         assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_unet_matches_the_reference_dropout_and_nearest_side_heads():
+    from keras import layers
+
+    model = build_unet((32, 32, 3), base_filters=2, depth=4, dropout=0.5)
+    drops = [layer.name for layer in model.layers if isinstance(layer, layers.Dropout)]
+    assert drops == ["bottleneck_dropout"]  # the bottleneck only, as in the reference
+    # side_1 comes from the 1/4 block: nearest upsampling makes every 4x4 block one value
+    side_1 = np.asarray(model(np.random.default_rng(0).random((1, 32, 32, 3), np.float32))["side_1"])[0, ..., 0]
+    blocks = side_1.reshape(8, 4, 8, 4)
+    assert np.array_equal(blocks, np.broadcast_to(blocks[:, :1, :, :1], blocks.shape))
+
+
+def test_with_features_adds_the_pooled_bottleneck_to_the_same_pass():
+    from dsal_tf.model import with_features
+
+    model = build_unet((32, 32, 3), base_filters=2, depth=4, dropout=0.5)
+    scored = with_features(model)
+    x = np.random.default_rng(1).random((2, 32, 32, 3), np.float32)
+    out, plain = scored(x, training=False), model(x, training=False)
+    assert set(out) == {"main", "side_1", "side_2", "features"}
+    np.testing.assert_array_equal(np.asarray(out["main"]), np.asarray(plain["main"]))  # same weights
+    bottleneck = keras_submodel(model, "bottleneck_conv2")(x)
+    np.testing.assert_allclose(np.asarray(out["features"]), np.asarray(bottleneck).mean(axis=(1, 2)), rtol=1e-5)
+    assert len(scored.weights) == len(model.weights)  # no new weights: the same graph
+
+
+def keras_submodel(model, layer):
+    import keras
+
+    return keras.Model(model.inputs, model.get_layer(layer).output)

@@ -1,0 +1,104 @@
+"""Speed cost of DETERMINISTIC (seeds + tf op determinism) on the isic2017-cpu model.
+
+Each measurement runs in a fresh process, since op determinism cannot be switched off once on;
+off and on alternate so that load changes on a shared machine hit both alike. Measures one
+training epoch (`model.fit` on augmented, shuffled tf.data batches, the loop's own `make_dataset`)
+and one scoring pass (DSAL, one forward pass per image) on random 64x64 images.
+
+Usage: python bench/bench_determinism.py [--images 320] [--repeats 3]  (writes bench/results/determinism.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "results" / "determinism.md"
+
+
+def measure(deterministic: bool, n_images: int) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import numpy as np
+
+    from dsal_tf import determinism, train
+    from dsal_tf.config import resolve
+    from dsal_tf.data import Normalizer, make_dataset
+    from dsal_tf.model import HEADS
+    from dsal_tf.strategies import QUERY_STRATEGIES
+
+    cfg = resolve({"preset": "isic2017-cpu", "deterministic": deterministic, "progress": False})
+    determinism.apply(cfg)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (n_images, cfg.img_rows, cfg.img_cols, 3), dtype=np.uint8)
+    masks = (images[..., :1] > 127).astype(np.uint8)
+    norm = Normalizer.fit(images, "zscore")
+    model = train.new_model(cfg, 0)
+    ds = make_dataset(images, masks, norm, cfg.batch_size, shuffle=True, augment=True, seed=1, heads=HEADS)
+    model.fit(ds.take(2), epochs=1, verbose=0)  # trace and warm up
+    t = time.perf_counter()
+    model.fit(ds, epochs=1, verbose=0)
+    fit_s = time.perf_counter() - t
+    query = QUERY_STRATEGIES["dsal"](cfg)
+    query.score_pool(model, images[:32], masks[:32], norm, cfg.batch_size)  # trace
+    t = time.perf_counter()
+    query.score_pool(model, images, masks, norm, cfg.batch_size)
+    score_s = time.perf_counter() - t
+    return {"deterministic": deterministic, "fit_epoch_s": fit_s, "score_s": score_s,
+            "steps": -(-n_images // cfg.batch_size)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=320)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--child", choices=["on", "off"])
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child == "on", args.images)))
+        return
+    rows = []
+    for _ in range(args.repeats):
+        for mode in ("off", "on"):
+            out = subprocess.run([sys.executable, __file__, "--child", mode, "--images", str(args.images)],
+                                 capture_output=True, text=True, check=True, cwd=ROOT)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(rows[-1], file=sys.stderr)
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    med = df.groupby("deterministic")[["fit_epoch_s", "score_s"]].median()
+    ratio = med.loc[True] / med.loc[False]
+    load = os.getloadavg()[0]
+    lines = [
+        "# Cost of DETERMINISTIC (seeds + `tf.config.experimental.enable_op_determinism()`)\n",
+        f"Command: `python bench/bench_determinism.py --images {args.images} --repeats {args.repeats}`; "
+        f"isic2017-cpu model (64x64 RGB, 16 base filters, batch 16), random images; one training epoch "
+        f"({rows[0]['steps']} steps, augmented and shuffled) and one DSAL scoring pass over {args.images} "
+        f"images; each measurement in a fresh process, off and on alternating; medians of {args.repeats}.",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared with other "
+        f"jobs (1-minute load average at the end: {load:.1f}), so absolute times are noisy; the ratio is the result.\n",
+        "| DETERMINISTIC | fit epoch (s) | scoring pass (s) |",
+        "|---|---|---|",
+        f"| False | {med.loc[False, 'fit_epoch_s']:.2f} | {med.loc[False, 'score_s']:.2f} |",
+        f"| True | {med.loc[True, 'fit_epoch_s']:.2f} | {med.loc[True, 'score_s']:.2f} |",
+        f"| ratio | {ratio['fit_epoch_s']:.2f}x | {ratio['score_s']:.2f}x |",
+        "",
+        "All measurements (s):\n",
+        "| DETERMINISTIC | fit epoch | scoring pass |",
+        "|---|---|---|",
+        *[f"| {r['deterministic']} | {r['fit_epoch_s']:.2f} | {r['score_s']:.2f} |" for r in rows],
+    ]
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("\n".join(lines) + "\n")
+    print(f"wrote {OUT}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
