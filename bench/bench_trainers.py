@@ -1,4 +1,5 @@
-"""Time one training step: plain `fit` vs. the noisy-teacher trainers (RGS, RGM, RGS&M, +AL).
+"""Time one training step: plain `fit` vs. every paired trainer (uniform, RGS, RGM, RGS&M, +AL, MW-Net,
+MCPM, PNT, INT, PINT).
 
 Run: `TF_CPP_MIN_LOG_LEVEL=2 python bench/bench_trainers.py [--steps 10] [--warmup 3]`.
 Writes `bench/results/trainers.md`. Each variant gets a fresh U-Net and one `fit` step to trace
@@ -23,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dsal_tf import losses, noisy_teacher
+from dsal_tf import losses, trainers
 from dsal_tf.model import HEADS, build_unet
 
 SHAPE = (96, 96, 3)
@@ -62,9 +63,9 @@ def _plain(batch: int, seed: int):
     return _compiled_step(model, (x, {h: y for h in HEADS}))
 
 
-def _reweighted(name: str, query: bool, seed: int):
+def _paired(name: str, seed: int, **kwargs):
     keras.utils.set_random_seed(seed)
-    trainer = noisy_teacher.make_trainer(name, build_unet(SHAPE, BASE_FILTERS), loss=LOSS, query=query)
+    trainer = trainers.make_trainer(name, build_unet(SHAPE, BASE_FILTERS), loss=LOSS, **kwargs)
     trainer.compile(keras.optimizers.Adam(1e-3))
     return _compiled_step(trainer, (_batch(BATCH, seed), _batch(BATCH, seed + 1)))
 
@@ -91,20 +92,26 @@ def main(argv: list[str] | None = None) -> None:
     variants = {
         f"plain fit, batch {BATCH}": _plain(BATCH, 0),
         f"plain fit, batch {2 * BATCH} (noisy + clean)": _plain(2 * BATCH, 0),
-        "RGS": _reweighted("rgs", False, 0),
-        "RGS+AL": _reweighted("rgs", True, 0),
-        "RGM": _reweighted("rgm", False, 0),
-        "RGS&M+AL": _reweighted("rgsm", True, 0),
+        "uniform (the control)": _paired("uniform", 0),
+        "RGS": _paired("rgs", 0),
+        "RGS+AL": _paired("rgs", 0, query=True),
+        "RGM": _paired("rgm", 0),
+        "RGS&M+AL": _paired("rgsm", 0, query=True),
+        "MW-Net": _paired("mwnet", 0),
+        "MCPM": _paired("mcpm", 0),
+        "PNT (T=8)": _paired("pnt", 0),
+        "INT (T=8)": _paired("int", 0),
+        "PINT (T=8)": _paired("pint", 0),
     }
     rows = list(time_variants(variants, args.steps, args.warmup).items())
     load = os.getloadavg()[1]  # 5-minute load average: other processes sharing the cores
-    plain = rows[0][1]
+    plain, plain2 = rows[0][1], rows[1][1]
     lines = [
-        "# Training-step time: plain fit vs. noisy-teacher trainers",
+        "# Training-step time: plain fit vs. the paired trainers",
         "",
         (
             f"U-Net {SHAPE}, base_filters {BASE_FILTERS}, depth 4, dropout 0.5, loss `{LOSS}` with deep "
-            f"supervision; re-weighted trainers take {BATCH} noisy + {BATCH} clean images per step. "
+            f"supervision; paired trainers take {BATCH} noisy + {BATCH} clean images per step. "
             f"Median of {args.steps} interleaved steps after {args.warmup} warm-up rounds."
         ),
         (
@@ -113,9 +120,9 @@ def main(argv: list[str] | None = None) -> None:
             f"5-minute load average {load:.1f} at the end (above the core count = shared machine)."
         ),
         "",
-        f"| trainer | ms / step | x plain (batch {BATCH}) |",
-        "|---|---:|---:|",
-        *(f"| {name} | {ms:.0f} | {ms / plain:.2f} |" for name, ms in rows),
+        f"| trainer | ms / step | x plain (batch {BATCH}) | x plain on the same {2 * BATCH} images |",
+        "|---|---:|---:|---:|",
+        *(f"| {name} | {ms:.0f} | {ms / plain:.2f} | {ms / plain2:.2f} |" for name, ms in rows),
         "",
         "Command: `TF_CPP_MIN_LOG_LEVEL=2 python bench/bench_trainers.py`",
         "",

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--meta", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=None, help="default: the preset's NB_INITIAL_EPOCHS")
+    parser.add_argument("--pool", type=int, default=None, help="use the first N pool images (default: the preset's)")
     parser.add_argument("--summary-only", action="store_true", help="only collect finished rows")
     args = parser.parse_args(argv)
 
@@ -86,10 +87,15 @@ def main(argv: list[str] | None = None) -> None:
         if r not in ROWS:
             raise SystemExit(f"--rows: unknown row {r!r}; choose from {list(ROWS)}")
     tag = f"{args.kind}-r{args.rate:g}"
-    name = f"robust-{args.preset}-{tag}"
     overrides = {"preset": args.preset, "data_path": args.data, "progress": False}
+    scale = ""
     if args.epochs is not None:
         overrides["nb_initial_epochs"] = args.epochs
+        scale += f"-ep{args.epochs}"
+    if args.pool is not None:
+        overrides["pool_size"] = args.pool
+        scale += f"-pool{args.pool}"
+    name = f"robust-{args.preset}{scale}-{tag}"
     base = load_config(None, overrides)
     out = Path(base.exp_dir) / name
     results = []
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             if done.is_file():
                 results.append(json.loads(done.read_text()))
     if results:
-        write_table(pd.DataFrame(results), out, args, tag)
+        write_table(pd.DataFrame(results), out, args, tag + scale)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -138,7 +144,9 @@ def write_table(results: pd.DataFrame, out: Path, args, tag: str) -> None:
     ilo, ihi = summary["iou"].get("noisy"), summary["iou"].get("clean")
     label_dice = [json.loads(p.read_text())["noisy_label_dice"] for p in sorted(out.glob("s*/setup.json"))]
     lines = [
-        f"# Robust training under noisy masks: ISIC 2017, {args.preset}, {tag}",
+        f"# Robust training under noisy masks: ISIC 2017, {args.preset}, {tag}"
+        + (f" (reduced: {args.pool or 'all'} pool images, {args.epochs or 'preset'} epochs)"
+           if args.pool or args.epochs else ""),
         "",
         f"Training masks corrupted by `{args.kind}` at r = {args.rate:g} (`dsal corrupt`, seed = run seed; "
         f"Dice of the noisy pool masks to the truth: {', '.join(f'{d:.3f}' for d in label_dice)}). "
@@ -161,8 +169,9 @@ def write_table(results: pd.DataFrame, out: Path, args, tag: str) -> None:
         lines.append(f"| {row} | `{ROWS[row]}` | {int(r['seeds'])} | {pm(r['dice'], r['dice_std'])} | "
                      f"{pm(r['iou'], r['iou_std'])} | {pm(r['hd95'], r['hd95_std'], 2)} | {gap} | {igap} | "
                      f"{r['train_s']:.0f} |")
+    extra = (f" --epochs {args.epochs}" if args.epochs else "") + (f" --pool {args.pool}" if args.pool else "")
     lines += ["", f"Command: `python bench/robust_isic.py --kind {args.kind} --rate {args.rate:g} "
-              f"--seeds {args.seeds}` (resumable); per-seed rows in `{out}/results.csv`.", ""]
+              f"--seeds {args.seeds}{extra}` (resumable); per-seed rows in `{out}/results.csv`.", ""]
     path = RESULTS / f"robust_isic2017_{tag}.md"
     path.write_text("\n".join(lines))
     print("\n".join(lines))
