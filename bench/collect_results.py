@@ -32,7 +32,15 @@ def main() -> None:
         parts += ["## DSAL through `python main.py --preset isic2017-cpu` / `python test.py` (seed 0)\n",
                   md(pd.read_csv(single)), ""]
     cmp_dir = EXP / "compare-isic2017-cpu-v2"
+    if (cmp_dir / "summary.csv").is_file():
+        parts += [f"## Strategy comparison (`{cmp_dir.name}`, issue 8)\n",
+                  "Every row runs with its own weak labeler (`pseudo` column; CEAL with `ceal`), random ranks "
+                  "its pseudo labels by agreement, the U-Net matches the reference (bottleneck dropout, nearest "
+                  "side heads), `DETERMINISTIC = True`. Only finished runs are counted (`seeds` column).\n"]
     for name, title in (("summary.csv", "Strategy summary (final round, AULC, wall time in s)"),
+                        ("differences.csv", "Paired differences (strategy - baseline): final test Dice and AULC, "
+                         "bootstrap 95% interval over test images and seeds; `outside_noise` = the interval "
+                         "excludes 0"),
                         ("comparison.csv", "Per round, mean and std over seeds"),
                         ("spearman.csv", "Spearman(uncertainty, 1 - true Dice) on the pool")):
         if (cmp_dir / name).is_file():

@@ -20,7 +20,7 @@ dsal() { python -m dsal_tf.cli "$@"; }  # this checkout's package, not whichever
 NAME=compare-isic2017-cpu-v2
 # DSAL and random first (the headline difference), then the rest; full supervision ends each seed.
 # Every row uses its own weak labeler (CEAL: ceal bins; the others: DSAL's confidence rule).
-STRATEGIES=${STRATEGIES:-dsal,random,dsal+diverse,ceal,entropy}
+STRATEGIES=${STRATEGIES-dsal,random,dsal+diverse,ceal,entropy}  # STRATEGIES= : full supervision only
 FULL=${FULL:-1}
 if [ "$FULL" = 1 ]; then FULL_OPT=--full-supervision; else FULL_OPT=--no-full-supervision; fi
 
