@@ -1,8 +1,9 @@
 """The orgData layout: discovery, validation, decoding, caching and `tf.data` pipelines.
 
 Arrays are NHWC uint8: images [N,H,W,C] (C = 3 for RGB, 1 for gray) and masks [N,H,W,1] in
-{0, 1}. Decoded pools are cached as `.npz` keyed by a hash of the file list (names, sizes,
-mtimes) and the preprocessing settings, so a changed file or setting never reuses a stale cache.
+{0, 1}. Decoded pools are cached as memory-mapped `.npy` files keyed by a hash of the file list
+(names, sizes, mtimes) and the preprocessing settings, so a changed file or setting never reuses a
+stale cache and a pool larger than memory is never fully resident.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .errors import DsalError
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -118,11 +119,47 @@ def read_image(path: Path, color: str) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if color == "rgb" else img
 
 
-def read_mask(path: Path, shape: tuple[int, int] | None = None, image: Path | None = None) -> np.ndarray:
-    """Decode and check one mask: [H,W] uint8 in {0,1}. `shape` (rows, cols) is the image's size."""
+LOW, HIGH = 32, 224  # grey levels at or below LOW read as background, at or above HIGH as foreground
+MID_GREY_MAX = 0.05  # a lossy mask may have at most this share of pixels strictly between the bands
+PLATEAU = 0.01  # a grey level covering at least this share of the pixels is a label, not compression noise
+
+
+def binarize_mask(mask: np.ndarray, path: Path) -> tuple[np.ndarray, bool]:
+    """{0,1} uint8 from a decoded mask, and whether the lossy rule was needed.
+
+    Binary masks (at most two levels, the lower one 0: 0/1, 0/255, 0/65535) map nonzero to 1.
+    Masks saved lossy (e.g. as JPEG: levels clustered near 0 and 255, a few greys between) are
+    thresholded at 127 (on an 8-bit scale): allowed when at most `MID_GREY_MAX` of the pixels lie
+    strictly between `LOW` and `HIGH`, and no grey level covering `PLATEAU` of the image sits
+    between them or shares a band with another one (a label map such as 0/1/2 or 0/128/255).
+    """
+    values = np.unique(mask)
+    if len(values) == 1 or (len(values) == 2 and values[0] == 0):
+        return (mask > 0).astype(np.uint8), False
+    if mask.dtype != np.uint8:
+        top = np.iinfo(mask.dtype).max if np.issubdtype(mask.dtype, np.integer) else max(float(values[-1]), 1.0)
+        mask = np.clip(np.round(mask.astype(np.float64) / top * 255), 0, 255).astype(np.uint8)
+    levels, counts = np.unique(mask, return_counts=True)
+    mid_share = float(np.mean((mask > LOW) & (mask < HIGH)))
+    plateaus = levels[counts >= PLATEAU * mask.size]
+    labels = (np.any((plateaus > LOW) & (plateaus < HIGH)) or np.sum(plateaus <= LOW) > 1
+              or np.sum(plateaus >= HIGH) > 1)
+    if mid_share > MID_GREY_MAX or labels:
+        why = "several labels" if labels else f"{mid_share:.0%} mid-grey pixels"
+        raise DsalError(
+            f"mask {path} is not binary ({len(values)} grey levels, {why}, e.g. {values[:4].tolist()}); "
+            "save it as a 0/255 PNG"
+        )
+    return (mask > 127).astype(np.uint8), True
+
+
+def read_mask(path: Path, shape: tuple[int, int] | None = None,
+              image: Path | None = None) -> tuple[np.ndarray, bool]:
+    """Decode and check one mask: ([H,W] uint8 in {0,1}, saved lossy?). `shape` (rows, cols) is the
+    image's size. 8- and 16-bit, gray, colour or palette files; EXIF orientation applied like images."""
     if os.path.getsize(path) == 0:
         raise DsalError(f"{path} is empty (0 bytes); replace or remove it")
-    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    mask = cv2.imread(str(path), cv2.IMREAD_ANYDEPTH)  # grayscale, keeping 16-bit values
     if mask is None:
         raise DsalError(f"cannot decode mask {path} (corrupt or not an image); replace or remove it")
     if shape is not None and mask.shape[:2] != tuple(shape):
@@ -130,28 +167,23 @@ def read_mask(path: Path, shape: tuple[int, int] | None = None, image: Path | No
             f"size mismatch: {image or 'the image'} is {shape[1]}x{shape[0]} but its mask {path} "
             f"is {mask.shape[1]}x{mask.shape[0]}; re-export the mask at the image size"
         )
-    values = np.unique(mask)
-    if len(values) > 2 or (len(values) == 2 and values[0] != 0):
-        raise DsalError(
-            f"mask {path} is not binary ({len(values)} grey levels, e.g. {values[:4].tolist()}); "
-            "save it as a 0/255 PNG"
-        )
-    return (mask > 0).astype(np.uint8)
+    return binarize_mask(mask, path)
 
 
 def read_pair(img_path: Path, mask_path: Path | None, rows: int, cols: int,
-              color: str) -> tuple[np.ndarray, np.ndarray]:
+              color: str) -> tuple[np.ndarray, np.ndarray, bool]:
     """Decode, check and resize one pair: area interpolation for the image, nearest for the mask.
-    Without a mask (an unlabelled pool image) the mask is all zero."""
+    Without a mask (an unlabelled pool image) the mask is all zero. The flag: mask saved lossy."""
     img = read_image(img_path, color)
+    lossy = False
     if mask_path is None:
         mask = np.zeros(img.shape[:2], np.uint8)
     else:
-        mask = read_mask(mask_path, img.shape[:2], img_path)
+        mask, lossy = read_mask(mask_path, img.shape[:2], img_path)
     img = cv2.resize(img, (cols, rows), interpolation=cv2.INTER_AREA)
     mask = cv2.resize(mask, (cols, rows), interpolation=cv2.INTER_NEAREST)
     img = img.reshape(rows, cols, -1)
-    return img.astype(np.uint8), (mask > 0).astype(np.uint8)[..., None]
+    return img.astype(np.uint8), (mask > 0).astype(np.uint8)[..., None], lossy
 
 
 def _cache_key(pairs, cfg: Config, split: str) -> str:
@@ -167,28 +199,67 @@ def masks_optional(cfg: Config, split: str) -> bool:
     return split == "train" and cfg.oracle == "files"
 
 
+def _decode_into(pairs, cfg: Config, images: np.ndarray, masks: np.ndarray, chunk: int = 256) -> list[Path]:
+    """Decode `pairs` into preallocated (possibly memory-mapped) arrays, `chunk` files at a time, so
+    at most one chunk of decoded images is held besides the arrays; returns the masks saved lossy."""
+    lossy = []
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
+        for start in range(0, len(pairs), chunk):
+            part = pairs[start:start + chunk]
+            for j, (img, mask, was_lossy) in enumerate(
+                    ex.map(lambda p: read_pair(*p, cfg.img_rows, cfg.img_cols, cfg.color), part)):
+                images[start + j], masks[start + j] = img, mask
+                if was_lossy:
+                    lossy.append(part[j][1])
+    return lossy
+
+
 def load_split(cfg: Config, split: str, use_cache: bool = True) -> Split:
-    """Decode one split (cached). The train split is truncated to `pool_size` images if set."""
+    """Decode one split. The train split is truncated to `pool_size` images if set.
+
+    Cached (the default), the decoded arrays live on disk as uint8 `.npy` files under
+    `CACHE_DIR/<split>-<key>/` and come back memory-mapped, read-only: the pool is never fully
+    resident, the kernel pages in what a batch reads. The key hashes the file list (names, sizes,
+    modification times) and the preprocessing settings, so a changed file or setting never reuses
+    a stale cache; a cache folder appears only complete (written under a temporary name, renamed)."""
     pairs = find_pairs(cfg.data_path, split, cfg.mask_naming, require_masks=not masks_optional(cfg, split))
     if split == "train" and cfg.pool_size:
         pairs = pairs[: cfg.pool_size]
-    cache_file = cfg.cache_path / f"{split}-{_cache_key(pairs, cfg, split)}.npz"
     names = [img.stem for img, _ in pairs]
     files = [img for img, _ in pairs]
     has_mask = np.array([m is not None for _, m in pairs], bool)
-    if use_cache and cache_file.is_file():
-        with np.load(cache_file) as z:
-            if list(z["names"]) == names:
-                return Split(names, z["images"], z["masks"], has_mask, files)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
-        decoded = list(ex.map(lambda p: read_pair(*p, cfg.img_rows, cfg.img_cols, cfg.color), pairs))
-    split_data = Split(names, np.stack([d[0] for d in decoded]), np.stack([d[1] for d in decoded]), has_mask, files)
-    if use_cache:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp.npz")
-        np.savez(tmp, names=np.array(names), images=split_data.images, masks=split_data.masks)
-        os.replace(tmp, cache_file)
-    return split_data
+    shape = (len(pairs), cfg.img_rows, cfg.img_cols, cfg.channels)
+    mask_shape = (*shape[:3], 1)
+    if not use_cache:
+        images, masks = np.empty(shape, np.uint8), np.empty(mask_shape, np.uint8)
+        _warn_lossy(_decode_into(pairs, cfg, images, masks), split)
+        return Split(names, images, masks, has_mask, files)
+    folder = cfg.cache_path / f"{split}-{_cache_key(pairs, cfg, split)}"
+    if not ((folder / "names.json").is_file() and json.loads((folder / "names.json").read_text()) == names):
+        import shutil
+
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, shape)
+        masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, mask_shape)
+        lossy = _decode_into(pairs, cfg, images, masks)
+        images.flush(), masks.flush()
+        del images, masks
+        (tmp / "names.json").write_text(json.dumps(names))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        _warn_lossy(lossy, split)
+    return Split(names, np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "masks.npy", mmap_mode="r"),
+                 has_mask, files)
+
+
+def _warn_lossy(lossy: list[Path], split: str) -> None:
+    if lossy:
+        import sys
+
+        print(f"warning: {len(lossy)} {split} mask(s) were saved lossy (grey levels near 0 and 255, e.g. "
+              f"{lossy[0]}); binarized at 127 (README, Data)", file=sys.stderr)
 
 
 def load_splits(cfg: Config, splits=SPLITS) -> dict[str, Split]:
@@ -207,12 +278,22 @@ class Normalizer:
     std: tuple[float, ...]
 
     @classmethod
-    def fit(cls, images: np.ndarray, mode: str) -> Normalizer:
+    def fit(cls, images: np.ndarray, mode: str, chunk: int = 512) -> Normalizer:
+        """Per-channel statistics in one streaming pass over `chunk` images at a time (exact sums
+        of x and x^2 in float64), so a memory-mapped pool is never copied as floats."""
         channels = images.shape[-1]
         if mode == "unit":
             return cls((0.0,) * channels, (1.0,) * channels)
-        x = images.reshape(-1, channels).astype(np.float64) / 255.0
-        return cls(tuple(x.mean(0).tolist()), tuple(np.maximum(x.std(0), 1e-6).tolist()))
+        total = np.zeros(channels)
+        squares = np.zeros(channels)
+        for start in range(0, len(images), chunk):
+            part = np.asarray(images[start:start + chunk], np.float64).reshape(-1, channels) / 255.0
+            total += part.sum(0)
+            squares += np.square(part).sum(0)
+        n = max(images.size // channels, 1)
+        mean = total / n
+        std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
+        return cls(tuple(mean.tolist()), tuple(np.maximum(std, 1e-6).tolist()))
 
     def __call__(self, x):
         import tensorflow as tf

@@ -194,6 +194,6 @@ def read_manifest(path: Path) -> list[dict]:
 
 def waiting_message(cfg: Config, round_: int, n_missing: int, n_asked: int) -> str:
     where = cfg.run_dir / f"round_{round_:02d}" / TO_ANNOTATE
+    hint = " (prelabels/ holds the model's masks to start from)" if round_ else ""
     return (f"round {round_}: waiting for {n_missing} of {n_asked} expert masks; draw them for the images in "
-            f"{where}/ (prelabels/ holds the model's masks to start from), then run "
-            f"`dsal import-labels --exp {cfg.name} --masks DIR` and this command again")
+            f"{where}/{hint}, then run `dsal import-labels --exp {cfg.name} --masks DIR` and this command again")

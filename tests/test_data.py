@@ -47,16 +47,17 @@ def test_gray_input_has_one_channel(tmp_path):
 def test_cache_is_reused_and_invalidated(tmp_path):
     root = write_set(tmp_path / "d")
     cfg = cfg_for(root, tmp_path)
-    load_split(cfg, "train")
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    first = load_split(cfg, "train")
+    assert isinstance(first.images, np.memmap) and not first.images.flags.writeable  # never fully resident
+    assert len(list((tmp_path / "cache").glob("train-*"))) == 1
     load_split(cfg, "train")  # same files and settings: same cache entry
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("train-*"))) == 1
     load_split(cfg.replace(img_rows=32), "train")  # new setting: new entry
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    assert len(list((tmp_path / "cache").glob("train-*"))) == 2
     mask = np.zeros((20, 24), np.uint8)
     cv2.imwrite(str(root / "trainGT" / "im0_segmentation.png"), mask)  # changed file: new entry
     split = load_split(cfg, "train")
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
+    assert len(list((tmp_path / "cache").glob("train-*"))) == 3
     assert split.masks[0].sum() == 0
 
 
