@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
-
-import os
 
 import pandas as pd
 
