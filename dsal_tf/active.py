@@ -30,6 +30,7 @@ from .config import Config
 from .data import Normalizer, load_splits
 from .determinism import reset_seed_generators
 from .errors import DsalError
+from .files import atomic_write, atomic_write_text
 from .pool import Pool
 
 # settings that may change between a run and its resumption
@@ -69,9 +70,9 @@ def prepare_run_dir(cfg: Config, constants_path: str | Path | None = None) -> Pa
                 f"use --exp NEW_NAME for new settings (nothing was changed)"
             )
     run.mkdir(parents=True, exist_ok=True)
-    saved.write_text(cfg.to_json())
+    atomic_write_text(saved, cfg.to_json())
     if constants_path is not None and Path(constants_path).is_file():
-        shutil.copyfile(constants_path, run / "constants.py")
+        atomic_write(run / "constants.py", lambda tmp: shutil.copyfile(constants_path, tmp))
     return run
 
 
@@ -83,10 +84,14 @@ def _append_curve(run: Path, row: dict) -> None:
             rows = [r for r in csv.DictReader(f) if int(r["round"]) != row["round"]]
     rows.append({k: row.get(k, "") for k in CURVE_FIELDS})
     rows.sort(key=lambda r: int(r["round"]))
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, CURVE_FIELDS, restval="", extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, CURVE_FIELDS, restval="", extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def _write_scores(path: Path, names: list[str], pool_idx: np.ndarray, scores: dict, oracle: np.ndarray,
@@ -222,7 +227,7 @@ def run_active_learning(
             row = dict(round=r, n_oracle=len(pool.labelled), n_pseudo=int(is_pseudo.sum()),
                        val_dice=round(float(val_dice), 5), train_s=round(train_s, 2), score_s=round(score_s, 2))
             _append_curve(run, row)
-            (rd / "DONE").write_text(json.dumps({**row, "wall_s": round(time.perf_counter() - t0, 2)}))
+            atomic_write_text(rd / "DONE", json.dumps({**row, "wall_s": round(time.perf_counter() - t0, 2)}))
             log(f"round {r}: val Dice {val_dice:.4f}")
     return run
 
@@ -249,9 +254,7 @@ def _stop(run: Path, last_round: int, reason: str, log) -> None:
     for row in rows:
         if int(row["round"]) == last_round:
             _append_curve(run, {**row, "round": last_round, "stop": reason})
-    tmp = run / (STOPPED + ".tmp")
-    tmp.write_text(json.dumps({"round": last_round, "reason": reason}))
-    os.replace(tmp, run / STOPPED)
+    atomic_write_text(run / STOPPED, json.dumps({"round": last_round, "reason": reason}))
     shutil.rmtree(round_dir(run, last_round + 1), ignore_errors=True)  # nothing of it was decided
     log(f"stopped after round {last_round}: {reason}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -19,6 +20,9 @@ def _echo(msg: str) -> None:
     click.echo(msg)
 
 
+DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
 def user_errors(fn):
     """Turn `DsalError` into one line on stderr and exit code 2; a traceback is for our bugs only."""
 
@@ -34,6 +38,13 @@ def user_errors(fn):
         except DsalError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:
+            if exc.errno not in DISK_ERRORS:
+                raise
+            where = exc.filename or "a file"
+            click.echo(f"error: cannot write {where}: {exc.strerror}; free disk space or make the folder writable, "
+                       "then run the same command again (every complete round is intact)", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume from the last complete round", err=True)
             sys.exit(130)

@@ -305,7 +305,9 @@ class Normalizer:
         return ((x.astype(np.float32) / 255.0 - np.float32(self.mean)) / np.float32(self.std)).astype(np.float32)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"mean": self.mean, "std": self.std}))
+        from .files import atomic_write_text
+
+        atomic_write_text(path, json.dumps({"mean": self.mean, "std": self.std}))
 
     @classmethod
     def load(cls, path: Path) -> Normalizer:

@@ -21,6 +21,7 @@ import pandas as pd
 from .config import Config, resolve
 from .data import Normalizer, Split, load_split, make_dataset
 from .errors import DsalError
+from .files import atomic_write
 from .metrics import batch_metrics
 
 METRICS = ("dice", "iou", "hd95", "asd")
@@ -128,13 +129,13 @@ def evaluate_run(cfg: Config, rounds: list[int] | None = None, log: Callable[[st
         else:  # same architecture every round: swap weights, keep the traced predict graph
             model.load_weights(rd / CHECKPOINT)
         per_image, pred = evaluate_model(model, test, normalizer, cfg.batch_size)
-        per_image.to_csv(rd / "test_metrics.csv", index=False)
+        atomic_write(rd / "test_metrics.csv", lambda tmp: per_image.to_csv(tmp, index=False))
         rows.append({"round": r, "n_oracle": int(curve.loc[r, "n_oracle"]),
                      "n_pseudo": int(curve.loc[r, "n_pseudo"]), **summarize(per_image)})
         if r in (rounds[0], rounds[-1]) and cfg.nb_overlays:
             overlay_grid(test.images, test.masks, pred, run / "overlays" / f"round_{r:02d}.png", cfg.nb_overlays)
     table = pd.DataFrame(rows)
-    table.to_csv(run / "evaluation.csv", index=False, float_format="%.4f")
+    atomic_write(run / "evaluation.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"))
     if table["n_undefined"].any():
         log(f"HD95/ASD undefined (one mask empty) for up to {int(table['n_undefined'].max())} of "
             f"{len(test.names)} test images a round; left out of hd95/asd means (n_undefined column)")

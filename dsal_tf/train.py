@@ -8,6 +8,7 @@ the heads stay float32.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -18,10 +19,13 @@ import tensorflow as tf
 from .config import Config
 from .data import Normalizer, Split
 from .determinism import reset_seed_generators
+from .errors import DsalError
+from .files import atomic_write
 from .losses import deep_supervision, dice
 from .model import build_unet
 
 CHECKPOINT = "best.keras"
+HISTORY_PART = "history.csv.part"
 tf.get_logger().setLevel("ERROR")  # retracing notices are expected: evaluation and ensembles load many models
 
 
@@ -92,13 +96,33 @@ class BestCheckpoint(keras.callbacks.Callback):
         value = (logs or {}).get(self.monitor)
         if value is not None and float(value) > self.best:
             self.best = float(value)
-            getattr(self.model, "segmenter", self.model).save(self.path)
+            segmenter = getattr(self.model, "segmenter", self.model)
+            atomic_write(self.path, segmenter.save)
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """A NaN or infinite training loss ends the run with one line naming the round and epoch; the
+    checkpoints written so far (the last good weights) stay as they are."""
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.where, self.epoch = where, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise DsalError(f"{self.where}, epoch {self.epoch + 1}: the training loss became {float(loss)}; "
+                            "lower LEARNING_RATE or check the masks (the last good checkpoint is kept)")
 
 
 def _callbacks(cfg: Config, out_dir: Path, epochs: int) -> list:
     cbs: list = [
+        StopOnNaN(out_dir.name.replace("_", " ")),
         BestCheckpoint(out_dir / CHECKPOINT),
-        keras.callbacks.CSVLogger(str(out_dir / "history.csv")),
+        keras.callbacks.CSVLogger(str(out_dir / HISTORY_PART)),  # renamed to history.csv when fit ends
     ]
     if cfg.tensorboard:  # one log folder per round (and per ensemble member) under exp/<name>/tensorboard/
         run = out_dir.parent if out_dir.name.startswith("round_") else out_dir.parent.parent
@@ -144,5 +168,7 @@ def fit(
     if best.is_file():
         model.set_weights(keras.models.load_model(best, compile=False).get_weights())
     else:  # zero epochs: the starting weights are this round's model
-        model.save(best)
+        atomic_write(best, model.save)
+    if (out_dir / HISTORY_PART).is_file():
+        os.replace(out_dir / HISTORY_PART, out_dir / "history.csv")
     return history

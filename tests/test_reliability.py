@@ -1,0 +1,108 @@
+"""Runs that survive anything: SIGKILL at random moments, a full disk, a NaN loss."""
+
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dsal_tf.active import completed_rounds, run_active_learning
+from dsal_tf.cli import cli
+from dsal_tf.config import resolve
+from dsal_tf.errors import DsalError
+from dsal_tf.pool import Pool
+from dsal_tf.train import StopOnNaN
+
+from .conftest import tiny_values
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def set_args(values: dict) -> list[str]:
+    out = []
+    for k, v in values.items():
+        out += ["--set", f"{k.upper()}={v}"]
+    return out
+
+
+def digest(run: Path, r: int) -> dict:
+    rd = run / f"round_{r:02d}"
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(rd.iterdir()) if f.is_file()}
+
+
+def test_nan_loss_names_the_round_and_epoch():
+    cb = StopOnNaN("round 3")
+    cb.on_epoch_begin(1)
+    cb.on_train_batch_end(0, {"loss": 0.5})
+    with pytest.raises(DsalError, match=r"round 3, epoch 2: the training loss became nan"):
+        cb.on_train_batch_end(1, {"loss": float("nan")})
+    with pytest.raises(DsalError, match="became inf"):
+        cb.on_train_batch_end(2, {"loss": float("inf")})
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_line_and_keeps_complete_rounds(tiny_data, tmp_path, monkeypatch):
+    values = tiny_values(tiny_data, tmp_path, exp_name="disk", nb_iterations=1)
+    real = os.replace
+
+    def full_disk(src, dst, *a, **k):
+        if Path(dst).name == "DONE" and "round_01" in str(dst):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real(src, dst, *a, **k)
+
+    (tmp_path / "none.py").write_text("")  # an empty constants file: defaults + --set
+    monkeypatch.setattr(os, "replace", full_disk)
+    result = CliRunner().invoke(cli, ["run", "--constants", str(tmp_path / "none.py"), *set_args(values)])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert "No space left on device" in errors[0] and "round_01" in errors[0]
+    run = resolve(values).run_dir
+    assert completed_rounds(run) == [0]
+    monkeypatch.setattr(os, "replace", real)
+    run_active_learning(resolve(values), log=lambda m: None)  # space again: it goes on
+    assert completed_rounds(run) == [0, 1]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume(tiny_data, tmp_path):
+    extra = dict(nb_iterations=2, pseudo_epoch=1)
+    ref = run_active_learning(resolve(tiny_values(tiny_data, tmp_path, exp_name="ref", **extra)), log=lambda m: None)
+
+    values = tiny_values(tiny_data, tmp_path, exp_name="killed", **extra)
+    (tmp_path / "none.py").write_text("")
+    cmd = [sys.executable, "-m", "dsal_tf.cli", "run", "--constants", str(tmp_path / "none.py"), *set_args(values)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    run = resolve(values).run_dir
+    rng = np.random.default_rng(0)
+    seen: dict[int, dict] = {}
+    kills = 0
+    for attempt in range(12):
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + (rng.uniform(6, 20) if kills < 3 else 600)
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        else:
+            out = proc.stdout.read().decode()
+            assert proc.returncode == 0, out
+        for r in completed_rounds(run):  # a completed round never changes afterwards
+            seen.setdefault(r, digest(run, r))
+            assert digest(run, r) == seen[r], f"round {r} changed after a resume"
+        if proc.returncode == 0:
+            break
+    assert kills >= 2, "the run finished before it could be interrupted; lengthen it"
+    assert completed_rounds(run) == [0, 1, 2]
+    for r in range(3):
+        a, b = Pool.load(ref / f"round_{r:02d}" / "pool.npz"), Pool.load(run / f"round_{r:02d}" / "pool.npz")
+        assert np.array_equal(a.labelled_map, b.labelled_map), f"round {r}"
+        assert np.array_equal(a.pseudo_idx, b.pseudo_idx), f"round {r}"
