@@ -83,7 +83,7 @@ def test_sigkill_at_random_moments_then_resume(tiny_data, tmp_path):
     rng = np.random.default_rng(0)
     seen: dict[int, dict] = {}
     kills = 0
-    for attempt in range(12):
+    for _ in range(12):
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + (rng.uniform(6, 20) if kills < 3 else 600)
         while proc.poll() is None and time.monotonic() < deadline:
