@@ -29,7 +29,8 @@ def _write(root, split, name, mask, rng):
 
 @pytest.fixture(scope="module")
 def hand_data(tmp_path_factory):
-    """Components (8-connected): train 9 + 25, none, 100 + a diagonal pair (2); val 16; test 1 (never read)."""
+    """Components (8-connected): train 9 + 25, none, 100 + a diagonal pair (2), 400 + a 1-pixel speck;
+    val 16; test 1 (never read)."""
     root = tmp_path_factory.mktemp("hand")
     rng = np.random.default_rng(0)
     m0 = np.zeros((H, W), np.uint8)
@@ -39,11 +40,15 @@ def hand_data(tmp_path_factory):
     m2 = np.zeros((64, 96), np.uint8)
     _square(m2, 10, 10, 10)
     m2[40, 40] = m2[41, 41] = 255  # touching diagonally: one component of 2 pixels
+    m3 = np.zeros((H, W), np.uint8)
+    _square(m3, 20, 40, 20)
+    m3[2, 2] = 255  # under 1% of the 400-pixel component: a speck
     mv = np.zeros((H, W), np.uint8)
     _square(mv, 5, 5, 4)
     mt = np.zeros((H, W), np.uint8)
     mt[1, 1] = 255
-    for split, name, mask in [("train", "a", m0), ("train", "b", m1), ("train", "c", m2), ("val", "v", mv),
+    for split, name, mask in [("train", "a", m0), ("train", "b", m1), ("train", "c", m2), ("train", "d", m3),
+                              ("val", "v", mv),
                               ("test", "t", mt)]:
         _write(root, split, name, mask, rng)
     return root
@@ -51,15 +56,16 @@ def hand_data(tmp_path_factory):
 
 def test_fingerprint_on_hand_made_masks(hand_data):
     fp = fingerprint(hand_data, sample=8)
-    assert fp["counts"] == {"train": 3, "val": 1, "test": 1}
+    assert fp["counts"] == {"train": 4, "val": 1, "test": 1}
     assert fp["image_size"]["median_rows"] == H and fp["image_size"]["median_cols"] == W
     assert fp["image_size"]["rows_range"] == [48, 64] and fp["image_size"]["median_aspect"] == 1.5
     m = fp["masks"]
-    assert m["masks_read"] == 4 and m["empty_masks"] == 1 and m["components"] == 5
-    assert m["component_pixels_min"] == 2  # the test split's 1-pixel speck is not read
-    assert m["component_pixels_p5"] == pytest.approx(2 + 0.2 * (9 - 2))  # 5th percentile of 2, 9, 16, 25, 100
-    assert m["component_pixels_median"] == 16
-    fractions = [34 / (H * W), 0.0, 102 / (64 * 96), 16 / (H * W)]
+    assert m["masks_read"] == 5 and m["empty_masks"] == 1 and m["components"] == 6 and m["specks_ignored"] == 1
+    assert m["component_pixels_min"] == 2
+    assert m["component_pixels_p5"] == pytest.approx(2 + 0.25 * (9 - 2))  # 5th percentile of 2, 9, 16, 25, 100, 400
+    assert m["component_pixels_median"] == (16 + 25) / 2
+    assert m["all_components_min"] == 1 and m["all_components_p5"] == pytest.approx(1.3)  # the speck; not test's
+    fractions = [34 / (H * W), 0.0, 102 / (64 * 96), 401 / (H * W), 16 / (H * W)]
     assert m["foreground_fraction_mean"] == pytest.approx(np.mean(fractions), abs=1e-5)
     assert fp["color"] == "gray" and fp["intensity"]["grey_stored_as_rgb"]
     assert fp["intensity"]["dtype"] == "uint8" and not fp["intensity"]["looks_like_ct_hu"]
@@ -169,7 +175,8 @@ def test_no_fit_cuts_epochs(tmp_path):
     s = plan["choice"]["settings"]
     assert s["img_rows"] == 176 and s["base_filters"] == 8  # the fastest candidate meeting the size rule
     assert "no candidate fits" in plan["choice"]["reasons"]["img_rows"]
-    assert s["nb_initial_epochs"] < 50 or s["nb_active_epochs"] < 30
+    assert s["nb_initial_epochs"] == 50 and s["nb_active_epochs"] == 1  # 150 initial steps is the floor
+    assert any("nothing fits" in w for w in plan["warnings"])
 
 
 @pytest.mark.slow
