@@ -287,15 +287,22 @@ def _write_pseudo_pngs(folder: Path, idx: np.ndarray, masks: np.ndarray, pool_da
     os.replace(tmp, folder)
 
 
-def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo, oracle, rd, log):
-    """Score the unlabelled pool, pick oracle and pseudo labels, save them and ask the oracle.
+SCORE_PARTS = "score_parts"
 
-    Returns (scoring seconds, stop reason or None): a pool that already agrees with itself
-    (`STOP_AGREEMENT`) ends the loop before anything is chosen."""
+
+def shard_positions(n: int, shard: int, n_shards: int, batch_size: int) -> np.ndarray:
+    """Positions of shard `shard` of `n_shards` over `n` scored images, cut at batch boundaries so
+    every batch of a shard is a batch of the single pass (same images, same scores)."""
+    batches = np.array_split(np.arange(-(-n // batch_size)), n_shards)[shard]
+    if not len(batches):
+        return np.zeros(0, np.int64)
+    return np.arange(batches[0] * batch_size, min((batches[-1] + 1) * batch_size, n))
+
+
+def _score(cfg, r, pool, pool_data, val, model, normalizer, query, rd, idx) -> dict:
+    """Per-image scores of pool images `idx`, read from the (memory-mapped) pool batch by batch."""
     from . import train
-
-    rng = np.random.default_rng([cfg.seed, r])
-    unl = pool.unlabelled
+    from .data import Rows
 
     def train_member(out_dir: Path, start: Path | None, seed: int):
         """One more model on the previous round's training set (for ensemble strategies)."""
@@ -305,11 +312,82 @@ def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo,
         train.fit(m, cfg, x, y, is_pseudo, val, normalizer, out_dir, epochs, seed)
         return m
 
-    t = time.perf_counter()
     reset_seed_generators(model, cfg.seed * 1000 + r)  # MC-dropout scores do not depend on the history
     query.prepare(model, r, rd.parent, train_member)
-    scores = query.score_pool(model, pool_data.images[unl], pool_data.masks[unl], normalizer,
-                              cfg.batch_size, progress=cfg.progress)
+    return query.score_pool(model, Rows(pool_data.images, idx), Rows(pool_data.masks, idx), normalizer,
+                            cfg.batch_size, progress=cfg.progress)
+
+
+def _merged_parts(rd: Path, unl: np.ndarray, batch_size: int, log) -> dict | None:
+    """The round's scores from `dsal score --shard` parts, when every part is there and current."""
+    files = sorted((rd / SCORE_PARTS).glob("part_*_of_*.npz"))
+    if not files:
+        return None
+    n = int(files[0].stem.split("_of_")[1])
+    parts = []
+    for i in range(n):
+        path = rd / SCORE_PARTS / f"part_{i}_of_{n}.npz"
+        want = unl[shard_positions(len(unl), i, n, batch_size)]
+        if not path.is_file():
+            log(f"{rd.name}: score part {i + 1} of {n} is missing; scoring the whole pool here")
+            return None
+        with np.load(path) as z:
+            if not np.array_equal(z["index"], want):
+                log(f"{rd.name}: {path.name} was scored for another pool state; scoring the whole pool here")
+                return None
+            parts.append({k: z[k] for k in z.files if k != "index"})
+    log(f"{rd.name}: merged {n} score parts")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def score_shard(cfg: Config, r: int, shard: int, n_shards: int, log: Callable[[str], None] = print) -> Path:
+    """Score one slice of round `r`'s unlabelled pool (`dsal score --shard i/n`) with round r-1's
+    model and write `round_XX/score_parts/part_i_of_n.npz`; the round merges the parts when all exist,
+    so several processes or machines can share one round's scoring."""
+    from . import determinism, train
+    from .evaluate import saved_config
+    from .strategies import QUERY_STRATEGIES
+
+    cfg = saved_config(cfg)
+    run = cfg.run_dir
+    if not 0 <= shard < n_shards:
+        raise DsalError(f"--shard {shard}/{n_shards}: the shard must be in 0..{n_shards - 1}")
+    if r < 1 or not (round_dir(run, r - 1) / "DONE").is_file():
+        raise DsalError(f"round {r} of {run} cannot be scored: round {r - 1} is not finished; train it first")
+    if (round_dir(run, r) / "scores.csv").is_file():
+        raise DsalError(f"round {r} of {run} has already chosen its images; nothing to score")
+    splits = load_splits(cfg, ("train", "val"))
+    pool_data, val = splits["train"], splits["val"]
+    pool = Pool.load(round_dir(run, r - 1) / "pool.npz")
+    determinism.apply(cfg)
+    train.set_precision(cfg)
+    model = train.load_model(round_dir(run, r - 1) / train.CHECKPOINT, cfg)
+    unl = pool.unlabelled
+    idx = unl[shard_positions(len(unl), shard, n_shards, cfg.batch_size)]
+    rd = round_dir(run, r)
+    scores = _score(cfg, r, pool, pool_data, val, model, Normalizer.load(run / "normalizer.json"),
+                    QUERY_STRATEGIES[cfg.query_strategy](cfg), rd, idx)
+    out = rd / SCORE_PARTS / f"part_{shard}_of_{n_shards}.npz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: np.savez(tmp, index=idx, **scores))
+    log(f"scored {len(idx)} of {len(unl)} pool images for round {r}: {out}")
+    return out
+
+
+def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo, oracle, rd, log):
+    """Score the unlabelled pool (or merge its shards), pick oracle and pseudo labels, save them and
+    ask the oracle.
+
+    Returns (scoring seconds, stop reason or None): a pool that already agrees with itself
+    (`STOP_AGREEMENT`) ends the loop before anything is chosen."""
+    from .data import Rows
+
+    rng = np.random.default_rng([cfg.seed, r])
+    unl = pool.unlabelled
+    t = time.perf_counter()
+    scores = _merged_parts(rd, unl, cfg.batch_size, log)
+    if scores is None:
+        scores = _score(cfg, r, pool, pool_data, val, model, normalizer, query, rd, unl)
     score_s = time.perf_counter() - t
     if "true_dice" in scores:  # only meaningful where the mask exists
         scores["true_dice"] = np.where(pool_data.has_mask[unl], scores["true_dice"], np.nan)
@@ -326,7 +404,7 @@ def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo,
     available = np.setdiff1d(np.arange(len(unl)), picks)
     n_pseudo = min(cfg.nb_pseudo(r), len(available))
     chosen = pseudo.select(scores, available, n_pseudo, rng) if n_pseudo else np.zeros(0, np.int64)
-    masks = pseudo.labels(scores, chosen, pool_data.images[unl]) if len(chosen) else None
+    masks = pseudo.labels(scores, chosen, Rows(pool_data.images, unl)) if len(chosen) else None
     pool.set_pseudo(unl[chosen], masks)
     rd.mkdir(parents=True, exist_ok=True)
     if len(chosen):

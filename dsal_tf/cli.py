@@ -215,6 +215,24 @@ def noisy_teacher(constants, set_pairs, n_expert, variants, seeds, name, **optio
                       name or f"noisy-teacher-{cfg.preset}-e{n_expert}", log=_echo)
 
 
+@cli.command()
+@common_options
+@click.option("--round", "round_", type=int, required=True, help="The round to score (its previous round is done).")
+@click.option("--shard", required=True, metavar="I/N", help="Score slice I of N (0-based), e.g. --shard 0/4.")
+@click.option("--progress/--no-progress", default=None)
+@user_errors
+def score(constants, set_pairs, round_, shard, **options) -> None:
+    """Score one slice of a round's pool; the round merges the slices when all N are there."""
+    cfg = build_config(constants, set_pairs, **options)
+    from .active import score_shard
+
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+    except ValueError:
+        raise DsalError(f"--shard {shard!r} must be I/N, e.g. --shard 0/4") from None
+    score_shard(cfg, round_, i, n, log=_echo)
+
+
 @cli.command("import-labels")
 @common_options
 @click.option("--masks", "masks_dir", default=None, type=click.Path(path_type=Path),

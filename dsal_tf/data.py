@@ -316,6 +316,47 @@ class Normalizer:
 
 
 # ------------------------------------------------------------------ tf.data
+class Rows:
+    """Rows `index` of a (memory-mapped) array, read only when asked: a pool subset that is never
+    copied whole. `make_dataset` streams it; indexing it returns a plain array."""
+
+    def __init__(self, array: np.ndarray, index: np.ndarray):
+        self.array, self.index = array, np.asarray(index, np.int64)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self.array.shape[1:])
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i) -> np.ndarray:
+        return np.asarray(self.array[self.index[i]])
+
+
+def _source(images, masks):
+    """(image, mask) elements: in-memory arrays as tensors; memory maps and `Rows` read on demand."""
+    import tensorflow as tf
+
+    if not isinstance(images, (Rows, np.memmap)) and not isinstance(masks, (Rows, np.memmap)):
+        return tf.data.Dataset.from_tensor_slices((images, masks))
+
+    def fetch(i):
+        return np.asarray(images[int(i)]), np.asarray(masks[int(i)])
+
+    def load(i):
+        x, y = tf.numpy_function(fetch, [i], [tf.uint8, tf.uint8])
+        x.set_shape(images.shape[1:])
+        y.set_shape(masks.shape[1:])
+        return x, y
+
+    return tf.data.Dataset.range(len(images)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def _augment(image, mask, seed, square: bool):
     """Random flips (and 90-degree rotations for square inputs), identical for image and mask."""
     import tensorflow as tf
@@ -340,10 +381,11 @@ def make_dataset(
     heads: tuple[str, ...] | None = None,
     repeat: bool = False,
 ):
-    """Batched, prefetched `(x, y)`; with `heads`, y is `{head: mask}` for a multi-output fit."""
+    """Batched, prefetched `(x, y)`; with `heads`, y is `{head: mask}` for a multi-output fit.
+    `images`/`masks` may be memory-mapped or `Rows`: then they are read per element, never whole."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((images, masks))
+    ds = _source(images, masks)
     if shuffle:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     if repeat:

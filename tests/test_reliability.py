@@ -106,3 +106,25 @@ def test_sigkill_at_random_moments_then_resume(tiny_data, tmp_path):
         a, b = Pool.load(ref / f"round_{r:02d}" / "pool.npz"), Pool.load(run / f"round_{r:02d}" / "pool.npz")
         assert np.array_equal(a.labelled_map, b.labelled_map), f"round {r}"
         assert np.array_equal(a.pseudo_idx, b.pseudo_idx), f"round {r}"
+
+
+@pytest.mark.slow
+def test_sharded_scoring_merges_to_the_single_pass(tiny_data, tmp_path):
+    from dsal_tf.active import score_shard, shard_positions
+
+    assert [len(shard_positions(20, i, 3, 4)) for i in range(3)] == [8, 8, 4]  # whole batches of 4
+    assert np.array_equal(np.concatenate([shard_positions(21, i, 2, 8) for i in range(2)]), np.arange(21))
+    ref = run_active_learning(resolve(tiny_values(tiny_data, tmp_path, exp_name="one", nb_iterations=1)),
+                              log=lambda m: None)
+    cfg = resolve(tiny_values(tiny_data, tmp_path, exp_name="shards", nb_iterations=0))
+    run_active_learning(cfg, log=lambda m: None)
+    cfg = cfg.replace(nb_iterations=1)
+    for i in (1, 0):  # any order, any process
+        score_shard(cfg, 1, i, 2, log=lambda m: None)
+    logs = []
+    run = run_active_learning(cfg, log=logs.append)
+    assert any("merged 2 score parts" in m for m in logs)
+    a, b = (Pool.load(d / "round_01" / "pool.npz") for d in (ref, run))
+    assert np.array_equal(a.labelled_map, b.labelled_map)
+    with pytest.raises(DsalError, match="already chosen"):
+        score_shard(cfg, 1, 0, 2, log=lambda m: None)
