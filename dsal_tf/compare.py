@@ -120,10 +120,11 @@ def run_comparison(
     from .active import run_active_learning
 
     specs = {s: parse_strategy_spec(s) for s in strategies}
-    # the initial model takes no pseudo labels: it does not depend on the weak labeler
     base = cfg.replace(pseudo_policy=pseudo or "auto", selection="auto")
     for seed in seeds:
-        init = base.replace(seed=seed, nb_iterations=0, query_strategy="random", exp_name=f"{name}/init-s{seed}")
+        # the initial model takes no pseudo labels and makes no query: one per seed, whatever `pseudo`
+        init = base.replace(seed=seed, nb_iterations=0, query_strategy="random", pseudo_policy="auto",
+                            exp_name=f"{name}/init-s{seed}")
         run_active_learning(init, log=log)
         for spec, overrides in specs.items():
             scfg = base.replace(seed=seed, exp_name=f"{name}/{spec}-s{seed}", **overrides)
