@@ -75,6 +75,14 @@ def k_center_greedy(features: np.ndarray, n: int) -> np.ndarray:
     return np.array(chosen, np.int64)
 
 
+def disk_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A writable array backed by an anonymous temporary file (deleted when the array is)."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as f:  # the mapping keeps the data after the file is closed
+        return np.memmap(f, dtype=dtype, mode="w+", shape=shape)
+
+
 def mean_over_pixels(pixel_map):
     """The default reduction: one score per image from an [N,H,W,C] map."""
     return tf.reduce_mean(pixel_map, axis=[1, 2, 3])
@@ -168,12 +176,20 @@ class QueryStrategy:
             self._traced_for = key
         step = self._traced
         parts: dict[str, list] = {}
+        pred = None  # the binary masks of the whole pool go to disk: memory stays flat in pool size
+        done = 0
         ds = make_dataset(images, masks, normalizer, batch_size)
         total = -(-len(images) // batch_size)
         for x, y in tqdm(ds, total=total, desc=f"scoring ({self.name})", disable=not progress, leave=False):
-            for k, v in step(x, y).items():
-                parts.setdefault(k, []).append(v.numpy())
-        return {k: np.concatenate(v) for k, v in parts.items()}
+            out = {k: v.numpy() for k, v in step(x, y).items()}
+            batch = out.pop("pred")
+            if pred is None:
+                pred = disk_array((len(images), *batch.shape[1:]), batch.dtype)
+            pred[done:done + len(batch)] = batch
+            done += len(batch)
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v)
+        return {**{k: np.concatenate(v) for k, v in parts.items()}, "pred": pred}
 
     def query_score(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         """What the oracle pick ranks by, higher first (default: the uncertainty)."""
