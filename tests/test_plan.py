@@ -155,7 +155,7 @@ def test_plan_budget_rule_with_fake_timings(tmp_path):
     full = make_plan(data, budget_minutes=1000, measure=_fake_measure, log=lambda m: None)
     s = full["choice"]["settings"]
     assert (s["img_rows"], s["img_cols"], s["base_filters"]) == (256, 256, 32)  # everything fits: the largest
-    assert s["loss"] == "bce_dice" and s["color"] == "gray"
+    assert s["loss"] == "dice" and s["color"] == "gray"
     # 36 px need s >= 256 sqrt(16/36) = 170.7 -> 176; nothing smaller is even measured
     assert min(c["img_rows"] for c in full["candidates"]) == 176
     tight = make_plan(data, budget_minutes=0.1, measure=_fake_measure, log=lambda m: None)
