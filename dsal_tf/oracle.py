@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import Config
 from .data import Split
-from .strategies.base import _registrar
+from .strategies.base import _registrar, k_center_greedy
 
 ORACLES: dict[str, type[Oracle]] = {}
 register_oracle = _registrar(ORACLES)
@@ -36,31 +36,6 @@ class AwaitingAnnotation(Exception):
 
 
 # ------------------------------------------------------------------ initial labels
-def k_center_greedy(features: np.ndarray, n: int, centers=(), rng: np.random.Generator | None = None) -> np.ndarray:
-    """`n` new indices by k-center greedy (Sener & Savarese 2018): each pick is the point farthest
-    (Euclidean) from every center so far. Without `centers`, the first pick is drawn with `rng`
-    (index 0 without one). Ties go to the lower index."""
-    f = np.asarray(features, np.float64).reshape(len(features), -1)
-    n = min(n, len(f) - len(centers))
-    chosen: list[int] = []
-    if n <= 0:
-        return np.zeros(0, np.int64)
-    if len(centers) == 0:
-        first = int(rng.integers(len(f))) if rng is not None else 0
-        chosen.append(first)
-        centers = [first]
-    nearest = np.full(len(f), np.inf)
-    for c in centers:
-        nearest = np.minimum(nearest, np.linalg.norm(f - f[c], axis=1))
-    nearest[list(centers)] = -1.0
-    while len(chosen) < n:
-        pick = int(np.argmax(nearest))
-        chosen.append(pick)
-        nearest = np.minimum(nearest, np.linalg.norm(f - f[pick], axis=1))
-        nearest[pick] = -1.0
-    return np.array(chosen, np.int64)
-
-
 def thumbnails(images: np.ndarray, side: int = 16) -> np.ndarray:
     """[N, side*side*C] float32 in [0,1]: area-downsampled copies, the features of a cold start."""
     return np.stack([cv2.resize(im, (side, side), interpolation=cv2.INTER_AREA).reshape(-1)

@@ -18,8 +18,9 @@ from dsal_tf.annotate import import_label_studio, import_masks
 from dsal_tf.cli import cli
 from dsal_tf.config import resolve
 from dsal_tf.errors import DsalError
-from dsal_tf.oracle import MANIFEST, TO_ANNOTATE, AwaitingAnnotation, initial_labels, k_center_greedy, read_manifest
+from dsal_tf.oracle import MANIFEST, TO_ANNOTATE, AwaitingAnnotation, initial_labels, read_manifest
 from dsal_tf.pool import Pool
+from dsal_tf.strategies import k_center_greedy
 
 from .conftest import tiny_values
 

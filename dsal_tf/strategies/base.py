@@ -54,24 +54,28 @@ def keep_features(out: dict, result: dict) -> dict:
     return result
 
 
-def k_center_greedy(features: np.ndarray, n: int) -> np.ndarray:
-    """k-center greedy (Sener & Savarese 2018) over candidates given in priority order.
-
-    Starts with candidate 0 (the most uncertain), then repeatedly adds the candidate farthest
-    (Euclidean) from everything chosen so far; ties go to the earlier (more uncertain) one.
-    Exact duplicates are at distance 0, so they come last.
-    """
+def k_center_greedy(features: np.ndarray, n: int, centers=(), rng: np.random.Generator | None = None) -> np.ndarray:
+    """`n` new indices by k-center greedy (Sener & Savarese 2018): each pick is the point farthest
+    (Euclidean) from every center so far; ties go to the lower index, so with candidates given in
+    priority order the more uncertain one wins. Without `centers` the first pick is index 0 (the most
+    uncertain candidate), or drawn with `rng`. Exact duplicates are at distance 0: they come last."""
     f = np.asarray(features, np.float64).reshape(len(features), -1)
-    n = min(n, len(f))
-    if n == 0:
+    n = min(n, len(f) - len(centers))
+    if n <= 0:
         return np.zeros(0, np.int64)
-    chosen = [0]
-    nearest = np.linalg.norm(f - f[0], axis=1)
-    for _ in range(n - 1):
-        nearest[chosen] = -1.0
-        pick = int(np.argmax(nearest))  # argmax takes the first of equal maxima
+    chosen: list[int] = []
+    if len(centers) == 0:
+        chosen.append(int(rng.integers(len(f))) if rng is not None else 0)
+        centers = chosen
+    nearest = np.full(len(f), np.inf)
+    for c in centers:
+        nearest = np.minimum(nearest, np.linalg.norm(f - f[c], axis=1))
+    nearest[list(centers)] = -1.0
+    while len(chosen) < n:
+        pick = int(np.argmax(nearest))
         chosen.append(pick)
         nearest = np.minimum(nearest, np.linalg.norm(f - f[pick], axis=1))
+        nearest[pick] = -1.0
     return np.array(chosen, np.int64)
 
 
