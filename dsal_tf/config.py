@@ -82,6 +82,11 @@ class Config:
     ema_decay: float = 0.99  # pnt/int/pint: EMA teacher
     teacher_passes: int = 8  # pnt/int/pint: perturbed teacher passes T
     teacher_noise: float = 0.1  # pnt/int/pint: Gaussian input noise sigma (normalised units)
+    # --- BoostMIS (query and trainer `boostmis`)
+    boostmis_xi: float = 10.0  # VAT power-iteration step xi
+    boostmis_eps: float = 1.0  # VAT perturbation size eps (normalised units)
+    boostmis_knn: int = 10  # density: mean cosine similarity to the k nearest neighbours
+    boostmis_tau: float = 0.95  # confident pixel: max(p, 1-p) >= tau; taken image: that share >= tau
     # --- the strong labeler (oracle) and when to stop
     oracle: str = "simulated"  # "simulated" (masks on disk are revealed) or "files" (a person draws them)
     initial_selection: str = "auto"  # first labels: "random", "kcenter" (spread over the pool), "auto"
@@ -173,7 +178,7 @@ _CHOICES = {
     "jit_compile": ("auto", "on", "off"),
     "oracle": ("simulated", "files"),
     "initial_selection": ("auto", "random", "kcenter"),
-    "trainer": ("standard", "uniform", "rgs", "rgm", "rgsm", "mwnet", "mcpm", "pnt", "int", "pint"),
+    "trainer": ("standard", "uniform", "rgs", "rgm", "rgsm", "mwnet", "mcpm", "pnt", "int", "pint", "boostmis"),
     "preset": tuple(PRESETS),
 }
 _POSITIVE = {
@@ -269,6 +274,9 @@ def _check(cfg: Config, source: str) -> None:
     if cfg.meta_size < 0 or cfg.teacher_passes < 1 or cfg.teacher_noise < 0 or cfg.meta_lr <= 0:
         raise DsalError(f"META_SIZE >= 0, TEACHER_PASSES >= 1, TEACHER_NOISE >= 0 and META_LR > 0 in {source}; "
                         f"got {cfg.meta_size}, {cfg.teacher_passes}, {cfg.teacher_noise}, {cfg.meta_lr}")
+    if cfg.boostmis_xi <= 0 or cfg.boostmis_eps <= 0 or cfg.boostmis_knn < 1 or not 0.5 <= cfg.boostmis_tau < 1:
+        raise DsalError(f"BOOSTMIS_XI > 0, BOOSTMIS_EPS > 0, BOOSTMIS_KNN >= 1 and BOOSTMIS_TAU in [0.5, 1) "
+                        f"in {source}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise DsalError(f"EMA_DECAY in {source} must be in [0, 1), got {cfg.ema_decay}")
     from .strategies import PSEUDO_POLICIES, QUERY_STRATEGIES

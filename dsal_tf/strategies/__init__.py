@@ -1,6 +1,6 @@
 """Registries of query strategies and pseudo-label policies, picked by name from constants."""
 
-from . import ceal, dsal, ensemble, entropy, pseudo, random_query  # noqa: F401  (registration)
+from . import boostmis, ceal, dsal, ensemble, entropy, pseudo, random_query  # noqa: F401  (registration)
 from .base import (
     PSEUDO_POLICIES,
     QUERY_STRATEGIES,

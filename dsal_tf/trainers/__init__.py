@@ -12,7 +12,7 @@
 `train.fit` calls `TRAINERS[cfg.trainer].fit_arrays(...)` and never branches on the name.
 """
 
-from . import mcpm, mwnet, pint, reweight, standard, uniform  # noqa: F401  (registration)
+from . import boostmis, mcpm, mwnet, pint, reweight, standard, uniform  # noqa: F401  (registration)
 from .base import (
     DS_WEIGHTS,
     TRAINERS,

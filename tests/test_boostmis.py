@@ -1,0 +1,151 @@
+"""BoostMIS: the threshold rule, VAT, density, the class-balanced union, the loop, classify/features."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dsal_tf.strategies.boostmis import (
+    alternate_union,
+    balanced_rank,
+    bernoulli_kl,
+    boostmis_select,
+    categorical_kl,
+    class_thresholds,
+    global_threshold,
+    knn_density,
+    status_counts,
+    vat_score,
+)
+
+
+# ------------------------------------------------------------------ adaptive threshold
+def test_status_counts_per_class_above_threshold():
+    conf = np.array([0.99, 0.6, 0.97, 0.96, 0.8])
+    cls = np.array([0, 0, 1, 1, 2])
+    np.testing.assert_array_equal(status_counts(conf, cls, 0.95, 3).numpy(), [1, 2, 0])
+
+
+def test_global_threshold_rule():
+    # eps = 0.9 min(1, 30/40) + 0.05 * 20 / (2 * 10) = 0.675 + 0.05
+    assert float(global_threshold(30, 40, 20, 10)) == pytest.approx(0.725)
+    # growing confident count: ratio capped at 1; no experts yet: 0.9
+    assert float(global_threshold(50, 40, 0, 10)) == pytest.approx(0.9)
+    # no previous count: ratio 1; clipped at 0.99
+    assert float(global_threshold(5, 0, 100, 10)) == pytest.approx(0.99)
+
+
+def test_class_thresholds_follow_learning_status():
+    # sigma = count / max(max count, unused) = [10, 5, 0] / 10
+    np.testing.assert_allclose(class_thresholds([10, 5, 0], 4, 0.9).numpy(), [0.9, 0.45, 0.0], rtol=1e-6)
+    # warm-up: many unused samples keep every class low
+    np.testing.assert_allclose(class_thresholds([10, 5, 0], 20, 0.8).numpy(), [0.4, 0.2, 0.0], rtol=1e-6)
+
+
+# ------------------------------------------------------------------ VAT
+def test_vat_on_logistic_model_matches_closed_form():
+    """p = sigmoid(w.x): KL depends on the perturbation only through w.r, so the one power
+    iteration must land on +-w/|w| and the score equal KL(p || sigmoid(w.x +- eps |w|))."""
+    w = tf.constant([[2.0], [-1.0], [0.5]])
+    x = tf.constant([[0.3, 0.1, -0.2], [-1.0, 0.5, 0.0]])
+
+    def prob(z):
+        return tf.sigmoid(z @ w)
+
+    def kl(p, q):
+        return tf.reduce_sum(bernoulli_kl(p, q), axis=1)
+
+    eps = 0.7
+    score = vat_score(prob, x, xi=1e-2, eps=eps, seed=(1, 2), kl=kl).numpy()
+    p = tf.sigmoid(x @ w).numpy()[:, 0]
+    norm = float(tf.norm(w))
+    for i in range(2):
+        candidates = []
+        for sign in (1.0, -1.0):
+            q = 1 / (1 + math.exp(-(float((x[i:i + 1] @ w)[0, 0]) + sign * eps * norm)))
+            candidates.append(p[i] * math.log(p[i] / q) + (1 - p[i]) * math.log((1 - p[i]) / (1 - q)))
+        assert min(abs(score[i] - c) for c in candidates) < 1e-4
+        # and no random unit direction beats the better side (brute force)
+        rng = np.random.default_rng(0)
+        dirs = rng.normal(size=(2000, 3))
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+        brute = kl(tf.constant(np.repeat(p[i:i + 1, None], 2000, 0), tf.float32),
+                   prob(tf.constant(x[i].numpy() + eps * dirs, tf.float32))).numpy()
+        assert brute.max() <= max(candidates) + 1e-5
+
+
+def test_vat_categorical_zero_for_constant_model():
+    def prob(z):
+        return tf.nn.softmax(0.0 * z[:, :2] + tf.constant([1.0, 2.0]))
+
+    s = vat_score(prob, tf.ones((3, 4)), seed=(0, 1), kl=categorical_kl).numpy()
+    np.testing.assert_allclose(s, 0.0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ density and selection
+def test_knn_density_by_hand():
+    # a, b at 0 and 90 degrees, c at 45 degrees; cos(a,b) = 0, cos(a,c) = cos(b,c) = 1/sqrt2
+    f = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    r = 1 / math.sqrt(2)
+    np.testing.assert_allclose(knn_density(f, 1), [r, r, r])
+    np.testing.assert_allclose(knn_density(f, 2), [r / 2, r / 2, r])
+    np.testing.assert_allclose(knn_density(f, 2, chunk=1), [r / 2, r / 2, r])
+
+
+def test_balanced_rank_takes_classes_in_turn():
+    nan = np.nan
+    s = np.array([[0.9, nan], [0.8, nan], [0.7, nan], [nan, 0.1], [nan, 0.2]])
+    np.testing.assert_array_equal(balanced_rank(s), [0, 4, 1, 3, 2])
+
+
+def test_alternate_union_and_boostmis_select():
+    np.testing.assert_array_equal(alternate_union(np.array([3, 1, 2]), np.array([3, 0, 4]), 4), [3, 1, 0, 2])
+    vat = np.array([0.1, 0.9, 0.5, 0.8, 0.2])
+    nan = np.nan
+    dae = np.array([[0.9, nan], [nan, 0.1], [0.3, nan], [nan, 0.7], [0.8, nan]])
+    taken = np.array([True, False, False, False, False])  # sample 0 is the pseudo labeller's
+    # vat order among free: 1, 3, 2, 4; balanced dae among free: 4 (c0), 3 (c1), 2, 1
+    np.testing.assert_array_equal(boostmis_select(vat, dae, taken, 3), [1, 4, 3])
+    # a shortfall is filled from the taken samples last
+    np.testing.assert_array_equal(boostmis_select(vat, dae, taken, 5)[-1], 0)
+
+
+# ------------------------------------------------------------------ the segmentation loop
+@pytest.mark.slow
+def test_boostmis_query_and_trainer_run_the_loop(tiny_data, tmp_path):
+    import pandas as pd
+
+    from dsal_tf.active import run_active_learning
+    from dsal_tf.config import resolve
+    from tests.conftest import tiny_values
+
+    cfg = resolve(tiny_values(tiny_data, tmp_path, query_strategy="boostmis", trainer="boostmis",
+                              nb_iterations=1, pseudo_epoch=1))
+    run = run_active_learning(cfg, log=lambda m: None)
+    curve = pd.read_csv(run / "learning_curve.csv")
+    assert list(curve["round"]) == [0, 1]
+    assert list(curve["n_oracle"]) == [8, 12]
+    assert curve["n_pseudo"].iloc[-1] > 0  # the boostmis trainer had a noisy stream
+    scores = pd.read_csv(run / "round_01" / "scores.csv")
+    assert scores["uncertainty"].notna().all() and (scores["uncertainty"] >= 0).all()
+
+
+def test_boostmis_trainer_keeps_confident_pixels_by_class():
+    from dsal_tf.model import build_unet
+    from dsal_tf.trainers import make_trainer
+
+    unet = build_unet((16, 16, 1), base_filters=2, depth=3)
+    trainer = make_trainer("boostmis", unet, loss="bce", n_active=10, queries=10)
+    x = tf.random.stateless_normal((2, 16, 16, 1), seed=(1, 1))
+    target, keep = trainer.pseudo_labels(x)
+    p = trainer.teacher(x)["main"].numpy()
+    np.testing.assert_array_equal(target.numpy(), (p > 0.5).astype(np.float32))
+    # first step: previous threshold 0, every pixel counts; eps = 0.9 + 0.05 * 10 / 20
+    assert float(trainer.threshold) == pytest.approx(0.925)
+    counts = np.array([(p <= 0.5).sum(), (p > 0.5).sum()], np.float64)
+    tau = 0.925 * counts / counts.max()
+    conf = np.maximum(p, 1 - p)
+    np.testing.assert_array_equal(keep.numpy(), (conf >= tau[(p > 0.5).astype(int)]).astype(np.float32))
