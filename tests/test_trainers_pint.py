@@ -60,6 +60,16 @@ def test_sample_losses_by_hand(name, image, expected):
     np.testing.assert_allclose(got, [expected], rtol=1e-5)
 
 
+def test_teacher_of_a_compiled_unet_is_a_plain_copy(tiny_cfg):
+    from dsal_tf import train
+
+    model = train.new_model(tiny_cfg, seed=0)  # compiled with the deep-supervision losses, as in train.fit
+    trainer = trainers.make_trainer("pint", model, loss=tiny_cfg.loss)
+    assert trainer.teacher is not model and not trainer.teacher.trainable
+    for t, s in zip(trainer.teacher.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(t, s)
+
+
 def test_callable_loss_is_refused():
     from dsal_tf.errors import DsalError
 

@@ -61,7 +61,8 @@ class TeacherTrainer(PairedTrainer):
                  total_steps: int = 1000, seed: int = 0, **kwargs) -> None:
         super().__init__(segmenter, **kwargs)
         self.need_loss_name()
-        self.teacher = keras.models.clone_model(segmenter)
+        # from the config, not clone_model: a compiled segmenter would be recompiled from its loss names
+        self.teacher = keras.Model.from_config(segmenter.get_config())
         self.teacher.set_weights(segmenter.get_weights())
         self.teacher.trainable = False
         self.ema, self.passes, self.noise = float(ema), int(passes), float(noise)
