@@ -346,6 +346,51 @@ def plan(data_path, budget_minutes, out, constants, set_pairs) -> None:
     _echo(f"wrote {path} and {const} (run it with: python main.py --constants {const})")
 
 
+
+@cli.command()
+@click.option("--features", "features_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder with train-/val-/test-features.npy (N x D) and -targets.npy (N int).")
+@click.option("--exp", "exp_name", required=True, help="Run folder under --exp-dir.")
+@click.option("--exp-dir", default="exp", show_default=True)
+@click.option("--labeled", type=int, default=50, show_default=True, help="Initial expert labels (random).")
+@click.option("--queries", type=int, default=50, show_default=True, help="Expert labels per round (K).")
+@click.option("--iterations", type=int, default=5, show_default=True, help="Query rounds.")
+@click.option("--strategy", type=click.Choice(["boostmis", "random", "entropy"]), default="boostmis",
+              show_default=True)
+@click.option("--pseudo", type=click.Choice(["adaptive", "fixed", "none"]), default="adaptive", show_default=True,
+              help="adaptive (BoostMIS), fixed (FixMatch threshold 0.95) or none.")
+@click.option("--steps", type=int, default=200, show_default=True, help="MLP updates per round.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def classify(features_dir, exp_name, exp_dir, labeled, queries, iterations, strategy, pseudo, steps, seed) -> None:
+    """BoostMIS closed loop (adaptive pseudo labels + active queries) with an MLP head on feature vectors."""
+    from .classify import run_classify
+
+    run = run_classify(features_dir, Path(exp_dir) / exp_name, labeled, queries, iterations, strategy, pseudo,
+                       seed, steps, log=_echo)
+    _echo(f"wrote {run / 'results.csv'} and {run / 'learning_curve.png'}")
+
+
+@cli.command()
+@common_options
+@round_option
+@click.option("-i", "--input", "in_dir", required=True, type=click.Path(path_type=Path), help="Folder of images.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Where <split>-features.npy, <split>-names.txt (and <split>-targets.npy) go.")
+@click.option("--split", default="train", show_default=True, help="train, val or test (the file prefix).")
+@click.option("--labels", default=None, type=click.Path(path_type=Path),
+              help="CSV: image name, then 0/1 class columns; target = 1 + first positive column, 0 if none.")
+@click.option("--columns", default=None, help="Comma-separated class columns of --labels (default: all).")
+@user_errors
+def features(constants, set_pairs, which, in_dir, out_dir, split, labels, columns, **options) -> None:
+    """Bottleneck features (global average pooled) of an image folder with a trained run's U-Net."""
+    cfg = build_config(constants, set_pairs, **options)
+    from .classify import extract_features
+
+    cols = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    extract_features(cfg, in_dir, out_dir, split, which, labels, cols, log=_echo)
+
+
 def main_py() -> None:
     """`python main.py [options]` == `dsal run [options]`."""
     cli.main(args=["run", *sys.argv[1:]], prog_name="main.py")

@@ -132,6 +132,19 @@ def test_boostmis_query_and_trainer_run_the_loop(tiny_data, tmp_path):
     scores = pd.read_csv(run / "round_01" / "scores.csv")
     assert scores["uncertainty"].notna().all() and (scores["uncertainty"] >= 0).all()
 
+    # `dsal features` on the trained run: one pooled bottleneck vector per image, ISIC-style labels
+    from dsal_tf.classify import extract_features
+
+    names = sorted(f.stem for f in (tiny_data / "testImg").iterdir())
+    labels = tmp_path / "classes.csv"
+    pd.DataFrame({"image_id": names, "melanoma": [1.0, 0.0] * (len(names) // 2),
+                  "seborrheic_keratosis": [0.0, 1.0] * (len(names) // 2)}).to_csv(labels, index=False)
+    out = extract_features(cfg, tiny_data / "testImg", tmp_path / "feats", "test", "last", labels, log=lambda m: None)
+    f = np.load(out / "test-features.npy")
+    assert f.shape == (len(names), 2 * 2**4) and f.dtype == np.float32
+    np.testing.assert_array_equal(np.load(out / "test-targets.npy"), [1, 2] * (len(names) // 2))
+    assert (out / "test-names.txt").read_text().split() == names
+
 
 def test_boostmis_trainer_keeps_confident_pixels_by_class():
     from dsal_tf.model import build_unet
@@ -149,3 +162,64 @@ def test_boostmis_trainer_keeps_confident_pixels_by_class():
     tau = 0.925 * counts / counts.max()
     conf = np.maximum(p, 1 - p)
     np.testing.assert_array_equal(keep.numpy(), (conf >= tau[(p > 0.5).astype(int)]).astype(np.float32))
+
+
+# ------------------------------------------------------------------ classification on feature vectors
+def write_feature_splits(folder, dim=2048, n=(60, 20, 40), n_classes=3, seed=0):
+    """Blobs in the seed's format (N x D float32, N int64), one centre per class."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim)) * 0.15
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, size in zip(("train", "val", "test"), n):
+        y = np.arange(size) % n_classes
+        np.save(folder / f"{split}-features.npy", (centres[y] + rng.normal(size=(size, dim))).astype(np.float32))
+        np.save(folder / f"{split}-targets.npy", y.astype(np.int64))
+    return folder
+
+
+def test_macro_f1_by_hand():
+    from dsal_tf.classify import macro_f1
+
+    y = np.array([0, 0, 1, 1])
+    pred = np.array([0, 1, 1, 1])
+    # class 0: 2*1/(2+0+1) = 2/3; class 1: 2*2/(4+1+0) = 4/5
+    assert macro_f1(y, pred, 2) == pytest.approx((2 / 3 + 4 / 5) / 2)
+
+
+@pytest.mark.parametrize("strategy,pseudo", [("boostmis", "adaptive"), ("entropy", "fixed"), ("random", "none")])
+def test_classify_loop_writes_results_and_resumes(tmp_path, strategy, pseudo):
+    import pandas as pd
+
+    from dsal_tf.classify import run_classify
+
+    feats = write_feature_splits(tmp_path / "f")
+    run = run_classify(feats, tmp_path / "exp" / "c", labeled=6, queries=5, iterations=1, strategy=strategy,
+                       pseudo=pseudo, steps=5, batch_size=16, log=lambda m: None)
+    rows = pd.read_csv(run / "results.csv")
+    assert list(rows.columns) == ["round", "n_labelled", "n_pseudo", "accuracy", "macro_f1"]
+    assert list(rows["n_labelled"]) == [6, 11] and rows["accuracy"].between(0, 1).all()
+    if pseudo == "none":
+        assert (rows["n_pseudo"] == 0).all()
+    assert (run / "learning_curve.png").stat().st_size > 0
+    first = np.load(run / "round_00.npz")["labelled"]
+    assert set(first) <= set(np.load(run / "round_01.npz")["labelled"])
+    # resume: more iterations continue after the finished rounds, which stay as they were
+    run_classify(feats, run, labeled=6, queries=5, iterations=2, strategy=strategy, pseudo=pseudo, steps=5,
+                 batch_size=16, log=lambda m: None)
+    again = pd.read_csv(run / "results.csv")
+    assert list(again["n_labelled"]) == [6, 11, 16]
+    pd.testing.assert_frame_equal(again.iloc[:2], rows)
+
+
+def test_classify_bad_input_names_the_file(tmp_path):
+    from dsal_tf.classify import run_classify
+    from dsal_tf.errors import DsalError
+
+    feats = write_feature_splits(tmp_path / "f", dim=4)
+    np.save(feats / "val-targets.npy", np.zeros(3, np.float32))
+    with pytest.raises(DsalError, match="val-targets.npy"):
+        run_classify(feats, tmp_path / "exp" / "c", 4, 2, 1)
+    np.save(feats / "val-targets.npy", np.zeros(20, np.int64))
+    (feats / "test-features.npy").unlink()
+    with pytest.raises(DsalError, match="test-features.npy not found"):
+        run_classify(feats, tmp_path / "exp" / "c", 4, 2, 1)
