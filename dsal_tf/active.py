@@ -194,26 +194,22 @@ def run_active_learning(
                 model = train.new_model(cfg, cfg.seed)
                 epochs = cfg.nb_initial_epochs
             else:
-                if (rd / "pool.npz").is_file() and (rd / "scores.csv").is_file():
-                    pool = Pool.load(rd / "pool.npz")  # the round's decisions survive an interruption
-                    log(f"round {r}: reusing the saved selection")
-                    await_masks(r, pool)
-                    if model is None:
-                        model = train.load_model(round_dir(run, r - 1) / train.CHECKPOINT, cfg)
-                else:
-                    pool = Pool.load(round_dir(run, r - 1) / "pool.npz")
-                    reason = stop_reason(cfg, run, pool)
+                decided = (rd / "pool.npz").is_file() and (rd / "scores.csv").is_file()  # survives interruption
+                pool = Pool.load((rd if decided else round_dir(run, r - 1)) / "pool.npz")
+                reason = None if decided else stop_reason(cfg, run, pool)
+                if reason is None and model is None:
                     # `fit` left the previous round's best weights in `model`; a fresh process loads them.
                     # Keeping the model object keeps its compiled graphs (no retracing each round).
-                    if reason is None and model is None:
-                        model = train.load_model(round_dir(run, r - 1) / train.CHECKPOINT, cfg)
-                    if reason is None:
-                        score_s, reason = _query_round(cfg, r, pool, pool_data, val, model, normalizer, query,
-                                                       pseudo, oracle, rd, log)
-                    if reason is not None:
-                        _stop(run, r - 1, reason, log)
-                        break
-                    await_masks(r, pool)
+                    model = train.load_model(round_dir(run, r - 1) / train.CHECKPOINT, cfg)
+                if decided:
+                    log(f"round {r}: reusing the saved selection")
+                elif reason is None:
+                    score_s, reason = _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo,
+                                                   oracle, rd, log)
+                if reason is not None:
+                    _stop(run, r - 1, reason, log)
+                    break
+                await_masks(r, pool)
                 _drop_deleted_pseudo(pool, pool_data.names, rd, log)
                 train.reset_optimizer(model, cfg.learning_rate)
                 epochs = cfg.nb_active_epochs

@@ -75,7 +75,7 @@ class Oracle:
         return np.zeros(len(pool), bool)
 
     def request(self, round_dir: Path, idx: np.ndarray, pool: Split, scores: dict | None = None,
-                positions: np.ndarray | None = None, prelabels: np.ndarray | None = None) -> None:
+                positions: np.ndarray | None = None, prelabels: list[np.ndarray] | None = None) -> None:
         """Ask for the masks of pool images `idx` (in priority order). `scores` and `positions`
         (rows of `idx` in `scores`) describe why; `prelabels` are the model's masks at original size."""
 
