@@ -223,7 +223,7 @@ def run_classify(features: str | Path, run_dir: str | Path, labeled: int, querie
         lab = tf.data.Dataset.from_tensor_slices((x[labelled], y[labelled])).repeat().shuffle(4096, seed=seed)
         ulb = tf.data.Dataset.from_tensor_slices((x_u,)).repeat().shuffle(4096, seed=seed + 1)
         ds = tf.data.Dataset.zip((ulb.batch(batch_size), lab.batch(batch_size))).take(steps)
-        booster.fit(ds, epochs=1, verbose=0)
+        booster.fit(ds, epochs=1, verbose=0, shuffle=False)  # the datasets shuffle
         pred = booster.teacher(xt, training=False)["prob"].numpy().argmax(1)
         taken = np.zeros(len(unl), bool)
         if pseudo != "none" and len(unl):

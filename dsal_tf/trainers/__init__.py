@@ -8,6 +8,7 @@
 | `mwnet` | `mwnet.py` | per-sample weights from a meta-learned weight net |
 | `mcpm` | `mcpm.py` | per-pixel weights from a meta-learned mask net |
 | `pnt`, `int`, `pint` | `pint.py` | EMA-teacher uncertainty gates label vs. teacher consistency |
+| `boostmis` | `boostmis.py` | EMA-teacher pixel labels above adaptive class thresholds replace the noisy masks |
 
 `train.fit` calls `TRAINERS[cfg.trainer].fit_arrays(...)` and never branches on the name.
 """
