@@ -171,7 +171,8 @@ def test_plan_budget_rule_with_fake_timings(tmp_path):
 
 def test_no_fit_cuts_epochs(tmp_path):
     data = _small_structures(tmp_path)
-    plan = make_plan(data, budget_minutes=0.01, measure=_fake_measure, log=lambda m: None)
+    # 0.3 s: below even the 150-step floor (50 epochs of 1 step, about 0.5 s of fake time), whatever the decode time
+    plan = make_plan(data, budget_minutes=0.005, measure=_fake_measure, log=lambda m: None)
     s = plan["choice"]["settings"]
     assert s["img_rows"] == 176 and s["base_filters"] == 8  # the fastest candidate meeting the size rule
     assert "no candidate fits" in plan["choice"]["reasons"]["img_rows"]
