@@ -110,7 +110,7 @@ def make_booster(head, n_classes: int, pseudo: str, n_active: int, queries: int,
             if update:
                 self.prev_count.assign(total)
                 self.threshold.assign(eps)
-            return class_thresholds(counts, tf.cast(tf.shape(p)[0], tf.float32) - total, eps)
+            return class_thresholds(counts, eps)
 
         def train_step(self, data):
             (x_u,), (x_l, y_l) = data

@@ -39,10 +39,12 @@ def test_global_threshold_rule():
 
 
 def test_class_thresholds_follow_learning_status():
-    # sigma = count / max(max count, unused) = [10, 5, 0] / 10
-    np.testing.assert_allclose(class_thresholds([10, 5, 0], 4, 0.9).numpy(), [0.9, 0.45, 0.0], rtol=1e-6)
-    # warm-up: many unused samples keep every class low
-    np.testing.assert_allclose(class_thresholds([10, 5, 0], 20, 0.8).numpy(), [0.4, 0.2, 0.0], rtol=1e-6)
+    # sigma = count / max count = [10, 5, 0] / 10
+    np.testing.assert_allclose(class_thresholds([10, 5, 0], 0.9).numpy(), [0.9, 0.45, 0.0], rtol=1e-6)
+    # nothing counted yet: every class at eps
+    np.testing.assert_allclose(class_thresholds([0, 0], 0.9).numpy(), [0.9, 0.9], rtol=1e-6)
+    # FlexMatch's warm-up: many unused samples keep every class low
+    np.testing.assert_allclose(class_thresholds([10, 5, 0], 0.8, 20).numpy(), [0.4, 0.2, 0.0], rtol=1e-6)
 
 
 # ------------------------------------------------------------------ VAT

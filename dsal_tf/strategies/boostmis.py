@@ -5,8 +5,7 @@ The pieces are plain functions shared with `trainers/boostmis.py` (the adaptive 
 and `classify.py` (the same loop on feature vectors):
 
 - learning status (FlexMatch-style): `count(c)` = samples (pixels) predicted as c with confidence
-  >= the previous global threshold; `sigma(c) = count(c) / max(max_c count, n_unused)`, where
-  n_unused (samples below it) is FlexMatch's warm-up, so nothing passes for free at the start;
+  >= the previous global threshold; `sigma(c) = count(c) / max_c count` (1 when nothing counts);
 - global threshold `eps_t = a min(1, Count_t / Count_{t-1}) + b N_A / (2K)`, a = 0.9, b = 0.05,
   Count = sum_c count(c), N_A = expert labels so far, K = queries per round; clipped to [0, 0.99];
   per-class threshold `tau(c) = sigma(c) eps_t`;
@@ -56,11 +55,13 @@ def global_threshold(count_now, count_prev, n_active, k: int, a: float = A, b: f
     return tf.clip_by_value(eps, 0.0, MAX_THRESHOLD)
 
 
-def class_thresholds(counts, n_unused, eps):
-    """`tau(c) = eps * count(c) / max(max_c count, n_unused)` [C] (0/0 -> 0)."""
+def class_thresholds(counts, eps, n_unused=0):
+    """`tau(c) = eps * sigma(c)`, `sigma(c) = count(c) / max(max_c count, n_unused)` [C]; sigma = 1 when
+    nothing is counted. METHODS.md's rule is n_unused = 0; FlexMatch's warm-up passes the number of
+    samples below the threshold (it keeps almost everything early: worse on bench_boostmis.py's data)."""
     counts = tf.cast(counts, tf.float32)
-    denom = tf.maximum(tf.maximum(tf.reduce_max(counts), tf.cast(n_unused, tf.float32)), 1.0)
-    return tf.cast(eps, tf.float32) * counts / denom
+    denom = tf.maximum(tf.reduce_max(counts), tf.cast(n_unused, tf.float32))
+    return tf.cast(eps, tf.float32) * tf.where(denom > 0, counts / tf.maximum(denom, 1e-12), 1.0)
 
 
 # ------------------------------------------------------------------ VAT

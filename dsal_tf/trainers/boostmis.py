@@ -71,7 +71,7 @@ class BoostMISTrainer(PairedTrainer):
         counts = status_counts(conf, cls, self.threshold, 2)
         total = tf.reduce_sum(counts)
         eps = global_threshold(total, self.prev_count, self.n_active_labels, self.queries)
-        tau = class_thresholds(counts, tf.cast(tf.size(conf), tf.float32) - total, eps)
+        tau = class_thresholds(counts, eps)
         keep = tf.cast(conf >= tf.gather(tau, cls), tf.float32)
         self.prev_count.assign(total)
         self.threshold.assign(eps)
