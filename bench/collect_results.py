@@ -23,6 +23,20 @@ def md(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def differences_against(cmp_dir: Path, baseline: str) -> pd.DataFrame:
+    """`dsal compare`'s paired differences for a second baseline, from the finished runs."""
+    from dsal_tf.compare import finished_runs, paired_differences, per_image_dice
+
+    if not cmp_dir.is_dir():
+        return pd.DataFrame()
+    runs, _ = finished_runs(cmp_dir)
+    curves = {(s, seed): per_image_dice(c.run_dir) for s, seed, c in runs
+              if all((c.run_dir / f"round_{r:02d}" / "test_metrics.csv").is_file() for r in range(c.nb_iterations + 1))}
+    if not any(k[0] == baseline for k in curves):
+        return pd.DataFrame()
+    return pd.DataFrame(paired_differences(curves, baseline))
+
+
 def main() -> None:
     parts = ["# ISIC 2017 results (isic2017-cpu preset: 64x64 RGB, 16 base filters)\n",
              "Produced by `bash bench/isic_queue.sh`; test split (400 images); tuned on nothing but valImg.\n"]
@@ -44,6 +58,9 @@ def main() -> None:
                         ("spearman.csv", "Spearman(uncertainty, 1 - true Dice) on the pool")):
         if (cmp_dir / name).is_file():
             parts += [f"## {title}\n", md(pd.read_csv(cmp_dir / name)), ""]
+    vs_dsal = differences_against(cmp_dir, "dsal")
+    if len(vs_dsal):
+        parts += ["## Paired differences against DSAL (same bootstrap)\n", md(vs_dsal), ""]
     if (cmp_dir / "learning_curves.png").is_file():
         shutil.copyfile(cmp_dir / "learning_curves.png", OUT.parent / "learning_curves.png")
         parts += ["![learning curves](learning_curves.png)\n"]
