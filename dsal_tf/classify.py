@@ -81,7 +81,7 @@ def make_booster(head, n_classes: int, pseudo: str, n_active: int, queries: int,
     import keras
     import tensorflow as tf
 
-    from .strategies.boostmis import class_thresholds, global_threshold, status_counts
+    from .strategies.boostmis import LearningStatus
 
     class Booster(keras.Model):
         def __init__(self):
@@ -90,8 +90,7 @@ def make_booster(head, n_classes: int, pseudo: str, n_active: int, queries: int,
             self.teacher = keras.Model.from_config(head.get_config())
             self.teacher.set_weights(head.get_weights())
             self.gen = keras.random.SeedGenerator(seed)
-            self.prev_count = tf.Variable(0.0, trainable=False)
-            self.threshold = tf.Variable(0.0, trainable=False)
+            self.status = LearningStatus(n_classes, FIXED_TAU, n_active, queries)
             self.tracker = keras.metrics.Mean(name="loss")
             self.kept = keras.metrics.Mean(name="kept_fraction")
 
@@ -103,14 +102,7 @@ def make_booster(head, n_classes: int, pseudo: str, n_active: int, queries: int,
             """Per-class thresholds [C] for teacher probabilities `p` [N,C]."""
             if pseudo == "fixed":
                 return tf.fill([n_classes], FIXED_TAU)
-            conf = tf.reduce_max(p, axis=1)
-            counts = status_counts(conf, tf.argmax(p, axis=1), self.threshold, n_classes)
-            total = tf.reduce_sum(counts)
-            eps = global_threshold(total, self.prev_count, n_active, queries)
-            if update:
-                self.prev_count.assign(total)
-                self.threshold.assign(eps)
-            return class_thresholds(counts, eps)
+            return self.status.thresholds(tf.reduce_max(p, axis=1), tf.argmax(p, axis=1), update)
 
         def train_step(self, data):
             (x_u,), (x_l, y_l) = data

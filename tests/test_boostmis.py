@@ -38,6 +38,19 @@ def test_global_threshold_rule():
     assert float(global_threshold(5, 0, 100, 10)) == pytest.approx(0.99)
 
 
+def test_learning_status_averages_counts_over_steps():
+    from dsal_tf.strategies.boostmis import LearningStatus
+
+    st = LearningStatus(2, 0.9, n_active=0, queries=10, momentum=0.5)
+    conf = np.array([0.95, 0.95, 0.95, 0.5])
+    tau = st.thresholds(conf, np.array([0, 0, 1, 1])).numpy()  # counts [2, 1], eps 0.9
+    np.testing.assert_allclose(tau, [0.9, 0.45], rtol=1e-6)
+    # next batch: counts [0, 1] -> average [1, 1]; Count 2 after 3: eps = 0.9 * 2/3
+    tau = st.thresholds(np.array([0.5, 0.95]), np.array([0, 1])).numpy()
+    np.testing.assert_allclose(tau, [0.6, 0.6], rtol=1e-6)
+    assert float(st.steps) == 2
+
+
 def test_class_thresholds_follow_learning_status():
     # sigma = count / max count = [10, 5, 0] / 10
     np.testing.assert_allclose(class_thresholds([10, 5, 0], 0.9).numpy(), [0.9, 0.45, 0.0], rtol=1e-6)
@@ -158,11 +171,11 @@ def test_boostmis_trainer_keeps_confident_pixels_by_class():
     target, keep = trainer.pseudo_labels(x)
     p = trainer.teacher(x)["main"].numpy()
     np.testing.assert_array_equal(target.numpy(), (p > 0.5).astype(np.float32))
-    # first step: previous threshold 0, every pixel counts; eps = 0.9 + 0.05 * 10 / 20
-    assert float(trainer.threshold) == pytest.approx(0.925)
-    counts = np.array([(p <= 0.5).sum(), (p > 0.5).sum()], np.float64)
-    tau = 0.925 * counts / counts.max()
+    # first step: ratio 1, eps = 0.9 + 0.05 * 10 / 20; counts of pixels with confidence >= 0.95
+    assert float(trainer.status.threshold) == pytest.approx(0.925)
     conf = np.maximum(p, 1 - p)
+    counts = np.array([((p <= 0.5) & (conf >= 0.95)).sum(), ((p > 0.5) & (conf >= 0.95)).sum()], np.float64)
+    tau = 0.925 * (counts / counts.max() if counts.max() else np.ones(2))
     np.testing.assert_array_equal(keep.numpy(), (conf >= tau[(p > 0.5).astype(int)]).astype(np.float32))
 
 

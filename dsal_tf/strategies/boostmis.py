@@ -5,7 +5,9 @@ The pieces are plain functions shared with `trainers/boostmis.py` (the adaptive 
 and `classify.py` (the same loop on feature vectors):
 
 - learning status (FlexMatch-style): `count(c)` = samples (pixels) predicted as c with confidence
-  >= the previous global threshold; `sigma(c) = count(c) / max_c count` (1 when nothing counts);
+  >= BOOSTMIS_TAU (fixed, as FlexMatch counts), averaged over steps (momentum 0.9; counting with the
+  moving eps itself made eps flip between ~0.1 and ~0.9 from step to step);
+  `sigma(c) = count(c) / max_c count` (1 when nothing counts);
 - global threshold `eps_t = a min(1, Count_t / Count_{t-1}) + b N_A / (2K)`, a = 0.9, b = 0.05,
   Count = sum_c count(c), N_A = expert labels so far, K = queries per round; clipped to [0, 0.99];
   per-class threshold `tau(c) = sigma(c) eps_t`;
@@ -62,6 +64,32 @@ def class_thresholds(counts, eps, n_unused=0):
     counts = tf.cast(counts, tf.float32)
     denom = tf.maximum(tf.reduce_max(counts), tf.cast(n_unused, tf.float32))
     return tf.cast(eps, tf.float32) * tf.where(denom > 0, counts / tf.maximum(denom, 1e-12), 1.0)
+
+
+class LearningStatus:
+    """Per-class counts of confident samples (confidence >= `base_tau`, fixed), averaged over steps
+    (`momentum`), and the global threshold: the state a trainer keeps between its steps."""
+
+    def __init__(self, n_classes: int, base_tau: float, n_active: int, queries: int, momentum: float = 0.9):
+        self.n_classes, self.base_tau, self.momentum = n_classes, float(base_tau), float(momentum)
+        self.n_active, self.queries = n_active, queries
+        self.counts = tf.Variable(tf.zeros([n_classes]), trainable=False, name="status_counts")
+        self.steps = tf.Variable(0.0, trainable=False, name="status_steps")
+        self.threshold = tf.Variable(0.0, trainable=False, name="global_threshold")
+
+    def thresholds(self, confidence, pred_class, update: bool = True):
+        """tau(c) [C] after counting this batch (with `update`, the state moves on)."""
+        now = status_counts(confidence, pred_class, self.base_tau, self.n_classes)
+        first = self.steps == 0
+        counts = tf.where(first, now, self.momentum * self.counts + (1.0 - self.momentum) * now)
+        total = tf.reduce_sum(counts)
+        prev = tf.where(first, total, tf.reduce_sum(self.counts))
+        eps = global_threshold(total, prev, self.n_active, self.queries)
+        if update:
+            self.counts.assign(counts)
+            self.steps.assign_add(1.0)
+            self.threshold.assign(eps)
+        return class_thresholds(counts, eps)
 
 
 # ------------------------------------------------------------------ VAT

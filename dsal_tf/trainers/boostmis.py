@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..strategies.boostmis import class_thresholds, global_threshold, status_counts
+from ..strategies.boostmis import LearningStatus
 from .base import PairedTrainer, fit_paired, fit_plain, head_sum, pixel_weighted_loss, register_trainer, tf_variables
 
 
@@ -36,7 +36,7 @@ class BoostMISTrainer(PairedTrainer):
     n_active = 0  # expert labels so far (N_A); `fit_arrays` binds it per round
 
     def __init__(self, segmenter: keras.Model, ema: float = 0.99, queries: int = 20, n_active: int | None = None,
-                 seed: int = 0, **kwargs) -> None:
+                 seed: int = 0, base_tau: float = 0.95, **kwargs) -> None:
         super().__init__(segmenter, **kwargs)
         self.teacher = keras.Model.from_config(segmenter.get_config())  # the graph without its compile state
         self.teacher.set_weights(segmenter.get_weights())
@@ -44,13 +44,11 @@ class BoostMISTrainer(PairedTrainer):
         self.ema, self.queries = float(ema), int(queries)
         self.n_active_labels = int(self.n_active if n_active is None else n_active)
         self.seed_generator = keras.random.SeedGenerator(seed)
-        # learning status: the previous step's confident count and global threshold
-        self.prev_count = tf.Variable(0.0, trainable=False, name="prev_count")
-        self.threshold = tf.Variable(0.0, trainable=False, name="threshold")
+        self.status = LearningStatus(2, base_tau, self.n_active_labels, self.queries)
 
     @classmethod
     def config_kwargs(cls, cfg, total_steps: int) -> dict:
-        return {"ema": cfg.ema_decay, "queries": cfg.nb_next_sample, "seed": cfg.seed}
+        return {"ema": cfg.ema_decay, "queries": cfg.nb_next_sample, "seed": cfg.seed, "base_tau": cfg.boostmis_tau}
 
     @classmethod
     def fit_arrays(cls, model, cfg, x, y, is_noisy, val, normalizer, callbacks, epochs, seed, verbose="auto"):
@@ -68,13 +66,8 @@ class BoostMISTrainer(PairedTrainer):
         p = self.teacher(x_weak, training=False)["main"]
         conf = tf.maximum(p, 1.0 - p)
         cls = tf.cast(p > 0.5, tf.int32)
-        counts = status_counts(conf, cls, self.threshold, 2)
-        total = tf.reduce_sum(counts)
-        eps = global_threshold(total, self.prev_count, self.n_active_labels, self.queries)
-        tau = class_thresholds(counts, eps)
+        tau = self.status.thresholds(conf, cls)
         keep = tf.cast(conf >= tf.gather(tau, cls), tf.float32)
-        self.prev_count.assign(total)
-        self.threshold.assign(eps)
         return tf.cast(cls, tf.float32), keep
 
     def train_step(self, data):
