@@ -22,10 +22,11 @@ import numpy as np
 
 from .config import Config
 from .data import Split
-from .strategies.base import _registrar, k_center_greedy
+from .registry import registrar
+from .strategies.base import k_center_greedy
 
 ORACLES: dict[str, type[Oracle]] = {}
-register_oracle = _registrar(ORACLES)
+register_oracle = registrar(ORACLES)
 TO_ANNOTATE = "to_annotate"
 MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ["name", "file", "rank", "uncertainty", "agreement"]

@@ -18,25 +18,14 @@ import numpy as np
 import tensorflow as tf
 
 from ..config import Config
+from ..registry import registrar
 
 QUERY_STRATEGIES: dict[str, type[QueryStrategy]] = {}
 PSEUDO_POLICIES: dict[str, type[PseudoPolicy]] = {}
 
 
-def _registrar(registry: dict):
-    def register(name: str):
-        def deco(cls):
-            cls.name = name
-            registry[name] = cls
-            return cls
-
-        return deco
-
-    return register
-
-
-register_query = _registrar(QUERY_STRATEGIES)
-register_pseudo = _registrar(PSEUDO_POLICIES)
+register_query = registrar(QUERY_STRATEGIES)
+register_pseudo = registrar(PSEUDO_POLICIES)
 
 
 def binary_dice(a, b):

@@ -25,6 +25,7 @@ import tensorflow as tf
 from .. import losses as losses_lib
 from ..errors import DsalError
 from ..model import HEADS
+from ..registry import registrar
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 DS_WEIGHTS = (0.6, 0.3, 0.1)
@@ -34,15 +35,7 @@ EPS = 1e-7
 TRAINERS: dict[str, type] = {}
 
 
-def register_trainer(name: str):
-    """Class decorator: make a trainer selectable as `TRAINER = name`."""
-
-    def deco(cls):
-        cls.name = name
-        TRAINERS[name] = cls
-        return cls
-
-    return deco
+register_trainer = registrar(TRAINERS)  # @register_trainer("name"): selectable as TRAINER = name
 
 
 # ------------------------------------------------------------------ losses
