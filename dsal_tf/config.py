@@ -44,6 +44,10 @@ class Config:
     dropout: float = 0.5
     loss: str = "dice"  # "dice", "bce" or "bce_dice"
     ds_weights: tuple = (0.6, 0.3, 0.1)
+    side_upsampling: str = "nearest"  # side-head logits: "nearest" (reference) or "bilinear" (pre-issue-8 variant)
+    dropout_at: str = "bottleneck"  # "bottleneck" (reference) or "bottleneck+deepest" (also the deepest encoder block)
+    norm: str = "none"  # U-Net normalization after each conv: "none" (reference), "batch" or "instance"
+    batch_dice: bool = False  # soft Dice over the whole batch (nnU-Net's batch Dice) instead of per image
     # --- training
     learning_rate: float = 1e-3
     batch_size: int = 16
@@ -51,7 +55,11 @@ class Config:
     nb_active_epochs: int = 8
     early_stop_patience: int = 0  # 0 = off
     lr_schedule: str = "none"  # "none", "plateau" or "cosine"
-    mixed_precision: bool = False
+    mixed_precision: str = "off"  # "auto" (bf16 on AVX512-BF16/AMX CPUs and cc >= 8 GPUs, fp16 on older GPUs), "off", "float16", "bfloat16"
+    lr_warmup_epochs: int = 0  # linear learning-rate warm-up over the first k epochs of each round (0 = off)
+    foreground_oversample: float = 0.0  # share of each training batch drawn from images with foreground (0 = plain shuffle)
+    collapse_floor: float = 0.01  # val Dice below this for COLLAPSE_PATIENCE epochs, with foreground in the
+    collapse_patience: int = 0  # training masks, stops the round as collapsed (0 = off)
     jit_compile: str = "auto"  # XLA: "auto" (on with a GPU, off on CPU where it is slower), "on", "off"
     distribute: str = "auto"  # "auto", "none", "mirrored" or "multiworker"
     seed: int = 0
@@ -61,14 +69,17 @@ class Config:
     nb_next_sample: int = 20
     query_strategy: str = "dsal"
     pseudo_policy: str = "auto"  # "auto" = the strategy's own (CEAL: "ceal", others: "confidence")
-    selection: str = "auto"  # "rank" (top-n), "histogram" (CEAL bins), "diverse", "auto" (strategy's own)
+    selection: str = "auto"  # "rank" (top-n), "histogram" (CEAL bins), "diverse", "power", "auto" (strategy's own)
     diverse_factor: int = 3  # "diverse": k-center greedy over the DIVERSE_FACTOR * n top candidates
+    power_beta_start: float = 1.0  # "power": draw with p ~ rank-score**beta, beta from START (round 1) ...
+    power_beta_end: float = 4.0  # ... to END (last round), linearly
     ds_ascend: bool = True  # reference meaning: True = least agreeing first (DSAL); False = ablation
     deterministic: bool = True  # seeds + tf op determinism: reruns give identical weights and pools
     conf_thres: bool = True  # confidence-histogram filter on pseudo-label candidates
     pseudo_epoch: int = 2
     nb_pseudo_initial: int = 20
     pseudo_rate: int = 20
+    pseudo_min_foreground: float = 0.0  # weak labeler skips candidates predicting less foreground (0 = reference)
     use_crf: bool = False
     use_crf_thres: float = 0.98
     mc_passes: int = 20
@@ -77,16 +88,20 @@ class Config:
     trainer: str = "standard"  # dsal_tf/trainers/: standard, uniform, rgs, rgm, rgsm, mwnet, mcpm, pnt, int, pint
     rgs_query: bool = False
     rgs_lambda: float = -1.0  # -1 -> from trainer (rgs 1.0, rgm 0.0, rgsm 0.5)
+    reweight_loss: str = "bce_dice"  # per-sample loss of the re-weighting trainers (METHODS.md 3); "run" = LOSS
     meta_size: int = 0  # clean set of the weighting trainers: 0 = every oracle label, N = a seeded N of them
     meta_lr: float = 1e-3  # mwnet/mcpm: Adam on the meta net (weight decay 1e-4)
     ema_decay: float = 0.99  # pnt/int/pint: EMA teacher
     teacher_passes: int = 8  # pnt/int/pint: perturbed teacher passes T
     teacher_noise: float = 0.1  # pnt/int/pint: Gaussian input noise sigma (normalised units)
+    pint_tau: float = 0.34657359027997264  # pnt/pint: constant pixel-uncertainty threshold (0.5 ln 2)
+    pint_warmup: float = 0.2  # pnt/int/pint: share of the steps trained plainly before any gating
     # --- BoostMIS (query and trainer `boostmis`)
     boostmis_xi: float = 10.0  # VAT power-iteration step xi
     boostmis_eps: float = 1.0  # VAT perturbation size eps (normalised units)
     boostmis_knn: int = 10  # density: mean cosine similarity to the k nearest neighbours
     boostmis_tau: float = 0.95  # confident pixel: max(p, 1-p) >= tau; taken image: that share >= tau
+    boostmis_threshold: str = "global"  # pseudo-label cutoff: "global" eps_t (authors' code) or "per_class" (floored)
     # --- the strong labeler (oracle) and when to stop
     oracle: str = "simulated"  # "simulated" (masks on disk are revealed) or "files" (a person draws them)
     initial_selection: str = "auto"  # first labels: "random", "kcenter" (spread over the pool), "auto"
@@ -174,7 +189,13 @@ _CHOICES = {
     "loss": ("dice", "bce", "bce_dice"),
     "lr_schedule": ("none", "plateau", "cosine"),
     "distribute": ("auto", "none", "mirrored", "multiworker"),
-    "selection": ("auto", "rank", "histogram", "diverse"),
+    "selection": ("auto", "rank", "histogram", "diverse", "power"),
+    "side_upsampling": ("nearest", "bilinear"),
+    "dropout_at": ("bottleneck", "bottleneck+deepest"),
+    "norm": ("none", "batch", "instance"),
+    "mixed_precision": ("auto", "off", "float16", "bfloat16"),
+    "reweight_loss": ("bce_dice", "run", "dice", "bce"),
+    "boostmis_threshold": ("global", "per_class"),
     "jit_compile": ("auto", "on", "off"),
     "oracle": ("simulated", "files"),
     "initial_selection": ("auto", "random", "kcenter"),
@@ -188,7 +209,8 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "nb_initial_epochs", "nb_active_epochs", "early_stop_patience", "nb_iterations",
     "pseudo_epoch", "nb_pseudo_initial", "pseudo_rate", "pool_size", "nb_overlays",
-    "stop_budget", "stop_patience", "stop_min_delta",
+    "stop_budget", "stop_patience", "stop_min_delta", "lr_warmup_epochs", "collapse_patience",
+    "power_beta_start", "power_beta_end", "pint_tau",
 }
 
 
@@ -219,6 +241,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if name == "mixed_precision" and isinstance(value, bool):  # the old boolean switch
+            return "float16" if value else "off"
         if kind is tuple:
             if isinstance(value, str):
                 value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
@@ -277,6 +301,9 @@ def _check(cfg: Config, source: str) -> None:
     if cfg.boostmis_xi <= 0 or cfg.boostmis_eps <= 0 or cfg.boostmis_knn < 1 or not 0.5 <= cfg.boostmis_tau < 1:
         raise DsalError(f"BOOSTMIS_XI > 0, BOOSTMIS_EPS > 0, BOOSTMIS_KNN >= 1 and BOOSTMIS_TAU in [0.5, 1) "
                         f"in {source}")
+    for name in ("pseudo_min_foreground", "foreground_oversample", "pint_warmup", "collapse_floor"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise DsalError(f"{name.upper()} in {source} must be in [0, 1), got {getattr(cfg, name)}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise DsalError(f"EMA_DECAY in {source} must be in [0, 1), got {cfg.ema_decay}")
     from .strategies import PSEUDO_POLICIES, QUERY_STRATEGIES

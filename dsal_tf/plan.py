@@ -307,9 +307,9 @@ def fit_epochs(cfg: Config, timing: dict, n_pool: int, n_val: int, load_s: float
 def activation_bytes(cfg: Config) -> int:
     """Bytes of float32 activations one image keeps for backprop (outputs of every layer, x2 for
     their gradients); the basis of the batch-size rule."""
-    from .model import build_unet
+    from .model import unet_for
 
-    m = build_unet((cfg.img_rows, cfg.img_cols, cfg.channels), cfg.base_filters, cfg.depth, cfg.dropout)
+    m = unet_for(cfg)
     elems = sum(int(np.prod(layer.output.shape[1:])) for layer in m.layers)
     return 2 * 4 * elems
 

@@ -22,7 +22,7 @@ from .determinism import reset_seed_generators
 from .errors import DsalError
 from .files import atomic_write
 from .losses import deep_supervision, dice
-from .model import build_unet
+from .model import unet_for
 
 CHECKPOINT = "best.keras"
 HISTORY_PART = "history.csv.part"
@@ -40,8 +40,39 @@ def get_distribution(cfg: Config) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def set_precision(cfg: Config) -> None:
-    keras.mixed_precision.set_global_policy("mixed_float16" if cfg.mixed_precision else "float32")
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX), read from the OS's flags."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(cfg: Config) -> str:
+    """`MIXED_PRECISION` as a concrete choice: "off", "float16" or "bfloat16".
+
+    "auto": bf16 on GPUs of compute capability >= 8.0, fp16 on older GPUs, bf16 on CPUs with
+    AVX512-BF16 or AMX, fp32 elsewhere."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        cc = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+        return "bfloat16" if tuple(cc) >= (8, 0) else "float16"
+    return "bfloat16" if cpu_has_bf16() else "off"
+
+
+POLICIES = {"off": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
+
+
+def set_precision(cfg: Config) -> str:
+    """Set the Keras policy (heads and losses stay float32) and return the resolved choice."""
+    choice = resolve_precision(cfg)
+    keras.mixed_precision.set_global_policy(POLICIES[choice])
+    return choice
 
 
 def use_xla(cfg: Config) -> bool:
@@ -64,7 +95,7 @@ def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
 
 def new_model(cfg: Config, seed: int) -> keras.Model:
     keras.utils.set_random_seed(seed)
-    model = build_unet((cfg.img_rows, cfg.img_cols, cfg.channels), cfg.base_filters, cfg.depth, cfg.dropout)
+    model = unet_for(cfg)
     return compile_model(model, cfg)
 
 
