@@ -377,6 +377,7 @@ def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo,
     Returns (scoring seconds, stop reason or None): a pool that already agrees with itself
     (`STOP_AGREEMENT`) ends the loop before anything is chosen."""
     from .data import Rows
+    from .strategies.pseudo import with_foreground
 
     rng = np.random.default_rng([cfg.seed, r])
     unl = pool.unlabelled
@@ -394,10 +395,11 @@ def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo,
     n_oracle = min(cfg.nb_next_sample, len(unl))
     if cfg.stop_budget:
         n_oracle = min(n_oracle, cfg.stop_budget - len(pool.labelled))
-    picks = query.select(scores, n_oracle, rng)
+    picks = query.select(scores, n_oracle, rng, r)
     oracle_idx = unl[picks]
     pool.label(oracle_idx, r)
     available = np.setdiff1d(np.arange(len(unl)), picks)
+    available = with_foreground(scores, available, cfg.pseudo_min_foreground)
     n_pseudo = min(cfg.nb_pseudo(r), len(available))
     chosen = pseudo.select(scores, available, n_pseudo, rng) if n_pseudo else np.zeros(0, np.int64)
     masks = pseudo.labels(scores, chosen, Rows(pool_data.images, unl)) if len(chosen) else None

@@ -77,7 +77,9 @@ def _evaluated(cfg: Config, log) -> pd.DataFrame:
     table = run / "evaluation.csv"
     dones = list(run.glob("round_*/DONE"))
     if table.is_file() and all(d.stat().st_mtime <= table.stat().st_mtime for d in dones):
-        return pd.read_csv(table)
+        saved = pd.read_csv(table)
+        if "hd95_penalized_mean" in saved:  # else written before the column existed: evaluate again
+            return saved
     return evaluate_run(cfg, log=log)
 
 
@@ -244,6 +246,7 @@ def aggregate(out: Path, log, baseline: str = "random") -> pd.DataFrame:
         summary_rows.append({
             "strategy": strategy, "pseudo": pseudo_policy_name(scfg), "selection": scfg.selection, "seed": seed,
             "final_dice": float(table["dice_mean"].iloc[-1]),
+            "final_hd95p": float(table["hd95_penalized_mean"].iloc[-1]),
             "final_n_oracle": int(table["n_oracle"].iloc[-1]),
             "aulc": aulc(table["n_oracle"], table["dice_mean"]),
             "train_s": float(active["train_s"].sum()), "score_s": float(active["score_s"].sum()),
@@ -256,19 +259,21 @@ def aggregate(out: Path, log, baseline: str = "random") -> pd.DataFrame:
         curve = pd.read_csv(fcfg.run_dir / "learning_curve.csv")
         summary_rows.append({"strategy": "full", "pseudo": "none", "selection": "-", "seed": seed,
                              "final_dice": float(table["dice_mean"].iloc[-1]),
+                             "final_hd95p": float(table["hd95_penalized_mean"].iloc[-1]),
                              "final_n_oracle": int(table["n_oracle"].iloc[-1]),
                              "aulc": float("nan"), "train_s": float(curve["train_s"].sum()), "score_s": 0.0})
     out.mkdir(parents=True, exist_ok=True)
-    metrics = ["dice_mean", "iou_mean", "hd95_mean"]
+    metrics = ["dice_mean", "iou_mean", "hd95_mean", "hd95_penalized_mean"]
     long = pd.concat(per_run, ignore_index=True)
     comparison = (long.groupby(["strategy", "round"])
                   .agg(n_oracle=("n_oracle", "first"), n_pseudo=("n_pseudo", "first"),
-                       **{f"{m.split('_')[0]}_{s}": (m, s) for m in metrics for s in ("mean", "std")})
+                       **{f"{m.removesuffix('_mean')}_{s}": (m, s) for m in metrics for s in ("mean", "std")})
                   .reset_index())
     comparison.to_csv(out / "comparison.csv", index=False, float_format="%.4f")
     summary = (pd.DataFrame(summary_rows).groupby("strategy")
                .agg(pseudo=("pseudo", "first"), selection=("selection", "first"),
                     final_dice_mean=("final_dice", "mean"), final_dice_std=("final_dice", "std"),
+                    final_hd95p_mean=("final_hd95p", "mean"),
                     n_oracle=("final_n_oracle", "first"), aulc_mean=("aulc", "mean"), aulc_std=("aulc", "std"),
                     train_s=("train_s", "mean"), score_s=("score_s", "mean"), seeds=("seed", "count"))
                .reset_index())

@@ -24,7 +24,7 @@ from .errors import DsalError
 from .files import atomic_write
 from .metrics import batch_metrics
 
-METRICS = ("dice", "iou", "hd95", "asd")
+METRICS = ("dice", "iou", "hd95", "asd", "hd95_penalized")
 
 
 def predict_main(model, images: np.ndarray, normalizer: Normalizer, batch_size: int) -> np.ndarray:
@@ -50,6 +50,8 @@ def summarize(per_image: pd.DataFrame) -> dict[str, float]:
     count them, as 0). All-nan columns give nan, not a warning."""
     out: dict[str, float] = {}
     for m in METRICS:
+        if m not in per_image:  # a table written before the metric existed
+            continue
         v = per_image[m].to_numpy(float)
         v = v[~np.isnan(v)]
         out[f"{m}_mean"] = float(v.mean()) if len(v) else float("nan")

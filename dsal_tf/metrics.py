@@ -10,6 +10,9 @@ Conventions, chosen so that averages over a test set stay meaningful:
 * Both masks empty: the prediction is perfect, so `dice = iou = 1.0` and `hd95 = asd = 0.0`.
 * Exactly one mask empty: there is no border to measure against, so `hd95 = asd = nan`
   (and `dice = iou = 0.0`). Use `np.nanmean` and report how many were nan.
+* `hd95_penalized` is `hd95` with the undefined case scored as the image diagonal (the largest
+  distance the image allows), so a model that misses lesions cannot get a better mean HD95 by
+  leaving them out. The README tables use it.
 * The boundary of a mask is the mask XOR its binary erosion (4-connected structuring element);
   pixels on the image edge count as boundary.
 """
@@ -101,13 +104,25 @@ def asd(a: np.ndarray, b: np.ndarray, spacing: Spacing = 1.0) -> float:
     return d if isinstance(d, float) else float(np.mean(d))
 
 
-METRICS = {"dice": dice, "iou": iou, "hd95": hd95, "asd": asd}
+def diagonal(shape: Sequence[int], spacing: Spacing = 1.0) -> float:
+    """The image diagonal in units of `spacing`: the worst border distance an image allows."""
+    sp = np.broadcast_to(np.asarray(spacing, np.float64), (len(shape),))
+    return float(np.sqrt(np.sum((np.asarray(shape, np.float64) * sp) ** 2)))
+
+
+def hd95_penalized(a: np.ndarray, b: np.ndarray, spacing: Spacing = 1.0) -> float:
+    """`hd95`, but an empty-versus-nonempty pair scores the image diagonal instead of nan."""
+    d = hd95(a, b, spacing)
+    return diagonal(np.shape(_as_bool(a)), spacing) if np.isnan(d) else d
+
+
+METRICS = {"dice": dice, "iou": iou, "hd95": hd95, "asd": asd, "hd95_penalized": hd95_penalized}
 
 
 def batch_metrics(gt: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
     """Per-image metrics for a batch: `gt`, `pred` are `[N, H, W]` or `[N, H, W, 1]`.
 
-    Returns `{"dice", "iou", "hd95", "asd"}`, each a float64 array of shape `[N]`, so callers
+    Returns `{"dice", "iou", "hd95", "asd", "hd95_penalized"}`, each a float64 array of shape `[N]`, so callers
     can average, rank or look up the worst cases (nan marks one-empty cases for hd95/asd).
     """
     gt, pred = np.asarray(gt), np.asarray(pred)

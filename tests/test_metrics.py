@@ -108,12 +108,23 @@ def test_batch_metrics_per_image_and_channel_axis():
     gt = np.stack([SQ, SQ, np.zeros_like(SQ)])[..., None]  # [3, 6, 7, 1]
     pred = np.stack([SQ, SQ_SHIFT, SQ])  # [3, 6, 7]
     out = batch_metrics(gt, pred)
-    assert set(out) == {"dice", "iou", "hd95", "asd"}
+    assert set(out) == {"dice", "iou", "hd95", "asd", "hd95_penalized"}
     np.testing.assert_allclose(out["dice"], [1.0, 0.75, 0.0])
     np.testing.assert_allclose(out["iou"], [1.0, 0.6, 0.0])
     np.testing.assert_allclose(out["hd95"], [0.0, 1.0, np.nan])
     np.testing.assert_allclose(out["asd"], [0.0, 0.5, np.nan])
+    np.testing.assert_allclose(out["hd95_penalized"], [0.0, 1.0, np.hypot(6, 7)])  # 6x7 image: diagonal
     assert all(v.shape == (3,) and v.dtype == np.float64 for v in out.values())
+
+
+def test_hd95_penalized_scores_an_empty_prediction_as_the_diagonal():
+    from dsal_tf.metrics import hd95_penalized
+
+    gt = np.zeros((30, 40), bool)
+    gt[10:14, 10:14] = True
+    assert hd95_penalized(np.zeros_like(gt), gt) == pytest.approx(50.0)  # sqrt(30^2 + 40^2)
+    assert hd95_penalized(gt, np.zeros_like(gt), spacing=(2.0, 0.5)) == pytest.approx(np.hypot(60, 20))
+    assert hd95_penalized(gt, gt) == 0.0 and hd95_penalized(np.zeros_like(gt), np.zeros_like(gt)) == 0.0
 
 
 def test_batch_metrics_bad_shape_says_what_to_do():

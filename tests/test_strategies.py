@@ -282,3 +282,52 @@ def test_scoring_graph_is_rebuilt_for_a_new_model_object(tiny_cfg):
         want = (model(norm(images.astype(np.float32)), training=False)["main"].numpy() > 0.5).astype(np.uint8)
         assert np.array_equal(got, want)
         del model
+
+
+def test_power_select_draws_proportional_to_rank_score_power():
+    """Scores [5, 7, 9] have rank scores s = [1/3, 2/3, 1]; with beta = 2 the first draw has
+    probabilities s**2 / sum = [1/14, 4/14, 9/14] (beta ignored would give [1/6, 2/6, 3/6])."""
+    from dsal_tf.strategies.base import power_select
+
+    rng = np.random.default_rng(0)
+    first = np.array([power_select(np.array([5.0, 7.0, 9.0]), 1, 2.0, rng)[0] for _ in range(20000)])
+    np.testing.assert_allclose(np.bincount(first, minlength=3) / len(first), [1 / 14, 4 / 14, 9 / 14], atol=0.01)
+    # without replacement: all three drawn once
+    assert sorted(power_select(np.array([5.0, 7.0, 9.0]), 3, 2.0, rng)) == [0, 1, 2]
+
+
+def test_power_select_limits_random_and_top_k():
+    from dsal_tf.strategies.base import power_select
+
+    u = np.array([0.1, 0.9, 0.5, 0.7, 0.3])
+    assert list(power_select(u, 3, 1e6, np.random.default_rng(1))) == [1, 3, 2]  # large beta: top-k in order
+    # beta = 0 ignores the scores: the same seed draws the same positions whatever the scores are
+    a = power_select(u, 3, 0.0, np.random.default_rng(2))
+    b = power_select(-u, 3, 0.0, np.random.default_rng(2))
+    assert list(a) == list(b)
+
+
+def test_power_beta_schedule_and_the_seeded_dsal_pick():
+    from dsal_tf.strategies.base import power_beta
+
+    cfg = resolve({"nb_iterations": 5, "selection": "power", "power_beta_start": 1.0, "power_beta_end": 4.0})
+    assert [power_beta(cfg, r) for r in (1, 3, 5)] == [1.0, 2.5, 4.0]
+    scores = {"uncertainty": np.linspace(0, 1, 50)}
+    q = QUERY_STRATEGIES["dsal"](cfg)
+    a = q.select(scores, 10, np.random.default_rng(7), 5)
+    assert list(a) == list(q.select(scores, 10, np.random.default_rng(7), 5))  # the seed fixes the draw
+    assert len(set(a)) == 10
+
+
+def test_pseudo_min_foreground_skips_an_all_background_candidate():
+    from dsal_tf.strategies.pseudo import with_foreground
+
+    scores = {"foreground": np.array([0.0, 0.2, 0.001, 0.05])}
+    available = np.array([0, 1, 2, 3])
+    assert list(with_foreground(scores, available, 0.0)) == [0, 1, 2, 3]  # the reference rule
+    assert list(with_foreground(scores, available, 0.01)) == [1, 3]
+    # the confidence rule's most certain candidate is the empty image 0 unless it is skipped
+    scores.update(confidence=np.array([0.5, 0.4, 0.45, 0.3]), uncertainty=np.array([0.0, 0.2, 0.1, 0.3]))
+    policy = PSEUDO_POLICIES["confidence"](resolve({"conf_thres": False}))
+    assert list(policy.select(scores, available, 1, None)) == [0]
+    assert list(policy.select(scores, with_foreground(scores, available, 0.01), 1, None)) == [1]

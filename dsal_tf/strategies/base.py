@@ -81,6 +81,30 @@ def mean_over_pixels(pixel_map):
     return tf.reduce_mean(pixel_map, axis=[1, 2, 3])
 
 
+def power_beta(cfg: Config, round_: int) -> float:
+    """The exponent of round `round_` (1-based): POWER_BETA_START at round 1, POWER_BETA_END at the
+    last round (NB_ITERATIONS), linear between."""
+    if cfg.nb_iterations <= 1:
+        return cfg.power_beta_start
+    t = min(max(round_ - 1, 0), cfg.nb_iterations - 1) / (cfg.nb_iterations - 1)
+    return cfg.power_beta_start + t * (cfg.power_beta_end - cfg.power_beta_start)
+
+
+def power_select(scores: np.ndarray, n: int, beta: float, rng: np.random.Generator) -> np.ndarray:
+    """`n` positions drawn without replacement with probability proportional to s**beta, where
+    s = rank / N is the score's rank made positive (the highest score has s = 1, the lowest 1/N), so
+    only the order of the scores matters. beta = 0 is a uniform draw, a large beta the top n.
+
+    Sequential draws without replacement are sampled exactly by the Gumbel top-k trick:
+    the n largest `beta * log(s) + Gumbel` keys, returned in draw order (largest key first)."""
+    scores = np.asarray(scores, np.float64)
+    n = min(n, len(scores))
+    ranks = np.empty(len(scores), np.float64)
+    ranks[np.argsort(scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    keys = beta * np.log(ranks / len(scores)) + rng.gumbel(size=len(scores))
+    return np.argsort(-keys, kind="stable")[:n]
+
+
 def histogram_select(scores: np.ndarray, n: int, rng: np.random.Generator, bins: int = 80) -> np.ndarray:
     """CEAL's histogram selection (METHODS.md section 2), scaled from its 10/15/10 split of 35.
 
@@ -142,6 +166,7 @@ class QueryStrategy:
         prob = out.pop("prob")
         pred = prob > 0.5
         out["confidence"] = mean_over_pixels(tf.abs(prob - 0.5))
+        out["foreground"] = mean_over_pixels(tf.cast(pred, tf.float32))  # predicted share of the image
         out["true_dice"] = binary_dice(y > 0.5, pred)
         out["pred"] = tf.cast(pred, tf.uint8)
         return out
@@ -188,21 +213,24 @@ class QueryStrategy:
         """What the oracle pick ranks by, higher first (default: the uncertainty)."""
         return scores["uncertainty"]
 
-    def pick(self, scores: dict[str, np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
+    def pick(self, scores: dict[str, np.ndarray], n: int, rng: np.random.Generator, round_: int = 1) -> np.ndarray:
         """The strategy's own pick of `n` positions, in priority order."""
         u = self.query_score(scores)
         base = self.default_selection if self.selection in ("auto", "diverse") else self.selection
         if base == "histogram":
             return histogram_select(u, n, rng)
+        if base == "power":
+            return power_select(u, n, power_beta(self.cfg, round_), rng)
         return np.argsort(-u, kind="stable")[:n]
 
-    def select(self, scores: dict[str, np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
-        """Positions (into the scored arrays) of the `n` images for the oracle.
+    def select(self, scores: dict[str, np.ndarray], n: int, rng: np.random.Generator, round_: int = 1) -> np.ndarray:
+        """Positions (into the scored arrays) of the `n` images for the oracle, in round `round_`.
 
         "diverse": the strategy's own pick of DIVERSE_FACTOR * n candidates, thinned to `n` by
-        k-center greedy on the bottleneck features of the scoring pass."""
+        k-center greedy on the bottleneck features of the scoring pass. "power": a seeded draw with
+        probability ~ rank-score**beta, beta scheduled over the rounds (`power_select`)."""
         if self.selection != "diverse":
-            return self.pick(scores, n, rng)
+            return self.pick(scores, n, rng, round_)
         if "features" not in scores:
             raise ValueError("SELECTION = 'diverse' needs the scores of a model with a `features` output")
         cand = self.pick(scores, min(self.cfg.diverse_factor * n, len(scores["uncertainty"])), rng)

@@ -241,7 +241,7 @@ class BoostMISQuery(QueryStrategy):
         return {"uncertainty": vat, "entropy_bg": ent[:, 0], "entropy_fg": ent[:, 1], "sure_share": share,
                 "features": out["features"], "prob": prob}
 
-    def select(self, scores, n, rng):
+    def select(self, scores, n, rng, round_=1):
         if "features" not in scores:
             raise DsalError("QUERY_STRATEGY = 'boostmis' needs SELECTION = 'auto' (the bottleneck features)")
         density = knn_density(scores["features"], self.cfg.boostmis_knn)

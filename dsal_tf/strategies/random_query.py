@@ -15,5 +15,5 @@ from .dsal import DSALQuery
 
 @register_query("random")
 class RandomQuery(DSALQuery):
-    def pick(self, scores, n, rng: np.random.Generator) -> np.ndarray:
+    def pick(self, scores, n, rng: np.random.Generator, round_: int = 1) -> np.ndarray:
         return rng.permutation(len(scores["uncertainty"]))[:n]
