@@ -1,7 +1,10 @@
 """Strategies side by side: same data, split, seeds and budget; one run folder each.
 
 Rows are strategy specs: a query strategy name, optionally `+<selection>` (`dsal+diverse` is DSAL
-with SELECTION = "diverse"; also `+rank`, `+histogram`). Each row runs with its strategy's own
+with SELECTION = "diverse"; also `+rank`, `+histogram`, `+power`) and `@<variant>`, a named set of
+settings from `VARIANTS` (`dsal@minfg`: PSEUDO_MIN_FOREGROUND = 0.01; `dsal@pre8`: the pre-issue-8
+U-Net). A variant that changes the model gets its own initial model per seed
+(`init@<variant>-s<seed>`); every other row starts from the shared one. Each row runs with its strategy's own
 weak labeler (PSEUDO_POLICY = "auto": CEAL's bins for `ceal`, DSAL's confidence rule otherwise)
 unless `pseudo` names one policy for every row.
 
@@ -31,14 +34,25 @@ from .config import Config
 from .data import find_pairs
 from .errors import DsalError
 
-SELECTIONS = ("rank", "histogram", "diverse")
+SELECTIONS = ("rank", "histogram", "diverse", "power")
+# named ablation rows: settings that differ from the comparison's in exactly the stated way
+VARIANTS: dict[str, dict] = {
+    "minfg": {"pseudo_min_foreground": 0.01},  # the weak labeler skips (near-)empty predictions
+    "pre8": {"side_upsampling": "bilinear", "dropout_at": "bottleneck+deepest"},  # the pre-issue-8 U-Net
+}
+MODEL_FIELDS = ("base_filters", "depth", "dropout", "side_upsampling", "dropout_at", "norm")
 BOOTSTRAP_REPS = 2000
 
 
 def parse_strategy_spec(spec: str) -> dict:
-    """`dsal` -> {query_strategy: dsal}; `dsal+diverse` -> also {selection: diverse}."""
+    """`dsal` -> {query_strategy: dsal}; `dsal+diverse` -> also {selection: diverse};
+    `dsal@pre8` -> also the `VARIANTS["pre8"]` settings."""
     from .strategies import QUERY_STRATEGIES
 
+    spec, _, variant = spec.partition("@")
+    if variant and variant not in VARIANTS:
+        raise DsalError(f"--strategies: unknown variant @{variant}; use one of "
+                        f"{['@' + v for v in VARIANTS]}, e.g. dsal@minfg")
     name, _, selection = spec.partition("+")
     if name not in QUERY_STRATEGIES:
         raise DsalError(f"--strategies: unknown strategy {name!r} in {spec!r}; choose from "
@@ -46,7 +60,8 @@ def parse_strategy_spec(spec: str) -> dict:
     if selection and selection not in SELECTIONS:
         raise DsalError(f"--strategies: unknown selection {selection!r} in {spec!r}; "
                         f"use one of {list(SELECTIONS)}, e.g. dsal+diverse")
-    return {"query_strategy": name, **({"selection": selection} if selection else {})}
+    return {"query_strategy": name, **({"selection": selection} if selection else {}),
+            **VARIANTS.get(variant, {})}
 
 
 def parse_strategy_list(text: str) -> list[str]:
@@ -129,9 +144,15 @@ def run_comparison(
                             exp_name=f"{name}/init-s{seed}")
         run_active_learning(init, log=log)
         for spec, overrides in specs.items():
+            start = init
+            model_changes = {k: v for k, v in overrides.items() if k in MODEL_FIELDS}
+            if model_changes:  # another architecture cannot start from the shared initial model
+                variant = spec.partition("@")[2]
+                start = init.replace(exp_name=f"{name}/init@{variant}-s{seed}", **model_changes)
+                run_active_learning(start, log=log)
             scfg = base.replace(seed=seed, exp_name=f"{name}/{spec}-s{seed}", **overrides)
             log(f"== {spec}, seed {seed}")
-            run_active_learning(scfg, log=log, initial_model=init.run_dir / "round_00")
+            run_active_learning(scfg, log=log, initial_model=start.run_dir / "round_00")
         if full_supervision:
             fcfg = full_supervision_config(base.replace(seed=seed), exp_name=f"{name}/full-s{seed}")
             log(f"== full supervision, seed {seed}")
@@ -147,7 +168,7 @@ def finished_runs(out: Path) -> tuple[list, list]:
     runs, full_runs = [], []
     for run in sorted(p for p in out.glob("*-s*") if (p / "config.json").is_file()):
         strategy, _, seed = run.name.rpartition("-s")
-        if strategy == "init" or not seed.isdigit():
+        if strategy.partition("@")[0] == "init" or not seed.isdigit():
             continue
         cfg = resolve_run(run)
         if completed_rounds(run) != list(range(cfg.nb_iterations + 1)):

@@ -79,6 +79,12 @@ def test_strategy_specs():
         parse_strategy_spec("dsal+diversee")
     with pytest.raises(DsalError, match="dsl"):
         parse_strategy_spec("dsl")
+    assert parse_strategy_spec("dsal+power") == {"query_strategy": "dsal", "selection": "power"}
+    assert parse_strategy_spec("dsal@minfg") == {"query_strategy": "dsal", "pseudo_min_foreground": 0.01}
+    assert parse_strategy_spec("dsal@pre8") == {"query_strategy": "dsal", "side_upsampling": "bilinear",
+                                                "dropout_at": "bottleneck+deepest"}
+    with pytest.raises(DsalError, match="@pre9"):
+        parse_strategy_spec("dsal@pre9")
 
 
 def test_spearman_of_uncertainty_against_real_error(tmp_path):

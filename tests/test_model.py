@@ -86,3 +86,20 @@ def keras_submodel(model, layer):
     import keras
 
     return keras.Model(model.inputs, model.get_layer(layer).output)
+
+
+def test_unet_variant_switches():
+    """The pre-issue-8 variant: dropout after the deepest encoder block too, bilinear side heads;
+    NORM adds one normalization layer per conv; the heads and their shapes stay the same."""
+    ref = build_unet((32, 32, 3), base_filters=2, depth=4)
+    pre8 = build_unet((32, 32, 3), base_filters=2, depth=4, side_upsampling="bilinear",
+                      dropout_at="bottleneck+deepest")
+    names = {layer.name for layer in pre8.layers}
+    assert "enc3_dropout" in names and "enc3_dropout" not in {layer.name for layer in ref.layers}
+    assert pre8.get_layer("side_1_up").interpolation == "bilinear"
+    assert ref.get_layer("side_1_up").interpolation == "nearest"
+    x = np.zeros((2, 32, 32, 3), np.float32)
+    for norm, kind in (("batch", "BatchNormalization"), ("instance", "GroupNormalization")):
+        m = build_unet((32, 32, 3), base_filters=2, depth=4, norm=norm)
+        assert sum(type(layer).__name__ == kind for layer in m.layers) == 2 * (2 * 4 + 1)  # 2 convs x 9 blocks
+        assert {k: v.shape for k, v in m(x).items()} == {k: v.shape for k, v in ref(x).items()}
