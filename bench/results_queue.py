@@ -1,0 +1,186 @@
+"""The results queue: every benchmark job behind the README's tables, one at a time, in order.
+
+Run it from a worktree pinned to a commit, so edits made while it runs cannot change a row, and
+under the one-heavy-job lock (the machine has 2 cores; two heavy jobs at once each run > 2x slower):
+
+    git worktree add ../bench-$(git rev-parse --short HEAD) HEAD && cd ../bench-<sha>
+    nohup ../shared/tools/heavy python bench/results_queue.py run --exp-dir /work/bench-exp \\
+        --results /work/main/bench/results > /work/bench-exp/queue.log 2>&1 &
+    python bench/results_queue.py status --exp-dir /work/bench-exp     # done / running / pending, minutes
+
+Every job is a resumable command (finished runs inside it are skipped). A job that exits 0 is
+recorded in `<exp-dir>/queue/<job>.json` (minutes, commit, command) and is not run again; after each
+job the queue regenerates that job's table and `queue.md` (and with `--commit` commits the results
+folder). A table shows pending rows as pending.
+`run --only PREFIX` runs the jobs whose id starts with PREFIX; `--list` prints the plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ISIC = os.environ.get("ISIC_DATA", str((ROOT.parent / "shared" / "data" / "isic2017").resolve()))
+SEEDS = (0, 1, 2)
+COMPARE = "compare-isic2017-cpu-v2"
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    table: str  # the collector that regenerates its table afterwards
+    argv: tuple[str, ...]
+
+
+def dsal(*args: str) -> tuple[str, ...]:
+    return (sys.executable, "-m", "dsal_tf.cli", *args)
+
+
+def compare_job(spec: str, seed: int, full: bool = False) -> Job:
+    """One row of the strategy table for one seed (`spec` "" = full supervision only)."""
+    return Job(f"isic/{spec or 'full'}/s{seed}", "isic2017", dsal(
+        "compare", "--preset", "isic2017-cpu", "--data", ISIC, "--no-progress", "--name", COMPARE,
+        "--strategies", spec, "--seeds", str(seed), "--baseline", "random",
+        "--full-supervision" if full else "--no-full-supervision"))
+
+
+# The strategy table's rows, in the order they run: the headline difference first (DSAL vs. random
+# and full supervision on every seed), then the new and the older alternatives, then ablations.
+STRATEGY_ROWS = ("dsal", "random", "", "dsal+power", "dsal+diverse", "entropy", "ceal", "dsal@minfg", "dsal@pre8")
+NOISY_EXPERTS = (200, 400)
+
+
+def plan() -> list[Job]:
+    jobs = [compare_job(spec, seed, full=spec == "") for spec in STRATEGY_ROWS for seed in SEEDS]
+    for experts in NOISY_EXPERTS:
+        jobs += [Job(f"noisy/e{experts}/s{seed}", "isic2017", dsal(
+            "noisy-teacher", "--preset", "isic2017-cpu", "--data", ISIC, "--no-progress",
+            "--experts", str(experts), "--seeds", str(seed))) for seed in SEEDS]
+    return jobs
+
+
+def collect(table: str, exp_dir: Path, results: Path) -> None:
+    """Regenerate one table from the run folders (a table is never guessed: it reads what finished)."""
+    env = {**os.environ, "EXP_DIR": str(exp_dir), "RESULTS_DIR": str(results)}
+    script = {"isic2017": "bench/collect_results.py"}[table]
+    subprocess.run([sys.executable, script], cwd=ROOT, env=env, check=False)
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def state_dir(exp_dir: Path) -> Path:
+    return exp_dir / "queue"
+
+
+def record_path(exp_dir: Path, job: Job) -> Path:
+    return state_dir(exp_dir) / (job.id.replace("/", "__") + ".json")
+
+
+def status_rows(exp_dir: Path, jobs: list[Job]) -> list[dict]:
+    running = state_dir(exp_dir) / "RUNNING"
+    now_running = json.loads(running.read_text()) if running.is_file() else {}
+    rows = []
+    for job in jobs:
+        rec = record_path(exp_dir, job)
+        if rec.is_file():
+            r = json.loads(rec.read_text())
+            rows.append({"job": job.id, "state": "done", "minutes": f"{r['minutes']:.1f}", "commit": r["commit"]})
+        elif now_running.get("job") == job.id:
+            minutes = (time.time() - now_running["start"]) / 60
+            rows.append({"job": job.id, "state": "running", "minutes": f"{minutes:.1f} so far",
+                         "commit": now_running["commit"]})
+        else:
+            rows.append({"job": job.id, "state": "pending", "minutes": "", "commit": ""})
+    return rows
+
+
+def write_status(exp_dir: Path, results: Path, jobs: list[Job]) -> str:
+    rows = status_rows(exp_dir, jobs)
+    done = [float(r["minutes"]) for r in rows if r["state"] == "done"]
+    lines = ["# Results queue", "",
+             "`python bench/results_queue.py status` (this file is rewritten after every job). Minutes are wall time, "
+             "one heavy job at a time on the 2-core machine.", "",
+             f"{len(done)} of {len(rows)} jobs done, {sum(done):.0f} min of machine time so far.", "",
+             "| job | state | minutes | commit |", "|---|---|---|---|"]
+    lines += [f"| {r['job']} | {r['state']} | {r['minutes']} | {r['commit']} |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "queue.md").write_text(text)
+    return text
+
+
+def commit_results(results: Path, job: Job) -> None:
+    """Commit the regenerated tables (only the results folder: whatever else is staged stays staged)."""
+    repo = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=results, capture_output=True,
+                          text=True).stdout.strip()
+    if not repo:
+        return
+    subprocess.run(["git", "add", "--", str(results)], cwd=repo, check=False)
+    subprocess.run(["git", "commit", "-q", "-m", f"results: {job.id} ({commit()})", "--", str(results)],
+                   cwd=repo, check=False)
+
+
+def run(exp_dir: Path, results: Path, jobs: list[Job], only: str | None, commit_each: bool = False) -> int:
+    state_dir(exp_dir).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    failed = 0
+    for job in jobs:
+        if (only and not job.id.startswith(only)) or record_path(exp_dir, job).is_file():
+            continue
+        sha = commit()
+        running = state_dir(exp_dir) / "RUNNING"
+        running.write_text(json.dumps({"job": job.id, "start": time.time(), "commit": sha}))
+        write_status(exp_dir, results, jobs)
+        print(f"== {job.id}: {' '.join(job.argv[2:])}", flush=True)
+        start = time.time()
+        rc = subprocess.run([*job.argv, "--exp-dir", str(exp_dir)], cwd=ROOT, env=env).returncode
+        minutes = (time.time() - start) / 60
+        running.unlink(missing_ok=True)
+        if rc == 0:
+            record_path(exp_dir, job).write_text(json.dumps(
+                {"job": job.id, "minutes": minutes, "commit": sha, "argv": list(job.argv[2:]),
+                 "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        else:
+            failed += 1
+            print(f"== {job.id} failed with exit code {rc} after {minutes:.1f} min; going on", flush=True)
+        collect(job.table, exp_dir, results)
+        write_status(exp_dir, results, jobs)
+        if commit_each:
+            commit_results(results, job)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("command", choices=("run", "status"))
+    ap.add_argument("--exp-dir", type=Path, default=ROOT / "exp")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--only", default=None, help="Run only the jobs whose id starts with this.")
+    ap.add_argument("--list", action="store_true", help="Print the jobs and their commands, run nothing.")
+    ap.add_argument("--commit", action="store_true", help="git-commit the results folder after every job.")
+    args = ap.parse_args(argv)
+    jobs = plan()
+    if args.list:
+        for job in jobs:
+            print(f"{job.id}: {' '.join(job.argv[2:])}")
+        return 0
+    if args.command == "status":
+        print(write_status(args.exp_dir.resolve(), args.results, jobs), end="")
+        return 0
+    return run(args.exp_dir.resolve(), args.results.resolve(), jobs, args.only, args.commit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
