@@ -70,7 +70,8 @@ def run_grid(cmp_dir: Path) -> pd.DataFrame:
 
 def main() -> None:
     parts = ["# ISIC 2017 results (isic2017-cpu preset: 64x64 RGB, 16 base filters)\n",
-             "Produced by `python bench/results_queue.py run` (one job at a time; `python bench/results_queue.py status`); "
+             "Produced by `python bench/results_queue.py run` (one job at a time; "
+             "`python bench/results_queue.py status`); "
              "test split (400 images); tuned on nothing but valImg. Rows not yet run are pending below and "
              "absent from the tables; `hd95p` is HD95 with a missed lesion scored as the image diagonal.\n"]
     single = EXP / "isic2017-cpu-dsal-s0" / "evaluation.csv"

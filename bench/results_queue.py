@@ -57,8 +57,26 @@ STRATEGY_ROWS = ("dsal", "random", "", "dsal+power", "dsal+diverse", "entropy", 
 NOISY_EXPERTS = (200, 400)
 
 
+def precision_jobs() -> list[Job]:
+    """bf16 against fp32 (bench/bench_precision.py): speed, scoring picks, final Dice on ISIC and the demo."""
+    bench = (sys.executable, "bench/bench_precision.py")
+    jobs = [Job("precision/speed", "precision", (*bench, "speed")),
+            Job("precision/picks", "precision", (*bench, "picks", "--data", ISIC, "--model",
+                                                 f"{COMPARE}/init-s0/round_00"))]
+    jobs += [Job(f"precision/isic-bf16/s{seed}", "precision", dsal(
+        "compare", "--preset", "isic2017-cpu", "--data", ISIC, "--no-progress", "--name", "compare-isic2017-cpu-bf16",
+        "--strategies", "dsal", "--seeds", str(seed), "--no-full-supervision", "--set", "MIXED_PRECISION=bfloat16"))
+        for seed in SEEDS]
+    for tag, choice in (("fp32", "off"), ("bf16", "bfloat16")):
+        jobs.append(Job(f"precision/demo-{tag}", "precision", dsal(
+            "compare", "--preset", "demo", "--no-progress", "--name", f"compare-demo-{tag}", "--strategies", "dsal",
+            "--seeds", ",".join(map(str, SEEDS)), "--no-full-supervision", "--set", f"MIXED_PRECISION={choice}")))
+    return jobs
+
+
 def plan() -> list[Job]:
     jobs = [compare_job(spec, seed, full=spec == "") for spec in STRATEGY_ROWS for seed in SEEDS]
+    jobs += precision_jobs()
     for experts in NOISY_EXPERTS:
         jobs += [Job(f"noisy/e{experts}/s{seed}", "isic2017", dsal(
             "noisy-teacher", "--preset", "isic2017-cpu", "--data", ISIC, "--no-progress",
@@ -69,8 +87,9 @@ def plan() -> list[Job]:
 def collect(table: str, exp_dir: Path, results: Path) -> None:
     """Regenerate one table from the run folders (a table is never guessed: it reads what finished)."""
     env = {**os.environ, "EXP_DIR": str(exp_dir), "RESULTS_DIR": str(results)}
-    script = {"isic2017": "bench/collect_results.py"}[table]
-    subprocess.run([sys.executable, script], cwd=ROOT, env=env, check=False)
+    argv = {"isic2017": ["bench/collect_results.py"],
+            "precision": ["bench/bench_precision.py", "dice", "--exp-dir", str(exp_dir)]}[table]
+    subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, check=False)
 
 
 def commit() -> str:
@@ -134,7 +153,7 @@ def commit_results(results: Path, job: Job) -> None:
 
 def run(exp_dir: Path, results: Path, jobs: list[Job], only: str | None, commit_each: bool = False) -> int:
     state_dir(exp_dir).mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "RESULTS_DIR": str(results)}
     failed = 0
     for job in jobs:
         if (only and not job.id.startswith(only)) or record_path(exp_dir, job).is_file():

@@ -128,6 +128,7 @@ def run_active_learning(
     from .oracle import ORACLES, AwaitingAnnotation, initial_labels, waiting_message
     from .strategies import PSEUDO_POLICIES, QUERY_STRATEGIES, pseudo_policy_name
 
+    cfg = cfg.replace(mixed_precision=train.resolve_precision(cfg))  # config.json records the choice made
     splits = load_splits(cfg)  # validates every file before anything is written
     pool_data, val = splits["train"], splits["val"]
     if cfg.nb_labeled > len(pool_data):

@@ -55,9 +55,10 @@ class Config:
     nb_active_epochs: int = 8
     early_stop_patience: int = 0  # 0 = off
     lr_schedule: str = "none"  # "none", "plateau" or "cosine"
-    mixed_precision: str = "off"  # "auto" (bf16 on AVX512-BF16/AMX CPUs and cc >= 8 GPUs, fp16 on older GPUs), "off", "float16", "bfloat16"
+    # "auto" (bf16 on AVX512-BF16/AMX CPUs and GPUs of cc >= 8, fp16 on older GPUs), "off", "float16", "bfloat16"
+    mixed_precision: str = "off"
     lr_warmup_epochs: int = 0  # linear learning-rate warm-up over the first k epochs of each round (0 = off)
-    foreground_oversample: float = 0.0  # share of each training batch drawn from images with foreground (0 = plain shuffle)
+    foreground_oversample: float = 0.0  # share of each batch drawn from images with foreground (0 = plain shuffle)
     collapse_floor: float = 0.01  # val Dice below this for COLLAPSE_PATIENCE epochs, with foreground in the
     collapse_patience: int = 0  # training masks, stops the round as collapsed (0 = off)
     jit_compile: str = "auto"  # XLA: "auto" (on with a GPU, off on CPU where it is slower), "on", "off"
