@@ -160,7 +160,7 @@ def evaluate(constants, set_pairs, rounds, **options) -> None:
     cfg = build_config(constants, set_pairs, **options)
     from .evaluate import evaluate_run
 
-    wanted = [int(r) for r in rounds.split(",")] if rounds else None
+    wanted = parse_int_list(rounds, "--rounds") if rounds else None
     evaluate_run(cfg, rounds=wanted, log=_echo)
 
 

@@ -45,6 +45,11 @@ def test_evaluate_without_run_exits_2(tmp_path):
     assert result.exit_code == 2 and "train it first" in result.output
 
 
+def test_evaluate_bad_rounds_is_one_line(tmp_path):
+    result = CliRunner().invoke(cli, ["evaluate", "--exp-dir", str(tmp_path), "--exp", "x", "--rounds", "1,two"])
+    assert result.exit_code == 2 and "--rounds" in result.output and "Traceback" not in result.output
+
+
 @pytest.mark.slow
 def test_run_evaluate_and_bad_data_keeps_saved_results(tiny_data, tmp_path):
     import shutil
