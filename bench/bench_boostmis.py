@@ -5,15 +5,19 @@ random queries + adaptive pseudo labels, random queries + FixMatch's fixed thres
 random queries without pseudo labels. Data: 3 imbalanced classes (60/30/10 %), each a mixture of
 two Gaussian clusters in D = 128, train 2000 / val 300 / test 1000 (the seed's file format).
 
-    python bench/bench_boostmis.py [--seeds 0,1,2] [--iterations 5] [--steps 300]
+    python bench/bench_boostmis.py [--seeds 0,1,2] [--iterations 5] [--steps 300] [--threshold global]
 
-Writes exp/bench_boostmis/ (runs) and bench/results/boostmis.md.
+The adaptive variants use the `--threshold` cutoff rule (`global`, the default, or `per_class`).
+Each run starts afresh in exp/bench_boostmis/ (a stale run there is deleted); the table goes to
+`--out` (default bench/results/boostmis_issue16.md; bench/results/boostmis.md is the table from
+before issue 16's fixes).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,6 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from dsal_tf.classify import run_classify  # noqa: E402
+from dsal_tf.strategies.boostmis import THRESHOLDS  # noqa: E402
 
 VARIANTS = {
     "BoostMIS (boostmis + adaptive)": ("boostmis", "adaptive"),
@@ -54,7 +59,8 @@ def main() -> None:
     ap.add_argument("--labeled", type=int, default=30)
     ap.add_argument("--queries", type=int, default=30)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--out", default="bench/results/boostmis.md")
+    ap.add_argument("--threshold", default="global", choices=sorted(THRESHOLDS))
+    ap.add_argument("--out", default="bench/results/boostmis_issue16.md")
     args = ap.parse_args()
     root = Path("exp/bench_boostmis")
     feats = make_features(root / "features")
@@ -63,8 +69,10 @@ def main() -> None:
     for label, (strategy, pseudo) in VARIANTS.items():
         for seed in seeds:
             t = time.perf_counter()
-            run = run_classify(feats, root / f"{strategy}-{pseudo}-s{seed}", args.labeled, args.queries,
-                               args.iterations, strategy, pseudo, seed, args.steps, log=lambda m: None)
+            run = root / f"{strategy}-{pseudo}-{args.threshold}-s{seed}"
+            shutil.rmtree(run, ignore_errors=True)  # the table is always from this code
+            run_classify(feats, run, args.labeled, args.queries, args.iterations, strategy, pseudo, seed, args.steps,
+                         log=lambda m: None, threshold=args.threshold)
             df = pd.read_csv(run / "results.csv")
             df["variant"], df["seed"] = label, seed
             frames.append(df)
@@ -75,9 +83,12 @@ def main() -> None:
              "Generated data (not ISIC, not MESCC): 3 imbalanced classes (60/30/10 %), two Gaussian clusters "
              "per class, D = 128; train 2000, test 1000. "
              f"{args.labeled} initial expert labels, {args.queries} per round, {args.steps} MLP updates per round, "
-             f"seeds {args.seeds}; mean +- std over seeds, on the test split.", "",
+             f"seeds {args.seeds}; mean +- std over seeds, on the test split. Adaptive cutoff: {args.threshold} "
+             "(issue 16: N_A = the last round's labels, pseudo labels from the online head, the EMA head "
+             "evaluated, one head through the rounds).", "",
              "Command: `python bench/bench_boostmis.py "
-             f"--seeds {args.seeds} --iterations {args.iterations} --steps {args.steps}`", ""]
+             f"--seeds {args.seeds} --iterations {args.iterations} --steps {args.steps} --threshold {args.threshold} "
+             f"--out {args.out}`", ""]
     for metric in ("accuracy", "macro_f1"):
         g = all_.groupby(["variant", "n_labelled"])[metric].agg(["mean", "std"]).reset_index()
         cols = sorted(g["n_labelled"].unique())

@@ -2,17 +2,18 @@
 `dsal features`: the feature files from an image folder with a trained run's encoder.
 
 Input folder: `train-`, `val-`, `test-features.npy` (N x D float) and `-targets.npy` (N int,
-classes 0..C-1), the seed's format. Each round trains a fresh small MLP head (D -> 128 relu ->
-C softmax; Adam 1e-3, batch 64, `steps` updates) on the labelled training samples plus, with
-`pseudo` adaptive or fixed, the unlabelled ones through an EMA teacher (decay 0.99): hard labels
-from a weak view (Gaussian noise 0.05 on standardised features), kept where the confidence
-reaches the class threshold (adaptive: `strategies.boostmis`, eps_t and tau(c) from the learning
-status; fixed: 0.95, FixMatch), CE of a strong view (feature dropout 0.3, noise 0.3). The
-teacher is evaluated on the test split and queries the next K labels: `boostmis` (VAT and
-class-balanced density-aware entropy, among samples the pseudo labeller does not take),
-`entropy` or `random`. exp/NAME/results.csv: round, n_labelled, n_pseudo (unlabelled samples the
-final thresholds keep), accuracy, macro_f1; learning_curve.png; round_XX.npz (the labelled
-indices of round XX) makes the loop resumable.
+classes 0..C-1), the seed's format. One small MLP head (D -> 128 relu -> C softmax), made once
+and trained on through the rounds (Adam 1e-3, batch 64, `steps` updates a round), learns the
+labelled training samples plus, with `pseudo` adaptive or fixed, the unlabelled ones: the online
+head's hard labels on a weak view (Gaussian noise 0.05 on standardised features), kept where the
+confidence reaches the cutoff (adaptive: `strategies.boostmis`, eps_t from the learning status with
+N_A = the labels the last round added, and the `threshold` rule; fixed: 0.95, FixMatch), CE of a
+strong view (feature dropout 0.3, noise 0.3). An EMA copy (decay 0.99, also kept across rounds) is
+evaluated on the test split; the online head, the pseudo labeller, queries the next K labels:
+`boostmis` (VAT and class-balanced density-aware entropy, among samples the pseudo labeller does
+not take), `entropy` or `random`. exp/NAME/results.csv: round, n_labelled, n_pseudo (unlabelled
+samples the final cutoffs keep), accuracy, macro_f1; learning_curve.png; round_XX.npz (the
+labelled indices of round XX and the two heads' weights it starts from) makes the loop resumable.
 """
 
 from __future__ import annotations
@@ -76,21 +77,23 @@ def build_head(dim: int, n_classes: int, hidden: int = 128):
     return keras.Model(inp, {"prob": p, "features": h}, name="mlp_head")
 
 
-def make_booster(head, n_classes: int, pseudo: str, n_active: int, queries: int, ema: float, seed: int):
-    """A Keras Model whose `train_step` takes `((x_unlabelled,), (x_labelled, y_labelled))` batches."""
+def make_booster(head, ema_head, n_classes: int, pseudo: str, n_active: int, queries: int, ema: float, seed: int,
+                 threshold: str = "global", step0: int = 0):
+    """A Keras Model whose `train_step` takes `((x_unlabelled,), (x_labelled, y_labelled))` batches;
+    it trains `head` (online) and moves `ema_head` after it, with decay `min(1 - 1/(step+1), ema)` (Mean
+    Teacher's warm-up; `step0` = the updates of earlier rounds). `n_active`: N_A, the last round's additions."""
     import keras
     import tensorflow as tf
 
-    from .strategies.boostmis import LearningStatus
+    from .strategies.boostmis import LearningStatus, confident
+    from .trainers.base import ema_update, mean_teacher_decay
 
     class Booster(keras.Model):
         def __init__(self):
             super().__init__()
-            self.head = head
-            self.teacher = keras.Model.from_config(head.get_config())
-            self.teacher.set_weights(head.get_weights())
+            self.head, self.ema_head = head, ema_head
             self.gen = keras.random.SeedGenerator(seed)
-            self.status = LearningStatus(n_classes, FIXED_TAU, n_active, queries)
+            self.status = LearningStatus(n_classes, FIXED_TAU, n_active, queries, rule=threshold)
             self.tracker = keras.metrics.Mean(name="loss")
             self.kept = keras.metrics.Mean(name="kept_fraction")
 
@@ -98,19 +101,17 @@ def make_booster(head, n_classes: int, pseudo: str, n_active: int, queries: int,
         def metrics(self):
             return [self.tracker, self.kept]
 
-        def thresholds(self, p, update: bool):
-            """Per-class thresholds [C] for teacher probabilities `p` [N,C]."""
-            if pseudo == "fixed":
-                return tf.fill([n_classes], FIXED_TAU)
-            return self.status.thresholds(tf.reduce_max(p, axis=1), tf.argmax(p, axis=1), update)
+        def pseudo_labels(self, x, update: bool = True):
+            """Hard labels [N] of the online head on `x` [N,D] and their keep mask [N] (`update`: count them)."""
+            p = tf.stop_gradient(self.head(x, training=False)["prob"])
+            conf, cls = tf.reduce_max(p, axis=1), tf.argmax(p, axis=1)
+            tau = tf.fill([n_classes], FIXED_TAU) if pseudo == "fixed" else self.status.thresholds(conf, cls, update)
+            return cls, confident(conf, cls, tau)
 
         def train_step(self, data):
             (x_u,), (x_l, y_l) = data
             unsup_w = 0.0 if pseudo == "none" else 1.0
-            weak = x_u + 0.05 * keras.random.normal(tf.shape(x_u), seed=self.gen)
-            p_w = self.teacher(weak, training=False)["prob"]
-            cls = tf.argmax(p_w, axis=1)
-            keep = tf.cast(tf.reduce_max(p_w, axis=1) >= tf.gather(self.thresholds(p_w, True), cls), tf.float32)
+            cls, keep = self.pseudo_labels(x_u + 0.05 * keras.random.normal(tf.shape(x_u), seed=self.gen))
             drop = tf.cast(keras.random.uniform(tf.shape(x_u), seed=self.gen) > 0.3, tf.float32) / 0.7
             strong = x_u * drop + 0.3 * keras.random.normal(tf.shape(x_u), seed=self.gen)
             with tf.GradientTape() as tape:
@@ -118,9 +119,9 @@ def make_booster(head, n_classes: int, pseudo: str, n_active: int, queries: int,
                 ce_u = keras.losses.sparse_categorical_crossentropy(cls, self.head(strong)["prob"])
                 loss = sup + unsup_w * tf.reduce_mean(keep * ce_u)
             grads = tape.gradient(loss, self.head.trainable_variables)
+            decay = mean_teacher_decay(self.optimizer.iterations + step0, ema)  # read before this update
             self.optimizer.apply_gradients(zip(grads, self.head.trainable_variables))
-            for t, s in zip(self.teacher.weights, self.head.weights):
-                t.assign(ema * t + (1.0 - ema) * s)
+            ema_update(self.ema_head, self.head, decay)
             self.tracker.update_state(loss)
             self.kept.update_state(unsup_w * tf.reduce_mean(keep))
             return {m.name: m.result() for m in self.metrics}
@@ -138,19 +139,34 @@ def query(strategy: str, booster, x_unl: np.ndarray, taken: np.ndarray, n: int, 
     n = min(n, len(x_unl))
     if strategy == "random":
         return rng.permutation(len(x_unl))[:n]
-    out = booster.teacher(x_unl, training=False)
+    out = booster.head(x_unl, training=False)
     p = out["prob"].numpy()
     ent = -np.sum(p * np.log(np.clip(p, 1e-7, 1.0)), axis=1)
     if strategy == "entropy":
         return np.argsort(-ent, kind="stable")[:n]
 
     def prob_fn(z):
-        return booster.teacher(z, training=False)["prob"]
+        return booster.head(z, training=False)["prob"]
 
     vat = vat_score(prob_fn, tf.constant(x_unl), xi, eps, seed=(seed, 1), kl=categorical_kl).numpy()
     dae = np.full(p.shape, np.nan)
     dae[np.arange(len(p)), p.argmax(1)] = ent * knn_density(out["features"].numpy(), knn)
     return boostmis_select(vat, dae, taken, n)
+
+
+def save_round(path: Path, labelled: np.ndarray, head, ema_head) -> None:
+    """round_XX.npz: the round's labelled indices and the weights it starts from (online and EMA head)."""
+    weights = {f"{k}_{i}": w for k, m in (("online", head), ("ema", ema_head)) for i, w in enumerate(m.get_weights())}
+    np.savez(path, labelled=labelled, **weights)
+
+
+def load_round(path: Path, head=None, ema_head=None) -> np.ndarray:
+    """The labelled indices of round_XX.npz; sets the heads' weights where the file has them."""
+    with np.load(path) as z:
+        if head is not None and "online_0" in z.files:
+            for k, m in (("online", head), ("ema", ema_head)):
+                m.set_weights([z[f"{k}_{i}"] for i in range(len(m.weights))])
+        return z["labelled"]
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
@@ -174,14 +190,19 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 
 def run_classify(features: str | Path, run_dir: str | Path, labeled: int, queries: int, iterations: int,
                  strategy: str = "boostmis", pseudo: str = "adaptive", seed: int = 0, steps: int = 200,
-                 batch_size: int = 64, xi: float = 10.0, eps: float = 1.0, knn: int = 10, log=print) -> Path:
-    """Run or resume the loop; returns `run_dir` (results.csv, learning_curve.png, round_XX.npz)."""
+                 batch_size: int = 64, xi: float = 10.0, eps: float = 1.0, knn: int = 10, log=print,
+                 threshold: str = "global") -> Path:
+    """Run or resume the loop; returns `run_dir` (results.csv, learning_curve.png, round_XX.npz).
+    `threshold`: the adaptive cutoff rule, `strategies.boostmis.THRESHOLDS` (BOOSTMIS_THRESHOLD)."""
     import keras
     import pandas as pd
     import tensorflow as tf
 
-    if strategy not in STRATEGIES or pseudo not in PSEUDO:
-        raise DsalError(f"--strategy must be one of {STRATEGIES} and --pseudo one of {PSEUDO}")
+    from .strategies.boostmis import THRESHOLDS
+
+    if strategy not in STRATEGIES or pseudo not in PSEUDO or threshold not in THRESHOLDS:
+        raise DsalError(f"--strategy must be one of {STRATEGIES}, --pseudo one of {PSEUDO} and the threshold "
+                        f"rule one of {sorted(THRESHOLDS)}")
     if labeled < 1 or queries < 0 or iterations < 0 or steps < 1:
         raise DsalError("--labeled >= 1, --queries >= 0, --iterations >= 0 and --steps >= 1")
     data = load_feature_splits(features)
@@ -194,7 +215,8 @@ def run_classify(features: str | Path, run_dir: str | Path, labeled: int, querie
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     settings = dict(features=str(Path(features).resolve()), labeled=labeled, queries=queries, strategy=strategy,
-                    pseudo=pseudo, seed=seed, steps=steps, batch_size=batch_size, xi=xi, eps=eps, knn=knn)
+                    pseudo=pseudo, seed=seed, steps=steps, batch_size=batch_size, xi=xi, eps=eps, knn=knn,
+                    threshold=threshold)
     sfile = run / "settings.json"
     if sfile.is_file() and json.loads(sfile.read_text()) != settings:
         raise DsalError(f"{run} was started with other settings ({sfile}); use another --exp or delete it")
@@ -204,29 +226,32 @@ def run_classify(features: str | Path, run_dir: str | Path, labeled: int, querie
     first = run / "round_00.npz"
     if not first.is_file():
         np.savez(first, labelled=np.sort(np.random.default_rng([seed, 0]).choice(len(x), labeled, replace=False)))
+    keras.utils.set_random_seed(seed * 1000)
+    head = build_head(x.shape[1], n_classes)  # one head through the rounds, not a fresh one each round
+    ema_head = keras.Model.from_config(head.get_config())
+    ema_head.set_weights(head.get_weights())
+    ema_head.trainable = False
     for r in range(len(rows), iterations + 1):
-        labelled = np.load(run / f"round_{r:02d}.npz")["labelled"]
+        labelled = load_round(run / f"round_{r:02d}.npz", head, ema_head)
+        n_added = len(labelled) - len(load_round(run / f"round_{r - 1:02d}.npz")) if r else 0  # N_A
         unl = np.setdiff1d(np.arange(len(x)), labelled)
         keras.utils.set_random_seed(seed * 1000 + r)
-        head = build_head(x.shape[1], n_classes)
-        booster = make_booster(head, n_classes, pseudo, len(labelled), max(queries, 1), 0.99, seed * 1000 + r)
+        booster = make_booster(head, ema_head, n_classes, pseudo, n_active=n_added, queries=max(queries, 1),
+                               ema=0.99, seed=seed * 1000 + r, threshold=threshold, step0=r * steps)
         booster.compile(optimizer=keras.optimizers.Adam(1e-3))
         x_u = x[unl] if len(unl) else x[labelled]
         lab = tf.data.Dataset.from_tensor_slices((x[labelled], y[labelled])).repeat().shuffle(4096, seed=seed)
         ulb = tf.data.Dataset.from_tensor_slices((x_u,)).repeat().shuffle(4096, seed=seed + 1)
         ds = tf.data.Dataset.zip((ulb.batch(batch_size), lab.batch(batch_size))).take(steps)
         booster.fit(ds, epochs=1, verbose=0, shuffle=False)  # the datasets shuffle
-        pred = booster.teacher(xt, training=False)["prob"].numpy().argmax(1)
+        pred = ema_head(xt, training=False)["prob"].numpy().argmax(1)
         taken = np.zeros(len(unl), bool)
         if pseudo != "none" and len(unl):
-            p = booster.teacher(x[unl], training=False)["prob"]
-            tau = booster.thresholds(p, False).numpy()
-            pu = p.numpy()
-            taken = pu.max(1) >= tau[pu.argmax(1)]
+            taken = booster.pseudo_labels(x[unl], update=False)[1].numpy() > 0
         # the next round's labels are chosen even after the last round, so more --iterations resume from here
         rng = np.random.default_rng([seed, r + 1])
         picks = query(strategy, booster, x[unl], taken, queries, rng, xi, eps, knn, seed) if len(unl) else unl
-        np.savez(run / f"round_{r + 1:02d}.npz", labelled=np.sort(np.r_[labelled, unl[picks]]))
+        save_round(run / f"round_{r + 1:02d}.npz", np.sort(np.r_[labelled, unl[picks]]), head, ema_head)
         rows.append(dict(round=r, n_labelled=len(labelled), n_pseudo=int(taken.sum()),
                          accuracy=round(float(np.mean(pred == yt)), 5),
                          macro_f1=round(macro_f1(yt, pred, n_classes), 5)))

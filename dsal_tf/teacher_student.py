@@ -5,8 +5,13 @@
 3. Train students, initialised from the teacher, on expert + machine labels with each variant's
    weighting, and evaluate everything on the test split.
 
-Layout (`exp/<name>/`): `s<seed>/teacher/`, `s<seed>/machine_labels.npz`, `s<seed>/<variant>/`,
-`results.csv` (per variant and seed) and `summary.csv` (mean and std over seeds).
+Every student, `equal` included, trains on the noisy-teacher loss: per-sample BCE + Dice
+(METHODS.md section 3), or `REWEIGHT_LOSS` when it says otherwise ("run" = `LOSS`); the teacher
+trains on `LOSS`. The `loss` column of `results.csv` and `summary.csv` says which.
+
+Layout (`exp/<name>/`): `s<seed>/teacher/`, `s<seed>/machine_labels.npz`, `s<seed>/<variant>/`
+(its `DONE` file holds the loss it was trained with), `results.csv` (per variant and seed) and
+`summary.csv` (mean and std over seeds).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from .config import Config
 from .data import Normalizer, load_splits
 from .errors import DsalError
 from .metrics import dice
+from .trainers.base import reweight_loss_name
 
 # variant -> (TRAINER, RGS_QUERY); "teacher" is the expert-only model itself. `equal` is a plain
 # `fit` over expert + machine labels; `uniform` is the control for the re-weighted variants: the
@@ -38,13 +44,31 @@ VARIANTS: dict[str, tuple[str, bool] | None] = {
 }
 
 
-def _train_once(out: Path, train_fn: Callable[[], None]) -> None:
-    """Run `train_fn` unless `out/DONE` says it already finished (resumable)."""
-    if (out / "DONE").is_file():
+def student_config(cfg: Config, variant: str) -> Config:
+    """The config a student trains with: its trainer and +AL flag, and the noisy-teacher loss as
+    `LOSS`, so `equal` (a plain `fit` of the compiled U-Net) optimises the same L_i as the paired
+    trainers (whose `loss_for` gives the same name)."""
+    trainer, query = VARIANTS[variant]
+    return cfg.replace(trainer=trainer, rgs_query=query, loss=reweight_loss_name(cfg))
+
+
+def _train_once(out: Path, train_fn: Callable[[], None], loss: str, old_loss: str) -> None:
+    """Run `train_fn` unless `out/DONE` says it already finished with `loss` (resumable).
+
+    `DONE` holds the loss name; an older `DONE` ("ok") was written when every model trained on
+    `old_loss` (LOSS). A finished model with another loss is an error, never silently reused.
+    """
+    done = out / "DONE"
+    if done.is_file():
+        recorded = done.read_text().strip()
+        recorded = old_loss if recorded == "ok" else recorded
+        if recorded != loss:
+            raise DsalError(f"{out} was trained with loss {recorded!r}, this run uses {loss!r} "
+                            f"(REWEIGHT_LOSS / LOSS): delete that folder or use another --name")
         return
     out.mkdir(parents=True, exist_ok=True)
     train_fn()
-    (out / "DONE").write_text("ok")
+    done.write_text(loss)
 
 
 def run_noisy_teacher(
@@ -81,7 +105,7 @@ def run_noisy_teacher(
             train.fit(model, cfg, pool.images[expert], pool.masks[expert], np.zeros(n_expert, bool), val,
                       normalizer, teacher_dir, cfg.nb_initial_epochs, seed)
 
-        _train_once(teacher_dir, train_teacher)
+        _train_once(teacher_dir, train_teacher, cfg.loss, cfg.loss)
         teacher = keras.models.load_model(teacher_dir / train.CHECKPOINT, compile=False)
         labels_file = sd / "machine_labels.npz"
         if not labels_file.is_file():
@@ -99,9 +123,10 @@ def run_noisy_teacher(
 
         for variant in variants:
             vd = teacher_dir if variant == "teacher" else sd / variant
+            loss = cfg.loss
             if variant != "teacher":
-                trainer, query = VARIANTS[variant]
-                vcfg = cfg.replace(trainer=trainer, rgs_query=query)
+                vcfg = student_config(cfg, variant)
+                loss = vcfg.loss
 
                 def train_student(vcfg=vcfg, vd=vd, variant=variant):
                     model = train.compile_model(keras.models.load_model(teacher_dir / train.CHECKPOINT,
@@ -111,17 +136,18 @@ def run_noisy_teacher(
                                         cfg.nb_active_epochs, seed)
                     (vd / "history.json").write_text(json.dumps(history, default=float))
 
-                _train_once(vd, train_student)
+                _train_once(vd, train_student, loss, cfg.loss)
             model = keras.models.load_model(vd / train.CHECKPOINT, compile=False)
             per_image, _ = evaluate_model(model, test, normalizer, cfg.batch_size)
-            rows.append({"variant": variant, "seed": seed, "n_expert": n_expert,
+            rows.append({"variant": variant, "seed": seed, "n_expert": n_expert, "loss": loss,
                          "machine_label_dice": true_dice, **summarize(per_image)})
     results = pd.DataFrame(rows)
     results.to_csv(out / "results.csv", index=False, float_format="%.4f")
     summary = (results.groupby("variant", sort=False)
                .agg(dice_mean=("dice_mean", "mean"), dice_std=("dice_mean", "std"),
                     iou_mean=("iou_mean", "mean"), iou_std=("iou_mean", "std"),
-                    hd95_mean=("hd95_mean", "mean"), hd95_std=("hd95_mean", "std"), seeds=("seed", "count"))
+                    hd95_mean=("hd95_mean", "mean"), hd95_std=("hd95_mean", "std"), seeds=("seed", "count"),
+                    loss=("loss", "first"))
                .reset_index())
     summary.to_csv(out / "summary.csv", index=False, float_format="%.4f")
     log(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

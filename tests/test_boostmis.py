@@ -9,12 +9,14 @@ import pytest
 import tensorflow as tf
 
 from dsal_tf.strategies.boostmis import (
+    LearningStatus,
     alternate_union,
     balanced_rank,
     bernoulli_kl,
     boostmis_select,
     categorical_kl,
     class_thresholds,
+    confident,
     global_threshold,
     knn_density,
     status_counts,
@@ -39,25 +41,43 @@ def test_global_threshold_rule():
 
 
 def test_learning_status_averages_counts_over_steps():
-    from dsal_tf.strategies.boostmis import LearningStatus
-
     st = LearningStatus(2, 0.9, n_active=0, queries=10, momentum=0.5)
     conf = np.array([0.95, 0.95, 0.95, 0.5])
-    tau = st.thresholds(conf, np.array([0, 0, 1, 1])).numpy()  # counts [2, 1], eps 0.9
-    np.testing.assert_allclose(tau, [0.9, 0.45], rtol=1e-6)
+    tau = st.thresholds(conf, np.array([0, 0, 1, 1])).numpy()  # counts [2, 1], eps 0.9, one global cutoff
+    np.testing.assert_allclose(tau, [0.9, 0.9], rtol=1e-6)
     # next batch: counts [0, 1] -> average [1, 1]; Count 2 after 3: eps = 0.9 * 2/3
     tau = st.thresholds(np.array([0.5, 0.95]), np.array([0, 1])).numpy()
     np.testing.assert_allclose(tau, [0.6, 0.6], rtol=1e-6)
-    assert float(st.steps) == 2
+    assert float(st.steps) == 2 and float(st.threshold) == pytest.approx(0.6)
 
 
-def test_class_thresholds_follow_learning_status():
-    # sigma = count / max count = [10, 5, 0] / 10
-    np.testing.assert_allclose(class_thresholds([10, 5, 0], 0.9).numpy(), [0.9, 0.45, 0.0], rtol=1e-6)
+def test_class_thresholds_are_floored():
+    # sigma = [1, .5, 0]: eps sigma / (2 - sigma) = [0.9, 0.3, 0], floored at max(0.9 / 2, 1/3 + 0.05) = 0.45
+    np.testing.assert_allclose(class_thresholds([10, 5, 0], 0.9).numpy(), [0.9, 0.45, 0.45], rtol=1e-6)
+    # two classes: the floor 1/2 + 0.05 = 0.55 is above eps / 2
+    np.testing.assert_allclose(class_thresholds([10, 0], 0.9).numpy(), [0.9, 0.55], rtol=1e-6)
     # nothing counted yet: every class at eps
     np.testing.assert_allclose(class_thresholds([0, 0], 0.9).numpy(), [0.9, 0.9], rtol=1e-6)
-    # FlexMatch's warm-up: many unused samples keep every class low
-    np.testing.assert_allclose(class_thresholds([10, 5, 0], 0.8, 20).numpy(), [0.4, 0.2, 0.0], rtol=1e-6)
+
+
+# hand-made class probabilities, 3 classes; confident (>= 0.95) counts [4, 3, 0]
+HAND_P = np.array([[0.97, 0.02, 0.01]] * 4 + [[0.93, 0.05, 0.02], [0.90, 0.05, 0.05]]
+                  + [[0.02, 0.96, 0.02]] * 3 + [[0.30, 0.60, 0.10], [0.25, 0.50, 0.25]]
+                  + [[0.25, 0.25, 0.50], [0.30, 0.25, 0.45]], np.float32)
+
+
+@pytest.mark.parametrize("rule,keep", [
+    # eps = 0.9 min(1, 1) + 0.05 * 10 / (2 * 10) = 0.925 for every class
+    ("global", [1, 1, 1, 1, 1, 0, 1, 1, 1, 0, 0, 0, 0]),
+    # sigma = [1, .75, 0]: tau = [0.925, 0.925 * .75 / 1.25 = 0.555, floor 0.925 / 2 = 0.4625]
+    ("per_class", [1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 1, 0]),
+])
+def test_cutoff_on_hand_made_probabilities(rule, keep):
+    st = LearningStatus(3, 0.95, n_active=10, queries=10, rule=rule)
+    conf, cls = HAND_P.max(1), HAND_P.argmax(1)
+    tau = st.thresholds(conf, cls)
+    assert float(st.threshold) == pytest.approx(0.925)
+    np.testing.assert_array_equal(confident(conf, cls, tau).numpy(), keep)
 
 
 # ------------------------------------------------------------------ VAT
@@ -161,22 +181,41 @@ def test_boostmis_query_and_trainer_run_the_loop(tiny_data, tmp_path):
     assert (out / "test-names.txt").read_text().split() == names
 
 
-def test_boostmis_trainer_keeps_confident_pixels_by_class():
+def test_boostmis_trainer_labels_from_the_online_model():
     from dsal_tf.model import build_unet
     from dsal_tf.trainers import make_trainer
 
     unet = build_unet((16, 16, 1), base_filters=2, depth=3)
     trainer = make_trainer("boostmis", unet, loss="bce", n_active=10, queries=10)
+    # the online model moves away from the EMA copy (the wrapped segmenter)
+    trainer.online.set_weights([w + 0.3 * np.sign(np.sin(np.arange(w.size))).reshape(w.shape)
+                                for w in trainer.online.get_weights()])
     x = tf.random.stateless_normal((2, 16, 16, 1), seed=(1, 1))
     target, keep = trainer.pseudo_labels(x)
-    p = trainer.teacher(x)["main"].numpy()
+    p = trainer.online(x)["main"].numpy()
+    assert (p > 0.5).astype(np.float32).tolist() != (unet(x)["main"].numpy() > 0.5).astype(np.float32).tolist()
     np.testing.assert_array_equal(target.numpy(), (p > 0.5).astype(np.float32))
-    # first step: ratio 1, eps = 0.9 + 0.05 * 10 / 20; counts of pixels with confidence >= 0.95
+    # first step: ratio 1, eps = 0.9 + 0.05 * 10 / 20, one global cutoff
     assert float(trainer.status.threshold) == pytest.approx(0.925)
-    conf = np.maximum(p, 1 - p)
-    counts = np.array([((p <= 0.5) & (conf >= 0.95)).sum(), ((p > 0.5) & (conf >= 0.95)).sum()], np.float64)
-    tau = 0.925 * (counts / counts.max() if counts.max() else np.ones(2))
-    np.testing.assert_array_equal(keep.numpy(), (conf >= tau[(p > 0.5).astype(int)]).astype(np.float32))
+    np.testing.assert_array_equal(keep.numpy(), (np.maximum(p, 1 - p) >= 0.925).astype(np.float32))
+
+
+def test_boostmis_trainer_n_active_is_the_last_rounds_labels(monkeypatch):
+    """NB_LABELED 4, then two rounds of K = 3: 10 expert images, of which the last round added 3."""
+    from types import SimpleNamespace
+
+    import dsal_tf.data
+    import dsal_tf.trainers.boostmis as tb
+
+    seen = []
+    monkeypatch.setattr(dsal_tf.data, "make_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(tb, "fit_paired", lambda cls, *a, **k: seen.append(cls.n_active) or {})
+    cfg = SimpleNamespace(nb_labeled=4, nb_next_sample=3, batch_size=2)
+    val = SimpleNamespace(images=None, masks=None)
+    for n_expert in (4, 7, 10):
+        is_noisy = np.r_[np.zeros(n_expert, bool), np.ones(5, bool)]
+        tb.BoostMISTrainer.fit_arrays(None, cfg, None, None, is_noisy, val, None, [], 1, 0)
+    assert seen == [0, 3, 3]
 
 
 # ------------------------------------------------------------------ classification on feature vectors
@@ -238,3 +277,41 @@ def test_classify_bad_input_names_the_file(tmp_path):
     (feats / "test-features.npy").unlink()
     with pytest.raises(DsalError, match="test-features.npy not found"):
         run_classify(feats, tmp_path / "exp" / "c", 4, 2, 1)
+
+
+def test_classify_n_active_and_one_head_through_the_rounds(tmp_path, monkeypatch):
+    """N_A = the labels the last round added (0, then 5, 5), and each round trains on from the last head."""
+    import dsal_tf.classify as dc
+
+    calls = []
+    real = dc.make_booster
+
+    def spy(head, ema_head, *args, **kwargs):
+        calls.append((kwargs["n_active"], head, [w.copy() for w in head.get_weights()]))
+        return real(head, ema_head, *args, **kwargs)
+
+    monkeypatch.setattr(dc, "make_booster", spy)
+    run = dc.run_classify(write_feature_splits(tmp_path / "f", dim=8), tmp_path / "c", labeled=6, queries=5,
+                          iterations=2, steps=3, batch_size=8, log=lambda m: None)
+    assert [c[0] for c in calls] == [0, 5, 5]
+    assert calls[1][1] is calls[0][1] is calls[2][1]
+    with np.load(run / "round_01.npz") as z:  # round 1 starts where round 0 ended
+        for i, w in enumerate(calls[1][2]):
+            np.testing.assert_array_equal(z[f"online_{i}"], w)
+    assert any(not np.array_equal(a, b) for a, b in zip(calls[0][2], calls[1][2]))
+
+
+def test_classify_pseudo_labels_from_the_online_head():
+    import keras
+
+    from dsal_tf.classify import build_head, make_booster
+
+    keras.utils.set_random_seed(0)
+    head, ema_head = build_head(4, 3, hidden=8), build_head(4, 3, hidden=8)
+    x = tf.random.stateless_normal((64, 4), seed=(2, 3))
+    booster = make_booster(head, ema_head, 3, "fixed", n_active=0, queries=5, ema=0.99, seed=0)
+    cls, keep = booster.pseudo_labels(x)
+    p = head(x)["prob"].numpy()
+    assert not np.array_equal(p.argmax(1), ema_head(x)["prob"].numpy().argmax(1))
+    np.testing.assert_array_equal(cls.numpy(), p.argmax(1))
+    np.testing.assert_array_equal(keep.numpy(), (p.max(1) >= 0.95).astype(np.float32))

@@ -162,6 +162,38 @@ def test_registry_and_bad_settings():
         nt.ReweightedTrainer(model, loss="focal")
 
 
+# ------------------------------------------------------------------ the loss a run trains on
+# one image, two pixels: label [1, 0], every head predicts [0.8, 0.6] (ds weights sum to 1)
+Y_PAIR = tf.constant([[[[1.0], [0.0]]]])
+P_PAIR = tf.constant([[[[0.8], [0.6]]]])
+BCE_PAIR = (-np.log(0.8) - np.log(0.4)) / 2
+DICE_PAIR = 1 - (2 * 0.8 + 1) / (1 + 1.4 + 1)
+
+
+@pytest.mark.parametrize("name", ["rgs", "rgm", "rgsm", "uniform"])
+@pytest.mark.parametrize("reweight_loss, expected", [
+    ("bce_dice", BCE_PAIR + DICE_PAIR),  # the default: BCE + Dice although LOSS = dice
+    ("run", DICE_PAIR),  # the stated override: the run's LOSS
+    ("bce", BCE_PAIR),
+])
+def test_noisy_teacher_loss_is_bce_plus_dice_unless_overridden(name, reweight_loss, expected):
+    from dsal_tf.config import resolve
+
+    cfg = resolve({"loss": "dice", "reweight_loss": reweight_loss})
+    trainer = nt.get_trainer(name).for_run(_unet(), cfg, total_steps=10)  # as `train.fit` builds it
+    outputs = {h: P_PAIR for h in ("main", "side_1", "side_2")}
+    np.testing.assert_allclose(trainer.losses_of(outputs, Y_PAIR), [expected], rtol=1e-5)
+    assert trainer.loss_name == nt.reweight_loss_name(cfg)
+
+
+def test_other_trainers_keep_the_run_loss():
+    from dsal_tf.config import resolve
+
+    cfg = resolve({"loss": "dice"})
+    for name in ("mwnet", "mcpm", "pint"):
+        assert nt.get_trainer(name).loss_for(cfg) == "dice"
+
+
 # ------------------------------------------------------------------ trainer
 class _FixedWeights(nt.ReweightedTrainer):
     """Test double: the weights are given, so the update can be checked by hand."""

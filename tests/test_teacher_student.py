@@ -11,18 +11,51 @@ from dsal_tf.active import run_active_learning
 from dsal_tf.config import resolve
 from dsal_tf.data import Normalizer, load_splits
 from dsal_tf.evaluate import evaluate_model, summarize
-from dsal_tf.teacher_student import run_noisy_teacher
+from dsal_tf.errors import DsalError
+from dsal_tf.teacher_student import VARIANTS, _train_once, run_noisy_teacher, student_config
+from dsal_tf.trainers import get_trainer
 
 from .conftest import tiny_values
 
-pytestmark = pytest.mark.slow
+
+@pytest.mark.parametrize("reweight_loss, expected", [("bce_dice", "bce_dice"), ("run", "dice"), ("bce", "bce")])
+def test_every_student_trains_on_the_noisy_teacher_loss(reweight_loss, expected):
+    """`equal` compiles the U-Net with `LOSS`, the paired trainers take `loss_for`: both say BCE + Dice
+    by default although the run's LOSS is Dice."""
+    cfg = resolve({"loss": "dice", "reweight_loss": reweight_loss})
+    for variant in VARIANTS:
+        if VARIANTS[variant] is None:  # the teacher keeps LOSS
+            continue
+        vcfg = student_config(cfg, variant)
+        assert vcfg.loss == expected, variant
+        trainer = get_trainer(vcfg.trainer)
+        if hasattr(trainer, "loss_for"):
+            assert trainer.loss_for(vcfg) == expected, variant
 
 
+def test_a_finished_student_with_another_loss_is_not_reused(tmp_path):
+    calls = []
+    _train_once(tmp_path / "a", lambda: calls.append(1), "bce_dice", "dice")
+    assert (tmp_path / "a" / "DONE").read_text() == "bce_dice"
+    _train_once(tmp_path / "a", lambda: calls.append(1), "bce_dice", "dice")  # resumed: not trained again
+    assert calls == [1]
+    with pytest.raises(DsalError, match="delete that folder"):
+        _train_once(tmp_path / "a", lambda: calls.append(1), "dice", "dice")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "DONE").write_text("ok")  # before the loss was recorded: every model used LOSS
+    _train_once(tmp_path / "old", lambda: calls.append(1), "dice", "dice")
+    with pytest.raises(DsalError, match="'dice'"):
+        _train_once(tmp_path / "old", lambda: calls.append(1), "bce_dice", "dice")
+    assert calls == [1]
+
+
+@pytest.mark.slow
 def test_noisy_teacher_workflow_resumes(tiny_data, tmp_path):
     cfg = resolve(tiny_values(tiny_data, tmp_path))
     variants = ["teacher", "equal", "uniform", "rgsm+al"]
     summary = run_noisy_teacher(cfg, 8, variants, [0], "nt", log=lambda m: None)
     assert list(summary["variant"]) == variants
+    assert list(summary["loss"]) == [cfg.loss] + ["bce_dice"] * 3  # the teacher keeps LOSS (dice)
     out = tmp_path / "exp" / "nt" / "s0"
     # the table is the saved checkpoints' test scores: re-evaluate two of them independently
     splits = load_splits(cfg)
@@ -40,6 +73,7 @@ def test_noisy_teacher_workflow_resumes(tiny_data, tmp_path):
     pd.testing.assert_frame_equal(summary, again)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer, extra", [("rgs", {"rgs_query": True}), ("mwnet", {"meta_size": 4})])
 def test_dsal_with_weighted_pseudo_labels(tiny_data, tmp_path, trainer, extra):
     cfg = resolve(tiny_values(tiny_data, tmp_path, trainer=trainer, nb_iterations=1, pseudo_epoch=1, **extra))

@@ -108,4 +108,24 @@ def test_mcpm_mask_net_and_pixel_weights_by_hand():
     np.testing.assert_allclose(pixel_weighted_loss(y, p, tf.ones_like(y), "dice"), [1 / 3], rtol=1e-6)
     np.testing.assert_allclose(pixel_weighted_loss(y, p, tf.constant([[[[1.0], [0.0]]]]), "bce"),
                                [np.log(2.0) / 2], rtol=1e-5)
-    assert float(trainer.objective({"main": p}, y, tf.constant([[[[1.0], [0.0]]]]))) == pytest.approx(0.2, rel=1e-5)
+    # the objective weighs the pixel BCE, not the run's Dice: mean(r * ln 2) = ln 2 / 2, not 0.2
+    assert float(trainer.objective({"main": p}, y, tf.constant([[[[1.0], [0.0]]]]))) == pytest.approx(
+        np.log(2.0) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["dice", "bce", "bce_dice"])
+def test_mcpm_weighted_loss_halves_when_r_halves(loss):
+    """O is mean R * BCE whatever LOSS is, so O(R / 2) = O(R) / 2 (an R-weighted soft Dice would not move)."""
+    trainer = trainers.make_trainer("mcpm", _unet(), loss=loss, ds_weights=DS)
+    rng = np.random.default_rng(0)
+    y = tf.constant((rng.random((2, 8, 8, 1)) > 0.5).astype("float32"))
+    outputs = {h: tf.constant(rng.uniform(0.05, 0.95, (2, 8, 8, 1)).astype("float32"))
+               for h in ("main", "side_1", "side_2")}
+    r = tf.constant(rng.uniform(0.1, 1.0, (2, 8, 8, 1)).astype("float32"))
+    full = float(trainer.objective(outputs, y, r))
+    assert float(trainer.objective(outputs, y, 0.5 * r)) == pytest.approx(0.5 * full, rel=1e-6)
+    assert float(trainer.objective(outputs, y, 0.1 * r)) == pytest.approx(0.1 * full, rel=1e-6)
+    bce = {h: np.mean(np.asarray(r) * -(np.asarray(y) * np.log(o) + (1 - np.asarray(y)) * np.log(1 - o)),
+                      axis=(1, 2, 3)) for h, o in ((h, np.asarray(v)) for h, v in outputs.items())}
+    expected = np.mean(sum(w * bce[h] for h, w in zip(("main", "side_1", "side_2"), DS)))
+    assert full == pytest.approx(expected, rel=1e-5)

@@ -1,4 +1,5 @@
-"""PNT, INT and PINT (trainers/pint.py): threshold ramp, masks and mixed losses by hand, the EMA teacher."""
+"""PNT, INT and PINT (trainers/pint.py): the constant threshold, masks and mixed losses by hand, the
+supervised warm-up, and the EMA teacher with Mean Teacher's decay warm-up."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import pytest
 import tensorflow as tf
 
 from dsal_tf import trainers
+from dsal_tf.config import resolve
 from dsal_tf.model import build_unet
-from dsal_tf.trainers.pint import below_median, binary_entropy, ramp_threshold
+from dsal_tf.trainers.base import mean_teacher_decay
+from dsal_tf.trainers.pint import below_median, binary_entropy
 
 SHAPE = (16, 16, 3)
 LN2 = np.log(2.0)
@@ -20,12 +23,80 @@ def _unet(seed: int = 0) -> keras.Model:
     return build_unet(SHAPE, base_filters=2, depth=3, dropout=0.0)
 
 
-def test_ramp_threshold_and_entropy_by_hand():
-    assert float(ramp_threshold(0, 100)) == pytest.approx((0.75 + 0.25 * np.exp(-5.0)) * LN2, rel=1e-6)
-    assert float(ramp_threshold(50, 100)) == pytest.approx((0.75 + 0.25 * np.exp(-1.25)) * LN2, rel=1e-6)
-    assert float(ramp_threshold(100, 100)) == pytest.approx(LN2, rel=1e-6)
-    assert float(ramp_threshold(500, 100)) == pytest.approx(LN2, rel=1e-6)  # clipped at t_max
+def test_entropy_by_hand():
     np.testing.assert_allclose(binary_entropy(tf.constant([0.5, 1.0, 0.0])), [LN2, 0.0, 0.0], atol=1e-5)
+
+
+def _compiled(name: str, **kwargs):
+    trainer = trainers.make_trainer(name, _unet(), loss="bce", **kwargs)
+    trainer.compile(keras.optimizers.Adam(1e-3))
+    return trainer
+
+
+def _at_step(trainer, step: int):
+    trainer.optimizer.iterations.assign(step)
+    return trainer
+
+
+def test_tau_is_constant_over_training():
+    """Default tau = 0.5 ln 2 = 0.347 at every step (UA-MT's ramp gave 0.52 at the start, ln 2 at the end)."""
+    trainer = _compiled("pnt")
+    u = tf.constant([0.2, 0.34, 0.36, 0.5, 0.6, 0.69])[None, None, :, None]  # [1,1,6,1]
+    for step in (0, 10, 500, 10**6):
+        pixel, _ = _at_step(trainer, step).masks(u)
+        np.testing.assert_array_equal(np.ravel(pixel), [1, 1, 0, 0, 0, 0], err_msg=f"step {step}")
+    pixel, _ = _compiled("pnt", tau=0.55).masks(u)
+    np.testing.assert_array_equal(np.ravel(pixel), [1, 1, 1, 1, 0, 0])
+
+
+def test_config_gives_tau_and_warmup_steps():
+    cfg = resolve({"pint_tau": 0.3, "pint_warmup": 0.25, "loss": "dice"})
+    trainer = trainers.get_trainer("pint").for_run(_unet(), cfg, total_steps=40)
+    assert trainer.tau == pytest.approx(0.3) and trainer.warmup_steps == 10 and trainer.loss_name == "dice"
+    default = trainers.get_trainer("pnt").for_run(_unet(), resolve({}), total_steps=40)
+    assert default.tau == pytest.approx(0.5 * LN2) and default.warmup_steps == 8  # 20% of the steps
+
+
+@pytest.mark.parametrize("name", ["pnt", "int", "pint"])
+def test_no_gating_during_the_warm_up(name):
+    """Steps 0..warmup-1: every mask is 1 and L_i is the plain loss, even where the teacher would
+    gate everything (tau = 0: no pixel is certain); from step `warmup` on the gates are back."""
+    trainer = _compiled(name, tau=0.0, warmup_steps=3, ds_weights=(1.0, 0.0, 0.0))
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(2, *SHAPE)).astype("float32"))
+    y = tf.constant((rng.random((2, *SHAPE[:2], 1)) > 0.6).astype("float32"))
+    p = tf.constant(rng.uniform(0.05, 0.95, size=(2, *SHAPE[:2], 1)).astype("float32"))
+    outputs = {"main": p}
+    for step in (0, 2):
+        p_bar, pixel, image = _at_step(trainer, step).gates(x)
+        assert np.all(pixel.numpy() == 1) and np.all(image.numpy() == 1), f"step {step}"
+        np.testing.assert_allclose(trainer.sample_losses(outputs, y, p_bar, pixel, image),
+                                   trainer.losses_of(outputs, y), rtol=1e-5)
+        assert float(tf.reduce_mean(trainer.supervised_share(pixel, image))) == 1.0
+    _, pixel, _ = _at_step(trainer, 3).gates(x)
+    assert np.all(pixel.numpy() == 0)  # tau = 0: the teacher now gates every pixel
+
+
+def test_ema_decay_warms_up_like_mean_teacher():
+    """`min(1 - 1/(t+1), gamma)`: 0, 1/2, 2/3, 3/4 over the first steps, then gamma."""
+    np.testing.assert_allclose([float(mean_teacher_decay(t, 0.99)) for t in range(4)], [0, 1 / 2, 2 / 3, 3 / 4],
+                               rtol=1e-6)
+    assert float(mean_teacher_decay(99, 0.99)) == pytest.approx(0.99)
+    assert float(mean_teacher_decay(10**6, 0.99)) == pytest.approx(0.99)
+
+
+def test_teacher_update_uses_the_warm_up_decay():
+    """After step t (iterations = t + 1): teacher = d_t teacher + (1 - d_t) student; d_0 = 0 copies the student."""
+    trainer = _compiled("pint", ema=0.99)
+    student, teacher = trainer.segmenter, trainer.teacher
+    theta = [w + 1.0 for w in student.get_weights()]
+    student.set_weights(theta)
+    start = teacher.get_weights()
+    for step, d in ((0, 0.0), (1, 0.5), (2, 2 / 3), (500, 0.99)):
+        teacher.set_weights(start)
+        _at_step(trainer, step + 1).update_teacher()
+        for t, a, b in zip(teacher.get_weights(), start, theta):
+            np.testing.assert_allclose(t, d * a + (1 - d) * b, rtol=1e-5, atol=1e-6, err_msg=f"step {step}")
 
 
 @pytest.mark.parametrize("values, expected", [
@@ -78,18 +149,24 @@ def test_callable_loss_is_refused():
 
 
 @pytest.mark.slow
-def test_ema_teacher_after_one_step():
-    """Teacher starts as the student; after one step it is 0.99 theta_0 + 0.01 theta_1."""
+def test_ema_teacher_over_two_fit_steps():
+    """Teacher starts as the student; step 0 (decay 0) makes it theta_1, step 1 (decay 1/2) makes it
+    (theta_1 + theta_2) / 2. The first step is a warm-up step (kept fraction 1), the second is gated."""
     model = _unet()
-    trainer = trainers.make_trainer("pint", model, loss="bce_dice", ema=0.99, total_steps=10)
-    theta0 = [w.copy() for w in model.get_weights()]
+    trainer = trainers.make_trainer("pint", model, loss="bce_dice", ema=0.99, warmup_steps=1)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4, *SHAPE)).astype("float32")
     y = (rng.random((4, *SHAPE[:2], 1)) > 0.6).astype("float32")
     trainer.compile(keras.optimizers.Adam(1e-2))
-    history = trainer.fit(tf.data.Dataset.from_tensors(((x, y), (x, y))), epochs=1, verbose=0).history
-    theta1 = model.get_weights()
-    assert not all(np.array_equal(a, b) for a, b in zip(theta0, theta1))
-    for t, a, b in zip(trainer.teacher.get_weights(), theta0, theta1):
-        np.testing.assert_allclose(t, 0.99 * a + 0.01 * b, rtol=1e-5, atol=1e-7)
-    assert 0.0 < history["kept_fraction"][0] <= 1.0 and np.isfinite(history["loss"][0])
+    data = tf.data.Dataset.from_tensors(((x, y), (x, y)))
+    thetas = [model.get_weights()]
+    kept = []
+    for _ in range(2):
+        history = trainer.fit(data, epochs=1, verbose=0).history
+        thetas.append(model.get_weights())
+        kept.append(history["kept_fraction"][0])
+        assert np.isfinite(history["loss"][0])
+    assert not all(np.array_equal(a, b) for a, b in zip(thetas[0], thetas[1]))
+    for t, a, b in zip(trainer.teacher.get_weights(), thetas[1], thetas[2]):
+        np.testing.assert_allclose(t, 0.5 * a + 0.5 * b, rtol=1e-5, atol=1e-6)
+    assert kept[0] == 1.0 and 0.0 <= kept[1] <= 1.0

@@ -4,13 +4,15 @@ entropy and the class-balanced union query; the `boostmis` query strategy for se
 The pieces are plain functions shared with `trainers/boostmis.py` (the adaptive pseudo labels)
 and `classify.py` (the same loop on feature vectors):
 
-- learning status (FlexMatch-style): `count(c)` = samples (pixels) predicted as c with confidence
-  >= BOOSTMIS_TAU (fixed, as FlexMatch counts), averaged over steps (momentum 0.9; counting with the
-  moving eps itself made eps flip between ~0.1 and ~0.9 from step to step);
-  `sigma(c) = count(c) / max_c count` (1 when nothing counts);
-- global threshold `eps_t = a min(1, Count_t / Count_{t-1}) + b N_A / (2K)`, a = 0.9, b = 0.05,
-  Count = sum_c count(c), N_A = expert labels so far, K = queries per round; clipped to [0, 0.99];
-  per-class threshold `tau(c) = sigma(c) eps_t`;
+- learning status: `count(c)` = samples (pixels) predicted as c with confidence >= BOOSTMIS_TAU
+  (fixed, as FlexMatch counts), averaged over steps (momentum 0.9; counting with the moving eps
+  itself made eps flip between ~0.1 and ~0.9 from step to step);
+- `eps_t = a min(1, Count_t / Count_{t-1}) + b N_A / (2K)`, a = 0.9, b = 0.05, Count = sum_c count(c),
+  N_A = samples the last active round added (not all labels so far), K = queries per round;
+  clipped to [0, 0.99];
+- the cutoff, a rule from `THRESHOLDS` (BOOSTMIS_THRESHOLD): `global`, every class at eps_t (the
+  authors' code, the default), or `per_class` (FlexMatch-style), `tau(c) = eps_t sigma / (2 - sigma)`,
+  `sigma(c) = count(c) / max_c count`, floored at eps_t / 2 and never below 1/C + 0.05;
 - VAT: `d ~ U(-.5, .5)` normalised per sample, one power iteration
   `d <- normalise(grad_d KL(p(x) || p(x + xi d)))`, score `KL(p(x) || p(x + eps d))`;
 - density-aware entropy `H(p(x)) density(x)`, density = mean cosine similarity to the k nearest
@@ -32,10 +34,12 @@ import numpy as np
 import tensorflow as tf
 
 from ..errors import DsalError
+from ..registry import registrar
 from .base import QueryStrategy, register_query
 
 A, B = 0.9, 0.05
 MAX_THRESHOLD = 0.99
+FLOOR_MARGIN = 0.05  # per_class: tau(c) >= 1/C + FLOOR_MARGIN
 EPS = 1e-7
 
 
@@ -57,28 +61,51 @@ def global_threshold(count_now, count_prev, n_active, k: int, a: float = A, b: f
     return tf.clip_by_value(eps, 0.0, MAX_THRESHOLD)
 
 
-def class_thresholds(counts, eps, n_unused=0):
-    """`tau(c) = eps * sigma(c)`, `sigma(c) = count(c) / max(max_c count, n_unused)` [C]; sigma = 1 when
-    nothing is counted. METHODS.md's rule is n_unused = 0; FlexMatch's warm-up passes the number of
-    samples below the threshold (it keeps almost everything early: worse on bench_boostmis.py's data)."""
+THRESHOLDS: dict = {}
+register_threshold = registrar(THRESHOLDS)  # @register_threshold("name"): BOOSTMIS_THRESHOLD = name
+
+
+@register_threshold("global")
+def global_cutoff(counts, eps):
+    """Every class at `eps` [C]: the authors' code."""
+    return tf.fill(tf.shape(counts), tf.cast(eps, tf.float32))
+
+
+@register_threshold("per_class")
+def class_thresholds(counts, eps):
+    """`tau(c) = eps sigma / (2 - sigma)`, `sigma(c) = count(c) / max_c count` (1 when nothing counts) [C],
+    floored at `max(eps / 2, 1/C + 0.05)`: unfloored, a class with no confident samples gets 0 and every
+    guess of it passes."""
     counts = tf.cast(counts, tf.float32)
-    denom = tf.maximum(tf.reduce_max(counts), tf.cast(n_unused, tf.float32))
-    return tf.cast(eps, tf.float32) * tf.where(denom > 0, counts / tf.maximum(denom, 1e-12), 1.0)
+    eps = tf.cast(eps, tf.float32)
+    top = tf.reduce_max(counts)
+    sigma = tf.where(top > 0, counts / tf.maximum(top, 1e-12), 1.0)
+    floor = tf.maximum(eps / 2.0, 1.0 / tf.cast(tf.size(counts), tf.float32) + FLOOR_MARGIN)
+    return tf.maximum(eps * sigma / (2.0 - sigma), floor)
+
+
+def confident(confidence, pred_class, tau):
+    """1.0 where a sample's confidence reaches the cutoff `tau[C]` of its predicted class (shape kept)."""
+    return tf.cast(tf.cast(confidence, tf.float32) >= tf.gather(tau, tf.cast(pred_class, tf.int32)), tf.float32)
 
 
 class LearningStatus:
     """Per-class counts of confident samples (confidence >= `base_tau`, fixed), averaged over steps
-    (`momentum`), and the global threshold: the state a trainer keeps between its steps."""
+    (`momentum`), and the global threshold: the state a trainer keeps between its steps. `n_active` is
+    N_A, the samples the last active round added; `rule` a `THRESHOLDS` name."""
 
-    def __init__(self, n_classes: int, base_tau: float, n_active: int, queries: int, momentum: float = 0.9):
+    def __init__(self, n_classes: int, base_tau: float, n_active: int, queries: int, momentum: float = 0.9,
+                 rule: str = "global"):
+        if rule not in THRESHOLDS:
+            raise DsalError(f"BOOSTMIS_THRESHOLD = {rule!r} is not one of {sorted(THRESHOLDS)}")
         self.n_classes, self.base_tau, self.momentum = n_classes, float(base_tau), float(momentum)
-        self.n_active, self.queries = n_active, queries
+        self.n_active, self.queries, self.rule = n_active, queries, THRESHOLDS[rule]
         self.counts = tf.Variable(tf.zeros([n_classes]), trainable=False, name="status_counts")
         self.steps = tf.Variable(0.0, trainable=False, name="status_steps")
         self.threshold = tf.Variable(0.0, trainable=False, name="global_threshold")
 
     def thresholds(self, confidence, pred_class, update: bool = True):
-        """tau(c) [C] after counting this batch (with `update`, the state moves on)."""
+        """The cutoff per class [C] after counting this batch (with `update`, the state moves on)."""
         now = status_counts(confidence, pred_class, self.base_tau, self.n_classes)
         first = self.steps == 0
         counts = tf.where(first, now, self.momentum * self.counts + (1.0 - self.momentum) * now)
@@ -89,7 +116,7 @@ class LearningStatus:
             self.counts.assign(counts)
             self.steps.assign_add(1.0)
             self.threshold.assign(eps)
-        return class_thresholds(counts, eps)
+        return self.rule(counts, eps)
 
 
 # ------------------------------------------------------------------ VAT

@@ -6,11 +6,13 @@
 | `uniform` | `uniform.py` | `w_i = 1/B` through the paired sampler (the control) |
 | `rgs`, `rgm`, `rgsm` | `reweight.py` | gradient trust / magnitude (noisy teacher) |
 | `mwnet` | `mwnet.py` | per-sample weights from a meta-learned weight net |
-| `mcpm` | `mcpm.py` | per-pixel weights from a meta-learned mask net |
-| `pnt`, `int`, `pint` | `pint.py` | EMA-teacher uncertainty gates label vs. teacher consistency |
+| `mcpm` | `mcpm.py` | per-pixel weights on the pixel BCE from a meta-learned mask net |
+| `pnt`, `int`, `pint` | `pint.py` | after a supervised warm-up, EMA-teacher uncertainty gates label vs. teacher |
 | `boostmis` | `boostmis.py` | EMA-teacher pixel labels above adaptive class thresholds replace the noisy masks |
 
-`train.fit` calls `TRAINERS[cfg.trainer].fit_arrays(...)` and never branches on the name.
+`train.fit` calls `TRAINERS[cfg.trainer].fit_arrays(...)` and never branches on the name. The loss
+of a run is `PairedTrainer.loss_for(cfg)`: `LOSS`, except `uniform` and `rgs`/`rgm`/`rgsm`, which use
+`REWEIGHT_LOSS` (BCE + Dice by default, `base.reweight_loss_name`).
 """
 
 from . import boostmis, mcpm, mwnet, pint, reweight, standard, uniform  # noqa: F401  (registration)
@@ -23,6 +25,7 @@ from .base import (
     pixel_weighted_loss,
     register_trainer,
     resolve_loss,
+    reweight_loss_name,
     split_clean,
 )
 from .reweight import (
@@ -58,5 +61,5 @@ __all__ = [
     "DS_WEIGHTS", "TRAINERS", "PairedTrainer", "ReweightedTrainer", "combine_weights", "get_trainer",
     "informativeness_scores", "kernel_gradient_magnitude", "make_paired_dataset", "make_trainer",
     "normalize_positive", "per_sample_loss", "pixel_weighted_loss", "register_trainer", "resolve_loss",
-    "split_clean", "trust_scores",
+    "reweight_loss_name", "split_clean", "trust_scores",
 ]

@@ -39,6 +39,12 @@ register_trainer = registrar(TRAINERS)  # @register_trainer("name"): selectable 
 
 
 # ------------------------------------------------------------------ losses
+def reweight_loss_name(cfg) -> str:
+    """The per-sample loss of the noisy-teacher trainers and their controls: `REWEIGHT_LOSS`
+    (BCE + Dice by default, METHODS.md section 3), or the run's `LOSS` when it says "run"."""
+    return cfg.loss if cfg.reweight_loss == "run" else cfg.reweight_loss
+
+
 def resolve_loss(loss: str | LossFn) -> LossFn:
     """A loss name from `losses.LOSSES` or a per-sample callable `(y, p) -> [N]`."""
     if callable(loss):
@@ -94,6 +100,21 @@ def pixel_weighted_loss(y, p, r, loss: str) -> tf.Tensor:
 def head_sum(fn: Callable[[str], tf.Tensor], ds_weights: Sequence[float]) -> tf.Tensor:
     """`sum_k ds_weights[k] * fn(head_k)` over the heads with a non-zero weight."""
     return sum(float(w) * fn(h) for h, w in zip(HEADS, ds_weights) if w != 0)
+
+
+def mean_teacher_decay(step, gamma: float) -> tf.Tensor:
+    """Mean Teacher's EMA warm-up `min(1 - 1/(step + 1), gamma)`, step = 0 for the first update:
+    the teacher follows the student closely while both are young, instead of staying near its
+    random start for ~1/(1 - gamma) steps."""
+    step = tf.cast(step, tf.float32)
+    return tf.minimum(1.0 - 1.0 / (step + 1.0), float(gamma))
+
+
+def ema_update(teacher: keras.Model, student: keras.Model, decay) -> None:
+    """`theta_teacher = decay theta_teacher + (1 - decay) theta_student`, every weight."""
+    for t, s in zip(teacher.weights, student.weights):
+        d = tf.cast(decay, t.dtype)
+        t.assign(d * t + (1.0 - d) * s)
 
 
 def main_mask(y):
@@ -192,6 +213,17 @@ class PairedTrainer(keras.Model):
         return {}
 
     @classmethod
+    def loss_for(cls, cfg) -> str:
+        """The loss name this trainer uses in a run: `LOSS` unless the method fixes another."""
+        return cfg.loss
+
+    @classmethod
+    def for_run(cls, segmenter: keras.Model, cfg, total_steps: int) -> PairedTrainer:
+        """The trainer a run's config asks for; `total_steps` = optimizer steps of the whole fit."""
+        return cls(segmenter, loss=cls.loss_for(cfg), ds_weights=cfg.ds_weights,
+                   **cls.config_kwargs(cfg, total_steps))
+
+    @classmethod
     def fit_arrays(cls, model, cfg, x, y, is_noisy, val, normalizer, callbacks, epochs, seed, verbose="auto"):
         """What `train.fit` calls: the paired sampler, or plain `fit` when nothing is noisy (round 0)."""
         from ..data import make_dataset
@@ -273,8 +305,7 @@ def fit_paired(
     if len(noisy) == 0 or len(clean) == 0:
         return None
     steps = steps_per_epoch(len(noisy), len(clean), cfg.batch_size)
-    trainer = trainer_cls(model, loss=cfg.loss, ds_weights=cfg.ds_weights,
-                          **trainer_cls.config_kwargs(cfg, steps * max(epochs, 1)))
+    trainer = trainer_cls.for_run(model, cfg, steps * max(epochs, 1))
     trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
     ds = make_paired_dataset(x[noisy], y[noisy], x[clean], y[clean], cfg.batch_size, seed=seed,
                              preprocess=normalizer, augment=cfg.augment, repeat=True)

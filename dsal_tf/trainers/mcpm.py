@@ -4,9 +4,11 @@ convolutional meta net on the per-pixel loss map, learned by `meta.MetaTrainer`'
 Meta net on the loss map L `[B,H,W,1]` (the main head's pixel cross-entropy; soft Dice has no
 per-pixel loss): two branches [3x3 conv 1->32, ReLU, 3x3 conv 32->1] and [5x5 conv 1->32, ReLU,
 5x5 conv 32->1], concatenated with L, then a 3x3 conv 3->1 and a sigmoid: R in (0,1).
-Objective `O = (1/B) sum_i sum_k ds_k loss_R(y_i, p_k,i)`, where `loss_R` is the configured loss with
-pixel weights R (`base.pixel_weighted_loss`: R-weighted cross-entropy, R-weighted soft Dice); one
-map R, from the main head, weighs every head (the side heads are upsampled to full size).
+Objective `O = (1/B) sum_i sum_k ds_k mean_xy R_xy BCE(y_i, p_k,i)_xy`: per-pixel cross-entropy
+whatever `LOSS` says, so O is linear in R (halving R halves O). An R-weighted soft Dice barely moves
+when R is scaled, so the meta net could not down-weight a corrupted region through it. One map R,
+from the main head, weighs every head (the side heads are upsampled to full size). The clean
+(meta) loss and the expert term keep the run's `LOSS`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ class MCPM(MetaTrainer):
         return pixel_bce(y["main"] if isinstance(y, dict) else y, outputs["main"])
 
     def objective(self, outputs: dict, y, w: tf.Tensor) -> tf.Tensor:
-        name = self.need_loss_name()
         target = (lambda h: y[h]) if isinstance(y, dict) else (lambda h: y)
-        per_sample = head_sum(lambda h: pixel_weighted_loss(target(h), outputs[h], w, name), self.ds_weights)
+        per_sample = head_sum(lambda h: pixel_weighted_loss(target(h), outputs[h], w, "bce"), self.ds_weights)
         return tf.reduce_mean(per_sample)

@@ -1,15 +1,17 @@
 """PNT, INT and PINT: pixel- and image-level noise tolerance with an EMA teacher (METHODS.md section 5).
 
-Teacher: `theta_t = gamma theta_t + (1 - gamma) theta_s` after every student step (gamma = 0.99),
-starting from the student's weights. Each step the teacher makes T passes over the noisy batch,
-each with Gaussian input noise (sigma 0.1 in normalised units, T = 8), all in one batched call:
-`p_bar = mean_t p_t` (the main head) and the pixel uncertainty `u = H(p_bar)` (binary entropy, nats,
-at most ln 2). With `sup_a(i) = sum_k ds_k loss_a(y_i, p_k,i)` (the configured loss with pixel
-weights a, `base.pixel_weighted_loss`) and `con_a(i) = sum_k ds_k mean_xy a (p_k,i - p_bar_i)^2`:
+Teacher: starts from the student's weights; after student step t (t = 0 first) it becomes
+`theta_t = d_t theta_t + (1 - d_t) theta_s` with Mean Teacher's warm-up `d_t = min(1 - 1/(t+1), gamma)`
+(gamma = EMA_DECAY, 0.99), so a young teacher follows the student instead of its random start.
+Each gated step the teacher makes T passes over the noisy batch, each with Gaussian input noise
+(sigma 0.1 in normalised units, T = 8), all in one batched call: `p_bar = mean_t p_t` (the main
+head) and the pixel uncertainty `u = H(p_bar)` (binary entropy, nats, at most ln 2). With
+`sup_a(i) = sum_k ds_k loss_a(y_i, p_k,i)` (the configured loss with pixel weights a,
+`base.pixel_weighted_loss`) and `con_a(i) = sum_k ds_k mean_xy a (p_k,i - p_bar_i)^2`:
 
-- pixel mask `a_v = 1[u_v < tau]`, tau ramped as in UA-MT:
-  `tau(t) = (0.75 + 0.25 exp(-5 (1 - t/t_max)^2)) ln 2` (0.52 at the start, ln 2 at the end, so the
-  share of supervised pixels grows; t = optimizer step, t_max = the run's total steps);
+- pixel mask `a_v = 1[u_v < tau]`, tau constant (PINT_TAU, default 0.5 ln 2). Not UA-MT's ramp:
+  here the mask picks the pixels that keep their noisy label, so a rising tau would hand every
+  pixel back to the noisy labels late in training;
 - image mask `a_i = 1[U_i < median_batch U]`, `U_i = mean_v u_v` (the more certain half of the
   batch counts as clean; a batch of one image has no clean image);
 - PNT: `L_i = sup_a(i) + con_{1-a}(i)`;
@@ -17,6 +19,9 @@ weights a, `base.pixel_weighted_loss`) and `con_a(i) = sum_k ds_k mean_xy a (p_k
 - PINT: `L_i = a_i L_i^seg + (1 - a_i) [sup_a(i) + con_{1-a}(i)]`: clean-judged images keep every
   pixel, including uncertain boundary pixels.
 
+Supervised warm-up: the first `warmup_steps` steps (PINT_WARMUP of the run's steps, default 20%)
+set a = 1 everywhere, i.e. the plain loss on the given labels, with no teacher pass (a random
+teacher has u ~ ln 2 everywhere and would discard every label); the EMA still runs.
 The update is Adam on `(1/B) sum_i L_i + expert_weight * mean_j L_j(clean)`. Trackers:
 `mean_weight` and `kept_fraction` are the share of supervised noisy pixels.
 """
@@ -28,15 +33,20 @@ import math
 import keras
 import tensorflow as tf
 
-from .base import EPS, PairedTrainer, head_sum, main_mask, pixel_weighted_loss, register_trainer, tf_variables
+from .base import (
+    EPS,
+    PairedTrainer,
+    ema_update,
+    head_sum,
+    main_mask,
+    mean_teacher_decay,
+    pixel_weighted_loss,
+    register_trainer,
+    tf_variables,
+)
 
 LN2 = math.log(2.0)
-
-
-def ramp_threshold(step, total_steps) -> tf.Tensor:
-    """UA-MT's ramp: `(0.75 + 0.25 exp(-5 (1 - t/t_max)^2)) ln 2`, t clipped to t_max."""
-    t = tf.minimum(tf.cast(step, tf.float32) / tf.cast(tf.maximum(total_steps, 1), tf.float32), 1.0)
-    return (0.75 + 0.25 * tf.exp(-5.0 * tf.square(1.0 - t))) * LN2
+TAU = 0.5 * LN2
 
 
 def binary_entropy(p) -> tf.Tensor:
@@ -58,7 +68,7 @@ class TeacherTrainer(PairedTrainer):
     mode = "both"
 
     def __init__(self, segmenter: keras.Model, ema: float = 0.99, passes: int = 8, noise: float = 0.1,
-                 total_steps: int = 1000, seed: int = 0, **kwargs) -> None:
+                 tau: float = TAU, warmup_steps: int = 0, seed: int = 0, **kwargs) -> None:
         super().__init__(segmenter, **kwargs)
         self.need_loss_name()
         # from the config, not clone_model: a compiled segmenter would be recompiled from its loss names
@@ -66,28 +76,45 @@ class TeacherTrainer(PairedTrainer):
         self.teacher.set_weights(segmenter.get_weights())
         self.teacher.trainable = False
         self.ema, self.passes, self.noise = float(ema), int(passes), float(noise)
-        self.total_steps = int(total_steps)
+        self.tau, self.warmup_steps = float(tau), int(warmup_steps)
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     @classmethod
     def config_kwargs(cls, cfg, total_steps: int) -> dict:
         return {"ema": cfg.ema_decay, "passes": cfg.teacher_passes, "noise": cfg.teacher_noise,
-                "total_steps": total_steps, "seed": cfg.seed}
+                "tau": cfg.pint_tau, "warmup_steps": int(cfg.pint_warmup * total_steps), "seed": cfg.seed}
 
     def teacher_view(self, x) -> tuple[tf.Tensor, tf.Tensor]:
         """`(p_bar, u)`, each `[B,H,W,1]`, from T noisy teacher passes in one batched call."""
         b = tf.shape(x)[0]
         tiled = tf.tile(x, [self.passes, 1, 1, 1])
         tiled += self.noise * keras.random.normal(tf.shape(tiled), seed=self.seed_generator)
-        p = self.teacher(tiled, training=False)["main"]
+        p = tf.cast(self.teacher(tiled, training=False)["main"], tf.float32)
         p_bar = tf.reduce_mean(tf.reshape(p, tf.concat([[self.passes, b], tf.shape(p)[1:]], 0)), axis=0)
         return p_bar, binary_entropy(p_bar)
 
     def masks(self, u: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Pixel mask `[B,H,W,1]` and image mask [B] (1 = supervised by the given label)."""
-        pixel = tf.cast(u < ramp_threshold(self.optimizer.iterations, self.total_steps), tf.float32)
+        pixel = tf.cast(u < self.tau, tf.float32)
         image = below_median(tf.reduce_mean(u, axis=[1, 2, 3]))
         return pixel, image
+
+    def gates(self, x) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """`(p_bar, pixel, image)` for this step; in the supervised warm-up every mask is 1 (the
+        plain loss on the given labels) and the teacher is not consulted."""
+
+        def gated():
+            p_bar, u = self.teacher_view(x)
+            return (p_bar, *self.masks(u))
+
+        if self.warmup_steps <= 0:
+            return gated()
+
+        def warm_up():
+            ones = tf.ones_like(tf.cast(x[..., :1], tf.float32))
+            return tf.zeros_like(ones), ones, tf.ones(tf.shape(x)[:1], tf.float32)
+
+        return tf.cond(self.optimizer.iterations < self.warmup_steps, warm_up, gated)
 
     def sample_losses(self, outputs: dict, y, p_bar, pixel, image) -> tf.Tensor:
         """`L_i` [B] for this trainer's mode."""
@@ -117,8 +144,7 @@ class TeacherTrainer(PairedTrainer):
 
     def train_step(self, data):
         (x_noisy, y_noisy), (x_clean, y_clean) = data
-        p_bar, u = self.teacher_view(x_noisy)
-        pixel, image = self.masks(u)
+        p_bar, pixel, image = self.gates(x_noisy)
         theta = self.segmenter.trainable_variables
         with tf.GradientTape() as tape:
             out_noisy = self.segmenter(x_noisy, training=True)
@@ -133,8 +159,8 @@ class TeacherTrainer(PairedTrainer):
         return self.track(total, clean_loss, out_clean, y_clean, self.supervised_share(pixel, image))
 
     def update_teacher(self) -> None:
-        for t, s in zip(self.teacher.weights, self.segmenter.weights):
-            t.assign(self.ema * t + (1.0 - self.ema) * s)
+        """The EMA after the step just applied (`iterations` already counts it, so t = iterations - 1)."""
+        ema_update(self.teacher, self.segmenter, mean_teacher_decay(self.optimizer.iterations - 1, self.ema))
 
 
 @register_trainer("pnt")

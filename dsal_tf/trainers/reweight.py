@@ -11,7 +11,9 @@ Noisy sample i gets a weight `w_i` from two scores:
   form: `dL_i/dW[c] = sum_pixels features[i, ..., c] * dL_i/dlogit[i, ...]`.
 
 The update is Adam on `sum_i w_i L_i(noisy) + expert_weight * mean L(clean)`.
-`L_i = sum_k ds_weight_k * loss(y_i, p_k,i)` over the heads `main, side_1, side_2`.
+`L_i = sum_k ds_weight_k * loss(y_i, p_k,i)` over the heads `main, side_1, side_2`, where `loss` is
+per-sample BCE + Dice whatever `LOSS` says (METHODS.md section 3); `REWEIGHT_LOSS` overrides it
+("run" = `LOSS`). The `uniform` control inherits the same loss.
 
 Layout: NHWC images `[N,H,W,C]`, masks `[N,H,W,1]`, every score and weight `[N]`.
 """
@@ -33,6 +35,7 @@ from .base import (
     per_sample_loss,
     register_trainer,
     resolve_loss,
+    reweight_loss_name,
 )
 from .base import tf_variables as _tf_variables
 
@@ -228,6 +231,10 @@ class ReweightedTrainer(PairedTrainer):
     @classmethod
     def config_kwargs(cls, cfg, total_steps: int) -> dict:
         return {"lam": cfg.rgs_lambda, "query": cfg.rgs_query}
+
+    @classmethod
+    def loss_for(cls, cfg) -> str:
+        return reweight_loss_name(cfg)
 
     def needs_trust(self) -> bool:
         return self.lam > 0.0
