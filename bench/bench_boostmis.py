@@ -60,9 +60,11 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=30)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--threshold", default="global", choices=sorted(THRESHOLDS))
-    ap.add_argument("--out", default="bench/results/boostmis_issue16.md")
+    results = Path(os.environ.get("RESULTS_DIR") or "bench/results")
+    ap.add_argument("--out", default=str(results / "boostmis_issue16.md"))
+    ap.add_argument("--exp-dir", default="exp")
     args = ap.parse_args()
-    root = Path("exp/bench_boostmis")
+    root = Path(args.exp_dir) / "bench_boostmis"
     feats = make_features(root / "features")
     seeds = [int(s) for s in args.seeds.split(",")]
     frames = []

@@ -100,7 +100,13 @@ def main() -> None:
         shutil.copyfile(cmp_dir / "learning_curves.png", OUT.parent / "learning_curves.png")
         parts += ["![learning curves](learning_curves.png)\n"]
     for nt in sorted(EXP.glob("noisy-teacher-isic2017-cpu-e*/summary.csv")):
-        parts += [f"## Noisy teacher, {nt.parent.name}\n", md(pd.read_csv(nt)), ""]
+        parts += [f"## Noisy teacher, {nt.parent.name}\n",
+                  "Students train on BCE + Dice (`loss` column); the teacher on the preset's LOSS.\n",
+                  md(pd.read_csv(nt)), ""]
+        if (nt.parent / "differences.csv").is_file():
+            parts += ["Paired differences against `uniform` (the same sampler with equal weights), test Dice, "
+                      "bootstrap 95% interval over test images and seeds:\n",
+                      md(pd.read_csv(nt.parent / "differences.csv")), ""]
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(parts) + "\n")
     print(f"wrote {OUT}", file=sys.stderr)

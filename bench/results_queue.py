@@ -12,7 +12,9 @@ Every job is a resumable command (finished runs inside it are skipped). A job th
 recorded in `<exp-dir>/queue/<job>.json` (minutes, commit, command) and is not run again; after each
 job the queue regenerates that job's table and `queue.md` (and with `--commit` commits the results
 folder). A table shows pending rows as pending.
-`run --only PREFIX` runs the jobs whose id starts with PREFIX; `--list` prints the plan.
+`run --only PREFIX` runs the jobs whose id starts with PREFIX; `--list` prints the plan;
+`touch <exp-dir>/queue/STOP` ends a running queue after its current job (to restart it from a newer
+worktree: finished jobs are never run again).
 """
 
 from __future__ import annotations
@@ -75,21 +77,36 @@ def precision_jobs() -> list[Job]:
 
 
 def plan() -> list[Job]:
-    jobs = [compare_job(spec, seed, full=spec == "") for spec in STRATEGY_ROWS for seed in SEEDS]
-    jobs += precision_jobs()
+    """Every job, in the order they run: what the open issues need first, ablations and extras last."""
+    isic = {(spec or "full", seed): compare_job(spec, seed, full=spec == "") for spec in STRATEGY_ROWS
+            for seed in SEEDS}
+    noisy = {}
     for experts in NOISY_EXPERTS:
-        jobs += [Job(f"noisy/e{experts}/s{seed}", "isic2017", dsal(
-            "noisy-teacher", "--preset", "isic2017-cpu", "--data", ISIC, "--no-progress",
-            "--experts", str(experts), "--seeds", str(seed))) for seed in SEEDS]
-    return jobs
+        # seeds so far, not one: the summary and differences are rebuilt over every finished seed
+        for i, seed in enumerate(SEEDS):
+            noisy[(experts, seed)] = Job(f"noisy/e{experts}/s{seed}", "isic2017", dsal(
+                "noisy-teacher", "--preset", "isic2017-cpu", "--data", ISIC, "--no-progress",
+                "--experts", str(experts), "--seeds", ",".join(map(str, SEEDS[:i + 1]))))
+    methods = [Job("boostmis/generated", "none", (sys.executable, "bench/bench_boostmis.py", "--seeds", "0,1,2",
+                                                  "--iterations", "5", "--steps", "300")),
+               Job("robust/reduced-dilate-r0.4", "none", (sys.executable, "bench/robust_isic.py", "--data", ISIC,
+                                                          "--seeds", "0", "--pool", "400", "--epochs", "5"))]
+    precision = precision_jobs()
+    rows = lambda *specs, seeds=SEEDS: [isic[(s, seed)] for s in specs for seed in seeds]  # noqa: E731
+    return (rows("dsal", "random", "full", "dsal+power")
+            + [noisy[(200, seed)] for seed in SEEDS] + methods
+            + rows("dsal+diverse", "entropy", "ceal") + rows("dsal@minfg", "dsal@pre8", seeds=(0,))
+            + precision[:5] + rows("dsal@minfg", "dsal@pre8", seeds=SEEDS[1:])
+            + [noisy[(400, seed)] for seed in SEEDS] + precision[5:])
 
 
 def collect(table: str, exp_dir: Path, results: Path) -> None:
     """Regenerate one table from the run folders (a table is never guessed: it reads what finished)."""
     env = {**os.environ, "EXP_DIR": str(exp_dir), "RESULTS_DIR": str(results)}
     argv = {"isic2017": ["bench/collect_results.py"],
-            "precision": ["bench/bench_precision.py", "dice", "--exp-dir", str(exp_dir)]}[table]
-    subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, check=False)
+            "precision": ["bench/bench_precision.py", "dice", "--exp-dir", str(exp_dir)]}.get(table)
+    if argv:  # "none": the job's own script writes its table
+        subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, check=False)
 
 
 def commit() -> str:
@@ -158,6 +175,10 @@ def run(exp_dir: Path, results: Path, jobs: list[Job], only: str | None, commit_
     for job in jobs:
         if (only and not job.id.startswith(only)) or record_path(exp_dir, job).is_file():
             continue
+        if (state_dir(exp_dir) / "STOP").is_file():  # `touch <exp-dir>/queue/STOP`: end between jobs
+            (state_dir(exp_dir) / "STOP").unlink()
+            print("== STOP file found: stopping between jobs", flush=True)
+            break
         sha = commit()
         running = state_dir(exp_dir) / "RUNNING"
         running.write_text(json.dumps({"job": job.id, "start": time.time(), "commit": sha}))

@@ -39,7 +39,7 @@ import pandas as pd  # noqa: E402
 
 ROWS = {"noisy": "uniform", "mwnet": "mwnet", "mcpm": "mcpm", "pnt": "pnt", "int": "int", "pint": "pint",
         "rgs": "rgs", "clean": "uniform"}
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def run_row(cfg, row: str, seed: int, pool, noisy_masks, val, test, normalizer, meta: np.ndarray, out: Path,
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: the preset's NB_INITIAL_EPOCHS")
     parser.add_argument("--pool", type=int, default=None, help="use the first N pool images (default: the preset's)")
     parser.add_argument("--summary-only", action="store_true", help="only collect finished rows")
+    parser.add_argument("--exp-dir", default="exp", help="where the runs and the corrupted copies go")
     args = parser.parse_args(argv)
 
     from dsal_tf import determinism, train
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         if r not in ROWS:
             raise SystemExit(f"--rows: unknown row {r!r}; choose from {list(ROWS)}")
     tag = f"{args.kind}-r{args.rate:g}"
-    overrides = {"preset": args.preset, "data_path": args.data, "progress": False}
+    overrides = {"preset": args.preset, "data_path": args.data, "progress": False, "exp_dir": args.exp_dir}
     scale = ""
     if args.epochs is not None:
         overrides["nb_initial_epochs"] = args.epochs

@@ -139,6 +139,7 @@ def run_noisy_teacher(
                 _train_once(vd, train_student, loss, cfg.loss)
             model = keras.models.load_model(vd / train.CHECKPOINT, compile=False)
             per_image, _ = evaluate_model(model, test, normalizer, cfg.batch_size)
+            per_image.to_csv(vd / "test_metrics.csv", index=False)
             rows.append({"variant": variant, "seed": seed, "n_expert": n_expert, "loss": loss,
                          "machine_label_dice": true_dice, **summarize(per_image)})
     results = pd.DataFrame(rows)
@@ -146,10 +147,40 @@ def run_noisy_teacher(
     summary = (results.groupby("variant", sort=False)
                .agg(dice_mean=("dice_mean", "mean"), dice_std=("dice_mean", "std"),
                     iou_mean=("iou_mean", "mean"), iou_std=("iou_mean", "std"),
-                    hd95_mean=("hd95_mean", "mean"), hd95_std=("hd95_mean", "std"), seeds=("seed", "count"),
+                    hd95_mean=("hd95_mean", "mean"), hd95_std=("hd95_mean", "std"),
+                    hd95_penalized_mean=("hd95_penalized_mean", "mean"), seeds=("seed", "count"),
                     loss=("loss", "first"))
                .reset_index())
     summary.to_csv(out / "summary.csv", index=False, float_format="%.4f")
+    differences = student_differences(out, variants, seeds)
+    differences.to_csv(out / "differences.csv", index=False, float_format="%.4f")
     log(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    log(f"wrote {out}/results.csv and summary.csv")
+    log(f"wrote {out}/results.csv, summary.csv and differences.csv")
     return summary
+
+
+def student_differences(out: Path, variants: list[str], seeds: list[int], baseline: str = "uniform") -> pd.DataFrame:
+    """Test Dice of every variant minus `baseline` (the same-sampler control), paired per test image,
+    per seed and pooled, with the bootstrap 95% interval over seeds and images of `dsal compare`."""
+    from .compare import _difference_row
+
+    def dice_of(variant, seed):
+        vd = out / f"s{seed}" / variant
+        path = (out / f"s{seed}" / "teacher" if variant == "teacher" else vd) / "test_metrics.csv"
+        return pd.read_csv(path).set_index("name")["dice"] if path.is_file() else None
+
+    rows = []
+    if baseline not in variants:
+        return pd.DataFrame(rows)
+    for variant in (v for v in variants if v != baseline):
+        per_seed = []
+        for seed in seeds:
+            a, b = dice_of(variant, seed), dice_of(baseline, seed)
+            if a is None or b is None:
+                continue
+            diff = (a - b.reindex(a.index)).to_numpy()
+            per_seed.append(diff)
+            rows.append(_difference_row(variant, baseline, "dice", str(seed), diff))
+        if len(per_seed) > 1:
+            rows.append(_difference_row(variant, baseline, "dice", "all", np.stack(per_seed)))
+    return pd.DataFrame(rows)

@@ -10,8 +10,8 @@ import pytest
 from dsal_tf.active import run_active_learning
 from dsal_tf.config import resolve
 from dsal_tf.data import Normalizer, load_splits
-from dsal_tf.evaluate import evaluate_model, summarize
 from dsal_tf.errors import DsalError
+from dsal_tf.evaluate import evaluate_model, summarize
 from dsal_tf.teacher_student import VARIANTS, _train_once, run_noisy_teacher, student_config
 from dsal_tf.trainers import get_trainer
 
@@ -83,3 +83,16 @@ def test_dsal_with_weighted_pseudo_labels(tiny_data, tmp_path, trainer, extra):
     assert json.loads((run / "config.json").read_text())["trainer"] == trainer
     model = keras.models.load_model(run / "round_01" / "best.keras", compile=False)
     assert set(model.output_names) == {"main", "side_1", "side_2"}  # checkpoints stay plain U-Nets
+
+
+def test_student_differences_are_paired_against_uniform(tmp_path):
+    from dsal_tf.teacher_student import student_differences
+
+    for seed, (u, r) in enumerate((([0.5, 0.7], [0.6, 0.9]), ([0.4, 0.4], [0.5, 0.6]))):
+        for variant, d in (("uniform", u), ("rgs", r)):
+            (tmp_path / f"s{seed}" / variant).mkdir(parents=True)
+            pd.DataFrame({"name": ["b", "a"], "dice": d}).to_csv(tmp_path / f"s{seed}" / variant / "test_metrics.csv",
+                                                              index=False)
+    out = student_differences(tmp_path, ["uniform", "rgs"], [0, 1]).set_index("seeds")
+    assert out.loc["0", "diff"] == pytest.approx(0.15) and out.loc["1", "diff"] == pytest.approx(0.15)
+    assert out.loc["all", "diff"] == pytest.approx(0.15) and set(out["baseline"]) == {"uniform"}
