@@ -17,6 +17,7 @@ setup(
         "pandas>=2.0",
         "matplotlib>=3.7",
         "tqdm>=4.65",
+        "nibabel>=5.0",  # NIfTI volumes (dsal_tf/volumes.py)
     ],
     extras_require={
         "test": ["pytest>=7.4", "hypothesis>=6.100", "pydensecrf2", "label-studio-sdk>=1.0", "tf2onnx>=1.16",

@@ -1,23 +1,15 @@
 """The CEAL-style active-learning loop with a strong (oracle) and a weak (pseudo) labeler.
 
-Run folder layout (`exp/<name>/`):
-    constants.py        snapshot of the constants file the run started from
-    config.json         the resolved configuration
-    normalizer.json     training-pool statistics used for z-score
-    learning_curve.csv  round, n_oracle, n_pseudo, val_dice, train_s, score_s
-    round_00/           initial model: best.keras, history.csv, pool.npz, DONE
-    round_01/ ...       + scores.csv (every scored pool image) and the round's pool.npz
-
-Every decision of a round (pool.npz, scores.csv) is written before training starts, and a
-round counts as complete only once `DONE` exists, so an interrupted run resumes from the last
-complete round with the same pool state.
+The run folder's layout is `run.Run`'s (`dsal_tf/run.py`). Every decision of a round (its pool
+state and scores) is written before training starts, and a round counts as complete only once
+its DONE marker exists, so an interrupted run resumes from the last complete round with the same
+pool state.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -26,58 +18,46 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from . import determinism
 from .config import Config
-from .data import Normalizer, load_splits
+from .data import Normalizer, Rows, load_splits
 from .determinism import reset_seed_generators
 from .errors import DsalError
-from .files import atomic_write, atomic_write_text
+from .evaluate import saved_config
+from .files import atomic_dir, atomic_write
 from .pool import Pool
+from .predict import masks_at_original_size, original_size
+from .run import (  # noqa: F401 (RESUMABLE_CHANGES, STOPPED: re-exported)
+    POOL,
+    PSEUDO_DIR,
+    RESUMABLE_CHANGES,
+    SCORE_PARTS,
+    SCORES,
+    STOPPED,
+    Run,
+    done_marker,
+    is_done,
+    stage,
+)
 
-# settings that may change between a run and its resumption
-RESUMABLE_CHANGES = {"nb_iterations", "progress", "resume_on", "nb_overlays", "distribute", "tensorboard",
-                     "stop_budget", "stop_patience", "stop_min_delta", "stop_agreement",
-                     "cache_dir", "mixed_precision", "exp_dir", "data_path"}
 CURVE_FIELDS = ["round", "n_oracle", "n_pseudo", "val_dice", "train_s", "score_s", "stop"]
-STOPPED = "STOPPED"
-PSEUDO_DIR = "pseudo"
 
 
 def round_dir(run_dir: Path, r: int) -> Path:
-    return run_dir / f"round_{r:02d}"
+    return Run(run_dir).round_dir(r)
 
 
 def completed_rounds(run_dir: Path) -> list[int]:
-    return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("round_*/DONE"))
+    return Run(run_dir).completed()
 
 
 def prepare_run_dir(cfg: Config, constants_path: str | Path | None = None) -> Path:
     """Create or reopen `exp/<name>`; refuse to mix a finished run with different settings."""
-    run = cfg.run_dir
-    saved = run / "config.json"
-    if saved.is_file() and completed_rounds(run):
-        old = json.loads(saved.read_text())
-        if not cfg.resume_on:
-            raise DsalError(
-                f"{run} already holds a run and RESUME_ON is False; pass --exp NEW_NAME or delete {run}"
-            )
-        new = json.loads(cfg.to_json())
-        # settings added to dsal-tf after the run started take their defaults; ignore them
-        diff = [k for k in new if k in old and k not in RESUMABLE_CHANGES and old[k] != new[k]]
-        if diff:
-            k = diff[0]
-            raise DsalError(
-                f"{run} was run with {k.upper()} = {old.get(k)!r}, now {new[k]!r}; "
-                f"use --exp NEW_NAME for new settings (nothing was changed)"
-            )
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, cfg.to_json())
-    if constants_path is not None and Path(constants_path).is_file():
-        atomic_write(run / "constants.py", lambda tmp: shutil.copyfile(constants_path, tmp))
-    return run
+    return Run.create(cfg, constants_path).path
 
 
 def _append_curve(run: Path, row: dict) -> None:
-    path = run / "learning_curve.csv"
+    path = Run(run).curve_file
     rows = []
     if path.is_file():
         with path.open() as f:
@@ -102,14 +82,16 @@ def _write_scores(path: Path, names: list[str], pool_idx: np.ndarray, scores: di
     chosen = np.full(len(pool_idx), "", object)
     chosen[np.isin(pool_idx, oracle)] = "oracle"
     chosen[np.isin(pool_idx, pseudo)] = "pseudo"
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "name", *keys, "chosen"])
-        for j, i in enumerate(pool_idx):
-            values = (float(scores[k][j]) for k in keys)
-            w.writerow([int(i), names[i], *("" if np.isnan(v) else f"{v:.6g}" for v in values), chosen[j]])
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["index", "name", *keys, "chosen"])
+            for j, i in enumerate(pool_idx):
+                values = (float(scores[k][j]) for k in keys)
+                w.writerow([int(i), names[i], *("" if np.isnan(v) else f"{v:.6g}" for v in values), chosen[j]])
+
+    atomic_write(path, write)
 
 
 def run_active_learning(
@@ -124,7 +106,7 @@ def run_active_learning(
     Raises `AwaitingAnnotation` when a human oracle (`ORACLE = "files"`) has masks to draw; running
     again after they are imported goes on from there.
     """
-    from . import determinism, train
+    from . import train
     from .oracle import ORACLES, AwaitingAnnotation, initial_labels, waiting_message
     from .strategies import PSEUDO_POLICIES, QUERY_STRATEGIES, pseudo_policy_name
 
@@ -137,12 +119,13 @@ def run_active_learning(
             "lower NB_LABELED or add images"
         )
     oracle = ORACLES[cfg.oracle](cfg)
-    run = prepare_run_dir(cfg, constants_path)
-    if (run / STOPPED).is_file():
-        info = json.loads((run / STOPPED).read_text())
-        log(f"{run} stopped after round {info['round']}: {info['reason']} (delete {run / STOPPED} to go on)")
+    folder = Run.create(cfg, constants_path)
+    run = folder.path
+    info = folder.stopped()
+    if info is not None:
+        log(f"{run} stopped after round {info['round']}: {info['reason']} (delete {folder.stopped_file} to go on)")
         return run
-    norm_path = run / "normalizer.json"
+    norm_path = folder.normalizer_file
     if norm_path.is_file():
         normalizer = Normalizer.load(norm_path)
     else:
@@ -161,7 +144,7 @@ def run_active_learning(
             asked = int(np.sum(pool.labelled_map == r + 1))
             raise AwaitingAnnotation(waiting_message(cfg, r, len(missing), asked))
 
-    done = completed_rounds(run)
+    done = folder.completed()
     start = 0
     while start in done:
         start += 1
@@ -172,22 +155,22 @@ def run_active_learning(
     model = None
     with strategy.scope():
         for r in range(start, cfg.nb_iterations + 1):
-            rd = round_dir(run, r)
+            rd = folder.round_dir(r)
             t0 = time.perf_counter()
             score_s = 0.0
-            if r == 0 and initial_model is not None and (initial_model / "DONE").is_file():
+            if r == 0 and initial_model is not None and is_done(initial_model):
                 shutil.copytree(initial_model, rd, dirs_exist_ok=True)
-                _append_curve(run, json.loads((rd / "DONE").read_text()))
+                _append_curve(run, json.loads(done_marker(rd)))
                 log(f"round 0: reusing the initial model of {initial_model}")
                 continue
             if r == 0:
-                if (rd / "pool.npz").is_file():  # a cold start already asked for its masks
-                    pool = Pool.load(rd / "pool.npz")
+                if folder.pool_file(r).is_file():  # a cold start already asked for its masks
+                    pool = Pool.load(folder.pool_file(r))
                 else:
                     known = oracle.known(pool_data)
                     pool = Pool.from_labelled(len(pool_data), initial_labels(cfg, pool_data.images, known))
                     rd.mkdir(parents=True, exist_ok=True)
-                    pool.save(rd / "pool.npz")
+                    pool.save(folder.pool_file(r))
                     asked = pool.labelled[~known[pool.labelled]]
                     if len(asked):
                         oracle.request(rd, asked, pool_data)
@@ -195,13 +178,13 @@ def run_active_learning(
                 model = train.new_model(cfg, cfg.seed)
                 epochs = cfg.nb_initial_epochs
             else:
-                decided = (rd / "pool.npz").is_file() and (rd / "scores.csv").is_file()  # survives interruption
-                pool = Pool.load((rd if decided else round_dir(run, r - 1)) / "pool.npz")
+                decided = folder.decided(r)  # survives interruption
+                pool = Pool.load(folder.pool_file(r if decided else r - 1))
                 reason = None if decided else stop_reason(cfg, run, pool)
                 if reason is None and model is None:
                     # `fit` left the previous round's best weights in `model`; a fresh process loads them.
                     # Keeping the model object keeps its compiled graphs (no retracing each round).
-                    model = train.load_model(round_dir(run, r - 1) / train.CHECKPOINT, cfg)
+                    model = train.load_model(folder.checkpoint(r - 1), cfg)
                 if decided:
                     log(f"round {r}: reusing the saved selection")
                 elif reason is None:
@@ -217,14 +200,16 @@ def run_active_learning(
             x, y, is_pseudo = pool.training_set(pool_data.images, pool_data.masks)
             log(f"round {r}/{cfg.nb_iterations}: training on {len(pool.labelled)} oracle + "
                 f"{int(is_pseudo.sum())} pseudo labels for {epochs} epochs")
-            t1 = time.perf_counter()
-            history = train.fit(model, cfg, x, y, is_pseudo, val, normalizer, rd, epochs, seed=cfg.seed * 1000 + r)
-            train_s = time.perf_counter() - t1
-            val_dice = max(history.get("val_main_dice", [float("nan")]) or [float("nan")])
-            row = dict(round=r, n_oracle=len(pool.labelled), n_pseudo=int(is_pseudo.sum()),
-                       val_dice=round(float(val_dice), 5), train_s=round(train_s, 2), score_s=round(score_s, 2))
-            _append_curve(run, row)
-            atomic_write_text(rd / "DONE", json.dumps({**row, "wall_s": round(time.perf_counter() - t0, 2)}))
+            with stage(rd) as st:  # DONE, with the round's row, last
+                t1 = time.perf_counter()
+                history = train.fit(model, cfg, x, y, is_pseudo, val, normalizer, rd, epochs,
+                                    seed=cfg.seed * 1000 + r)
+                train_s = time.perf_counter() - t1
+                val_dice = max(history.get("val_main_dice", [float("nan")]) or [float("nan")])
+                row = dict(round=r, n_oracle=len(pool.labelled), n_pseudo=int(is_pseudo.sum()),
+                           val_dice=round(float(val_dice), 5), train_s=round(train_s, 2), score_s=round(score_s, 2))
+                _append_curve(run, row)
+                st.marker = json.dumps({**row, "wall_s": round(time.perf_counter() - t0, 2)})
             log(f"round {r}: val Dice {val_dice:.4f}")
     return run
 
@@ -234,7 +219,7 @@ def stop_reason(cfg: Config, run: Path, pool: Pool) -> str | None:
     if cfg.stop_budget and len(pool.labelled) >= cfg.stop_budget:
         return f"expert budget STOP_BUDGET = {cfg.stop_budget} labels reached ({len(pool.labelled)} used)"
     k = cfg.stop_patience
-    path = run / "learning_curve.csv"
+    path = Run(run).curve_file
     if k and path.is_file():
         with path.open() as f:
             dice = [float(row["val_dice"]) for row in csv.DictReader(f)]
@@ -244,15 +229,15 @@ def stop_reason(cfg: Config, run: Path, pool: Pool) -> str | None:
 
 
 def _stop(run: Path, last_round: int, reason: str, log) -> None:
-    """End the loop for good: the reason goes to learning_curve.csv (last round's row) and STOPPED."""
-    path = run / "learning_curve.csv"
-    with path.open() as f:
+    """End the loop for good: the reason goes to the learning curve (last round's row) and STOPPED."""
+    folder = Run(run)
+    with folder.curve_file.open() as f:
         rows = list(csv.DictReader(f))
     for row in rows:
         if int(row["round"]) == last_round:
             _append_curve(run, {**row, "round": last_round, "stop": reason})
-    atomic_write_text(run / STOPPED, json.dumps({"round": last_round, "reason": reason}))
-    shutil.rmtree(round_dir(run, last_round + 1), ignore_errors=True)  # nothing of it was decided
+    folder.stop(last_round, reason)
+    shutil.rmtree(folder.round_dir(last_round + 1), ignore_errors=True)  # nothing of it was decided
     log(f"stopped after round {last_round}: {reason}")
 
 
@@ -265,26 +250,17 @@ def _drop_deleted_pseudo(pool: Pool, names: list[str], rd: Path, log) -> None:
     if keep.all():
         return
     pool.set_pseudo(pool.pseudo_idx[keep], pool.pseudo_masks[keep] if keep.any() else None)
-    pool.save(rd / "pool.npz")
+    pool.save(rd / POOL)
     log(f"round {rd.name}: {int((~keep).sum())} pseudo labels were deleted from {folder}; training without them")
 
 
 def _write_pseudo_pngs(folder: Path, idx: np.ndarray, masks: np.ndarray, pool_data) -> None:
     """Each pseudo mask at its image's original size (0/255 PNG), for a person to inspect or delete."""
-    from .predict import original_size
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for i, mask in zip(idx, masks):
-        h, w = original_size(pool_data.files[i])
-        big = cv2.resize(mask[..., 0].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
-        cv2.imwrite(str(tmp / f"{pool_data.names[i]}.png"), big * 255)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-
-
-SCORE_PARTS = "score_parts"
+    with atomic_dir(folder) as tmp:
+        for i, mask in zip(idx, masks):
+            h, w = original_size(pool_data.files[i])
+            big = cv2.resize(mask[..., 0].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+            cv2.imwrite(str(tmp / f"{pool_data.names[i]}.png"), big * 255)
 
 
 def shard_positions(n: int, shard: int, n_shards: int, batch_size: int) -> np.ndarray:
@@ -299,7 +275,6 @@ def shard_positions(n: int, shard: int, n_shards: int, batch_size: int) -> np.nd
 def _score(cfg, r, pool, pool_data, val, model, normalizer, query, rd, idx) -> dict:
     """Per-image scores of pool images `idx`, read from the (memory-mapped) pool batch by batch."""
     from . import train
-    from .data import Rows
 
     def train_member(out_dir: Path, start: Path | None, seed: int):
         """One more model on the previous round's training set (for ensemble strategies)."""
@@ -341,30 +316,30 @@ def score_shard(cfg: Config, r: int, shard: int, n_shards: int, log: Callable[[s
     """Score one slice of round `r`'s unlabelled pool (`dsal score --shard i/n`) with round r-1's
     model and write `round_XX/score_parts/part_i_of_n.npz`; the round merges the parts when all exist,
     so several processes or machines can share one round's scoring."""
-    from . import determinism, train
-    from .evaluate import saved_config
+    from . import train
     from .strategies import QUERY_STRATEGIES
 
     cfg = saved_config(cfg)
-    run = cfg.run_dir
+    folder = Run.of(cfg)
+    run = folder.path
     if not 0 <= shard < n_shards:
         raise DsalError(f"--shard {shard}/{n_shards}: the shard must be in 0..{n_shards - 1}")
-    if r < 1 or not (round_dir(run, r - 1) / "DONE").is_file():
+    if r < 1 or not folder.is_done(r - 1):
         raise DsalError(f"round {r} of {run} cannot be scored: round {r - 1} is not finished; train it first")
-    if (round_dir(run, r) / "scores.csv").is_file():
+    if folder.scores_file(r).is_file():
         raise DsalError(f"round {r} of {run} has already chosen its images; nothing to score")
     splits = load_splits(cfg, ("train", "val"))
     pool_data, val = splits["train"], splits["val"]
-    pool = Pool.load(round_dir(run, r - 1) / "pool.npz")
+    pool = Pool.load(folder.pool_file(r - 1))
     determinism.apply(cfg)
     train.set_precision(cfg)
-    model = train.load_model(round_dir(run, r - 1) / train.CHECKPOINT, cfg)
+    model = train.load_model(folder.checkpoint(r - 1), cfg)
     unl = pool.unlabelled
     idx = unl[shard_positions(len(unl), shard, n_shards, cfg.batch_size)]
-    rd = round_dir(run, r)
-    scores = _score(cfg, r, pool, pool_data, val, model, Normalizer.load(run / "normalizer.json"),
+    rd = folder.round_dir(r)
+    scores = _score(cfg, r, pool, pool_data, val, model, folder.normalizer(),
                     QUERY_STRATEGIES[cfg.query_strategy](cfg), rd, idx)
-    out = rd / SCORE_PARTS / f"part_{shard}_of_{n_shards}.npz"
+    out = folder.score_parts(r) / f"part_{shard}_of_{n_shards}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: np.savez(tmp, index=idx, **scores))
     log(f"scored {len(idx)} of {len(unl)} pool images for round {r}: {out}")
@@ -377,7 +352,6 @@ def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo,
 
     Returns (scoring seconds, stop reason or None): a pool that already agrees with itself
     (`STOP_AGREEMENT`) ends the loop before anything is chosen."""
-    from .data import Rows
     from .strategies.pseudo import with_foreground
 
     rng = np.random.default_rng([cfg.seed, r])
@@ -410,13 +384,11 @@ def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo,
         _write_pseudo_pngs(rd / PSEUDO_DIR, unl[chosen], masks, pool_data)
     prelabels = None
     if oracle.wants_prelabels() and len(picks):
-        from .predict import masks_at_original_size
-
         prelabels = masks_at_original_size(model, pool_data.images[oracle_idx],
                                            [pool_data.files[i] for i in oracle_idx], normalizer, cfg.batch_size)
     oracle.request(rd, oracle_idx, pool_data, scores, picks, prelabels)
-    _write_scores(rd / "scores.csv", pool_data.names, unl, scores, oracle_idx, unl[chosen])
-    pool.save(rd / "pool.npz")  # last: a saved pool.npz with scores.csv means the round is decided
+    _write_scores(rd / SCORES, pool_data.names, unl, scores, oracle_idx, unl[chosen])
+    pool.save(rd / POOL)  # last: a saved pool with its scores means the round is decided (`Run.decided`)
     log(f"round {r}: {len(oracle_idx)} images to the oracle, {len(chosen)} pseudo labels "
         f"(scored {len(unl)} in {score_s:.1f}s)")
     return score_s, None

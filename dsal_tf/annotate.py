@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -25,8 +24,11 @@ import numpy as np
 from .config import Config
 from .data import detect_naming, mask_name, read_mask
 from .errors import DsalError
-from .oracle import MANIFEST, TO_ANNOTATE, read_manifest
+from .evaluate import saved_config
+from .files import atomic_write, atomic_write_text
+from .oracle import MANIFEST, read_manifest
 from .predict import original_size
+from .run import TO_ANNOTATE, Run, is_done
 
 IMPORTS = "imports.json"
 
@@ -37,11 +39,11 @@ def sha256(path: Path) -> str:
 
 def pending_round(run: Path) -> int:
     """The latest round that asked for masks."""
-    asked = sorted(run.glob(f"round_*/{TO_ANNOTATE}/{MANIFEST}"))
+    asked = Run(run).rounds_with(f"{TO_ANNOTATE}/{MANIFEST}")
     if not asked:
         raise DsalError(f"no round of {run} has asked for masks (no round_XX/{TO_ANNOTATE}/{MANIFEST}); "
                         "run it with ORACLE = \"files\" (--oracle files) first")
-    return int(asked[-1].parent.parent.name.split("_")[1])
+    return asked[-1]
 
 
 def _stem_of(name: str) -> str | None:
@@ -79,35 +81,29 @@ def check_masks(masks_dir: Path, manifest: list[dict], image_dir: Path, round_: 
 
 def import_masks(cfg: Config, masks_dir: str | Path, log: Callable[[str], None] = print, source: str = "") -> int:
     """Check and copy the masks a round asked for into `trainGT/`; returns how many were new or changed."""
-    from .active import round_dir
-    from .evaluate import saved_config
-
     cfg = saved_config(cfg)
-    r = pending_round(cfg.run_dir)
-    rd = round_dir(cfg.run_dir, r)
-    manifest = read_manifest(rd / TO_ANNOTATE / MANIFEST)
+    run = Run.of(cfg)
+    r = pending_round(run.path)
+    rd = run.round_dir(r)
+    manifest = read_manifest(run.to_annotate(r) / MANIFEST)
     root = Path(cfg.data_path)
     found = check_masks(Path(masks_dir), manifest, root / "trainImg", r)
     gt = root / "trainGT"
     naming = detect_naming(root, cfg.mask_naming)
     targets = {stem: gt / mask_name(stem, naming) for stem in found}
     changed = [s for s in found if not targets[s].is_file() or sha256(targets[s]) != sha256(found[s])]
-    if changed and (rd / "DONE").is_file():
+    if changed and is_done(rd):
         raise DsalError(f"round {r} of {cfg.name} already trained with other masks for {changed[0]!r}; "
                         "start a new run (--exp NEW) to train with corrected masks")
     gt.mkdir(parents=True, exist_ok=True)
     for stem in changed:  # every check passed: copy, one atomic rename per file
-        tmp = gt / f".{targets[stem].name}.tmp"
-        shutil.copyfile(found[stem], tmp)
-        os.replace(tmp, targets[stem])
+        atomic_write(targets[stem], lambda tmp, src=found[stem]: shutil.copyfile(src, tmp))
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": source or str(Path(masks_dir).resolve()),
               "new_or_changed": len(changed),
               "files": [{"name": s, "mask": targets[s].name, "sha256": sha256(targets[s])} for s in sorted(found)]}
     log_path = rd / IMPORTS
     history = json.loads(log_path.read_text()) if log_path.is_file() else []
-    tmp = log_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([*history, record], indent=1))
-    os.replace(tmp, log_path)
+    atomic_write_text(log_path, json.dumps([*history, record], indent=1))
     if changed:
         log(f"imported {len(changed)} masks into {gt}/ for round {r} of {cfg.name}; "
             "run the same training command again to go on")
@@ -161,12 +157,10 @@ def masks_from_label_studio(export: Path, out_dir: Path, image_dir: Path, manife
 
 def import_label_studio(cfg: Config, export: str | Path, log: Callable[[str], None] = print) -> int:
     """`import_masks` from a Label Studio JSON export of brush annotations."""
-    from .active import round_dir
-    from .evaluate import saved_config
-
     run_cfg = saved_config(cfg)
-    r = pending_round(run_cfg.run_dir)
-    manifest = read_manifest(round_dir(run_cfg.run_dir, r) / TO_ANNOTATE / MANIFEST)
+    run = Run.of(run_cfg)
+    r = pending_round(run.path)
+    manifest = read_manifest(run.to_annotate(r) / MANIFEST)
     with tempfile.TemporaryDirectory() as tmp:
         masks_from_label_studio(Path(export), Path(tmp), Path(run_cfg.data_path) / "trainImg", manifest)
         return import_masks(cfg, tmp, log, source=str(Path(export).resolve()))

@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import SPLITS
 from .errors import DsalError
+from .files import atomic_write, atomic_write_text
+from .run import round_name
 
-SPLITS = ("train", "val", "test")
 STRATEGIES = ("boostmis", "random", "entropy")
 PSEUDO = ("adaptive", "fixed", "none")
 FIXED_TAU = 0.95
@@ -157,7 +159,7 @@ def query(strategy: str, booster, x_unl: np.ndarray, taken: np.ndarray, n: int, 
 def save_round(path: Path, labelled: np.ndarray, head, ema_head) -> None:
     """round_XX.npz: the round's labelled indices and the weights it starts from (online and EMA head)."""
     weights = {f"{k}_{i}": w for k, m in (("online", head), ("ema", ema_head)) for i, w in enumerate(m.get_weights())}
-    np.savez(path, labelled=labelled, **weights)
+    atomic_write(path, lambda tmp: np.savez(tmp, labelled=labelled, **weights))
 
 
 def load_round(path: Path, head=None, ema_head=None) -> np.ndarray:
@@ -220,20 +222,21 @@ def run_classify(features: str | Path, run_dir: str | Path, labeled: int, querie
     sfile = run / "settings.json"
     if sfile.is_file() and json.loads(sfile.read_text()) != settings:
         raise DsalError(f"{run} was started with other settings ({sfile}); use another --exp or delete it")
-    sfile.write_text(json.dumps(settings, indent=2))
+    atomic_write_text(sfile, json.dumps(settings, indent=2))
     csv = run / "results.csv"
     rows = pd.read_csv(csv).to_dict("records") if csv.is_file() else []
-    first = run / "round_00.npz"
+    first = run / f"{round_name(0)}.npz"
     if not first.is_file():
-        np.savez(first, labelled=np.sort(np.random.default_rng([seed, 0]).choice(len(x), labeled, replace=False)))
+        start = np.sort(np.random.default_rng([seed, 0]).choice(len(x), labeled, replace=False))
+        atomic_write(first, lambda tmp: np.savez(tmp, labelled=start))
     keras.utils.set_random_seed(seed * 1000)
     head = build_head(x.shape[1], n_classes)  # one head through the rounds, not a fresh one each round
     ema_head = keras.Model.from_config(head.get_config())
     ema_head.set_weights(head.get_weights())
     ema_head.trainable = False
     for r in range(len(rows), iterations + 1):
-        labelled = load_round(run / f"round_{r:02d}.npz", head, ema_head)
-        n_added = len(labelled) - len(load_round(run / f"round_{r - 1:02d}.npz")) if r else 0  # N_A
+        labelled = load_round(run / f"{round_name(r)}.npz", head, ema_head)
+        n_added = len(labelled) - len(load_round(run / f"{round_name(r - 1)}.npz")) if r else 0  # N_A
         unl = np.setdiff1d(np.arange(len(x)), labelled)
         keras.utils.set_random_seed(seed * 1000 + r)
         booster = make_booster(head, ema_head, n_classes, pseudo, n_active=n_added, queries=max(queries, 1),
@@ -251,13 +254,12 @@ def run_classify(features: str | Path, run_dir: str | Path, labeled: int, querie
         # the next round's labels are chosen even after the last round, so more --iterations resume from here
         rng = np.random.default_rng([seed, r + 1])
         picks = query(strategy, booster, x[unl], taken, queries, rng, xi, eps, knn, seed) if len(unl) else unl
-        save_round(run / f"round_{r + 1:02d}.npz", np.sort(np.r_[labelled, unl[picks]]), head, ema_head)
+        save_round(run / f"{round_name(r + 1)}.npz", np.sort(np.r_[labelled, unl[picks]]), head, ema_head)
         rows.append(dict(round=r, n_labelled=len(labelled), n_pseudo=int(taken.sum()),
                          accuracy=round(float(np.mean(pred == yt)), 5),
                          macro_f1=round(macro_f1(yt, pred, n_classes), 5)))
-        tmp = run / "results.csv.tmp"
-        pd.DataFrame(rows, columns=FIELDS).to_csv(tmp, index=False)
-        tmp.replace(csv)
+        table = pd.DataFrame(rows, columns=FIELDS)
+        atomic_write(csv, lambda tmp, table=table: table.to_csv(tmp, index=False))
         log(f"round {r}: {len(labelled)} labelled, {int(taken.sum())} pseudo, accuracy {rows[-1]['accuracy']:.4f}, "
             f"macro F1 {rows[-1]['macro_f1']:.4f}")
     _plot(rows, run / "learning_curve.png", f"{strategy} / pseudo {pseudo}")

@@ -139,7 +139,8 @@ def run(constants, set_pairs, full_supervision, **options) -> None:
     if cfg.preset == "auto":  # plan from the data on first use; the plan is stored in the run folder
         from .plan import explicit_values, plan_for_run
 
-        cfg = plan_for_run(cfg, explicit_values(constants, {**parse_set_options(set_pairs), **options}), log=_echo)
+        cfg = plan_for_run(cfg, explicit_values(constants, {**parse_set_options(set_pairs), **options}), log=_echo,
+                           full_supervision=full_supervision)
     from .active import run_active_learning
 
     if full_supervision:

@@ -30,9 +30,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .active import run_active_learning
 from .config import Config
 from .data import find_pairs
 from .errors import DsalError
+from .evaluate import evaluate_run
+from .run import SCORES, Run
 
 SELECTIONS = ("rank", "histogram", "diverse", "power")
 # named ablation rows: settings that differ from the comparison's in exactly the stated way
@@ -86,11 +89,9 @@ def full_supervision_config(cfg: Config, exp_name: str | None = None) -> Config:
 
 def _evaluated(cfg: Config, log) -> pd.DataFrame:
     """The run's evaluation table, recomputed only when a round finished after the last one."""
-    from .evaluate import evaluate_run
-
-    run = cfg.run_dir
-    table = run / "evaluation.csv"
-    dones = list(run.glob("round_*/DONE"))
+    run = Run.of(cfg)
+    table = run.evaluation_file
+    dones = run.done_files()
     if table.is_file() and all(d.stat().st_mtime <= table.stat().st_mtime for d in dones):
         saved = pd.read_csv(table)
         if "hd95_penalized_mean" in saved:  # else written before the column existed: evaluate again
@@ -103,13 +104,14 @@ def spearman_table(run: Path) -> list[dict]:
     from scipy.stats import spearmanr
 
     rows = []
-    for scores in sorted(run.glob("round_*/scores.csv")):
-        s = pd.read_csv(scores)
+    folder = Run(run)
+    for r in folder.rounds_with(SCORES):
+        s = pd.read_csv(folder.scores_file(r))
         if s["uncertainty"].nunique() < 2:
             rho = float("nan")  # random has no uncertainty to rank by
         else:
             rho = float(spearmanr(s["uncertainty"], 1.0 - s["true_dice"]).statistic)
-        rows.append({"round": int(scores.parent.name.split("_")[1]), "spearman": rho})
+        rows.append({"round": r, "spearman": rho})
     return rows
 
 
@@ -134,8 +136,6 @@ def run_comparison(
     """Run every (strategy spec, seed) pair that is not finished yet, then aggregate all of them.
 
     `pseudo`: one weak labeler for every row (default: each strategy's own)."""
-    from .active import run_active_learning
-
     specs = {s: parse_strategy_spec(s) for s in strategies}
     base = cfg.replace(pseudo_policy=pseudo or "auto", selection="auto")
     for seed in seeds:
@@ -152,7 +152,7 @@ def run_comparison(
                 run_active_learning(start, log=log)
             scfg = base.replace(seed=seed, exp_name=f"{name}/{spec}-s{seed}", **overrides)
             log(f"== {spec}, seed {seed}")
-            run_active_learning(scfg, log=log, initial_model=start.run_dir / "round_00")
+            run_active_learning(scfg, log=log, initial_model=Run.of(start).round_dir(0))
         if full_supervision:
             fcfg = full_supervision_config(base.replace(seed=seed), exp_name=f"{name}/full-s{seed}")
             log(f"== full supervision, seed {seed}")
@@ -163,15 +163,13 @@ def run_comparison(
 def finished_runs(out: Path) -> tuple[list, list]:
     """Every finished `<strategy>-s<seed>` and `full-s<seed>` run in a comparison folder, so a
     comparison grown over several calls (more seeds, more strategies) is summarized as a whole."""
-    from .active import completed_rounds
-
     runs, full_runs = [], []
-    for run in sorted(p for p in out.glob("*-s*") if (p / "config.json").is_file()):
+    for run in sorted(p for p in out.glob("*-s*") if Run(p).config_file.is_file()):
         strategy, _, seed = run.name.rpartition("-s")
         if strategy.partition("@")[0] == "init" or not seed.isdigit():
             continue
         cfg = resolve_run(run)
-        if completed_rounds(run) != list(range(cfg.nb_iterations + 1)):
+        if Run(run).completed() != list(range(cfg.nb_iterations + 1)):
             continue  # still running or interrupted: left out until it finishes
         (full_runs.append((int(seed), cfg)) if strategy == "full" else runs.append((strategy, int(seed), cfg)))
     return sorted(runs, key=lambda r: (r[0], r[1])), full_runs
@@ -179,20 +177,17 @@ def finished_runs(out: Path) -> tuple[list, list]:
 
 def resolve_run(run: Path) -> Config:
     """The configuration a run folder was made with."""
-    import json
-
-    from .config import resolve
-
-    return resolve(json.loads((run / "config.json").read_text()), source=str(run / "config.json"))
+    return Run(run).saved_config()
 
 
 def per_image_dice(run: Path) -> tuple[np.ndarray, pd.DataFrame]:
     """(n_oracle per round, test Dice as a [rounds x images] frame, columns = image names) from
     each round's `test_metrics.csv` (written by evaluation)."""
-    curve = pd.read_csv(run / "learning_curve.csv").sort_values("round")
+    folder = Run(run)
+    curve = pd.read_csv(folder.curve_file).sort_values("round")
     rows = {}
     for r in curve["round"]:
-        per_image = pd.read_csv(run / f"round_{int(r):02d}" / "test_metrics.csv")
+        per_image = pd.read_csv(folder.test_metrics(int(r)))
         rows[int(r)] = per_image.set_index("name")["dice"]
     return curve["n_oracle"].to_numpy(float), pd.DataFrame(rows).T.sort_index()
 
@@ -262,7 +257,7 @@ def aggregate(out: Path, log, baseline: str = "random") -> pd.DataFrame:
         table = _evaluated(scfg, log).assign(strategy=strategy, seed=seed)
         per_run.append(table)
         curves[(strategy, seed)] = per_image_dice(scfg.run_dir)
-        curve = pd.read_csv(scfg.run_dir / "learning_curve.csv")
+        curve = pd.read_csv(Run.of(scfg).curve_file)
         active = curve[curve["round"] > 0]
         summary_rows.append({
             "strategy": strategy, "pseudo": pseudo_policy_name(scfg), "selection": scfg.selection, "seed": seed,
@@ -277,7 +272,7 @@ def aggregate(out: Path, log, baseline: str = "random") -> pd.DataFrame:
     for seed, fcfg in full_runs:
         table = _evaluated(fcfg, log)
         curves[("full", seed)] = per_image_dice(fcfg.run_dir)
-        curve = pd.read_csv(fcfg.run_dir / "learning_curve.csv")
+        curve = pd.read_csv(Run.of(fcfg).curve_file)
         summary_rows.append({"strategy": "full", "pseudo": "none", "selection": "-", "seed": seed,
                              "final_dice": float(table["dice_mean"].iloc[-1]),
                              "final_hd95p": float(table["hd95_penalized_mean"].iloc[-1]),

@@ -370,6 +370,41 @@ def _augment(image, mask, seed, square: bool):
     return both[..., :-1], both[..., -1:]
 
 
+def foreground_rows(masks, chunk: int = 256) -> np.ndarray:
+    """Indices of the masks `[N,H,W,1]` with at least one foreground pixel, read `chunk` at a time
+    (a memory-mapped pool or `Rows` stays on disk)."""
+    found = [np.zeros(0, np.int64)]
+    for start in range(0, len(masks), chunk):
+        part = np.asarray(masks[start:start + chunk])
+        found.append(np.flatnonzero(part.reshape(len(part), -1).max(axis=1) > 0) + start)
+    return np.concatenate(found)
+
+
+def forced_foreground(batch_size: int, share: float) -> int:
+    """How many images of each batch come from the foreground images: as nnU-Net, the last
+    `batch_size - round(batch_size * (1 - share))` (share 0.33: 5 of 16, 1 of 2)."""
+    return batch_size - round(batch_size * (1.0 - share)) if share > 0 else 0
+
+
+def _foreground_mixed(images, masks, batch_size: int, share: float, seed: int, repeat: bool):
+    """`(image, mask)` elements whose every batch ends with `forced_foreground` images drawn from the
+    masks with foreground, the rest from the whole set; or None when that would change nothing (no
+    forced slot, or every mask, or none, has foreground). Both streams are seeded shuffles that
+    reshuffle every pass; an epoch keeps the plain epoch's length, `len(images)` elements."""
+    import tensorflow as tf
+
+    k = forced_foreground(batch_size, share)
+    fg = foreground_rows(masks) if k else np.zeros(0, np.int64)
+    if not 0 < len(fg) < len(images):
+        return None
+    every = _source(images, masks).shuffle(len(images), seed=seed, reshuffle_each_iteration=True).repeat()
+    fg_ds = _source(Rows(images, fg), Rows(masks, fg)).shuffle(len(fg), seed=seed + 1,
+                                                                reshuffle_each_iteration=True).repeat()
+    pattern = tf.data.Dataset.from_tensor_slices(tf.constant([0] * (batch_size - k) + [1] * k, tf.int64)).repeat()
+    ds = tf.data.Dataset.choose_from_datasets([every, fg_ds], pattern)
+    return ds if repeat else ds.take(len(images)).apply(tf.data.experimental.assert_cardinality(len(images)))
+
+
 def make_dataset(
     images: np.ndarray,
     masks: np.ndarray,
@@ -380,16 +415,23 @@ def make_dataset(
     seed: int = 0,
     heads: tuple[str, ...] | None = None,
     repeat: bool = False,
+    foreground_oversample: float = 0.0,
 ):
     """Batched, prefetched `(x, y)`; with `heads`, y is `{head: mask}` for a multi-output fit.
-    `images`/`masks` may be memory-mapped or `Rows`: then they are read per element, never whole."""
+    `images`/`masks` may be memory-mapped or `Rows`: then they are read per element, never whole.
+    `foreground_oversample` (with `shuffle`): that share of every batch is drawn from the images
+    whose mask has foreground (`FOREGROUND_OVERSAMPLE`); 0 is the plain seeded shuffle."""
     import tensorflow as tf
 
-    ds = _source(images, masks)
-    if shuffle:
-        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
+    mixed = _foreground_mixed(images, masks, batch_size, foreground_oversample, seed, repeat) if shuffle else None
+    if mixed is not None:
+        ds = mixed
+    else:
+        ds = _source(images, masks)
+        if shuffle:
+            ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
     if augment:
         square = images.shape[1] == images.shape[2]
         seeds = tf.data.Dataset.random(seed=seed).batch(2)

@@ -11,18 +11,18 @@ Writes into the run folder:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .config import Config, resolve
+from .config import Config
 from .data import Normalizer, Split, load_split, make_dataset
 from .errors import DsalError
 from .files import atomic_write
 from .metrics import batch_metrics
+from .run import Run, round_name
 
 METRICS = ("dice", "iou", "hd95", "asd", "hd95_penalized")
 
@@ -36,12 +36,7 @@ def predict_main(model, images: np.ndarray, normalizer: Normalizer, batch_size: 
 
 def saved_config(cfg: Config) -> Config:
     """The configuration a run was made with (image size, data, ...), not today's constants."""
-    path = cfg.run_dir / "config.json"
-    if not path.is_file():
-        raise DsalError(f"no run at {cfg.run_dir}; train it first with: python main.py --exp {cfg.name}")
-    saved = json.loads(path.read_text())
-    saved["progress"] = cfg.progress
-    return resolve(saved, source=str(path))
+    return Run.of(cfg).saved_config(progress=cfg.progress)
 
 
 def summarize(per_image: pd.DataFrame) -> dict[str, float]:
@@ -105,14 +100,10 @@ def plot_curve(table: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def evaluate_run(cfg: Config, rounds: list[int] | None = None, log: Callable[[str], None] = print) -> pd.DataFrame:
-    import keras
-
-    from .active import completed_rounds, round_dir
-    from .train import CHECKPOINT
-
     cfg = saved_config(cfg)
-    run = cfg.run_dir
-    available = completed_rounds(run)
+    folder = Run.of(cfg)
+    run = folder.path
+    available = folder.completed()
     if not available:
         raise DsalError(f"{run} has no finished round yet; run: python main.py --exp {cfg.name}")
     rounds = available if rounds is None else rounds
@@ -120,28 +111,27 @@ def evaluate_run(cfg: Config, rounds: list[int] | None = None, log: Callable[[st
     if missing:
         raise DsalError(f"round {missing[0]} of {run} is not finished; finished rounds: {available}")
     test = load_split(cfg, "test")
-    normalizer = Normalizer.load(run / "normalizer.json")
-    curve = pd.read_csv(run / "learning_curve.csv").set_index("round")
+    normalizer = folder.normalizer()
+    curve = pd.read_csv(folder.curve_file).set_index("round")
     rows = []
     model = None
     for r in rounds:
-        rd = round_dir(run, r)
         if model is None:
-            model = keras.models.load_model(rd / CHECKPOINT, compile=False)
+            model = folder.load_model(r)
         else:  # same architecture every round: swap weights, keep the traced predict graph
-            model.load_weights(rd / CHECKPOINT)
+            model.load_weights(folder.checkpoint(r))
         per_image, pred = evaluate_model(model, test, normalizer, cfg.batch_size)
-        atomic_write(rd / "test_metrics.csv", lambda tmp: per_image.to_csv(tmp, index=False))
+        atomic_write(folder.test_metrics(r), lambda tmp: per_image.to_csv(tmp, index=False))
         rows.append({"round": r, "n_oracle": int(curve.loc[r, "n_oracle"]),
                      "n_pseudo": int(curve.loc[r, "n_pseudo"]), **summarize(per_image)})
         if r in (rounds[0], rounds[-1]) and cfg.nb_overlays:
-            overlay_grid(test.images, test.masks, pred, run / "overlays" / f"round_{r:02d}.png", cfg.nb_overlays)
+            overlay_grid(test.images, test.masks, pred, run / "overlays" / f"{round_name(r)}.png", cfg.nb_overlays)
     table = pd.DataFrame(rows)
-    atomic_write(run / "evaluation.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"))
+    atomic_write(folder.evaluation_file, lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"))
     if table["n_undefined"].any():
         log(f"HD95/ASD undefined (one mask empty) for up to {int(table['n_undefined'].max())} of "
             f"{len(test.names)} test images a round; left out of hd95/asd means (n_undefined column)")
     plot_curve(table, run / "learning_curve.png", cfg.name)
     log(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    log(f"wrote {run / 'evaluation.csv'} and {run / 'learning_curve.png'}")
+    log(f"wrote {folder.evaluation_file} and {run / 'learning_curve.png'}")
     return table

@@ -18,6 +18,8 @@ import numpy as np
 
 from .config import Config
 from .errors import DsalError
+from .files import atomic_write_text
+from .predict import THRESHOLD, load_round
 
 FORMATS = {"savedmodel": "tf_saved_model", "onnx": "onnx"}
 SIDECAR = "dsal_export.json"
@@ -51,8 +53,6 @@ def serving_model(unet, normalizer, rows: int, cols: int, channels: int):
 def export_model(cfg: Config, out_dir: str | Path, fmt: str = "savedmodel", which: str | int = "best",
                  log: Callable[[str], None] = print) -> Path:
     """Write the export of a finished round into `out_dir`; returns the model's path."""
-    from .predict import THRESHOLD, load_round
-
     if fmt not in FORMATS:
         raise DsalError(f"--format {fmt!r} is not one of {sorted(FORMATS)}")
     run_cfg, r, unet, normalizer = load_round(cfg, which)
@@ -75,6 +75,6 @@ def export_model(cfg: Config, out_dir: str | Path, fmt: str = "savedmodel", whic
         "normalization": {"mode": run_cfg.normalization, "mean": normalizer.mean, "std": normalizer.std},
         "source": {"exp": run_cfg.name, "round": r, "config": run_cfg.to_dict()},
     }
-    (out_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2))
+    atomic_write_text(out_dir / SIDECAR, json.dumps(sidecar, indent=2))
     log(f"exported round {r} of {run_cfg.name} as {fmt}: {target} (+ {SIDECAR})")
     return target

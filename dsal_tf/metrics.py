@@ -5,7 +5,7 @@ Overlap metrics (`dice`, `iou`) say how much of the lesion was found; surface me
 
 Conventions, chosen so that averages over a test set stay meaningful:
 
-* Inputs are masks of any shape (usually `[H, W]`); values `> 0.5` are foreground, so bool,
+* Inputs are masks of any shape (`[H, W]`, or a volume `[D, H, W]`); values `> 0.5` are foreground, so bool,
   0/1, 0/255 and probability maps all work (probabilities are thresholded at 0.5).
 * Both masks empty: the prediction is perfect, so `dice = iou = 1.0` and `hd95 = asd = 0.0`.
 * Exactly one mask empty: there is no border to measure against, so `hd95 = asd = nan`
@@ -117,6 +117,31 @@ def hd95_penalized(a: np.ndarray, b: np.ndarray, spacing: Spacing = 1.0) -> floa
 
 
 METRICS = {"dice": dice, "iou": iou, "hd95": hd95, "asd": asd, "hd95_penalized": hd95_penalized}
+SURFACE_METRICS = ("hd95", "asd", "hd95_penalized")  # the ones measured in units of `spacing`
+
+
+def _three_axes(gt: np.ndarray, pred: np.ndarray, layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """`gt`, `pred` as 3-axis arrays of one shape (`layout`), a trailing channel of 1 dropped."""
+    gt, pred = np.asarray(gt), np.asarray(pred)
+    if gt.ndim == 4 and gt.shape[-1] == 1:
+        gt = gt[..., 0]
+    if pred.ndim == 4 and pred.shape[-1] == 1:
+        pred = pred[..., 0]
+    if gt.ndim != 3 or gt.shape != pred.shape:
+        raise ValueError(
+            f"gt {gt.shape} and pred {pred.shape} must both be [{layout}] or [{layout},1] "
+            "with the same shape; threshold/argmax multi-channel outputs first"
+        )
+    return gt, pred
+
+
+def volume_metrics(gt: np.ndarray, pred: np.ndarray, spacing: Spacing = 1.0) -> dict[str, float]:
+    """All of `METRICS` for one volume `[D,H,W]` (or `[D,H,W,1]`), surface distances in the units
+    of `spacing` (mm, one value per axis from the header): the per-volume score of a 3D test set.
+    The boundary is 6-connected in 3D (the erosion's cross-shaped element)."""
+    gt, pred = _three_axes(gt, pred, "D,H,W")
+    return {name: float(fn(gt, pred, spacing) if name in SURFACE_METRICS else fn(gt, pred))
+            for name, fn in METRICS.items()}
 
 
 def batch_metrics(gt: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
@@ -125,16 +150,7 @@ def batch_metrics(gt: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
     Returns `{"dice", "iou", "hd95", "asd", "hd95_penalized"}`, each a float64 array of shape `[N]`, so callers
     can average, rank or look up the worst cases (nan marks one-empty cases for hd95/asd).
     """
-    gt, pred = np.asarray(gt), np.asarray(pred)
-    if gt.ndim == 4 and gt.shape[-1] == 1:
-        gt = gt[..., 0]
-    if pred.ndim == 4 and pred.shape[-1] == 1:
-        pred = pred[..., 0]
-    if gt.ndim != 3 or gt.shape != pred.shape:
-        raise ValueError(
-            f"gt {gt.shape} and pred {pred.shape} must both be [N,H,W] or [N,H,W,1] "
-            "with the same shape; threshold/argmax multi-channel outputs first"
-        )
+    gt, pred = _three_axes(gt, pred, "N,H,W")
     return {
         name: np.array([fn(g, p) for g, p in zip(gt, pred, strict=True)], dtype=np.float64)
         for name, fn in METRICS.items()

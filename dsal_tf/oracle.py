@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -22,12 +22,13 @@ import numpy as np
 
 from .config import Config
 from .data import Split
+from .files import atomic_dir
 from .registry import registrar
+from .run import TO_ANNOTATE, Run
 from .strategies.base import k_center_greedy
 
 ORACLES: dict[str, type[Oracle]] = {}
 register_oracle = registrar(ORACLES)
-TO_ANNOTATE = "to_annotate"
 MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ["name", "file", "rank", "uncertainty", "agreement"]
 
@@ -116,11 +117,12 @@ def write_request(out: Path, idx: np.ndarray, pool: Split, scores: dict | None, 
                   prelabels: list[np.ndarray] | None) -> None:
     """`out/`: the images (original files), `prelabels/<stem>.png` (0/255), `manifest.csv` and
     `tasks.json` for Label Studio (prelabels as predictions). Written to a temporary folder, then renamed."""
-    import shutil
+    with atomic_dir(out) as tmp:
+        _write_request(tmp, out, idx, pool, scores, positions, prelabels)
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "prelabels").mkdir(parents=True)
+
+def _write_request(tmp: Path, out: Path, idx, pool: Split, scores, positions, prelabels) -> None:
+    (tmp / "prelabels").mkdir()
     rows, tasks = [], []
     for rank, i in enumerate(idx):
         src = pool.files[i]
@@ -143,8 +145,6 @@ def write_request(out: Path, idx: np.ndarray, pool: Split, scores: dict | None, 
         w.writeheader()
         w.writerows(rows)
     (tmp / "tasks.json").write_text(json.dumps(tasks))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
 
 
 def label_studio_prediction(mask: np.ndarray, label: str = "lesion") -> dict:
@@ -169,7 +169,7 @@ def read_manifest(path: Path) -> list[dict]:
 
 
 def waiting_message(cfg: Config, round_: int, n_missing: int, n_asked: int) -> str:
-    where = cfg.run_dir / f"round_{round_:02d}" / TO_ANNOTATE
+    where = Run.of(cfg).to_annotate(round_)
     hint = " (prelabels/ holds the model's masks to start from)" if round_ else ""
     return (f"round {round_}: waiting for {n_missing} of {n_asked} expert masks; draw them for the images in "
             f"{where}/{hint}, then run `dsal import-labels --exp {cfg.name} --masks DIR` and this command again")

@@ -14,10 +14,15 @@ nnU-Net's self-configuration, for this product and for the machine at hand:
 3. **Measured steps** (`measure_steps`): a few real Keras training, validation and DSAL scoring
    steps of each candidate U-Net on this machine, after warm-up.
 4. **Budget rule** (`predict_seconds`, `choose`): predicted run time = data loading + initial
-   epochs + rounds x (scoring pass + epochs), from the measured per-step times; the preferred
-   candidate whose prediction fits the budget wins.
+   epochs + rounds x (scoring pass + epochs), from the measured per-step times, for the protocol
+   that will run (with full supervision: the whole pool, no rounds); the preferred candidate whose
+   prediction fits the budget wins.
+5. **Learning probe** (`probe_learning`, `probe_verdict`): the would-be choice trains
+   `PROBE_STEPS` steps on the pool; if its training soft Dice does not rise, the next recipe
+   (`RECIPES`: nnU-Net's Dice + cross-entropy over the batch), then the next candidate, is tried.
+   Refusals and their reasons stay in `plan.json`; the probe's step time replaces the 3-step one.
 
-`make_plan` runs all four and returns a JSON-able dict; `write_plan` saves `plan.json` and a
+`make_plan` runs all five and returns a JSON-able dict; `write_plan` saves `plan.json` and a
 ready constants file. `PRESET = "auto"` runs the plan on first use (`plan_for_run`).
 """
 
@@ -53,6 +58,14 @@ SCHEDULE_REFERENCE = dict(pool=1600, nb_labeled=600, nb_next_sample=70, nb_pseud
 NB_ITERATIONS, PSEUDO_EPOCH = 5, 3
 MIN_INITIAL_STEPS = 150  # cutting epochs to fit a budget stops here
 INITIAL_STEPS, ROUND_STEPS = 450, 200  # optimizer steps of the initial model and round 1 (isic2017-cpu: 12, 5 epochs)
+PROBE_STEPS = 100  # optimizer steps of the learning probe
+PROBE_IMAGES, PROBE_EVAL = 256, 64  # pool images the probe trains on (seeded sample); of them, the ones it scores
+PROBE_MIN_RISE = 0.02  # the probe's training soft Dice must rise by this much, or the candidate is refused
+MAX_PROBES = 4  # probes per plan; none of them learning is an error
+# Tried in order on the would-be choice (a recipe touching a setting the user fixed is skipped); the second is
+# nnU-Net's. Probe on covid_ct (issue 20), 128x128, 8 filters, 60 steps: per-image soft Dice 0.023 -> 0.0001
+# (all-background), bce_dice + batch Dice 0.023 -> 0.106; on the demo set the first learns.
+RECIPES: tuple[dict, ...] = ({}, {"loss": "bce_dice", "batch_dice": True})
 
 
 # ------------------------------------------------------------------------------------ fingerprint
@@ -377,8 +390,63 @@ def measure_steps(cfg: Config, steps: int = 3, seed: int = 0) -> dict[str, float
                 epoch_overhead_s=round(save_s, 4), trace_s=round(trace, 2))
 
 
+def probe_verdict(before: float, after: float, steps: int, min_rise: float = PROBE_MIN_RISE) -> tuple[bool, str]:
+    """Whether a probe learned (its training soft Dice rose by at least `min_rise`), and why."""
+    if not (math.isfinite(before) and math.isfinite(after)):
+        return False, f"the training soft Dice became {after} within {steps} steps"
+    change = f"training soft Dice {before:.3f} -> {after:.3f} in {steps} steps"
+    if after - before >= min_rise:
+        return True, change
+    what = "fell towards all-background" if after < before else "did not rise"
+    return False, f"{change}: it {what} (a rise of {min_rise:g} is needed)"
+
+
+def probe_learning(cfg: Config, steps: int = PROBE_STEPS, seed: int = 0) -> dict[str, Any]:
+    """Train the candidate's real U-Net (`train.new_model`: its loss, batch Dice and norm) for `steps`
+    steps through the run's sampler and warm-up on a seeded sample of `PROBE_IMAGES` pool images at
+    its input size; return the soft Dice of the main head over `PROBE_EVAL` of them (one ratio over
+    all their pixels) before and after, and the mean step time after the first 10 steps."""
+    import keras
+
+    from . import determinism, train
+    from .data import Normalizer, find_pairs, make_dataset, read_pair
+    from .evaluate import predict_main
+    from .losses import SMOOTH
+    from .model import HEADS
+
+    pairs = find_pairs(cfg.data_path, "train", cfg.mask_naming)
+    picks = np.sort(np.random.default_rng(seed).choice(len(pairs), size=min(PROBE_IMAGES, len(pairs)), replace=False))
+    decoded = [read_pair(*pairs[i], cfg.img_rows, cfg.img_cols, cfg.color) for i in picks]
+    images, masks = np.stack([d[0] for d in decoded]), np.stack([d[1] for d in decoded])
+    norm = Normalizer.fit(images, cfg.normalization)
+    determinism.apply(cfg)
+    train.set_precision(cfg)
+    model = train.new_model(cfg, seed)
+    y_eval = masks[:PROBE_EVAL].astype(np.float64)
+
+    def soft_dice() -> float:
+        p = predict_main(model, images[:PROBE_EVAL], norm, cfg.batch_size).astype(np.float64)
+        return float((2 * (y_eval * p).sum() + SMOOTH) / (y_eval.sum() + p.sum() + SMOOTH))
+
+    ends: list[float] = []
+    clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(time.perf_counter()))
+    callbacks = [clock]
+    if cfg.lr_warmup_epochs:
+        callbacks.insert(0, train.WarmUp(cfg.learning_rate, cfg.lr_warmup_epochs,
+                                         steps_per_epoch=math.ceil(min(cfg.nb_labeled, len(pairs)) / cfg.batch_size)))
+    ds = make_dataset(images, masks, norm, cfg.batch_size, shuffle=True, augment=cfg.augment, seed=seed, heads=HEADS,
+                      repeat=True, foreground_oversample=cfg.foreground_oversample)
+    t = time.perf_counter()
+    before = soft_dice()
+    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
+    after = soft_dice()
+    step_s = float(np.mean(np.diff(ends[10:]))) if len(ends) > 11 else None
+    return dict(steps=steps, soft_dice_before=round(before, 4), soft_dice_after=round(after, 4),
+                train_step_s=None if step_s is None else round(step_s, 4), probe_s=round(time.perf_counter() - t, 1))
+
+
 # ------------------------------------------------------------------------------------ the plan
-PLANNED = ("img_rows", "img_cols", "color", "base_filters", "batch_size", "loss", "normalization",
+PLANNED = ("img_rows", "img_cols", "color", "base_filters", "batch_size", "loss", "batch_dice", "normalization",
            "learning_rate", "nb_labeled", "nb_iterations", "nb_next_sample", "pseudo_epoch",
            "nb_pseudo_initial", "pseudo_rate", "nb_initial_epochs", "nb_active_epochs", "pool_size")
 
@@ -391,10 +459,13 @@ def base_settings(fp: dict) -> dict[str, tuple[Any, str]]:
         "color": (fp["color"], "grey images (or grey stored as RGB)" if fp["color"] == "gray" else "colour images"),
         # Measured on the small-lesion set (0.5% foreground): Dice + BCE drove every head to all-background
         # within 2 epochs (loss frozen at 1.075, val Dice 0.01, at 128x128 and 144x144); soft Dice learns.
+        # That BCE clipped at 1e-7 (no gradient once saturated; issue 20 replaced it). The learning probe
+        # checks the choice on every plan and falls back to RECIPES.
         "loss": ("dice", f"mean foreground fraction {fg}"
                  + (f" < {SMALL_FOREGROUND} (small foreground): soft Dice, which the class imbalance does not swamp; "
                     "Dice + BCE collapsed to all-background here" if small else ": soft Dice")),
         "normalization": ("zscore", "z-score with the training pool's per-channel statistics (saved with the run)"),
+        "batch_dice": (False, "soft Dice per image, as the reference"),
         "learning_rate": (1e-3, "Adam 1e-3, as isic2017-cpu (1e-5 of the paper is for 15 epochs of 32-filter nets)"),
         "pool_size": (0, "the whole pool"),
     }
@@ -407,19 +478,26 @@ def make_plan(
     measure: Callable[[Config], dict] | None = None,
     log: Callable[[str], None] = print,
     sample: int = INTENSITY_SAMPLE,
+    full_supervision: bool = False,
+    probe: Callable[[Config], dict] | None = None,
 ) -> dict[str, Any]:
-    """Fingerprint `data_path`, measure candidates, and choose the settings (a JSON-able dict).
+    """Fingerprint `data_path`, measure candidates, probe the choice, and choose the settings (a JSON-able dict).
 
     `fixed`: settings the user set (constants file, command line); they hold in every candidate.
-    `measure(cfg) -> timing dict` defaults to `measure_steps` (tests inject fake timings)."""
+    `full_supervision`: plan the run `--full-supervision` makes (the whole pool labelled, no rounds).
+    `measure(cfg) -> timing dict` defaults to `measure_steps`, `probe(cfg) -> probe dict` to
+    `probe_learning`; with injected timings and no probe, nothing is probed (tests)."""
     t0 = time.perf_counter()
     fixed = {k.lower(): v for k, v in (fixed or {}).items() if k.lower() not in ("preset",)}
     fixed["data_path"] = str(data_path)
     fp = fingerprint(data_path, sample=sample, seed=int(fixed.get("seed", 0)), log=log)
+    probe = probe or (probe_learning if measure is None else None)
     measure = measure or measure_steps
     memory = memory_bytes() if measure is measure_steps else 64 * 2**30
     budget_s = 60.0 * budget_minutes
     n_pool, n_val = fp["counts"]["train"], fp["counts"]["val"]
+    if fixed.get("pool_size"):
+        n_pool = min(n_pool, int(fixed["pool_size"]))
     if n_val == 0:
         raise DsalError(f"no validation images in {Path(data_path) / 'valImg'}; add some (checkpoints use them)")
     base = {k: v for k, (v, _) in base_settings(fp).items()}
@@ -434,6 +512,10 @@ def make_plan(
             cfg = cfg.replace(batch_size=pick_batch_size(cfg, memory))
         sched = {k: v for k, v in schedule(n_pool, cfg.batch_size).items() if k not in fixed}
         cfg = cfg.replace(**sched)
+        if full_supervision:  # what `dsal run --full-supervision` trains: the whole pool, the same total epochs
+            from .compare import full_supervision_config
+
+            cfg = full_supervision_config(cfg).replace(exp_name=fixed.get("exp_name", ""))
         p5, im = fp["masks"]["component_pixels_p5"], fp["image_size"]
         kept = None if p5 is None else round(
             p5 * cfg.img_rows / im["median_rows"] * cfg.img_cols / im["median_cols"], 2)
@@ -475,12 +557,17 @@ def make_plan(
             if filters == 16:
                 fit16.append(size)
     rows = list(candidates.values())
-    best, reason = choose(rows, budget_s)
+    recipes = [r for r in RECIPES if not set(r) & set(fixed)]
+    best, reason, recipe, learned = choose_learning(rows, configs, budget_s, probe, recipes, log)
     key = (best["img_rows"], best["img_cols"], best["base_filters"], best["batch_size"])
-    cfg = configs[key]
-    if best["predicted_s"] > budget_s and not {"nb_initial_epochs", "nb_active_epochs"} & set(fixed):
-        cfg = fit_epochs(cfg, best, n_pool, n_val, load_s, budget_s)
-    predicted = predict_seconds(cfg, best, n_pool, n_val, load_s)
+    cfg = configs[key].replace(**recipe)
+    timing = dict(best)
+    if learned is not None and learned.get("train_step_s"):
+        timing["train_step_s"] = learned["train_step_s"]  # 100 real steps beat 3 synthetic ones
+    over = predict_seconds(cfg, timing, n_pool, n_val, load_s)["total_s"] > budget_s
+    if over and not {"nb_initial_epochs", "nb_active_epochs"} & set(fixed):
+        cfg = fit_epochs(cfg, timing, n_pool, n_val, load_s, budget_s)
+    predicted = predict_seconds(cfg, timing, n_pool, n_val, load_s)
     settings = {k: getattr(cfg, k) for k in PLANNED}
     reasons = {k: r for k, (_, r) in base_settings(fp).items()}
     reasons.update(
@@ -494,6 +581,16 @@ def make_plan(
                           "(isic2017-cpu: 12 and 5 epochs)",
         nb_labeled="labels and queries scale with the pool like isic2017-cpu (600 + 5 x 70 of 1600)",
     )
+    if full_supervision:
+        reasons.update(nb_labeled="full supervision: the whole pool",
+                       nb_initial_epochs=reasons["nb_initial_epochs"] + "; full supervision trains the initial "
+                       "epochs plus every round's on the whole pool, as `--full-supervision` does")
+    if learned is not None:
+        planned = best["probes"][0]["reason"]
+        reasons["loss"] = reasons["batch_dice"] = (
+            f"{reasons['loss']}; the learning probe: {planned}" if not recipe else
+            f"the learning probe refused the planned loss ({planned}); "
+            + ", ".join(f"{k.upper()}={v!r}" for k, v in recipe.items()) + f" learned ({learned['reason']})")
     warnings = []
     if fp["intensity"]["looks_like_ct_hu"]:
         warnings.append("16-bit values look like CT Hounsfield units, but the loader reads 8 bits: window them "
@@ -514,10 +611,41 @@ def make_plan(
         "min_structure_pixels": MIN_STRUCTURE_PIXELS,
         "size_ladder": ladder,
         "candidates": sorted(rows, key=preference),
+        "full_supervision": full_supervision,
+        "probe": {"steps": PROBE_STEPS, "min_rise": PROBE_MIN_RISE, "recipes": recipes,
+                  "chosen": learned, "train_step_s_from": "probe" if learned and learned.get("train_step_s")
+                  else "measured steps"} if probe is not None else None,
         "choice": {"settings": settings, "predicted": predicted, "reasons": reasons},
         "warnings": warnings,
         "plan_s": round(time.perf_counter() - t0, 1),
     }
+
+
+def choose_learning(rows: list[dict], configs: dict[tuple, Config], budget_s: float, probe: Callable | None,
+                    recipes: list[dict], log: Callable[[str], None] = print) -> tuple[dict, str, dict, dict | None]:
+    """`choose`, then the learning probe on the choice, recipe by recipe, until one learns: returns
+    (candidate, reason, recipe, probe result). A candidate none of whose recipes learns is marked
+    `refused` with the reasons and the next preferred one is probed; `MAX_PROBES` in all.
+    Without a probe: `choose` alone."""
+    done: list[str] = []
+    while True:
+        left = [c for c in rows if "refused" not in c]
+        if not left or len(done) >= MAX_PROBES:
+            raise DsalError(f"no planned candidate learned in the probe ({'; '.join(done)}); set LOSS=\"bce_dice\", "
+                            "BATCH_DICE=True or NORM=\"instance\" with --set, or check the masks")
+        best, reason = choose(left, budget_s)
+        if probe is None:
+            return best, reason, {}, None
+        key = (best["img_rows"], best["img_cols"], best["base_filters"], best["batch_size"])
+        for recipe in recipes[:MAX_PROBES - len(done)]:
+            result = probe(configs[key].replace(**recipe))
+            ok, why = probe_verdict(result["soft_dice_before"], result["soft_dice_after"], result["steps"])
+            best.setdefault("probes", []).append({"recipe": recipe, **result, "learned": ok, "reason": why})
+            done.append(f"{key[0]}x{key[1]} f{key[2]} {recipe or 'as planned'}: {why}")
+            log(f"  probe {done[-1]}")
+            if ok:
+                return best, reason, recipe, {**result, "reason": why}
+        best["refused"] = "; ".join(f"{p['recipe'] or 'as planned'}: {p['reason']}" for p in best["probes"])
 
 
 def size_only(size: dict) -> dict:
@@ -556,18 +684,22 @@ def table(plan: dict) -> str:
         f"foreground {m['foreground_fraction_mean']}; components p5 {m['component_pixels_p5']} px, "
         f"min {m['component_pixels_min']} px",
         f"{'size':>9} {'filters':>7} {'batch':>5} {'p5 px':>7} {'rule':>4} {'train ms':>8} {'score ms':>8} "
-        f"{'predicted':>9}",
+        f"{'predicted':>9} {'probe':>7}",
     ]
     for c in plan["candidates"]:
         out.append(f"{c['img_rows']:>4}x{c['img_cols']:<4} {c['base_filters']:>7} {c['batch_size']:>5} "
                    f"{c['p5_structure_pixels'] if c['p5_structure_pixels'] is not None else '-':>7} "
                    f"{'ok' if c['meets_size_rule'] else 'no':>4} {c['train_step_s'] * 1000:>8.0f} "
-                   f"{c['score_step_s'] * 1000:>8.0f} {c['predicted_s'] / 60:>7.1f} m")
+                   f"{c['score_step_s'] * 1000:>8.0f} {c['predicted_s'] / 60:>7.1f} m "
+                   f"{'refused' if 'refused' in c else 'learned' if c.get('probes') else '-':>7}")
     s = ch["settings"]
     out.append(f"chosen: {s['img_rows']}x{s['img_cols']}, {s['base_filters']} filters, batch {s['batch_size']}, "
-               f"loss {s['loss']}, {s['nb_initial_epochs']}+{s['nb_iterations']}x{s['nb_active_epochs']} epochs; "
+               f"loss {s['loss']}{' (batch Dice)' if s.get('batch_dice') else ''}, "
+               f"{s['nb_initial_epochs']}+{s['nb_iterations']}x{s['nb_active_epochs']} epochs; "
                f"predicted {ch['predicted']['total_s'] / 60:.1f} min of {plan['budget_minutes']} "
                f"(planning took {plan['plan_s']:.0f} s)")
+    out += [f"refused {c['img_rows']}x{c['img_cols']} f{c['base_filters']}: {c['refused']}"
+            for c in plan["candidates"] if "refused" in c]
     out += [f"warning: {w}" for w in plan["warnings"]]
     return "\n".join(out)
 
@@ -593,16 +725,19 @@ def explicit_values(constants: str | Path | None, overrides: dict[str, Any]) -> 
     return values
 
 
-def plan_for_run(cfg: Config, user: dict[str, Any], log: Callable[[str], None] = print) -> Config:
+def plan_for_run(cfg: Config, user: dict[str, Any], log: Callable[[str], None] = print,
+                 full_supervision: bool = False) -> Config:
     """`PRESET = "auto"`: plan on first use, store `plan.json` in the run folder, and resolve
-    planned settings < constants file < command line. A resumed run reuses its stored plan."""
+    planned settings < constants file < command line. A resumed run reuses its stored plan.
+    `full_supervision`: the run is `--full-supervision`; the plan predicts and fits that protocol."""
     path = cfg.run_dir / "plan.json"
     if path.is_file():
         plan = json.loads(path.read_text())
         log(f"PRESET auto: using the stored plan {path}")
     else:
         log(f"PRESET auto: planning for {cfg.data_path} within {cfg.plan_budget_minutes} min")
-        plan = make_plan(cfg.data_path, cfg.plan_budget_minutes, fixed=user, log=log)
+        plan = make_plan(cfg.data_path, cfg.plan_budget_minutes, fixed=user, log=log,
+                         full_supervision=full_supervision)
         write_plan(plan, path)
         log(table(plan))
     settings = {**plan["choice"]["settings"], **{k: v for k, v in user.items() if k != "preset"}}
@@ -610,4 +745,5 @@ def plan_for_run(cfg: Config, user: dict[str, Any], log: Callable[[str], None] =
 
 
 __all__ = ["fingerprint", "component_areas", "size_ladder", "schedule", "predict_seconds", "choose",
-           "measure_steps", "make_plan", "write_plan", "plan_for_run", "table", "explicit_values"]
+           "choose_learning", "probe_learning", "probe_verdict", "measure_steps", "make_plan", "write_plan",
+           "plan_for_run", "table", "explicit_values"]

@@ -20,6 +20,9 @@ import pandas as pd
 from .config import Config
 from .data import IMAGE_EXTS, Normalizer, list_images, read_image
 from .errors import DsalError
+from .evaluate import predict_main, saved_config
+from .files import atomic_write
+from .run import Run
 
 THRESHOLD = 0.5
 
@@ -41,47 +44,21 @@ def to_original(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def masks_at_original_size(model, images: np.ndarray, files: list[Path], normalizer: Normalizer,
                            batch_size: int) -> list[np.ndarray]:
     """The model's {0,1} uint8 masks for model-size `images`, each at the original size of its file."""
-    from .evaluate import predict_main
-
     prob = predict_main(model, images, normalizer, batch_size)
     return [(to_original(p, original_size(f)) > THRESHOLD).astype(np.uint8) for p, f in zip(prob, files)]
 
 
 def choose_round(run: Path, which: str | int) -> int:
     """`best` (highest validation Dice), `last` (latest complete round) or a round number."""
-    from .active import completed_rounds
-
-    done = completed_rounds(run)
-    if not done:
-        raise DsalError(f"{run} has no finished round yet; train it first with: python main.py --exp {run.name}")
-    which = str(which).strip().lower()
-    if which == "last":
-        return done[-1]
-    if which == "best":
-        curve = pd.read_csv(run / "learning_curve.csv")
-        curve = curve[curve["round"].isin(done)]
-        return int(curve.loc[curve["val_dice"].idxmax(), "round"])
-    try:
-        r = int(which)
-    except ValueError:
-        raise DsalError(f"--round {which!r} must be best, last or a round number, e.g. --round 3") from None
-    if r not in done:
-        raise DsalError(f"round {r} of {run} is not finished; finished rounds: {done}")
-    return r
+    return Run(run).choose(which)
 
 
 def load_round(cfg: Config, which: str | int = "best"):
     """(run config, round, plain U-Net, normalizer) of a finished round of `cfg`'s run."""
-    import keras
-
-    from .active import round_dir
-    from .evaluate import saved_config
-    from .train import CHECKPOINT
-
     cfg = saved_config(cfg)
-    r = choose_round(cfg.run_dir, which)
-    model = keras.models.load_model(round_dir(cfg.run_dir, r) / CHECKPOINT, compile=False)
-    return cfg, r, model, Normalizer.load(cfg.run_dir / "normalizer.json")
+    run = Run.of(cfg)
+    r = run.choose(which)
+    return cfg, r, run.load_model(r), run.normalizer()
 
 
 def _check_inputs(in_dir: Path, out_dir: Path) -> list[Path]:
@@ -196,9 +173,7 @@ def predict_folder(
     seconds = time.perf_counter() - t0
     table = pd.DataFrame(rows, columns=["name", "file", "height", "width", "foreground_fraction", "agreement",
                                         "check"])
-    tmp = out_dir / "predictions.csv.tmp"
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, out_dir / "predictions.csv")
+    atomic_write(out_dir / "predictions.csv", lambda tmp: table.to_csv(tmp, index=False))
     log(f"{len(table)} masks from round {r} of {cfg.name} in {out_dir}/ ({len(files) / seconds:.1f} images/s); "
         f"{int(table['check'].sum())} with side-head agreement < {flag_below} are flagged in predictions.csv")
     if failed:

@@ -21,9 +21,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .data import SPLITS
 from .errors import DsalError
 
-SPLITS = ("train", "val", "test")
 AREA_RANGE = (0.05, 0.50)  # lesion area as a fraction of the image, before rejection
 # The small-lesion variant (`make_synthetic(..., small=True)`): 1-3 lesions per image, each 0.08-0.6%
 # of the image, about 1% foreground in all, like infection in a CT slice: at 256x256 the smallest

@@ -23,10 +23,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .compare import _difference_row
 from .config import Config
 from .data import Normalizer, load_splits
 from .errors import DsalError
+from .evaluate import evaluate_model, predict_main, summarize
+from .files import atomic_write
 from .metrics import dice
+from .run import TEST_METRICS, done_marker, stage
 from .trainers.base import reweight_loss_name
 
 # variant -> (TRAINER, RGS_QUERY); "teacher" is the expert-only model itself. `equal` is a plain
@@ -58,17 +62,16 @@ def _train_once(out: Path, train_fn: Callable[[], None], loss: str, old_loss: st
     `DONE` holds the loss name; an older `DONE` ("ok") was written when every model trained on
     `old_loss` (LOSS). A finished model with another loss is an error, never silently reused.
     """
-    done = out / "DONE"
-    if done.is_file():
-        recorded = done.read_text().strip()
+    recorded = done_marker(out)
+    if recorded is not None:
+        recorded = recorded.strip()
         recorded = old_loss if recorded == "ok" else recorded
         if recorded != loss:
             raise DsalError(f"{out} was trained with loss {recorded!r}, this run uses {loss!r} "
                             f"(REWEIGHT_LOSS / LOSS): delete that folder or use another --name")
         return
-    out.mkdir(parents=True, exist_ok=True)
-    train_fn()
-    done.write_text(loss)
+    with stage(out, loss):  # DONE (atomic) only after the model is saved
+        train_fn()
 
 
 def run_noisy_teacher(
@@ -82,7 +85,6 @@ def run_noisy_teacher(
     import keras
 
     from . import train
-    from .evaluate import evaluate_model, summarize
 
     splits = load_splits(cfg)
     pool, val, test = splits["train"], splits["val"], splits["test"]
@@ -109,10 +111,9 @@ def run_noisy_teacher(
         teacher = keras.models.load_model(teacher_dir / train.CHECKPOINT, compile=False)
         labels_file = sd / "machine_labels.npz"
         if not labels_file.is_file():
-            from .evaluate import predict_main
-
             prob = predict_main(teacher, pool.images[machine], normalizer, cfg.batch_size)
-            np.savez_compressed(labels_file, idx=machine, masks=(prob > 0.5).astype(np.uint8))
+            masks = (prob > 0.5).astype(np.uint8)
+            atomic_write(labels_file, lambda tmp: np.savez_compressed(tmp, idx=machine, masks=masks))
         with np.load(labels_file) as z:
             machine_masks = z["masks"]
         true_dice = float(np.mean([dice(a, b) for a, b in zip(machine_masks, pool.masks[machine])]))
@@ -139,7 +140,7 @@ def run_noisy_teacher(
                 _train_once(vd, train_student, loss, cfg.loss)
             model = keras.models.load_model(vd / train.CHECKPOINT, compile=False)
             per_image, _ = evaluate_model(model, test, normalizer, cfg.batch_size)
-            per_image.to_csv(vd / "test_metrics.csv", index=False)
+            per_image.to_csv(vd / TEST_METRICS, index=False)
             rows.append({"variant": variant, "seed": seed, "n_expert": n_expert, "loss": loss,
                          "machine_label_dice": true_dice, **summarize(per_image)})
     results = pd.DataFrame(rows)
@@ -162,11 +163,10 @@ def run_noisy_teacher(
 def student_differences(out: Path, variants: list[str], seeds: list[int], baseline: str = "uniform") -> pd.DataFrame:
     """Test Dice of every variant minus `baseline` (the same-sampler control), paired per test image,
     per seed and pooled, with the bootstrap 95% interval over seeds and images of `dsal compare`."""
-    from .compare import _difference_row
 
     def dice_of(variant, seed):
         vd = out / f"s{seed}" / variant
-        path = (out / f"s{seed}" / "teacher" if variant == "teacher" else vd) / "test_metrics.csv"
+        path = (out / f"s{seed}" / "teacher" if variant == "teacher" else vd) / TEST_METRICS
         return pd.read_csv(path).set_index("name")["dice"] if path.is_file() else None
 
     rows = []

@@ -17,14 +17,14 @@ import numpy as np
 import tensorflow as tf
 
 from .config import Config
-from .data import Normalizer, Split
+from .data import Normalizer, Split, foreground_rows
 from .determinism import reset_seed_generators
 from .errors import DsalError
 from .files import atomic_write
 from .losses import deep_supervision, dice
 from .model import unet_for
+from .run import CHECKPOINT  # the run folder owns the file names
 
-CHECKPOINT = "best.keras"
 HISTORY_PART = "history.csv.part"
 tf.get_logger().setLevel("ERROR")  # retracing notices are expected: evaluation and ensembles load many models
 
@@ -82,7 +82,7 @@ def use_xla(cfg: Config) -> bool:
 
 
 def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
-    losses, weights = deep_supervision(cfg.loss, cfg.ds_weights)
+    losses, weights = deep_supervision(cfg.loss, cfg.ds_weights, batch_dice=cfg.batch_dice)
     model.compile(
         jit_compile=use_xla(cfg),
         optimizer=keras.optimizers.Adam(cfg.learning_rate),
@@ -149,9 +149,86 @@ class StopOnNaN(keras.callbacks.Callback):
                             "lower LEARNING_RATE or check the masks (the last good checkpoint is kept)")
 
 
-def _callbacks(cfg: Config, out_dir: Path, epochs: int) -> list:
+def warmup_lr(base: float, step: int, total: int) -> float:
+    """Step `step` (0-based) of a linear warm-up over `total` steps trains at base * (step + 1) / total."""
+    return base * min(1.0, (step + 1) / total) if total > 0 else base
+
+
+class WarmUp(keras.callbacks.Callback):
+    """Linear learning-rate warm-up over the first `epochs` epochs of a round, set before every batch,
+    so Adam's first steps from zero moments cannot push a small net into a saturated, all-background
+    state. `steps_per_epoch` defaults to what `fit` reports (without it the ramp goes by epoch).
+    After the warm-up the rate is left alone: `LR_SCHEDULE` takes over from there."""
+
+    def __init__(self, base_lr: float, epochs: int, steps_per_epoch: int | None = None):
+        super().__init__()
+        self.base, self.epochs, self.per_epoch = float(base_lr), int(epochs), steps_per_epoch
+        self.step, self.by_epoch = 0, False
+
+    def on_train_begin(self, logs=None):
+        self.step = 0
+        self.per_epoch = self.per_epoch or (self.params or {}).get("steps")
+        self.by_epoch = not self.per_epoch
+
+    def _set(self, step: int, total: int) -> None:
+        if step < total:
+            self.model.optimizer.learning_rate = warmup_lr(self.base, step, total)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.by_epoch:
+            self._set(epoch, self.epochs)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self.by_epoch:
+            self._set(self.step, self.epochs * self.per_epoch)
+        self.step += 1
+
+
+def collapsed(val_dice: list[float], floor: float, patience: int) -> bool:
+    """Whether the last `patience` validation Dice values all lie below `floor` (patience 0: never)."""
+    return patience > 0 and len(val_dice) >= patience and all(v < floor for v in val_dice[-patience:])
+
+
+def collapse_advice(cfg: Config, all_foreground: bool = False) -> str:
+    """The settings worth trying after a collapse, skipping those already in use."""
+    tries = [("BATCH_DICE=True", not cfg.batch_dice), ('LOSS="bce_dice"', cfg.loss != "bce_dice"),
+             ('NORM="instance"', cfg.norm == "none"),
+             ("FOREGROUND_OVERSAMPLE=0.33", cfg.foreground_oversample == 0 and not all_foreground),
+             ("LR_WARMUP_EPOCHS=1", cfg.lr_warmup_epochs == 0)]
+    return ", ".join([t for t, useful in tries if useful] + [f"LEARNING_RATE={cfg.learning_rate / 10:g}"])
+
+
+class StopOnCollapse(keras.callbacks.Callback):
+    """End the round with one line when `val_main_dice` stays below `COLLAPSE_FLOOR` for
+    `COLLAPSE_PATIENCE` epochs (added only when the training masks have foreground): the model
+    predicts background everywhere, and a round must not be reported finished with it. The round
+    is left unfinished; no silent restart."""
+
+    def __init__(self, where: str, floor: float, patience: int, advice: str, monitor: str = "val_main_dice"):
+        super().__init__()
+        self.where, self.floor, self.patience, self.advice, self.monitor = where, floor, patience, advice, monitor
+        self.values: list[float] = []
+
+    def on_train_begin(self, logs=None):
+        self.values = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        self.values.append(float(value))
+        if collapsed(self.values, self.floor, self.patience):
+            raise DsalError(
+                f"{self.where}, epoch {epoch + 1}: the model collapsed to all-background (val Dice "
+                f"{self.values[-1]:.4f}, below COLLAPSE_FLOOR={self.floor:g} for {self.patience} epochs, although "
+                f"the training masks have foreground); the round is not finished: try {self.advice}")
+
+
+def _callbacks(cfg: Config, out_dir: Path, epochs: int, fg_images: int = 0, n_images: int = 0) -> list:
+    """The round's callbacks; `fg_images` of the `n_images` training masks have foreground."""
+    where = out_dir.name.replace("_", " ")
     cbs: list = [
-        StopOnNaN(out_dir.name.replace("_", " ")),
+        StopOnNaN(where),
         BestCheckpoint(out_dir / CHECKPOINT),
         keras.callbacks.CSVLogger(str(out_dir / HISTORY_PART)),  # renamed to history.csv when fit ends
     ]
@@ -167,6 +244,11 @@ def _callbacks(cfg: Config, out_dir: Path, epochs: int) -> list:
         base = cfg.learning_rate
         cbs.append(keras.callbacks.LearningRateScheduler(
             lambda e, _lr: 0.5 * base * (1 + math.cos(math.pi * e / max(epochs, 1)))))
+    if cfg.lr_warmup_epochs:  # after the schedule: the warm-up overrides it for its epochs
+        cbs.append(WarmUp(cfg.learning_rate, cfg.lr_warmup_epochs))
+    if cfg.collapse_patience and fg_images:
+        cbs.append(StopOnCollapse(where, cfg.collapse_floor, cfg.collapse_patience,
+                                  collapse_advice(cfg, all_foreground=fg_images == n_images)))
     return cbs
 
 
@@ -193,8 +275,10 @@ def fit(
     verbose = 1 if cfg.progress and sys.stdout.isatty() else 2
     keras.utils.set_random_seed(seed)
     reset_seed_generators(model, seed)  # dropout draws the same masks straight through or resumed
+    fg_images = len(foreground_rows(y)) if cfg.collapse_patience else 0
     history = get_trainer(cfg.trainer).fit_arrays(model, cfg, x, y, is_pseudo, val, normalizer,
-                                                  _callbacks(cfg, out_dir, epochs), epochs, seed, verbose)
+                                                  _callbacks(cfg, out_dir, epochs, fg_images, len(y)), epochs,
+                                                  seed, verbose)
     best = out_dir / CHECKPOINT
     if best.is_file():
         model.set_weights(keras.models.load_model(best, compile=False).get_weights())

@@ -1,4 +1,5 @@
-"""`dsal plan`: the fingerprint on hand-made masks, the size rule, the budget rule with fake timings."""
+"""`dsal plan`: the fingerprint on hand-made masks, the size rule, the budget rule with fake timings, the
+learning probe with fake probes and the full-supervision protocol."""
 
 import json
 import math
@@ -10,7 +11,8 @@ from click.testing import CliRunner
 
 from dsal_tf.cli import cli
 from dsal_tf.config import load_config, resolve
-from dsal_tf.plan import choose, fingerprint, make_plan, predict_seconds, size_ladder
+from dsal_tf.errors import DsalError
+from dsal_tf.plan import choose, fingerprint, make_plan, predict_seconds, probe_verdict, schedule, size_ladder
 
 H, W = 48, 72  # most images; one training image is 64x96 (same aspect 1.5)
 
@@ -212,3 +214,60 @@ def test_preset_auto_plans_once_and_stores_the_plan(tiny_data, tmp_path):
     assert saved["nb_labeled"] == math.ceil(24 * 600 / 1600)
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and "using the stored plan" in again.output
+
+
+@pytest.mark.parametrize("before,after,learned", [(0.03, 0.2, True), (0.03, 0.004, False), (0.03, 0.045, False),
+                                                  (0.3, 0.33, True), (0.03, float("nan"), False)])
+def test_probe_verdict(before, after, learned):
+    ok, why = probe_verdict(before, after, 100)
+    assert ok == learned
+    assert "100 steps" in why or "nan" in why
+    if after < before:
+        assert "fell towards all-background" in why
+
+
+def _fake_probe(learns):
+    """Soft Dice 0.03 -> 0.2 where `learns(cfg)`, else -> 0.004 (a collapse); no clock involved."""
+    return lambda cfg: dict(steps=100, soft_dice_before=0.03, soft_dice_after=0.2 if learns(cfg) else 0.004,
+                            train_step_s=None)
+
+
+def _plan(data, learns, **kw):
+    return make_plan(data, budget_minutes=1000, measure=_fake_measure, log=lambda m: None,
+                     probe=_fake_probe(learns), **kw)
+
+
+def test_plan_refuses_a_candidate_that_does_not_learn(tmp_path):
+    data = _small_structures(tmp_path)
+    plan = _plan(data, lambda cfg: cfg.base_filters < 32)
+    s = plan["choice"]["settings"]
+    assert (s["img_rows"], s["base_filters"], s["loss"], s["batch_dice"]) == (256, 16, "dice", False)
+    refused = [c for c in plan["candidates"] if "refused" in c]
+    assert [(c["img_rows"], c["base_filters"]) for c in refused] == [(256, 32)]
+    assert len(refused[0]["probes"]) == 2 and "fell towards all-background" in refused[0]["refused"]
+    assert plan["probe"]["chosen"]["soft_dice_after"] == 0.2
+
+
+def test_plan_takes_the_next_recipe_when_the_planned_loss_collapses(tmp_path):
+    data = _small_structures(tmp_path)
+    plan = _plan(data, lambda cfg: cfg.loss == "bce_dice" and cfg.batch_dice)
+    s = plan["choice"]["settings"]
+    assert (s["img_rows"], s["base_filters"], s["loss"], s["batch_dice"]) == (256, 32, "bce_dice", True)
+    assert "refused the planned loss" in plan["choice"]["reasons"]["loss"]
+    with pytest.raises(DsalError, match="no planned candidate learned"):
+        _plan(data, lambda cfg: False)
+    with pytest.raises(DsalError, match="no planned candidate learned"):  # a loss the user fixed is kept
+        _plan(data, lambda cfg: cfg.loss == "bce_dice" and cfg.batch_dice, fixed={"LOSS": "dice"})
+
+
+def test_full_supervision_plans_the_whole_pool(tmp_path):
+    data = _small_structures(tmp_path)
+    plan = make_plan(data, budget_minutes=1000, measure=_fake_measure, log=lambda m: None, full_supervision=True)
+    s, pred = plan["choice"]["settings"], plan["choice"]["predicted"]
+    sched = schedule(16, s["batch_size"])
+    assert s["nb_labeled"] == 16 and s["nb_iterations"] == 0 and plan["full_supervision"]
+    assert s["nb_initial_epochs"] == sched["nb_initial_epochs"] + 5 * sched["nb_active_epochs"]
+    best = [c for c in plan["candidates"]
+            if (c["img_rows"], c["base_filters"]) == (s["img_rows"], s["base_filters"])][0]
+    per_epoch = math.ceil(16 / s["batch_size"]) * best["train_step_s"] + best["eval_step_s"]  # 4 val images: 1 batch
+    assert pred["train_s"] == pytest.approx(s["nb_initial_epochs"] * per_epoch, abs=0.02) and pred["score_s"] == 0

@@ -250,7 +250,7 @@ class BoostMISQuery(QueryStrategy):
     """VAT (one power iteration on the main head) and density-aware entropy; scores per image.
 
     Scores a `with_features` graph (SELECTION "auto" means "diverse" here, for the features), but
-    selects by its own rule; `uncertainty` (what scores.csv shows) is the VAT score."""
+    selects by its own rule; `uncertainty` (what the round's scores file shows) is the VAT score."""
 
     default_selection = "diverse"
 

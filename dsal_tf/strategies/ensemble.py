@@ -3,16 +3,15 @@
 ensemble_s  = H(mean_t p_t)                 (entropy of the mean prediction)
 ensemble_js = H(mean_t p_t) - mean_t H(p_t)  (Jensen-Shannon divergence: disagreement only)
 Member 0 is the loop's own model; members 1..T-1 are trained with other seeds on the same data
-each round, continuing from their own previous checkpoint (round_XX/member_k/best.keras).
+each round, continuing from their own previous checkpoint (`Run.member_dir`: round_XX/member_k/).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import keras
 import tensorflow as tf
 
+from ..run import CHECKPOINT, Run, is_done, stage
 from .base import QueryStrategy, keep_features, mean_over_pixels, register_query
 from .entropy import binary_entropy
 
@@ -29,14 +28,14 @@ class _Ensemble(QueryStrategy):
 
     def prepare(self, model, round_: int, run_dir, train_member) -> None:
         self.members = [model]
-        prev = Path(run_dir) / f"round_{round_ - 1:02d}"
+        run = Run(run_dir)
         for k in range(1, self.cfg.nb_ensemble):
-            out = prev / f"member_{k}"
-            if not (out / "DONE").is_file():
-                start = Path(run_dir) / f"round_{round_ - 2:02d}" / f"member_{k}" / "best.keras"
-                train_member(out, start if start.is_file() else None, self.cfg.seed * 7919 + k * 101 + round_)
-                (out / "DONE").write_text("ok")
-            self.members.append(keras.models.load_model(out / "best.keras", compile=False))
+            out = run.member_dir(round_ - 1, k)
+            if not is_done(out):
+                start = run.member_dir(round_ - 2, k) / CHECKPOINT
+                with stage(out):  # DONE after the member's checkpoint
+                    train_member(out, start if start.is_file() else None, self.cfg.seed * 7919 + k * 101 + round_)
+            self.members.append(keras.models.load_model(out / CHECKPOINT, compile=False))
 
     def batch_scores(self, model, x):
         # member 0 is the loop's model, the one the scoring pass was given (with features if asked)

@@ -318,7 +318,7 @@ def fit_plain(model: keras.Model, cfg, x, y, val, normalizer, callbacks, epochs,
     from ..data import make_dataset
 
     train_ds = make_dataset(x, y, normalizer, cfg.batch_size, shuffle=True, augment=cfg.augment,
-                            seed=seed, heads=HEADS)
+                            seed=seed, heads=HEADS, foreground_oversample=cfg.foreground_oversample)
     val_ds = make_dataset(val.images, val.masks, normalizer, cfg.batch_size, heads=HEADS)
     return model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, verbose=verbose,
                      shuffle=False).history  # the dataset shuffles

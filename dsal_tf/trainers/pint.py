@@ -33,8 +33,8 @@ import math
 import keras
 import tensorflow as tf
 
+from ..strategies.entropy import binary_entropy  # float32 in, as `teacher_view` gives it
 from .base import (
-    EPS,
     PairedTrainer,
     ema_update,
     head_sum,
@@ -47,11 +47,6 @@ from .base import (
 
 LN2 = math.log(2.0)
 TAU = 0.5 * LN2
-
-
-def binary_entropy(p) -> tf.Tensor:
-    p = tf.clip_by_value(tf.cast(p, tf.float32), EPS, 1.0 - EPS)
-    return -(p * tf.math.log(p) + (1.0 - p) * tf.math.log(1.0 - p))
 
 
 def below_median(values: tf.Tensor) -> tf.Tensor:

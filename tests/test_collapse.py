@@ -1,0 +1,139 @@
+"""Issue 20: batch Dice, BCE from logits, foreground sampling, warm-up and collapse detection, on
+tiny hand-made cases."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dsal_tf.config import resolve
+from dsal_tf.data import Normalizer, forced_foreground, foreground_rows, make_dataset
+from dsal_tf.errors import DsalError
+from dsal_tf.losses import batch_soft_dice_loss, bce_loss, deep_supervision, soft_dice_loss
+from dsal_tf.train import StopOnCollapse, WarmUp, _callbacks, collapse_advice, collapsed, warmup_lr
+
+# two 2x2 images: A has foreground on its top row, B none
+Y = np.array([[[1, 1], [0, 0]], [[0, 0], [0, 0]]], np.float32)[..., None]
+P = np.array([[[1.0, 0.5], [0, 0]], [[0.5, 0], [0, 0]]], np.float32)[..., None]
+
+
+def test_batch_dice_on_a_batch_with_an_empty_image():
+    # over the batch: overlap 1.5, |y| 2, |p| 2 -> 1 - (3 + 1) / (4 + 1) = 0.2, the same for both images
+    np.testing.assert_allclose(np.asarray(batch_soft_dice_loss(Y, P)), [0.2, 0.2], rtol=1e-6)
+    # per image: A 1 - 4 / 4.5, B (empty) 1 - 1 / 1.5
+    np.testing.assert_allclose(np.asarray(soft_dice_loss(Y, P)), [1 - 4 / 4.5, 1 / 3], rtol=1e-6)
+    # compiled with the deep-supervision weights, Keras' batch mean returns the batch value per head
+    inp = keras.Input((2, 2, 1))
+    heads = {h: keras.layers.Activation("linear", name=h)(inp) for h in ("main", "side_1", "side_2")}
+    model = keras.Model(inp, heads)
+    model.compile(loss=deep_supervision("dice", batch_dice=True)[0], loss_weights={"main": 0.6, "side_1": 0.3,
+                                                                                  "side_2": 0.1})
+    logs = model.evaluate(P, {h: Y for h in heads}, batch_size=2, verbose=0, return_dict=True)
+    assert logs["main_loss"] == pytest.approx(0.2, rel=1e-5) and logs["loss"] == pytest.approx(0.2, rel=1e-5)
+    assert deep_supervision("dice")[0]["main"] is soft_dice_loss
+
+
+def test_bce_keeps_its_gradient_when_a_head_saturates():
+    logits = tf.Variable(np.full((1, 1, 1, 1), -30.0, np.float32))  # p = 9e-14, below the old 1e-7 clip
+    with tf.GradientTape() as tape:
+        loss = bce_loss(np.ones((1, 1, 1, 1), np.float32), keras.activations.sigmoid(logits))
+    assert float(loss[0]) == pytest.approx(30.0, rel=1e-4)  # -log sigmoid(-30), not -log 1e-7 = 16.1
+    assert float(tape.gradient(loss, logits)[0, 0, 0, 0]) == pytest.approx(-1.0, abs=1e-6)  # p - y
+    zero = bce_loss(np.ones((1, 1, 1, 1), np.float32), np.zeros((1, 1, 1, 1), np.float32))
+    assert np.isfinite(float(zero[0]))  # p = 0 exactly: -log 1e-30, no inf
+
+
+def test_collapse_rule():
+    assert collapsed([0.0, 0.0, 0.0], 0.01, 3)
+    assert not collapsed([0.0, 0.0], 0.01, 3)  # too few epochs
+    assert not collapsed([0.0, 0.0, 0.01], 0.01, 3)  # the floor met
+    assert not collapsed([0.0] * 5, 0.01, 0)  # off
+
+
+def test_collapse_callback_raises_on_constant_zero_dice_only():
+    cb = StopOnCollapse("round 0", 0.01, 3, advice="BATCH_DICE=True")
+    cb.on_train_begin()
+    cb.on_epoch_end(0, {"val_main_dice": 0.0})
+    cb.on_epoch_end(1, {"val_main_dice": 0.0})
+    with pytest.raises(DsalError, match=r"round 0, epoch 3: the model collapsed .* try BATCH_DICE=True"):
+        cb.on_epoch_end(2, {"val_main_dice": 0.0})
+    ok = StopOnCollapse("round 0", 0.01, 3, advice="")
+    ok.on_train_begin()
+    for epoch, value in enumerate([0.0, 0.0, 0.02, 0.0, 0.0, 0.5]):
+        ok.on_epoch_end(epoch, {"val_main_dice": value})
+
+
+def test_collapse_callback_only_with_foreground_and_patience(tmp_path):
+    def kinds(cfg, fg):
+        return {type(c).__name__ for c in _callbacks(cfg, tmp_path / "round_00", 5, fg, 4)}
+
+    on = resolve(dict(collapse_patience=3))
+    assert "StopOnCollapse" in kinds(on, 2) and "StopOnCollapse" not in kinds(on, 0)
+    assert "StopOnCollapse" in kinds(resolve({}), 2)  # on by default (COLLAPSE_PATIENCE = 5)
+    assert "StopOnCollapse" not in kinds(resolve(dict(collapse_patience=0)), 2)
+    assert "WarmUp" in kinds(resolve(dict(lr_warmup_epochs=1)), 0) and "WarmUp" not in kinds(resolve({}), 0)
+
+
+def test_collapse_advice_skips_what_is_in_use():
+    assert collapse_advice(resolve(dict(learning_rate=1e-3))) == (
+        'BATCH_DICE=True, LOSS="bce_dice", NORM="instance", FOREGROUND_OVERSAMPLE=0.33, LR_WARMUP_EPOCHS=1, '
+        "LEARNING_RATE=0.0001")
+    used = resolve(dict(batch_dice=True, loss="bce_dice", norm="instance", lr_warmup_epochs=1))
+    assert collapse_advice(used, all_foreground=True) == "LEARNING_RATE=0.0001"
+
+
+def test_warmup_learning_rates():
+    assert [warmup_lr(0.6, s, 3) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.6])
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.06), loss="mse")
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda b, logs: seen.append(float(model.optimizer.learning_rate)))
+    x = np.zeros((6, 1), np.float32)
+    model.fit(x, x, batch_size=2, epochs=3, verbose=0, shuffle=False, callbacks=[WarmUp(0.06, 2), record])
+    # 3 steps an epoch, 2 warm-up epochs: step t of 6 at 0.06 (t + 1) / 6, then the base rate
+    assert seen == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.06, 0.06, 0.06])
+
+
+@pytest.mark.parametrize("batch,share,expected", [(16, 0.33, 5), (2, 0.33, 1), (16, 0.0, 0), (1, 0.33, 0), (4, 0.5, 2)])
+def test_forced_foreground_per_batch(batch, share, expected):
+    assert forced_foreground(batch, share) == expected
+
+
+def _indexed(n=10, fg=(0, 3, 7)):
+    """Image i is filled with the value i; masks of `fg` have one foreground pixel."""
+    images = np.repeat(np.arange(n, dtype=np.uint8), 4).reshape(n, 2, 2, 1)
+    masks = np.zeros((n, 2, 2, 1), np.uint8)
+    masks[list(fg), 0, 0] = 1
+    return images, masks
+
+
+def _epochs(ds, k):
+    """The image indices of `k` passes over `ds`, batch by batch."""
+    return [[np.rint(x[:, 0, 0, 0] * 255).astype(int).tolist() for x, _ in ds] for _ in range(k)]
+
+
+def test_foreground_sampling_share_and_determinism():
+    images, masks = _indexed()
+    assert foreground_rows(masks).tolist() == [0, 3, 7]
+    unit = Normalizer((0.0,), (1.0,))
+    ds = make_dataset(images, masks, unit, 4, shuffle=True, seed=5, foreground_oversample=0.5)
+    epochs = _epochs(ds, 3)
+    for batches in epochs:
+        assert [len(b) for b in batches] == [4, 4, 2]  # the plain epoch's length
+        for b in batches[:2]:
+            assert set(b[2:]) <= {0, 3, 7}  # the last 2 of each full batch have foreground
+    again = _epochs(make_dataset(images, masks, unit, 4, shuffle=True, seed=5, foreground_oversample=0.5), 3)
+    assert again == epochs and epochs[0] != epochs[1]  # seeded, and reshuffled each epoch
+
+
+def test_no_oversampling_is_the_plain_shuffle():
+    images, masks = _indexed()
+    unit = Normalizer((0.0,), (1.0,))
+    plain = tf.data.Dataset.from_tensor_slices((images, masks)).shuffle(10, seed=5, reshuffle_each_iteration=True)
+    reference = _epochs(plain.batch(4).map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y)), 2)
+    assert _epochs(make_dataset(images, masks, unit, 4, shuffle=True, seed=5), 2) == reference
+    everywhere = np.ones_like(masks)  # every mask has foreground: oversampling changes nothing
+    assert _epochs(make_dataset(images, everywhere, unit, 4, shuffle=True, seed=5, foreground_oversample=0.5),
+                   2) == reference
