@@ -58,10 +58,12 @@ def run_grid(cmp_dir: Path) -> pd.DataFrame:
         for seed in SEEDS:
             rec = record_path(EXP, compare_job(spec, seed))
             name = f"{spec or 'full'}-s{seed}"
-            if rec.is_file():
+            if name in finished and name in EARLY_RUNS:  # the queue's record there is only a resume
+                row[f"seed {seed}"] = "done (91b3470)"
+            elif rec.is_file():
                 row[f"seed {seed}"] = f"done ({json.loads(rec.read_text())['commit']})"
             elif name in finished:
-                row[f"seed {seed}"] = "done (91b3470)" if name in EARLY_RUNS else "done"
+                row[f"seed {seed}"] = "done"
             else:
                 row[f"seed {seed}"] = "pending"
         rows.append(row)
