@@ -3,17 +3,17 @@
 
 Input folder: `train-`, `val-`, `test-features.npy` (N x D float) and `-targets.npy` (N int,
 classes 0..C-1), the seed's format. One small MLP head (D -> 128 relu -> C softmax), made once
-and trained on through the rounds (Adam 1e-3, batch 64, `steps` updates a round), learns the
-labelled training samples plus, with `pseudo` adaptive or fixed, the unlabelled ones: the online
-head's hard labels on a weak view (Gaussian noise 0.05 on standardised features), kept where the
-confidence reaches the cutoff (adaptive: `strategies.boostmis`, eps_t from the learning status with
-N_A = the labels the last round added, and the `threshold` rule; fixed: 0.95, FixMatch), CE of a
-strong view (feature dropout 0.3, noise 0.3). An EMA copy (decay 0.99, also kept across rounds) is
-evaluated on the test split; the online head, the pseudo labeller, queries the next K labels:
-`boostmis` (VAT and class-balanced density-aware entropy, among samples the pseudo labeller does
-not take), `entropy` or `random`. exp/NAME/results.csv: round, n_labelled, n_pseudo (unlabelled
-samples the final cutoffs keep), accuracy, macro_f1; learning_curve.png; round_XX.npz (the
-labelled indices of round XX and the two heads' weights it starts from) makes the loop resumable.
+and trained on through the rounds by `trainers.booster.Booster` (Adam 1e-3, batch 64, `steps`
+updates a round), learns the labelled training samples plus the unlabelled ones the pseudo-label
+rule keeps (`PSEUDO_RULES`, `--pseudo`): `adaptive`, BoostMIS's cutoff (`strategies.boostmis`:
+eps_t from the learning status with N_A = the labels the last round added, and the `threshold`
+rule); `fixed`, FixMatch's BOOSTMIS_TAU (0.95); `none`, no pseudo labels. An EMA copy (EMA_DECAY,
+also kept across rounds) is evaluated on the test split; the online head, the pseudo labeller,
+queries the next K labels (`QUERIES`, `--strategy`): `boostmis` (VAT and class-balanced
+density-aware entropy, among samples the pseudo labeller does not take), `entropy` or `random`.
+Defaults not given are the `Config` defaults. exp/NAME/results.csv: round, n_labelled, n_pseudo
+(unlabelled samples the final cutoffs keep), accuracy, macro_f1; learning_curve.png; round_XX.npz
+(the labelled indices of round XX and the two heads' weights it starts from) makes the loop resumable.
 """
 
 from __future__ import annotations
@@ -21,17 +21,131 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import keras
 import numpy as np
+import tensorflow as tf
 
+from .config import Config
 from .data import SPLITS
 from .errors import DsalError
 from .files import atomic_write, atomic_write_text
+from .registry import registrar
 from .run import round_name
+from .strategies.boostmis import THRESHOLDS, LearningStatus, boostmis_select, categorical_kl, knn_density, vat_score
+from .trainers.booster import Booster
 
-STRATEGIES = ("boostmis", "random", "entropy")
-PSEUDO = ("adaptive", "fixed", "none")
-FIXED_TAU = 0.95
+DEFAULTS = Config()  # the BoostMIS settings (tau, threshold rule, VAT xi / eps, k, EMA decay, seed) of a run
 FIELDS = ["round", "n_labelled", "n_pseudo", "accuracy", "macro_f1"]
+
+
+# ------------------------------------------------------------------ pseudo-label rules
+PSEUDO_RULES: dict[str, type[PseudoRule]] = {}
+register_pseudo_rule = registrar(PSEUDO_RULES)  # @register_pseudo_rule("name"): --pseudo name
+
+
+class PseudoRule:
+    """Which of the online head's hard labels the `Booster` learns: a cutoff per class, made once a
+    round. `n_active` is N_A, the labels the last round added; `queries` K; `threshold` a
+    `strategies.boostmis.THRESHOLDS` name; `tau` the fixed confidence cutoff (BOOSTMIS_TAU)."""
+
+    def __init__(self, n_classes: int, n_active: int, queries: int, threshold: str = DEFAULTS.boostmis_threshold,
+                 tau: float = DEFAULTS.boostmis_tau) -> None:
+        self.n_classes, self.n_active, self.queries = n_classes, n_active, queries
+        self.threshold, self.tau = threshold, float(tau)
+
+    def cutoffs(self, confidence, pred_class, update: bool = True):
+        """The cutoff per class [C] for this batch's confidences [N] and classes [N] (`update`: count them)."""
+        raise NotImplementedError
+
+
+@register_pseudo_rule("adaptive")
+class AdaptiveCutoff(PseudoRule):
+    """BoostMIS: eps_t from the learning status (`LearningStatus`) and the `threshold` rule."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.status = LearningStatus(self.n_classes, self.tau, self.n_active, self.queries, rule=self.threshold)
+
+    def cutoffs(self, confidence, pred_class, update: bool = True):
+        return self.status.thresholds(confidence, pred_class, update)
+
+
+@register_pseudo_rule("fixed")
+class FixedCutoff(PseudoRule):
+    """FixMatch: every class at `tau`."""
+
+    def cutoffs(self, confidence, pred_class, update: bool = True):
+        return tf.fill([self.n_classes], self.tau)
+
+
+@register_pseudo_rule("none")
+class NoPseudoLabels(PseudoRule):
+    """Labelled samples only: a cutoff above every confidence keeps no pseudo label."""
+
+    def cutoffs(self, confidence, pred_class, update: bool = True):
+        return tf.fill([self.n_classes], np.inf)
+
+
+# ------------------------------------------------------------------ queries
+QUERIES: dict[str, type[FeatureQuery]] = {}
+register_feature_query = registrar(QUERIES)  # @register_feature_query("name"): --strategy name
+
+
+class FeatureQuery:
+    """Picks the oracle's next samples from the unlabelled features; a query overrides `rank`.
+    `xi`, `eps`: VAT; `knn`: the density's k; `seed`: VAT's random start."""
+
+    def __init__(self, xi: float = DEFAULTS.boostmis_xi, eps: float = DEFAULTS.boostmis_eps,
+                 knn: int = DEFAULTS.boostmis_knn, seed: int = DEFAULTS.seed) -> None:
+        self.xi, self.eps, self.knn, self.seed = xi, eps, knn, seed
+
+    def __call__(self, head, x_unl: np.ndarray, taken: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Positions into `x_unl` [N,D] of the next `n` samples; `taken` [N]: the pseudo labeller keeps them."""
+        return self.rank(head, x_unl, taken, min(n, len(x_unl)), rng)
+
+    def rank(self, head, x_unl: np.ndarray, taken: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+
+def class_entropy(p: np.ndarray) -> np.ndarray:
+    """Entropy of class distributions [N,C] -> [N]."""
+    return -np.sum(p * np.log(np.clip(p, 1e-7, 1.0)), axis=1)
+
+
+@register_feature_query("boostmis")
+class BoostMISFeatureQuery(FeatureQuery):
+    """VAT and class-balanced density-aware entropy (`strategies.boostmis.boostmis_select`), among the
+    samples the pseudo labeller does not take."""
+
+    def rank(self, head, x_unl, taken, n, rng):
+        out = head(x_unl, training=False)
+        p = out["prob"].numpy()
+
+        def prob_fn(z):
+            return head(z, training=False)["prob"]
+
+        vat = vat_score(prob_fn, tf.constant(x_unl), self.xi, self.eps, seed=(self.seed, 1), kl=categorical_kl).numpy()
+        dae = np.full(p.shape, np.nan)
+        dae[np.arange(len(p)), p.argmax(1)] = class_entropy(p) * knn_density(out["features"].numpy(), self.knn)
+        return boostmis_select(vat, dae, taken, n)
+
+
+@register_feature_query("random")
+class RandomFeatureQuery(FeatureQuery):
+    def rank(self, head, x_unl, taken, n, rng):
+        return rng.permutation(len(x_unl))[:n]
+
+
+@register_feature_query("entropy")
+class EntropyFeatureQuery(FeatureQuery):
+    """The head's most uncertain samples (ties: lower position)."""
+
+    def rank(self, head, x_unl, taken, n, rng):
+        return np.argsort(-class_entropy(head(x_unl, training=False)["prob"].numpy()), kind="stable")[:n]
+
+
+STRATEGIES = tuple(QUERIES)  # ("boostmis", "random", "entropy")
+PSEUDO = tuple(PSEUDO_RULES)  # ("adaptive", "fixed", "none")
 
 
 def load_feature_splits(folder: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -70,90 +184,12 @@ def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
     return float(np.mean(f1)) if f1 else 0.0
 
 
-def build_head(dim: int, n_classes: int, hidden: int = 128):
-    import keras
-
+def build_head(dim: int, n_classes: int, hidden: int = 128) -> keras.Model:
+    """The MLP head: `[N,D]` -> `{"prob": [N,C] softmax, "features": [N,hidden]}` (the density's space)."""
     inp = keras.Input((dim,), name="features_in")
     h = keras.layers.Dense(hidden, activation="relu", name="hidden")(inp)
     p = keras.layers.Dense(n_classes, activation="softmax", name="prob")(h)
     return keras.Model(inp, {"prob": p, "features": h}, name="mlp_head")
-
-
-def make_booster(head, ema_head, n_classes: int, pseudo: str, n_active: int, queries: int, ema: float, seed: int,
-                 threshold: str = "global", step0: int = 0):
-    """A Keras Model whose `train_step` takes `((x_unlabelled,), (x_labelled, y_labelled))` batches;
-    it trains `head` (online) and moves `ema_head` after it, with decay `min(1 - 1/(step+1), ema)` (Mean
-    Teacher's warm-up; `step0` = the updates of earlier rounds). `n_active`: N_A, the last round's additions."""
-    import keras
-    import tensorflow as tf
-
-    from .strategies.boostmis import LearningStatus, confident
-    from .trainers.base import ema_update, mean_teacher_decay
-
-    class Booster(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.head, self.ema_head = head, ema_head
-            self.gen = keras.random.SeedGenerator(seed)
-            self.status = LearningStatus(n_classes, FIXED_TAU, n_active, queries, rule=threshold)
-            self.tracker = keras.metrics.Mean(name="loss")
-            self.kept = keras.metrics.Mean(name="kept_fraction")
-
-        @property
-        def metrics(self):
-            return [self.tracker, self.kept]
-
-        def pseudo_labels(self, x, update: bool = True):
-            """Hard labels [N] of the online head on `x` [N,D] and their keep mask [N] (`update`: count them)."""
-            p = tf.stop_gradient(self.head(x, training=False)["prob"])
-            conf, cls = tf.reduce_max(p, axis=1), tf.argmax(p, axis=1)
-            tau = tf.fill([n_classes], FIXED_TAU) if pseudo == "fixed" else self.status.thresholds(conf, cls, update)
-            return cls, confident(conf, cls, tau)
-
-        def train_step(self, data):
-            (x_u,), (x_l, y_l) = data
-            unsup_w = 0.0 if pseudo == "none" else 1.0
-            cls, keep = self.pseudo_labels(x_u + 0.05 * keras.random.normal(tf.shape(x_u), seed=self.gen))
-            drop = tf.cast(keras.random.uniform(tf.shape(x_u), seed=self.gen) > 0.3, tf.float32) / 0.7
-            strong = x_u * drop + 0.3 * keras.random.normal(tf.shape(x_u), seed=self.gen)
-            with tf.GradientTape() as tape:
-                sup = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y_l, self.head(x_l)["prob"]))
-                ce_u = keras.losses.sparse_categorical_crossentropy(cls, self.head(strong)["prob"])
-                loss = sup + unsup_w * tf.reduce_mean(keep * ce_u)
-            grads = tape.gradient(loss, self.head.trainable_variables)
-            decay = mean_teacher_decay(self.optimizer.iterations + step0, ema)  # read before this update
-            self.optimizer.apply_gradients(zip(grads, self.head.trainable_variables))
-            ema_update(self.ema_head, self.head, decay)
-            self.tracker.update_state(loss)
-            self.kept.update_state(unsup_w * tf.reduce_mean(keep))
-            return {m.name: m.result() for m in self.metrics}
-
-    return Booster()
-
-
-def query(strategy: str, booster, x_unl: np.ndarray, taken: np.ndarray, n: int, rng, xi: float, eps: float,
-          knn: int, seed: int) -> np.ndarray:
-    """Positions into `x_unl` of the next `n` samples for the oracle."""
-    import tensorflow as tf
-
-    from .strategies.boostmis import boostmis_select, categorical_kl, knn_density, vat_score
-
-    n = min(n, len(x_unl))
-    if strategy == "random":
-        return rng.permutation(len(x_unl))[:n]
-    out = booster.head(x_unl, training=False)
-    p = out["prob"].numpy()
-    ent = -np.sum(p * np.log(np.clip(p, 1e-7, 1.0)), axis=1)
-    if strategy == "entropy":
-        return np.argsort(-ent, kind="stable")[:n]
-
-    def prob_fn(z):
-        return booster.head(z, training=False)["prob"]
-
-    vat = vat_score(prob_fn, tf.constant(x_unl), xi, eps, seed=(seed, 1), kl=categorical_kl).numpy()
-    dae = np.full(p.shape, np.nan)
-    dae[np.arange(len(p)), p.argmax(1)] = ent * knn_density(out["features"].numpy(), knn)
-    return boostmis_select(vat, dae, taken, n)
 
 
 def save_round(path: Path, labelled: np.ndarray, head, ema_head) -> None:
@@ -191,18 +227,15 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def run_classify(features: str | Path, run_dir: str | Path, labeled: int, queries: int, iterations: int,
-                 strategy: str = "boostmis", pseudo: str = "adaptive", seed: int = 0, steps: int = 200,
-                 batch_size: int = 64, xi: float = 10.0, eps: float = 1.0, knn: int = 10, log=print,
-                 threshold: str = "global") -> Path:
+                 strategy: str = "boostmis", pseudo: str = "adaptive", seed: int = DEFAULTS.seed, steps: int = 200,
+                 batch_size: int = 64, xi: float = DEFAULTS.boostmis_xi, eps: float = DEFAULTS.boostmis_eps,
+                 knn: int = DEFAULTS.boostmis_knn, log=print, threshold: str = DEFAULTS.boostmis_threshold) -> Path:
     """Run or resume the loop; returns `run_dir` (results.csv, learning_curve.png, round_XX.npz).
-    `threshold`: the adaptive cutoff rule, `strategies.boostmis.THRESHOLDS` (BOOSTMIS_THRESHOLD)."""
-    import keras
+    `strategy`: a `QUERIES` name; `pseudo`: a `PSEUDO_RULES` name; `threshold`: the adaptive cutoff rule,
+    `strategies.boostmis.THRESHOLDS` (BOOSTMIS_THRESHOLD)."""
     import pandas as pd
-    import tensorflow as tf
 
-    from .strategies.boostmis import THRESHOLDS
-
-    if strategy not in STRATEGIES or pseudo not in PSEUDO or threshold not in THRESHOLDS:
+    if strategy not in QUERIES or pseudo not in PSEUDO_RULES or threshold not in THRESHOLDS:
         raise DsalError(f"--strategy must be one of {STRATEGIES}, --pseudo one of {PSEUDO} and the threshold "
                         f"rule one of {sorted(THRESHOLDS)}")
     if labeled < 1 or queries < 0 or iterations < 0 or steps < 1:
@@ -229,6 +262,7 @@ def run_classify(features: str | Path, run_dir: str | Path, labeled: int, querie
     if not first.is_file():
         start = np.sort(np.random.default_rng([seed, 0]).choice(len(x), labeled, replace=False))
         atomic_write(first, lambda tmp: np.savez(tmp, labelled=start))
+    query = QUERIES[strategy](xi, eps, knn, seed)
     keras.utils.set_random_seed(seed * 1000)
     head = build_head(x.shape[1], n_classes)  # one head through the rounds, not a fresh one each round
     ema_head = keras.Model.from_config(head.get_config())
@@ -239,8 +273,8 @@ def run_classify(features: str | Path, run_dir: str | Path, labeled: int, querie
         n_added = len(labelled) - len(load_round(run / f"{round_name(r - 1)}.npz")) if r else 0  # N_A
         unl = np.setdiff1d(np.arange(len(x)), labelled)
         keras.utils.set_random_seed(seed * 1000 + r)
-        booster = make_booster(head, ema_head, n_classes, pseudo, n_active=n_added, queries=max(queries, 1),
-                               ema=0.99, seed=seed * 1000 + r, threshold=threshold, step0=r * steps)
+        rule = PSEUDO_RULES[pseudo](n_classes, n_added, max(queries, 1), threshold)
+        booster = Booster(head, ema_head, rule, DEFAULTS.ema_decay, seed * 1000 + r, step0=r * steps)
         booster.compile(optimizer=keras.optimizers.Adam(1e-3))
         x_u = x[unl] if len(unl) else x[labelled]
         lab = tf.data.Dataset.from_tensor_slices((x[labelled], y[labelled])).repeat().shuffle(4096, seed=seed)
@@ -248,12 +282,10 @@ def run_classify(features: str | Path, run_dir: str | Path, labeled: int, querie
         ds = tf.data.Dataset.zip((ulb.batch(batch_size), lab.batch(batch_size))).take(steps)
         booster.fit(ds, epochs=1, verbose=0, shuffle=False)  # the datasets shuffle
         pred = ema_head(xt, training=False)["prob"].numpy().argmax(1)
-        taken = np.zeros(len(unl), bool)
-        if pseudo != "none" and len(unl):
-            taken = booster.pseudo_labels(x[unl], update=False)[1].numpy() > 0
+        taken = booster.pseudo_labels(x[unl], update=False)[1].numpy() > 0 if len(unl) else np.zeros(0, bool)
         # the next round's labels are chosen even after the last round, so more --iterations resume from here
         rng = np.random.default_rng([seed, r + 1])
-        picks = query(strategy, booster, x[unl], taken, queries, rng, xi, eps, knn, seed) if len(unl) else unl
+        picks = query(head, x[unl], taken, queries, rng) if len(unl) else unl
         save_round(run / f"{round_name(r + 1)}.npz", np.sort(np.r_[labelled, unl[picks]]), head, ema_head)
         rows.append(dict(round=r, n_labelled=len(labelled), n_pseudo=int(taken.sum()),
                          accuracy=round(float(np.mean(pred == yt)), 5),

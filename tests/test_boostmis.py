@@ -284,32 +284,102 @@ def test_classify_n_active_and_one_head_through_the_rounds(tmp_path, monkeypatch
     import dsal_tf.classify as dc
 
     calls = []
-    real = dc.make_booster
+    real = dc.Booster
 
-    def spy(head, ema_head, *args, **kwargs):
-        calls.append((kwargs["n_active"], head, [w.copy() for w in head.get_weights()]))
-        return real(head, ema_head, *args, **kwargs)
+    def spy(head, ema_head, rule, *args, **kwargs):
+        calls.append((rule.n_active, rule.status.n_active, head, [w.copy() for w in head.get_weights()]))
+        return real(head, ema_head, rule, *args, **kwargs)
 
-    monkeypatch.setattr(dc, "make_booster", spy)
+    monkeypatch.setattr(dc, "Booster", spy)
     run = dc.run_classify(write_feature_splits(tmp_path / "f", dim=8), tmp_path / "c", labeled=6, queries=5,
                           iterations=2, steps=3, batch_size=8, log=lambda m: None)
-    assert [c[0] for c in calls] == [0, 5, 5]
-    assert calls[1][1] is calls[0][1] is calls[2][1]
+    assert [c[:2] for c in calls] == [(0, 0), (5, 5), (5, 5)]
+    assert calls[1][2] is calls[0][2] is calls[2][2]
     with np.load(run / "round_01.npz") as z:  # round 1 starts where round 0 ended
-        for i, w in enumerate(calls[1][2]):
+        for i, w in enumerate(calls[1][3]):
             np.testing.assert_array_equal(z[f"online_{i}"], w)
-    assert any(not np.array_equal(a, b) for a, b in zip(calls[0][2], calls[1][2]))
+    assert any(not np.array_equal(a, b) for a, b in zip(calls[0][3], calls[1][3]))
 
 
-def test_classify_pseudo_labels_from_the_online_head():
+def test_classify_registries_match_the_cli_and_the_config():
+    from dsal_tf.classify import PSEUDO, PSEUDO_RULES, QUERIES, STRATEGIES, AdaptiveCutoff, FeatureQuery
+    from dsal_tf.cli import classify
+    from dsal_tf.config import Config
+
+    options = {o.name: o for o in classify.params}
+    assert list(options["strategy"].type.choices) == list(QUERIES) == list(STRATEGIES)
+    assert list(options["pseudo"].type.choices) == list(PSEUDO_RULES) == list(PSEUDO)
+    assert all(QUERIES[n].name == n for n in QUERIES) and all(PSEUDO_RULES[n].name == n for n in PSEUDO_RULES)
+    cfg, rule, query = Config(), AdaptiveCutoff(3, 0, 5), FeatureQuery()
+    assert (rule.tau, rule.threshold) == (cfg.boostmis_tau, cfg.boostmis_threshold)
+    assert (query.xi, query.eps, query.knn, query.seed) == (cfg.boostmis_xi, cfg.boostmis_eps, cfg.boostmis_knn,
+                                                             cfg.seed)
+
+
+@pytest.mark.parametrize("name,keep", [
+    # confident (>= 0.95) counts [4, 3, 0]; first batch: eps = 0.9 + 0.05 * 10 / (2 * 10) = 0.925
+    ("adaptive", [1, 1, 1, 1, 1, 0, 1, 1, 1, 0, 0, 0, 0]),
+    ("fixed", [1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0]),  # FixMatch: 0.95
+    ("none", [0] * 13),
+])
+def test_classify_pseudo_rules_on_hand_made_probabilities(name, keep):
+    from dsal_tf.classify import PSEUDO_RULES
+
+    rule = PSEUDO_RULES[name](3, n_active=10, queries=10)
+    conf, cls = HAND_P.max(1), HAND_P.argmax(1)
+    np.testing.assert_array_equal(confident(conf, cls, rule.cutoffs(conf, cls)).numpy(), keep)
+
+
+class FixedHead:
+    """A stand-in head with given class probabilities and features, whatever the input."""
+
+    def __init__(self, p, features):
+        self.p, self.features = tf.constant(p), tf.constant(features)
+
+    def __call__(self, x, training=False):
+        return {"prob": self.p, "features": self.features}
+
+
+def test_classify_queries_rank_by_hand(monkeypatch):
+    import dsal_tf.classify as dc
+
+    p = np.array([[0.9, 0.1], [0.5, 0.5], [0.7, 0.3], [0.4, 0.6], [0.99, 0.01]], np.float32)
+    f = np.array([[1, 0], [0, 1], [1, 1], [0, 1], [1, 0]], np.float32)
+    head, x, free = FixedHead(p, f), np.zeros((5, 2), np.float32), np.zeros(5, bool)
+    # entropy: the even split, then 0.4 / 0.6, then 0.7 / 0.3
+    np.testing.assert_array_equal(dc.QUERIES["entropy"]()(head, x, free, 3, None), [1, 3, 2])
+    # random: the generator's permutation; n is cut to the pool
+    np.testing.assert_array_equal(dc.QUERIES["random"]()(head, x, free, 9, np.random.default_rng(4)),
+                                  np.random.default_rng(4).permutation(5))
+    # boostmis: density (k = 1) = best cosine to another sample: [1, 1, 1/sqrt2, 1, 1]; density-aware
+    # entropy in the column of the predicted class; VAT given
+    seen = {}
+    monkeypatch.setattr(dc, "vat_score", lambda *a, **k: tf.constant([0.0, 0.1, 0.9, 0.2, 0.3]))
+    real = dc.boostmis_select
+    monkeypatch.setattr(dc, "boostmis_select", lambda vat, dae, *a: seen.update(dae=dae) or real(vat, dae, *a))
+    taken = np.array([True, False, False, False, False])
+    picks = dc.QUERIES["boostmis"](knn=1)(head, x, taken, 3, None)
+
+    def h(q):
+        return -(q * math.log(q) + (1 - q) * math.log(1 - q))
+
+    nan = np.nan
+    expected = [[h(0.9), nan], [h(0.5), nan], [h(0.7) / math.sqrt(2), nan], [nan, h(0.4)], [h(0.99), nan]]
+    np.testing.assert_allclose(seen["dae"], expected, rtol=1e-5)
+    # among the free: by VAT 2, 4, 3, 1; class-balanced by dae 1 (c0), 3 (c1), 2, 4; alternating
+    np.testing.assert_array_equal(picks, [2, 1, 4])
+
+
+def test_booster_pseudo_labels_from_the_online_head():
     import keras
 
-    from dsal_tf.classify import build_head, make_booster
+    from dsal_tf.classify import PSEUDO_RULES, build_head
+    from dsal_tf.trainers import Booster
 
     keras.utils.set_random_seed(0)
     head, ema_head = build_head(4, 3, hidden=8), build_head(4, 3, hidden=8)
     x = tf.random.stateless_normal((64, 4), seed=(2, 3))
-    booster = make_booster(head, ema_head, 3, "fixed", n_active=0, queries=5, ema=0.99, seed=0)
+    booster = Booster(head, ema_head, PSEUDO_RULES["fixed"](3, n_active=0, queries=5), ema=0.99, seed=0)
     cls, keep = booster.pseudo_labels(x)
     p = head(x)["prob"].numpy()
     assert not np.array_equal(p.argmax(1), ema_head(x)["prob"].numpy().argmax(1))

@@ -10,6 +10,9 @@
 | `pnt`, `int`, `pint` | `pint.py` | after a supervised warm-up, EMA-teacher uncertainty gates label vs. teacher |
 | `boostmis` | `boostmis.py` | EMA-teacher pixel labels above adaptive class thresholds replace the noisy masks |
 
+`booster.py` holds `Booster`, the same pseudo labels for `dsal classify`'s head on feature vectors
+(`classify.PSEUDO_RULES` gives its cutoffs); it trains no segmenter, so it is not in `TRAINERS`.
+
 `train.fit` calls `TRAINERS[cfg.trainer].fit_arrays(...)` and never branches on the name. The loss
 of a run is `PairedTrainer.loss_for(cfg)`: `LOSS`, except `uniform` and `rgs`/`rgm`/`rgsm`, which use
 `REWEIGHT_LOSS` (BCE + Dice by default, `base.reweight_loss_name`).
@@ -28,6 +31,7 @@ from .base import (
     reweight_loss_name,
     split_clean,
 )
+from .booster import Booster
 from .reweight import (
     ReweightedTrainer,
     combine_weights,
@@ -58,7 +62,7 @@ def make_trainer(name: str, segmenter, **kwargs) -> PairedTrainer:
 
 
 __all__ = [
-    "DS_WEIGHTS", "TRAINERS", "PairedTrainer", "ReweightedTrainer", "combine_weights", "get_trainer",
+    "DS_WEIGHTS", "TRAINERS", "Booster", "PairedTrainer", "ReweightedTrainer", "combine_weights", "get_trainer",
     "informativeness_scores", "kernel_gradient_magnitude", "make_paired_dataset", "make_trainer",
     "normalize_positive", "per_sample_loss", "pixel_weighted_loss", "register_trainer", "resolve_loss",
     "reweight_loss_name", "split_clean", "trust_scores",
