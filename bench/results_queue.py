@@ -104,7 +104,9 @@ def plan() -> list[Job]:
             + rows("dsal+diverse", "ceal") + rows("dsal@minfg", "dsal@pre8", seeds=(0,))
             + precision[:2] + walltime + rows("entropy") + precision[2:5]
             + rows("dsal@minfg", "dsal@pre8", seeds=SEEDS[1:])
-            + covid[6:] + [noisy[(400, seed)] for seed in SEEDS] + precision[5:])
+            + covid[6:] + [noisy[(400, seed)] for seed in SEEDS] + precision[5:]
+            + [Job("speed/scale", "none", (sys.executable, "bench/bench_scale.py", "--sizes", "500,4000,10000,30000",
+                                          "--fresh-cache"))])
 
 
 def collect(table: str, exp_dir: Path, results: Path) -> None:

@@ -352,9 +352,6 @@ def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo,
 
     Returns (scoring seconds, stop reason or None): a pool that already agrees with itself
     (`STOP_AGREEMENT`) ends the loop before anything is chosen."""
-    from .strategies.pseudo import with_foreground
-
-    rng = np.random.default_rng([cfg.seed, r])
     unl = pool.unlabelled
     t = time.perf_counter()
     scores = _merged_parts(rd, unl, cfg.batch_size, log)
@@ -367,6 +364,21 @@ def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo,
         mean = float(np.mean(scores["agreement"]))
         if mean >= cfg.stop_agreement:
             return score_s, f"mean pool agreement {mean:.4f} >= STOP_AGREEMENT = {cfg.stop_agreement}"
+    oracle_idx, pseudo_idx = choose_labels(cfg, r, pool, pool_data, unl, scores, model, normalizer, query, pseudo,
+                                           oracle, rd)
+    log(f"round {r}: {len(oracle_idx)} images to the oracle, {len(pseudo_idx)} pseudo labels "
+        f"(scored {len(unl)} in {score_s:.1f}s)")
+    return score_s, None
+
+
+def choose_labels(cfg, r, pool, pool_data, unl, scores, model, normalizer, query, pseudo, oracle, rd):
+    """Round `r`'s selection from the scores of the unlabelled pool images `unl`: the oracle picks
+    (labelled in `pool`, asked of the oracle), the pseudo labels (masks from the disk-backed `pred`
+    store, PNGs for inspection), `scores.csv`, and the saved pool last. Reads only the chosen
+    images; returns (oracle indices, pseudo indices) into the pool."""
+    from .strategies.pseudo import with_foreground
+
+    rng = np.random.default_rng([cfg.seed, r])
     n_oracle = min(cfg.nb_next_sample, len(unl))
     if cfg.stop_budget:
         n_oracle = min(n_oracle, cfg.stop_budget - len(pool.labelled))
@@ -389,6 +401,4 @@ def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo,
     oracle.request(rd, oracle_idx, pool_data, scores, picks, prelabels)
     _write_scores(rd / SCORES, pool_data.names, unl, scores, oracle_idx, unl[chosen])
     pool.save(rd / POOL)  # last: a saved pool with its scores means the round is decided (`Run.decided`)
-    log(f"round {r}: {len(oracle_idx)} images to the oracle, {len(chosen)} pseudo labels "
-        f"(scored {len(unl)} in {score_s:.1f}s)")
-    return score_s, None
+    return oracle_idx, unl[chosen]

@@ -120,3 +120,45 @@ def test_multi_head_targets():
     ds = make_dataset(imgs, imgs[..., :1], Normalizer.fit(imgs, "unit"), 2, heads=("main", "side_1"))
     _, y = next(iter(ds))
     assert set(y) == {"main", "side_1"} and y["main"].shape == (2, 8, 8, 1)
+
+
+def _fit_reference(images, chunk=512):
+    """The statistics as first written (float64 copy / 255, squares in a new array), for bit-identity."""
+    channels = images.shape[-1]
+    total, squares = np.zeros(channels), np.zeros(channels)
+    for start in range(0, len(images), chunk):
+        part = np.asarray(images[start:start + chunk], np.float64).reshape(-1, channels) / 255.0
+        total += part.sum(0)
+        squares += np.square(part).sum(0)
+    n = max(images.size // channels, 1)
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
+    return tuple(mean.tolist()), tuple(np.maximum(std, 1e-6).tolist())
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_normalizer_holds_one_float_chunk_of_a_memmapped_pool_and_is_bit_identical(tmp_path, channels):
+    """Issue 17: the statistics pass held three float64 chunks at once (the previous chunk alive while
+    the next was converted), a step of 1 GiB at 192x240 above 512 images. Now one reused buffer,
+    the same at 600 and 3000 images, with bit-identical statistics."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    peaks = {}
+    for n in (600, 3000):
+        path = tmp_path / f"images{n}_{channels}.npy"
+        out = np.lib.format.open_memmap(path, "w+", np.uint8, (n, 16, 16, channels))
+        out[:] = rng.integers(0, 256, out.shape, dtype=np.uint8)
+        out.flush()
+        del out
+        images = np.load(path, mmap_mode="r")
+        tracemalloc.start()
+        norm = Normalizer.fit(images, "zscore")
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert (norm.mean, norm.std) == _fit_reference(images)
+    chunk_bytes = 512 * 16 * 16 * channels * 8  # one float64 chunk of 512 images
+    assert peaks[3000] < 1.25 * chunk_bytes, peaks
+    assert peaks[3000] < 1.1 * peaks[600], peaks
+    small = rng.integers(0, 256, (37, 5, 7, channels), dtype=np.uint8)
+    assert (lambda z: (z.mean, z.std))(Normalizer.fit(small, "zscore", chunk=8)) == _fit_reference(small, 8)

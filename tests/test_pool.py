@@ -34,3 +34,55 @@ def test_label_pseudo_training_set_and_round_trip(tmp_path):
     assert np.array_equal(back.labelled_map, pool.labelled_map)
     assert np.array_equal(back.pseudo_idx, pool.pseudo_idx)
     assert np.array_equal(back.pseudo_masks, pseudo_masks)
+
+
+def test_round_selection_reads_only_the_chosen_images_of_a_memmapped_pool(tmp_path):
+    """Issue 17: the selection half of a round (oracle picks, pseudo masks from the disk-backed `pred`
+    store, pseudo PNGs, scores.csv, the saved pool, the next training set) allocates per-image
+    scalars only, never O(pool) image bytes: a fancy index or `np.asarray` of the memory-mapped pool
+    or of `pred` would show up here."""
+    import tracemalloc
+
+    import cv2
+
+    from dsal_tf.active import choose_labels
+    from dsal_tf.config import resolve
+    from dsal_tf.data import Split
+    from dsal_tf.oracle import ORACLES
+    from dsal_tf.strategies import PSEUDO_POLICIES, QUERY_STRATEGIES
+    from dsal_tf.strategies.base import disk_array
+
+    n, side = 3000, 32
+    path = tmp_path / "images.npy"
+    out = np.lib.format.open_memmap(path, "w+", np.uint8, (n, side, side, 3))
+    out[:] = 100
+    out.flush()
+    del out
+    masks_path = tmp_path / "masks.npy"
+    out = np.lib.format.open_memmap(masks_path, "w+", np.uint8, (n, side, side, 1))
+    out[:] = 1
+    out.flush()
+    del out
+    png = tmp_path / "one.png"  # every pool image's original file (only its size is read)
+    cv2.imwrite(str(png), np.zeros((side, side), np.uint8))
+    pool_data = Split([f"im{i}" for i in range(n)], np.load(path, mmap_mode="r"), np.load(masks_path, mmap_mode="r"),
+                      files=[png] * n)
+    cfg = resolve({"exp_dir": str(tmp_path / "exp")})
+    pool = Pool.initial(n, cfg.nb_labeled, seed=0)
+    unl = pool.unlabelled
+    rng = np.random.default_rng(1)
+    scores = {k: rng.random(len(unl)) for k in ("uncertainty", "agreement", "confidence", "foreground", "true_dice")}
+    scores["pred"] = disk_array((len(unl), side, side, 1), np.uint8)  # what `score_pool` returns
+    scores["pred"][:] = 1
+    r = cfg.pseudo_epoch  # a round with pseudo labels
+    query, pseudo = QUERY_STRATEGIES["dsal"](cfg), PSEUDO_POLICIES["confidence"](cfg)
+    tracemalloc.start()
+    oracle_idx, pseudo_idx = choose_labels(cfg, r, pool, pool_data, unl, scores, None, None, query, pseudo,
+                                           ORACLES["simulated"](cfg), tmp_path / "round")
+    x, y, flag = pool.training_set(pool_data.images, pool_data.masks)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(oracle_idx) == cfg.nb_next_sample and len(pseudo_idx) == cfg.nb_pseudo(r)
+    assert len(x) == cfg.nb_labeled + cfg.nb_next_sample + cfg.nb_pseudo(r) and flag.sum() == len(pseudo_idx)
+    assert len(list((tmp_path / "round" / "pseudo").glob("*.png"))) == len(pseudo_idx)
+    assert peak < pool_data.images.nbytes / 4, (peak, pool_data.images.nbytes)
