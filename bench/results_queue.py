@@ -79,6 +79,15 @@ def precision_jobs() -> list[Job]:
     return jobs
 
 
+def robust_and_boostmis_jobs() -> list[Job]:
+    """The full robust-trainer tables (3 noise settings, seeds 0-2) and BoostMIS on ISIC through compare."""
+    jobs = [Job(f"robust/{kind}-r{rate}", "none", (sys.executable, "bench/robust_isic.py", "--data", ISIC,
+                                                   "--kind", kind, "--rate", rate, "--seeds", "0,1,2"))
+            for kind, rate in (("dilate", "0.4"), ("dilate", "0.8"), ("elastic", "0.4"))]
+    jobs += [compare_job(spec, seed) for spec in ("boostmis", "dsal@boostmis-trainer") for seed in SEEDS]
+    return jobs
+
+
 def plan() -> list[Job]:
     """Every job, in the order they run: what the open issues need first, ablations and extras last."""
     isic = {(spec or "full", seed): compare_job(spec, seed, full=spec == "") for spec in STRATEGY_ROWS
@@ -105,6 +114,7 @@ def plan() -> list[Job]:
             + precision[:2] + walltime + rows("entropy") + precision[2:5]
             + rows("dsal@minfg", "dsal@pre8", seeds=SEEDS[1:])
             + covid[6:] + [noisy[(400, seed)] for seed in SEEDS] + precision[5:]
+            + robust_and_boostmis_jobs()
             + [Job("speed/scale", "none", (sys.executable, "bench/bench_scale.py", "--sizes", "500,4000,10000,30000",
                                           "--fresh-cache"))])
 

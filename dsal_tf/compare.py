@@ -42,6 +42,7 @@ SELECTIONS = ("rank", "histogram", "diverse", "power")
 VARIANTS: dict[str, dict] = {
     "minfg": {"pseudo_min_foreground": 0.01},  # the weak labeler skips (near-)empty predictions
     "pre8": {"side_upsampling": "bilinear", "dropout_at": "bottleneck+deepest"},  # the pre-issue-8 U-Net
+    "boostmis-trainer": {"trainer": "boostmis"},  # adaptive pixel pseudo labels over the unlabelled pool
 }
 MODEL_FIELDS = ("base_filters", "depth", "dropout", "side_upsampling", "dropout_at", "norm")
 BOOTSTRAP_REPS = 2000
