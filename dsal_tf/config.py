@@ -200,7 +200,6 @@ _CHOICES = {
     "jit_compile": ("auto", "on", "off"),
     "oracle": ("simulated", "files"),
     "initial_selection": ("auto", "random", "kcenter"),
-    "trainer": ("standard", "uniform", "rgs", "rgm", "rgsm", "mwnet", "mcpm", "pnt", "int", "pint", "boostmis"),
     "preset": tuple(PRESETS),
 }
 _POSITIVE = {
@@ -308,8 +307,10 @@ def _check(cfg: Config, source: str) -> None:
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise DsalError(f"EMA_DECAY in {source} must be in [0, 1), got {cfg.ema_decay}")
     from .strategies import PSEUDO_POLICIES, QUERY_STRATEGIES
+    from .trainers import TRAINERS
 
-    for name, registry in (("query_strategy", QUERY_STRATEGIES), ("pseudo_policy", PSEUDO_POLICIES)):
+    for name, registry in (("query_strategy", QUERY_STRATEGIES), ("pseudo_policy", PSEUDO_POLICIES),
+                           ("trainer", TRAINERS)):
         value = getattr(cfg, name)
         if value not in registry and not (name == "pseudo_policy" and value == "auto"):
             raise DsalError(
