@@ -63,6 +63,11 @@ ROWS: dict[str, tuple[str, str, dict, bool]] = {
     "only-warmup": ("1 warm-up epoch alone", "demo", dict(OLD_PLAN, **S128, **WARMUP), True),
     "only-lr-1e-4": ("Adam 1e-4 alone", "demo", dict(OLD_PLAN, **S128, learning_rate=1e-4), True),
     "auto": ("--preset auto (planned, with the learning probe)", "auto", {}, False),
+    # the same fixes on the old plan at its own 256x256, where the collapse happened
+    "256+batch-dice": ("old plan at 256x256 + batch Dice", "demo",
+                       dict(OLD_PLAN, img_rows=256, img_cols=256, **BATCH_DICE), True),
+    "256-only-bce-dice": ("old plan at 256x256, Dice + cross-entropy alone", "demo",
+                          dict(OLD_PLAN, img_rows=256, img_cols=256, **BCE_DICE), True),
 }
 
 

@@ -59,7 +59,7 @@ STRATEGY_ROWS = ("dsal", "random", "", "dsal+power", "dsal+diverse", "entropy", 
 NOISY_EXPERTS = (200, 400)
 # bench/covid_ct.py rows: the fixed preset to beat, the old plan's collapse, each fix alone, the new plan
 COVID_ROWS = ("isic-128", "old-plan-128", "+batch-dice", "only-bce-dice", "only-norm", "auto",
-              "only-warmup", "isic-64", "old-plan-256", "+bce-dice", "+norm")
+              "old-plan-256", "256+batch-dice", "256-only-bce-dice", "only-warmup", "isic-64", "+bce-dice", "+norm")
 
 
 def precision_jobs() -> list[Job]:
@@ -109,11 +109,11 @@ def plan() -> list[Job]:
     walltime = [Job("speed/walltime-isic2017-cpu", "none", (sys.executable, "bench/bench_walltime.py", "--data", ISIC))]
     rows = lambda *specs, seeds=SEEDS: [isic[(s, seed)] for s in specs for seed in seeds]  # noqa: E731
     return (rows("dsal", "random", "full", "dsal+power")
-            + [noisy[(200, seed)] for seed in SEEDS] + methods + covid[:6]
-            + rows("dsal+diverse", "ceal") + rows("dsal@minfg", "dsal@pre8", seeds=(0,))
-            + precision[:2] + walltime + rows("entropy") + precision[2:5]
+            + [noisy[(200, seed)] for seed in SEEDS] + methods + covid[:9]
+            + rows("dsal+diverse") + rows("dsal@minfg", "dsal@pre8", seeds=(0,))
+            + precision[:2] + walltime + rows("ceal", "entropy") + precision[2:5]
             + rows("dsal@minfg", "dsal@pre8", seeds=SEEDS[1:])
-            + covid[6:] + [noisy[(400, seed)] for seed in SEEDS] + precision[5:]
+            + covid[9:] + [noisy[(400, seed)] for seed in SEEDS] + precision[5:]
             + robust_and_boostmis_jobs()
             + [Job("speed/scale", "none", (sys.executable, "bench/bench_scale.py", "--sizes", "500,4000,10000,30000",
                                           "--fresh-cache"))])
