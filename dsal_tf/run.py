@@ -228,6 +228,11 @@ class Run:
         saved = json.loads(path.read_text())
         if progress is not None:
             saved["progress"] = progress
+        # a copied or moved run lives where it was opened, not where it was made
+        saved["exp_name"] = saved.get("exp_name") or self.path.name
+        depth = len(Path(saved["exp_name"]).parts)
+        if len(self.path.parts) > depth and Path(*self.path.parts[-depth:]) == Path(saved["exp_name"]):
+            saved["exp_dir"] = str(self.path.parents[depth - 1])
         return resolve(saved, source=str(path))
 
     # ------------------------------------------------------------------ finished rounds

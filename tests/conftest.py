@@ -1,8 +1,12 @@
-"""Shared fixtures: a tiny synthetic dataset on disk and a tiny configuration over it."""
+"""Shared fixtures: a tiny synthetic dataset on disk, a tiny configuration over it, and one finished tiny run
+that the slow tests which only read a run share (train it once per session instead of once per test)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -32,3 +36,41 @@ def tiny_values(data_path, tmp_path, **extra) -> dict:
 @pytest.fixture
 def tiny_cfg(tiny_data, tmp_path):
     return resolve(tiny_values(tiny_data, tmp_path))
+
+
+def _digest(folder) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory):
+    """The config of one finished default tiny run (rounds 0, 1, 2), trained once per session.
+
+    Read-only: a test that changes a run works on `copy_run(tiny_run, tmp_path)`. The session checks at
+    its end that no test changed a file of it."""
+    from dsal_tf.active import run_active_learning
+
+    cfg = resolve(tiny_values(tiny_data, tmp_path_factory.mktemp("shared")))
+    run_active_learning(cfg, log=lambda m: None)
+    before = _digest(cfg.run_dir)
+    yield cfg
+    assert _digest(cfg.run_dir) == before, "a test changed the shared tiny run; copy it with copy_run first"
+
+
+def copy_run(cfg, tmp_path, keep_rounds=None, **changes):
+    """A private copy of a finished run at `tmp_path/exp/<name>` (EXP_DIR may change on resume); with
+    `keep_rounds`, only rounds below it are kept, as if the run had been started with fewer rounds."""
+    new = cfg.replace(exp_dir=str(tmp_path / "exp"), **changes)
+    ignore = None
+    if keep_rounds is not None:
+        ignore = shutil.ignore_patterns(*(f"round_{r:02d}" for r in range(keep_rounds, 100)))
+    shutil.copytree(cfg.run_dir, new.run_dir, ignore=ignore)
+    saved = new.run_dir / "config.json"  # what a resume with the new settings would record
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "exp_dir": new.exp_dir, **changes}, indent=2,
+                                sort_keys=True))
+    if keep_rounds is not None:
+        curve = new.run_dir / "learning_curve.csv"
+        lines = curve.read_text().splitlines(keepends=True)
+        curve.write_text("".join([lines[0], *(x for x in lines[1:] if int(x.split(",")[0]) < keep_rounds)]))
+    return new

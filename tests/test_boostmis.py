@@ -158,7 +158,7 @@ def test_boostmis_query_and_trainer_run_the_loop(tiny_data, tmp_path):
     from tests.conftest import tiny_values
 
     cfg = resolve(tiny_values(tiny_data, tmp_path, query_strategy="boostmis", trainer="boostmis",
-                              nb_iterations=1, pseudo_epoch=1))
+                              nb_iterations=1, pseudo_epoch=1, depth=3))
     run = run_active_learning(cfg, log=lambda m: None)
     curve = pd.read_csv(run / "learning_curve.csv")
     assert list(curve["round"]) == [0, 1]
@@ -176,7 +176,7 @@ def test_boostmis_query_and_trainer_run_the_loop(tiny_data, tmp_path):
                   "seborrheic_keratosis": [0.0, 1.0] * (len(names) // 2)}).to_csv(labels, index=False)
     out = extract_features(cfg, tiny_data / "testImg", tmp_path / "feats", "test", "last", labels, log=lambda m: None)
     f = np.load(out / "test-features.npy")
-    assert f.shape == (len(names), 2 * 2**4) and f.dtype == np.float32
+    assert f.shape == (len(names), 2 * 2**3) and f.dtype == np.float32  # base 2 filters, depth 3
     np.testing.assert_array_equal(np.load(out / "test-targets.npy"), [1, 2] * (len(names) // 2))
     assert (out / "test-names.txt").read_text().split() == names
 

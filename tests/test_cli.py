@@ -12,7 +12,7 @@ def write_constants(path, data, exp_dir):
     path.write_text(
         f'DATA_PATH = "{data}"\nEXP_DIR = "{exp_dir}"\nIMG_ROWS = 32\nIMG_COLS = 32\nBASE_FILTERS = 2\n'
         "NB_LABELED = 8\nNB_ITERATIONS = 1\nNB_NEXT_SAMPLE = 4\nNB_INITIAL_EPOCHS = 1\n"
-        "NB_ACTIVE_EPOCHS = 1\nBATCH_SIZE = 8\nPROGRESS = False\nNB_OVERLAYS = 1\n"
+        "NB_ACTIVE_EPOCHS = 1\nBATCH_SIZE = 8\nPROGRESS = False\nNB_OVERLAYS = 1\nDEPTH = 3\n"
     )
     return path
 

@@ -108,7 +108,7 @@ def test_full_supervision_config(tiny_cfg):
 
 @pytest.mark.slow
 def test_tiny_comparison_shares_the_initial_model(tiny_data, tmp_path):
-    cfg = resolve(tiny_values(tiny_data, tmp_path, nb_iterations=1, pseudo_epoch=1, mc_passes=2))
+    cfg = resolve(tiny_values(tiny_data, tmp_path, nb_iterations=1, pseudo_epoch=1, mc_passes=2, depth=3))
     specs = ["dsal", "ceal", "dsal+diverse"]
     summary = run_comparison(cfg, specs, [0], "cmp", log=lambda m: None, baseline="dsal")
     out = tmp_path / "exp" / "cmp"

@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
     from dsal_tf.train import get_distribution
     import keras
     from pathlib import Path
-    values = tiny_values(sys.argv[1], Path(sys.argv[2]), nb_iterations=1, **json.loads(sys.argv[3]))
+    values = tiny_values(sys.argv[1], Path(sys.argv[2]), nb_iterations=1, depth=3, **json.loads(sys.argv[3]))
     cfg = resolve(values)
     strategy = get_distribution(cfg)
     run = run_active_learning(cfg, log=print)

@@ -12,14 +12,16 @@ from dsal_tf.errors import DsalError
 from dsal_tf.evaluate import evaluate_run
 from dsal_tf.pool import Pool
 
-from .conftest import tiny_values
+from .conftest import copy_run, tiny_values
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_rounds_end_to_end_then_resume_and_evaluate(tiny_cfg):
+def test_two_rounds_end_to_end_then_resume_and_evaluate(tiny_run, tmp_path):
+    # the shared run is `tiny_cfg`'s run; this test interrupts, resumes and extends a copy of it
+    tiny_cfg = copy_run(tiny_run, tmp_path)
+    run = tiny_cfg.run_dir
     logs = []
-    run = run_active_learning(tiny_cfg, log=logs.append)
     assert completed_rounds(run) == [0, 1, 2]
     curve = pd.read_csv(run / "learning_curve.csv")
     assert list(curve["n_oracle"]) == [8, 12, 16]
@@ -96,7 +98,7 @@ def _check_scores_against_the_round_1_model(cfg, run, scores):
 
 def test_random_strategy_with_random_pseudo_and_too_few_images(tiny_data, tmp_path):
     cfg = resolve(tiny_values(tiny_data, tmp_path, query_strategy="random", pseudo_policy="random",
-                              nb_iterations=1, pseudo_epoch=1))
+                              nb_iterations=1, pseudo_epoch=1, depth=3))
     run = run_active_learning(cfg, log=lambda m: None)
     scores = pd.read_csv(run / "round_01" / "scores.csv")
     assert (scores["chosen"] == "pseudo").sum() == 3
@@ -105,7 +107,8 @@ def test_random_strategy_with_random_pseudo_and_too_few_images(tiny_data, tmp_pa
 
 
 def test_ensemble_strategy_trains_and_keeps_its_members(tiny_data, tmp_path):
-    cfg = resolve(tiny_values(tiny_data, tmp_path, query_strategy="ensemble_js", nb_ensemble=2, nb_iterations=1))
+    cfg = resolve(tiny_values(tiny_data, tmp_path, query_strategy="ensemble_js", nb_ensemble=2, nb_iterations=1,
+                              depth=3))
     run = run_active_learning(cfg, log=lambda m: None)
     assert (run / "round_00" / "member_1" / "best.keras").is_file()
     scores = pd.read_csv(run / "round_01" / "scores.csv")

@@ -8,24 +8,18 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from dsal_tf.active import run_active_learning
 from dsal_tf.cli import cli
-from dsal_tf.config import resolve
 from dsal_tf.errors import DsalError
 from dsal_tf.export import export_model
 from dsal_tf.predict import choose_round, load_round, predict_folder, to_original
 
-from .conftest import tiny_values
-
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("run")
-    cfg = resolve(tiny_values(tiny_data, tmp, exp_name="deploy", nb_iterations=1))
-    run_active_learning(cfg, log=lambda m: None)
-    return cfg
+@pytest.fixture
+def trained(tiny_run):
+    """The session's shared tiny run (rounds 0..2); predicting and exporting only read it."""
+    return tiny_run
 
 
 def new_images(folder):
@@ -71,7 +65,7 @@ def test_predict_keeps_names_and_sizes(trained, tmp_path):
 def test_round_choice(trained):
     run = trained.run_dir
     curve = pd.read_csv(run / "learning_curve.csv")
-    assert choose_round(run, "last") == 1
+    assert choose_round(run, "last") == 2
     assert choose_round(run, "best") == int(curve.loc[curve["val_dice"].idxmax(), "round"])
     assert choose_round(run, "0") == 0
     with pytest.raises(DsalError, match="round 7 .* is not finished"):

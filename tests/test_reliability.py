@@ -49,7 +49,7 @@ def test_nan_loss_names_the_round_and_epoch():
 
 @pytest.mark.slow
 def test_full_disk_is_one_line_and_keeps_complete_rounds(tiny_data, tmp_path, monkeypatch):
-    values = tiny_values(tiny_data, tmp_path, exp_name="disk", nb_iterations=1)
+    values = tiny_values(tiny_data, tmp_path, exp_name="disk", nb_iterations=1, depth=3)
     real = os.replace
 
     def full_disk(src, dst, *a, **k):
@@ -71,60 +71,75 @@ def test_full_disk_is_one_line_and_keeps_complete_rounds(tiny_data, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume(tiny_data, tmp_path):
-    extra = dict(nb_iterations=2, pseudo_epoch=1)
-    ref = run_active_learning(resolve(tiny_values(tiny_data, tmp_path, exp_name="ref", **extra)), log=lambda m: None)
+def test_sigkill_at_random_moments_then_resume(tiny_run, tmp_path):
+    """SIGKILL in round 0, then in round 1, then in round 2 (a random moment after the process says it
+    works on that round: independent of the machine's speed), then a run to the end, which must equal
+    the uninterrupted shared run."""
+    import threading
 
-    values = tiny_values(tiny_data, tmp_path, exp_name="killed", **extra)
+    ref = tiny_run.run_dir
+    values = tiny_values(tiny_run.data_path, tmp_path, exp_name="killed")
     (tmp_path / "none.py").write_text("")
     cmd = [sys.executable, "-m", "dsal_tf.cli", "run", "--constants", str(tmp_path / "none.py"), *set_args(values)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
     run = resolve(values).run_dir
     rng = np.random.default_rng(0)
     seen: dict[int, dict] = {}
     kills = 0
-    for _ in range(12):
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + (rng.uniform(6, 20) if kills < 3 else 600)
+    for _ in range(8):
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda p=proc, out=lines: out.extend(p.stdout), daemon=True)
+        reader.start()
+        target = f"round {kills}" if kills < 3 else None  # kill number k lands in round k
+        said_at = None
+        delay = rng.uniform(0.5, 3.0) if kills == 0 else rng.uniform(0.0, 1.5)
+        deadline = time.monotonic() + 600
         while proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+            if target is not None and said_at is None and any(x.startswith(target) for x in list(lines)):
+                said_at = time.monotonic()
+            if said_at is not None and time.monotonic() - said_at >= delay:
+                break
+            time.sleep(0.05)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
-        else:
-            out = proc.stdout.read().decode()
-            assert proc.returncode == 0, out
+        reader.join(timeout=10)
+        if proc.returncode not in (0, -signal.SIGKILL):
+            raise AssertionError("".join(lines))
         for r in completed_rounds(run):  # a completed round never changes afterwards
             seen.setdefault(r, digest(run, r))
             assert digest(run, r) == seen[r], f"round {r} changed after a resume"
         if proc.returncode == 0:
             break
-    assert kills >= 2, "the run finished before it could be interrupted; lengthen it"
+    assert kills >= 2, "the run finished before it could be interrupted"
     assert completed_rounds(run) == [0, 1, 2]
     for r in range(3):
         a, b = Pool.load(ref / f"round_{r:02d}" / "pool.npz"), Pool.load(run / f"round_{r:02d}" / "pool.npz")
         assert np.array_equal(a.labelled_map, b.labelled_map), f"round {r}"
         assert np.array_equal(a.pseudo_idx, b.pseudo_idx), f"round {r}"
+    assert len(Pool.load(run / "round_02" / "pool.npz").pseudo_idx) == 3  # the pseudo labels were compared too
 
 
 @pytest.mark.slow
-def test_sharded_scoring_merges_to_the_single_pass(tiny_data, tmp_path):
+def test_sharded_scoring_merges_to_the_single_pass(tiny_run, tmp_path):
     from dsal_tf.active import score_shard, shard_positions
+
+    from .conftest import copy_run
 
     assert [len(shard_positions(20, i, 3, 4)) for i in range(3)] == [8, 8, 4]  # whole batches of 4
     assert np.array_equal(np.concatenate([shard_positions(21, i, 2, 8) for i in range(2)]), np.arange(21))
-    ref = run_active_learning(resolve(tiny_values(tiny_data, tmp_path, exp_name="one", nb_iterations=1)),
-                              log=lambda m: None)
-    cfg = resolve(tiny_values(tiny_data, tmp_path, exp_name="shards", nb_iterations=0))
-    run_active_learning(cfg, log=lambda m: None)
-    cfg = cfg.replace(nb_iterations=1)
+    # the shared run's round 0, alone (as after a run with NB_ITERATIONS = 0); the reference is its round 1
+    cfg = copy_run(tiny_run, tmp_path, keep_rounds=1, exp_name="shards", nb_iterations=1)
+    assert completed_rounds(cfg.run_dir) == [0]
     for i in (1, 0):  # any order, any process
         score_shard(cfg, 1, i, 2, log=lambda m: None)
     logs = []
     run = run_active_learning(cfg, log=logs.append)
     assert any("merged 2 score parts" in m for m in logs)
-    a, b = (Pool.load(d / "round_01" / "pool.npz") for d in (ref, run))
+    a, b = (Pool.load(d / "round_01" / "pool.npz") for d in (tiny_run.run_dir, run))
     assert np.array_equal(a.labelled_map, b.labelled_map)
     with pytest.raises(DsalError, match="already chosen"):
         score_shard(cfg, 1, 0, 2, log=lambda m: None)

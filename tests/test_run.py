@@ -102,3 +102,17 @@ def test_create_refuses_changed_settings_of_a_finished_run(tiny_data, tmp_path):
         Run.create(cfg.replace(resume_on=False))
     with pytest.raises(DsalError, match="no run at"):
         Run(tmp_path / "nothing").saved_config()
+
+
+def test_a_moved_run_is_opened_where_it_is(tmp_path):
+    import json
+
+    from dsal_tf.run import Run
+
+    old = tmp_path / "old" / "cmp" / "dsal-s0"
+    old.mkdir(parents=True)
+    (old / "config.json").write_text(json.dumps({"exp_dir": str(tmp_path / "old"), "exp_name": "cmp/dsal-s0"}))
+    new = tmp_path / "moved" / "cmp" / "dsal-s0"
+    new.parent.mkdir(parents=True)
+    old.rename(new)
+    assert Run(new).saved_config().run_dir == new

@@ -51,7 +51,7 @@ def test_a_finished_student_with_another_loss_is_not_reused(tmp_path):
 
 @pytest.mark.slow
 def test_noisy_teacher_workflow_resumes(tiny_data, tmp_path):
-    cfg = resolve(tiny_values(tiny_data, tmp_path))
+    cfg = resolve(tiny_values(tiny_data, tmp_path, depth=3))
     variants = ["teacher", "equal", "uniform", "rgsm+al"]
     summary = run_noisy_teacher(cfg, 8, variants, [0], "nt", log=lambda m: None)
     assert list(summary["variant"]) == variants
@@ -76,7 +76,8 @@ def test_noisy_teacher_workflow_resumes(tiny_data, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("trainer, extra", [("rgs", {"rgs_query": True}), ("mwnet", {"meta_size": 4})])
 def test_dsal_with_weighted_pseudo_labels(tiny_data, tmp_path, trainer, extra):
-    cfg = resolve(tiny_values(tiny_data, tmp_path, trainer=trainer, nb_iterations=1, pseudo_epoch=1, **extra))
+    cfg = resolve(tiny_values(tiny_data, tmp_path, trainer=trainer, nb_iterations=1, pseudo_epoch=1,
+                              depth=3, **extra))
     run = run_active_learning(cfg, log=lambda m: None)
     history = pd.read_csv(run / "round_01" / "history.csv")
     assert {"kept_fraction", "mean_weight", "clean_loss", "val_main_dice"} <= set(history.columns)  # it ran
