@@ -33,6 +33,7 @@ def measure(deterministic: bool, n_images: int) -> dict:
     from dsal_tf.config import resolve
     from dsal_tf.data import Normalizer, make_dataset
     from dsal_tf.model import HEADS
+    from dsal_tf.space import space_for
     from dsal_tf.strategies import QUERY_STRATEGIES
 
     cfg = resolve({"preset": "isic2017-cpu", "deterministic": deterministic, "progress": False})
@@ -47,10 +48,10 @@ def measure(deterministic: bool, n_images: int) -> dict:
     t, c = time.perf_counter(), time.process_time()
     model.fit(ds, epochs=1, verbose=0)
     fit_s, fit_cpu = time.perf_counter() - t, time.process_time() - c
-    query = QUERY_STRATEGIES["dsal"](cfg)
-    query.score_pool(model, images[:32], masks[:32], norm, cfg.batch_size)  # trace
+    query, space = QUERY_STRATEGIES["dsal"].from_config(cfg), space_for(cfg)
+    space.score_pool(query, model, images[:32], masks[:32], norm)  # trace
     t, c = time.perf_counter(), time.process_time()
-    query.score_pool(model, images, masks, norm, cfg.batch_size)
+    space.score_pool(query, model, images, masks, norm)
     score_s, score_cpu = time.perf_counter() - t, time.process_time() - c
     return {"deterministic": deterministic, "fit_epoch_s": fit_s, "score_s": score_s,
             "fit_epoch_cpu_s": fit_cpu, "score_cpu_s": score_cpu, "steps": -(-n_images // cfg.batch_size)}

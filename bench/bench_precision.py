@@ -123,6 +123,7 @@ def picks(model_dir: Path, data: str, exp_dir: Path, pool_n: int) -> None:
 
     model_dir = model_dir if model_dir.is_absolute() else exp_dir / model_dir
     from dsal_tf.determinism import reset_seed_generators
+    from dsal_tf.space import space_for
     from dsal_tf.strategies import QUERY_STRATEGIES
 
     base = resolve({"preset": "isic2017-cpu", "data_path": data})
@@ -138,7 +139,7 @@ def picks(model_dir: Path, data: str, exp_dir: Path, pool_n: int) -> None:
         for name in ("dsal", "ceal"):
             reset_seed_generators(model, 1)
             t = time.perf_counter()
-            s = QUERY_STRATEGIES[name](cfg).score_pool(model, images, masks, norm, cfg.batch_size)
+            s = space_for(cfg).score_pool(QUERY_STRATEGIES[name].from_config(cfg), model, images, masks, norm)
             scores[(choice, name)] = (s, time.perf_counter() - t)
         keras.mixed_precision.set_global_policy("float32")
     n = base.nb_next_sample
@@ -152,7 +153,7 @@ def picks(model_dir: Path, data: str, exp_dir: Path, pool_n: int) -> None:
 
     for name in ("dsal", "ceal"):
         (a, ta), (b, tb) = scores[("off", name)], scores[("bfloat16", name)]
-        q = QUERY_STRATEGIES[name](base)
+        q = QUERY_STRATEGIES[name].from_config(base)
         top = len(set(q.pick(a, n, np.random.default_rng(0))) & set(q.pick(b, n, np.random.default_rng(0)))) / n
         from dsal_tf.strategies import histogram_select
 

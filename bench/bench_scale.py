@@ -8,7 +8,7 @@ through the product's own functions, phase by phase:
               deletes it first, so the decode is measured; without it a cache from an earlier run is mapped)
   normalizer  `Normalizer.fit` on the pool (streaming z-score statistics)
   training    `train.fit` of a demo-size U-Net (8 base filters) on NB_LABELED images, `--epochs` epochs
-  scoring     `active._score`: DSAL over the whole unlabelled pool (after a 64-image trace)
+  scoring     `active.score_round`: DSAL over the whole unlabelled pool (after a 64-image trace)
   selection   `active.choose_labels`: oracle picks, pseudo labels from the disk-backed `pred` store,
               pseudo PNGs, scores.csv, the saved pool; then the next round's training set
   evaluation  `evaluate.evaluate_model` on the test split
@@ -119,18 +119,20 @@ def child(data: Path, cache: Path, work: Path, ceal_subset: int, epochs: int, pr
     import numpy as np
 
     from dsal_tf import determinism, train
-    from dsal_tf.active import _score, choose_labels
+    from dsal_tf.active import RoundContext, choose_labels, score_round
+    from dsal_tf.components import build, resolved
     from dsal_tf.config import resolve
     from dsal_tf.data import Normalizer, Rows, load_split, make_dataset
     from dsal_tf.evaluate import evaluate_model
-    from dsal_tf.oracle import ORACLES
     from dsal_tf.pool import Pool
-    from dsal_tf.strategies import PSEUDO_POLICIES, QUERY_STRATEGIES
+    from dsal_tf.run import Run
+    from dsal_tf.space import space_for
+    from dsal_tf.strategies import QUERY_STRATEGIES
 
     cfg = resolve(dict(data_path=str(data), cache_dir=str(cache), exp_dir=str(work), img_rows=ROWS, img_cols=COLS,
                        base_filters=8, batch_size=32, mc_passes=20, progress=False, nb_initial_epochs=epochs,
                        pseudo_epoch=1, mixed_precision=precision))  # pseudo labels in round 1: the pred store is read
-    cfg = cfg.replace(mixed_precision=train.resolve_precision(cfg))
+    cfg = resolved(cfg.replace(mixed_precision=train.resolve_precision(cfg)))
     shutil.rmtree(work, ignore_errors=True)
     meter.mark("import")
     pool_data, val, test = (load_split(cfg, s) for s in ("train", "val", "test"))
@@ -145,18 +147,18 @@ def child(data: Path, cache: Path, work: Path, ceal_subset: int, epochs: int, pr
     train.fit(model, cfg, x, y, is_pseudo, val, norm, work / "round_00", epochs, seed=cfg.seed * 1000)
     del x, y, is_pseudo
     meter.mark("training")
-    query, pseudo = QUERY_STRATEGIES["dsal"](cfg), PSEUDO_POLICIES["confidence"](cfg)
+    parts = build(cfg)
+    query, space = parts.query, parts.space
+    ctx = RoundContext(cfg, Run(work), parts, pool_data, val, norm, round=1, pool=pool, model=model)
     unl = pool.unlabelled
-    rd = work / "round_01"
-    _score(cfg, 1, pool, pool_data, val, model, norm, query, rd, unl[:64])  # trace
+    score_round(ctx, unl[:64])  # trace
     t = time.perf_counter()
-    scores = _score(cfg, 1, pool, pool_data, val, model, norm, query, rd, unl)
+    scores = score_round(ctx, unl)
     dsal_s = time.perf_counter() - t
     assert len(scores["uncertainty"]) == len(unl)
     meter.mark("scoring")
     scores["true_dice"] = np.where(pool_data.has_mask[unl], scores["true_dice"], np.nan)
-    oracle_idx, pseudo_idx = choose_labels(cfg, 1, pool, pool_data, unl, scores, model, norm, query, pseudo,
-                                           ORACLES[cfg.oracle](cfg), rd)
+    oracle_idx, pseudo_idx = choose_labels(ctx, unl, scores)
     x, y, is_pseudo = pool.training_set(pool_data.images, pool_data.masks)  # the next round's training set
     del scores, x, y, is_pseudo
     meter.mark("selection")
@@ -175,13 +177,13 @@ def child(data: Path, cache: Path, work: Path, ceal_subset: int, epochs: int, pr
         forward(x)
     predict_s = time.perf_counter() - t
     sub = unl[:ceal_subset]
-    ceal = QUERY_STRATEGIES["ceal"](cfg)
-    ceal.score_pool(model, Rows(pool_data.images, sub[:32]), Rows(pool_data.masks, sub[:32]), norm, 32)  # trace
+    ceal, space = QUERY_STRATEGIES["ceal"].from_config(cfg), space_for(cfg.replace(batch_size=32))
+    space.score_pool(ceal, model, Rows(pool_data.images, sub[:32]), Rows(pool_data.masks, sub[:32]), norm)  # trace
     t = time.perf_counter()
-    ceal.score_pool(model, Rows(pool_data.images, sub), Rows(pool_data.masks, sub), norm, 32)
+    space.score_pool(ceal, model, Rows(pool_data.images, sub), Rows(pool_data.masks, sub), norm)
     ceal_s = time.perf_counter() - t
     t = time.perf_counter()
-    query.score_pool(model, Rows(pool_data.images, sub), Rows(pool_data.masks, sub), norm, 32)
+    space.score_pool(query, model, Rows(pool_data.images, sub), Rows(pool_data.masks, sub), norm)
     dsal_sub_s = time.perf_counter() - t
     meter.mark("extras")
     meter.stop()

@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 def main(data: str, pool_n: int, passes: int, repeats: int) -> None:
     from dsal_tf.config import resolve
     from dsal_tf.data import Normalizer, load_split
+    from dsal_tf.space import space_for
     from dsal_tf.strategies import QUERY_STRATEGIES
     from dsal_tf.train import new_model
 
@@ -41,15 +42,17 @@ def main(data: str, pool_n: int, passes: int, repeats: int) -> None:
     norm = Normalizer.fit(images, cfg.normalization)
     model = new_model(cfg, 0)
     rows = []
+    space = space_for(cfg)
+    nb_ensemble = QUERY_STRATEGIES["ensemble_s"].from_config(cfg).settings.nb_ensemble
     for name in ("random", "dsal", "entropy", "ensemble_s", "ceal"):
-        strategy = QUERY_STRATEGIES[name](cfg)
+        strategy = QUERY_STRATEGIES[name].from_config(cfg)
         if name == "ensemble_s":  # scoring cost only: NB_ENSEMBLE forward passes (members untrained here)
-            strategy.members = [model] + [new_model(cfg, k) for k in range(1, cfg.nb_ensemble)]
-        strategy.score_pool(model, images[: cfg.batch_size], masks[: cfg.batch_size], norm, cfg.batch_size)  # trace
+            strategy.members = [model] + [new_model(cfg, k) for k in range(1, nb_ensemble)]
+        space.score_pool(strategy, model, images[: cfg.batch_size], masks[: cfg.batch_size], norm)  # trace
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            strategy.score_pool(model, images, masks, norm, cfg.batch_size)
+            space.score_pool(strategy, model, images, masks, norm)
             times.append(time.perf_counter() - t)
         rows.append((name, float(np.median(times))))
     base = dict(rows)["dsal"]
@@ -57,7 +60,7 @@ def main(data: str, pool_n: int, passes: int, repeats: int) -> None:
         f"# Scoring cost per round (median of {repeats})\n",
         f"Pool: {len(images)} images from {source}, {cfg.img_rows}x{cfg.img_cols}, isic2017-cpu U-Net "
         f"(base {cfg.base_filters}), batch {cfg.batch_size}, CPU ({os.cpu_count()} cores). CEAL T = {passes}, "
-        f"ensemble of {cfg.nb_ensemble}. Each pass includes the confidence, prediction and true-Dice outputs.\n",
+        f"ensemble of {nb_ensemble}. Each pass includes the confidence, prediction and true-Dice outputs.\n",
         f"Command: `python bench/bench_scoring.py --data {data} --pool {pool_n} --passes {passes}`\n",
         "| strategy | seconds per round | ms per image | x DSAL |",
         "|---|---:|---:|---:|",

@@ -26,9 +26,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402, F401
 
-from dsal_tf import active, evaluate, train  # noqa: E402
+from dsal_tf import active, evaluate, space, train  # noqa: E402
 from dsal_tf.config import load_config  # noqa: E402
-from dsal_tf.strategies.base import QueryStrategy  # noqa: E402
 
 IMPORT_S = time.perf_counter() - T0
 RESULTS = Path(os.environ.get("RESULTS_DIR") or Path(__file__).resolve().parent / "results")
@@ -87,12 +86,12 @@ def main() -> None:
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run; the decoded cache is kept (see below)
     callbacks = train._callbacks
     train._callbacks = lambda *a, **k: [StepClock(), *callbacks(*a, **k)]
-    timed(active, "load_splits", "decode and cache")
+    timed(space, "load_splits", "decode and cache")
     timed(evaluate, "load_split", "decode and cache")
     timed(train, "new_model", "model build / load")
     timed(train, "load_model", "model build / load")
     timed(train.BestCheckpoint, "on_epoch_end", "checkpoint writes")
-    timed(QueryStrategy, "score_pool", "scoring")
+    timed(space.ImageSpace, "score_pool", "scoring")
     timed(evaluate, "evaluate_run", "evaluation (test split, every round)")
     t = time.perf_counter()
     active.run_active_learning(cfg, log=lambda m: None)

@@ -1,5 +1,10 @@
 """The CEAL-style active-learning loop with a strong (oracle) and a weak (pseudo) labeler.
 
+A round is one public call on a round context: `run_round(ctx)` scores the unlabelled pool,
+selects, asks the oracle and trains (round 0: takes the first labels and trains). The loop is a
+few lines over it; the components (strategy, weak labeler, trainer, oracle, space, stop rules)
+come from `components.build` and the loop never branches on their names.
+
 The run folder's layout is `run.Run`'s (`dsal_tf/run.py`). Every decision of a round (its pool
 state and scores) is written before training starts, and a round counts as complete only once
 its DONE marker exists, so an interrupted run resumes from the last complete round with the same
@@ -13,20 +18,23 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import cv2
 import numpy as np
 
-from . import determinism
+from . import determinism, train
+from .components import Components, build, resolved
 from .config import Config
-from .data import Normalizer, Rows, load_splits
+from .data import Normalizer, Rows, Split
 from .determinism import reset_seed_generators
 from .errors import DsalError
 from .evaluate import saved_config
-from .files import atomic_dir, atomic_write
+from .files import atomic_write
+from .model import with_features
+from .oracle import AwaitingAnnotation, waiting_message
 from .pool import Pool
-from .predict import masks_at_original_size, original_size
 from .run import (  # noqa: F401 (RESUMABLE_CHANGES, STOPPED: re-exported)
     POOL,
     PSEUDO_DIR,
@@ -43,6 +51,43 @@ from .run import (  # noqa: F401 (RESUMABLE_CHANGES, STOPPED: re-exported)
 CURVE_FIELDS = ["round", "n_oracle", "n_pseudo", "val_dice", "train_s", "score_s", "stop"]
 
 
+@dataclass
+class RoundContext:
+    """What a round reads and changes (MONAI's engine state): the resolved config, the run folder,
+    the components, the pool's data and state, the validation split, the normalizer and the model."""
+
+    cfg: Config
+    run: Run
+    parts: Components
+    pool_data: Split
+    val: Split | None
+    normalizer: Normalizer | None
+    log: Callable[[str], None] = print
+    round: int = 0
+    pool: Pool | None = None
+    model: Any = None
+    started: float = 0.0
+    score_s: float = 0.0
+
+    @property
+    def round_dir(self) -> Path:
+        return self.run.round_dir(self.round)
+
+    @property
+    def seed(self) -> int:
+        """The round's training and scoring seed: SEED * 1000 + round (the one place it is spelled)."""
+        return self.cfg.seed * 1000 + self.round
+
+    @property
+    def epochs(self) -> int:
+        return self.cfg.nb_initial_epochs if self.round == 0 else self.cfg.nb_active_epochs
+
+    def unlabelled_rows(self, idx: np.ndarray | None = None) -> tuple[Rows, Rows]:
+        """Pool images and masks `idx` (default: the unlabelled ones), read lazily from the memory map."""
+        idx = self.pool.unlabelled if idx is None else idx
+        return Rows(self.pool_data.images, idx), Rows(self.pool_data.masks, idx)
+
+
 def round_dir(run_dir: Path, r: int) -> Path:
     return Run(run_dir).round_dir(r)
 
@@ -54,6 +99,256 @@ def completed_rounds(run_dir: Path) -> list[int]:
 def prepare_run_dir(cfg: Config, constants_path: str | Path | None = None) -> Path:
     """Create or reopen `exp/<name>`; refuse to mix a finished run with different settings."""
     return Run.create(cfg, constants_path).path
+
+
+def open_run(cfg: Config, constants_path: str | Path | None = None, log: Callable[[str], None] = print) -> RoundContext:
+    """Check everything (names, settings, every data file), then create or reopen the run folder
+    and return the context of its first round; the resolved config (precision, every setting of
+    the chosen components) is what config.json records."""
+    cfg = resolved(cfg.replace(mixed_precision=train.resolve_precision(cfg)))
+    parts = build(cfg)
+    splits = parts.space.load_splits()  # validates every file before anything is written
+    if cfg.nb_labeled > len(splits["train"]):
+        raise DsalError(
+            f"NB_LABELED = {cfg.nb_labeled} but {cfg.data_path}/trainImg has only {len(splits['train'])} images; "
+            "lower NB_LABELED or add images"
+        )
+    run = Run.create(cfg, constants_path)
+    if run.normalizer_file.is_file():
+        normalizer = Normalizer.load(run.normalizer_file)
+    else:
+        normalizer = Normalizer.fit(splits["train"].images, cfg.normalization)
+        normalizer.save(run.normalizer_file)
+    determinism.apply(cfg)  # seeds (and DETERMINISTIC op determinism) before any model is built
+    train.set_precision(cfg)
+    return RoundContext(cfg, run, parts, splits["train"], splits["val"], normalizer, log)
+
+
+def run_active_learning(cfg: Config, constants_path: str | Path | None = None, log: Callable[[str], None] = print,
+                        initial_model: Path | None = None) -> Path:
+    """Run (or resume) the whole loop; returns the run folder.
+
+    `initial_model`: a finished round-0 folder to reuse (strategy comparisons share it per seed).
+    Raises `AwaitingAnnotation` when a human oracle (`ORACLE = "files"`) has masks to draw; running
+    again after they are imported goes on from there."""
+    ctx = open_run(cfg, constants_path, log)
+    info = ctx.run.stopped()
+    if info is not None:
+        log(f"{ctx.run.path} stopped after round {info['round']}: {info['reason']} "
+            f"(delete {ctx.run.stopped_file} to go on)")
+        return ctx.run.path
+    start = next(r for r in range(ctx.cfg.nb_iterations + 2) if not ctx.run.is_done(r))
+    if start > ctx.cfg.nb_iterations:
+        log(f"{ctx.run.path}: all {ctx.cfg.nb_iterations} rounds are already complete")
+    elif start > 0:
+        log(f"resuming {ctx.run.path} after round {start - 1}")
+    with train.get_distribution(ctx.cfg).scope():
+        for r in range(start, ctx.cfg.nb_iterations + 1):
+            ctx.round = r
+            if r == 0 and initial_model is not None and reuse_initial(ctx, initial_model):
+                continue
+            reason = run_round(ctx)
+            if reason is not None:
+                _stop(ctx.run.path, r - 1, reason, log)
+                break
+    return ctx.run.path
+
+
+def reuse_initial(ctx: RoundContext, initial_model: Path) -> bool:
+    """Round 0 copied from a finished round-0 folder (a comparison's shared initial model)."""
+    if not is_done(initial_model):
+        return False
+    shutil.copytree(initial_model, ctx.round_dir, dirs_exist_ok=True)
+    _append_curve(ctx.run.path, json.loads(done_marker(ctx.round_dir)))
+    ctx.log(f"round 0: reusing the initial model of {initial_model}")
+    return True
+
+
+def run_round(ctx: RoundContext) -> str | None:
+    """One round: the first labels (round 0), or score, select and ask the oracle; then train.
+    Returns why the loop stops instead (a stop rule), or None."""
+    ctx.started, ctx.score_s = time.perf_counter(), 0.0
+    if ctx.round == 0:
+        first_labels(ctx)
+    else:
+        reason = decide(ctx)
+        if reason is not None:
+            return reason
+    train_round(ctx)
+    return None
+
+
+def first_labels(ctx: RoundContext) -> None:
+    """Round 0: the initial labelled set (asked of the oracle where its masks do not exist) and a new model."""
+    folder, oracle, data = ctx.run, ctx.parts.oracle, ctx.pool_data
+    if folder.pool_file(0).is_file():  # a cold start already asked for its masks
+        ctx.pool = Pool.load(folder.pool_file(0))
+    else:
+        known = oracle.known(data)
+        picks = oracle.first_labels(lambda: ctx.parts.space.thumbnails(data.images), known, ctx.cfg.nb_labeled,
+                                    ctx.cfg.seed)
+        ctx.pool = Pool.from_labelled(len(data), picks)
+        ctx.round_dir.mkdir(parents=True, exist_ok=True)
+        ctx.pool.save(folder.pool_file(0))
+        asked = ctx.pool.labelled[~known[ctx.pool.labelled]]
+        if len(asked):
+            oracle.request(ctx.round_dir, asked, data)
+    await_masks(ctx)
+    ctx.model = train.new_model(ctx.cfg, ctx.cfg.seed)
+
+
+def decide(ctx: RoundContext) -> str | None:
+    """Round r >= 1 up to training: the saved selection, or a stop rule's reason, or a new selection."""
+    r, folder = ctx.round, ctx.run
+    decided = folder.decided(r)  # survives interruption
+    ctx.pool = Pool.load(folder.pool_file(r if decided else r - 1))
+    reason = None if decided else stop_reason(ctx)
+    if reason is None and ctx.model is None:
+        # `fit` left the previous round's best weights in the model; a fresh process loads them.
+        # Keeping the model object keeps its compiled graphs (no retracing each round).
+        ctx.model = train.load_model(folder.checkpoint(r - 1), ctx.cfg)
+    if decided:
+        ctx.log(f"round {r}: reusing the saved selection")
+    elif reason is None:
+        reason = query_round(ctx)
+    if reason is not None:
+        return reason
+    await_masks(ctx)
+    _drop_deleted_pseudo(ctx)
+    train.reset_optimizer(ctx.model, ctx.cfg.learning_rate)
+    return None
+
+
+def stop_reason(ctx: RoundContext) -> str | None:
+    """Why the loop should end before querying again (a stop rule's one line), or None."""
+    return next((why for rule in ctx.parts.stop_rules if (why := rule.before_query(ctx.pool, ctx.run))), None)
+
+
+def await_masks(ctx: RoundContext) -> None:
+    """Stop for a person's masks (`AwaitingAnnotation`) while any labelled image has none."""
+    missing = ctx.parts.oracle.missing(ctx.pool.labelled, ctx.pool_data)
+    if len(missing):
+        asked = int(np.sum(ctx.pool.labelled_map == ctx.round + 1))
+        raise AwaitingAnnotation(waiting_message(ctx.cfg, ctx.round, len(missing), asked))
+
+
+def train_round(ctx: RoundContext) -> None:
+    """Train on the round's oracle and pseudo labels; the round's row and DONE are written last."""
+    r, rd = ctx.round, ctx.round_dir
+    x, y, is_pseudo = ctx.pool.training_set(ctx.pool_data.images, ctx.pool_data.masks)
+    ctx.log(f"round {r}/{ctx.cfg.nb_iterations}: training on {len(ctx.pool.labelled)} oracle + "
+            f"{int(is_pseudo.sum())} pseudo labels for {ctx.epochs} epochs")
+    with stage(rd) as st:
+        t1 = time.perf_counter()
+        history = train.fit(ctx.model, ctx.cfg, x, y, is_pseudo, ctx.val, ctx.normalizer, rd, ctx.epochs,
+                            seed=ctx.seed)
+        train_s = time.perf_counter() - t1
+        val_dice = max(history.get("val_main_dice", [float("nan")]) or [float("nan")])
+        row = dict(round=r, n_oracle=len(ctx.pool.labelled), n_pseudo=int(is_pseudo.sum()),
+                   val_dice=round(float(val_dice), 5), train_s=round(train_s, 2), score_s=round(ctx.score_s, 2))
+        _append_curve(ctx.run.path, row)
+        st.marker = json.dumps({**row, "wall_s": round(time.perf_counter() - ctx.started, 2)})
+    ctx.log(f"round {r}: val Dice {val_dice:.4f}")
+
+
+def query_round(ctx: RoundContext) -> str | None:
+    """Score the unlabelled pool (or merge its shards), pick oracle and pseudo labels, save them and
+    ask the oracle; or a stop rule's reason once the scores are known (nothing chosen then)."""
+    unl = ctx.pool.unlabelled
+    t = time.perf_counter()
+    scores = _merged_parts(ctx.round_dir, unl, ctx.cfg.batch_size, ctx.log)
+    if scores is None:
+        scores = score_round(ctx, unl)
+    ctx.score_s = time.perf_counter() - t
+    if "true_dice" in scores:  # only meaningful where the mask exists
+        scores["true_dice"] = np.where(ctx.pool_data.has_mask[unl], scores["true_dice"], np.nan)
+    reason = next((why for rule in ctx.parts.stop_rules if (why := rule.after_scoring(scores))), None)
+    if reason is not None:
+        return reason
+    oracle_idx, pseudo_idx = choose_labels(ctx, unl, scores)
+    ctx.log(f"round {ctx.round}: {len(oracle_idx)} images to the oracle, {len(pseudo_idx)} pseudo labels "
+            f"(scored {len(unl)} in {ctx.score_s:.1f}s)")
+    return None
+
+
+def score_round(ctx: RoundContext, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image scores of pool images `idx` with the context's model (round r-1's), read from the
+    memory-mapped pool batch by batch."""
+    query, cfg = ctx.parts.query, ctx.cfg
+
+    def train_member(out_dir: Path, start: Path | None, seed: int):
+        """One more model on the previous round's training set (for ensemble strategies)."""
+        x, y, is_pseudo = ctx.pool.training_set(ctx.pool_data.images, ctx.pool_data.masks)
+        m = train.load_model(start, cfg) if start is not None else train.new_model(cfg, seed)
+        epochs = cfg.nb_active_epochs if start is not None else cfg.nb_initial_epochs
+        train.fit(m, cfg, x, y, is_pseudo, ctx.val, ctx.normalizer, out_dir, epochs, seed)
+        return m
+
+    reset_seed_generators(ctx.model, ctx.seed)  # MC-dropout scores do not depend on the history
+    query.prepare(ctx.model, ctx.round, ctx.run.path, train_member)
+    images, masks = ctx.unlabelled_rows(idx)
+    return ctx.parts.space.score_pool(query, ctx.model, images, masks, ctx.normalizer, progress=cfg.progress,
+                                      with_features=with_features if query.selection.needs_features else None)
+
+
+def choose_labels(ctx: RoundContext, unl: np.ndarray, scores: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The round's selection from the scores of the unlabelled pool images `unl`: the oracle picks
+    (labelled in the pool, asked of the oracle), the pseudo labels (masks from the disk-backed `pred`
+    store, written for inspection), `scores.csv`, and the saved pool last. Reads only the chosen
+    images; returns (oracle indices, pseudo indices) into the pool."""
+    cfg, r, pool, data, space = ctx.cfg, ctx.round, ctx.pool, ctx.pool_data, ctx.parts.space
+    rng = np.random.default_rng([cfg.seed, r])
+    n_oracle = min(cfg.nb_next_sample, len(unl))
+    for rule in ctx.parts.stop_rules:
+        n_oracle = rule.cap(n_oracle, pool)
+    picks = ctx.parts.query.select(scores, n_oracle, rng, r)
+    oracle_idx = unl[picks]
+    pool.label(oracle_idx, r)
+    available = ctx.parts.pseudo.candidates(scores, np.setdiff1d(np.arange(len(unl)), picks))
+    n_pseudo = min(cfg.nb_pseudo(r), len(available))
+    chosen = ctx.parts.pseudo.select(scores, available, n_pseudo, rng) if n_pseudo else np.zeros(0, np.int64)
+    masks = ctx.parts.pseudo.labels(scores, chosen, Rows(data.images, unl)) if len(chosen) else None
+    pool.set_pseudo(unl[chosen], masks)
+    ctx.round_dir.mkdir(parents=True, exist_ok=True)
+    if len(chosen):
+        space.write_masks(ctx.round_dir / PSEUDO_DIR, unl[chosen], masks, data)
+    prelabels = None
+    if ctx.parts.oracle.wants_prelabels() and len(picks):
+        prelabels = space.masks_at_original_size(ctx.model, data.images[oracle_idx],
+                                                 [data.files[i] for i in oracle_idx], ctx.normalizer)
+    ctx.parts.oracle.request(ctx.round_dir, oracle_idx, data, scores, picks, prelabels)
+    _write_scores(ctx.round_dir / SCORES, data.names, unl, scores, oracle_idx, unl[chosen])
+    pool.save(ctx.round_dir / POOL)  # last: a saved pool with its scores means the round is decided
+    return oracle_idx, unl[chosen]
+
+
+def score_shard(cfg: Config, r: int, shard: int, n_shards: int, log: Callable[[str], None] = print) -> Path:
+    """Score one slice of round `r`'s unlabelled pool (`dsal score --shard i/n`) with round r-1's
+    model and write `round_XX/score_parts/part_i_of_n.npz`; the round merges the parts when all exist,
+    so several processes or machines can share one round's scoring."""
+    cfg = resolved(saved_config(cfg))
+    run = Run.of(cfg)
+    if not 0 <= shard < n_shards:
+        raise DsalError(f"--shard {shard}/{n_shards}: the shard must be in 0..{n_shards - 1}")
+    if r < 1 or not run.is_done(r - 1):
+        raise DsalError(f"round {r} of {run.path} cannot be scored: round {r - 1} is not finished; train it first")
+    if run.scores_file(r).is_file():
+        raise DsalError(f"round {r} of {run.path} has already chosen its images; nothing to score")
+    parts = build(cfg)
+    splits = parts.space.load_splits(("train", "val"))
+    ctx = RoundContext(cfg, run, parts, splits["train"], splits["val"], run.normalizer(), log, round=r,
+                       pool=Pool.load(run.pool_file(r - 1)))
+    determinism.apply(cfg)
+    train.set_precision(cfg)
+    ctx.model = train.load_model(run.checkpoint(r - 1), cfg)
+    unl = ctx.pool.unlabelled
+    idx = unl[shard_positions(len(unl), shard, n_shards, cfg.batch_size)]
+    scores = score_round(ctx, idx)
+    out = run.score_parts(r) / f"part_{shard}_of_{n_shards}.npz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: np.savez(tmp, index=idx, **scores))
+    log(f"scored {len(idx)} of {len(unl)} pool images for round {r}: {out}")
+    return out
 
 
 def _append_curve(run: Path, row: dict) -> None:
@@ -94,140 +389,6 @@ def _write_scores(path: Path, names: list[str], pool_idx: np.ndarray, scores: di
     atomic_write(path, write)
 
 
-def run_active_learning(
-    cfg: Config,
-    constants_path: str | Path | None = None,
-    log: Callable[[str], None] = print,
-    initial_model: Path | None = None,
-) -> Path:
-    """Run (or resume) the whole loop; returns the run folder.
-
-    `initial_model`: a finished round-0 folder to reuse (strategy comparisons share it per seed).
-    Raises `AwaitingAnnotation` when a human oracle (`ORACLE = "files"`) has masks to draw; running
-    again after they are imported goes on from there.
-    """
-    from . import train
-    from .oracle import ORACLES, AwaitingAnnotation, initial_labels, waiting_message
-    from .strategies import PSEUDO_POLICIES, QUERY_STRATEGIES, pseudo_policy_name
-
-    cfg = cfg.replace(mixed_precision=train.resolve_precision(cfg))  # config.json records the choice made
-    splits = load_splits(cfg)  # validates every file before anything is written
-    pool_data, val = splits["train"], splits["val"]
-    if cfg.nb_labeled > len(pool_data):
-        raise DsalError(
-            f"NB_LABELED = {cfg.nb_labeled} but {cfg.data_path}/trainImg has only {len(pool_data)} images; "
-            "lower NB_LABELED or add images"
-        )
-    oracle = ORACLES[cfg.oracle](cfg)
-    folder = Run.create(cfg, constants_path)
-    run = folder.path
-    info = folder.stopped()
-    if info is not None:
-        log(f"{run} stopped after round {info['round']}: {info['reason']} (delete {folder.stopped_file} to go on)")
-        return run
-    norm_path = folder.normalizer_file
-    if norm_path.is_file():
-        normalizer = Normalizer.load(norm_path)
-    else:
-        normalizer = Normalizer.fit(pool_data.images, cfg.normalization)
-        normalizer.save(norm_path)
-
-    determinism.apply(cfg)  # seeds (and DETERMINISTIC op determinism) before any model is built
-    train.set_precision(cfg)
-    strategy = train.get_distribution(cfg)
-    query = QUERY_STRATEGIES[cfg.query_strategy](cfg)
-    pseudo = PSEUDO_POLICIES[pseudo_policy_name(cfg)](cfg)
-
-    def await_masks(r: int, pool: Pool) -> None:
-        missing = oracle.missing(pool.labelled, pool_data)
-        if len(missing):
-            asked = int(np.sum(pool.labelled_map == r + 1))
-            raise AwaitingAnnotation(waiting_message(cfg, r, len(missing), asked))
-
-    done = folder.completed()
-    start = 0
-    while start in done:
-        start += 1
-    if start > cfg.nb_iterations:
-        log(f"{run}: all {cfg.nb_iterations} rounds are already complete")
-    elif start > 0:
-        log(f"resuming {run} after round {start - 1}")
-    model = None
-    with strategy.scope():
-        for r in range(start, cfg.nb_iterations + 1):
-            rd = folder.round_dir(r)
-            t0 = time.perf_counter()
-            score_s = 0.0
-            if r == 0 and initial_model is not None and is_done(initial_model):
-                shutil.copytree(initial_model, rd, dirs_exist_ok=True)
-                _append_curve(run, json.loads(done_marker(rd)))
-                log(f"round 0: reusing the initial model of {initial_model}")
-                continue
-            if r == 0:
-                if folder.pool_file(r).is_file():  # a cold start already asked for its masks
-                    pool = Pool.load(folder.pool_file(r))
-                else:
-                    known = oracle.known(pool_data)
-                    pool = Pool.from_labelled(len(pool_data), initial_labels(cfg, pool_data.images, known))
-                    rd.mkdir(parents=True, exist_ok=True)
-                    pool.save(folder.pool_file(r))
-                    asked = pool.labelled[~known[pool.labelled]]
-                    if len(asked):
-                        oracle.request(rd, asked, pool_data)
-                await_masks(r, pool)
-                model = train.new_model(cfg, cfg.seed)
-                epochs = cfg.nb_initial_epochs
-            else:
-                decided = folder.decided(r)  # survives interruption
-                pool = Pool.load(folder.pool_file(r if decided else r - 1))
-                reason = None if decided else stop_reason(cfg, run, pool)
-                if reason is None and model is None:
-                    # `fit` left the previous round's best weights in `model`; a fresh process loads them.
-                    # Keeping the model object keeps its compiled graphs (no retracing each round).
-                    model = train.load_model(folder.checkpoint(r - 1), cfg)
-                if decided:
-                    log(f"round {r}: reusing the saved selection")
-                elif reason is None:
-                    score_s, reason = _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo,
-                                                   oracle, rd, log)
-                if reason is not None:
-                    _stop(run, r - 1, reason, log)
-                    break
-                await_masks(r, pool)
-                _drop_deleted_pseudo(pool, pool_data.names, rd, log)
-                train.reset_optimizer(model, cfg.learning_rate)
-                epochs = cfg.nb_active_epochs
-            x, y, is_pseudo = pool.training_set(pool_data.images, pool_data.masks)
-            log(f"round {r}/{cfg.nb_iterations}: training on {len(pool.labelled)} oracle + "
-                f"{int(is_pseudo.sum())} pseudo labels for {epochs} epochs")
-            with stage(rd) as st:  # DONE, with the round's row, last
-                t1 = time.perf_counter()
-                history = train.fit(model, cfg, x, y, is_pseudo, val, normalizer, rd, epochs,
-                                    seed=cfg.seed * 1000 + r)
-                train_s = time.perf_counter() - t1
-                val_dice = max(history.get("val_main_dice", [float("nan")]) or [float("nan")])
-                row = dict(round=r, n_oracle=len(pool.labelled), n_pseudo=int(is_pseudo.sum()),
-                           val_dice=round(float(val_dice), 5), train_s=round(train_s, 2), score_s=round(score_s, 2))
-                _append_curve(run, row)
-                st.marker = json.dumps({**row, "wall_s": round(time.perf_counter() - t0, 2)})
-            log(f"round {r}: val Dice {val_dice:.4f}")
-    return run
-
-
-def stop_reason(cfg: Config, run: Path, pool: Pool) -> str | None:
-    """Why the loop should end before querying again (expert budget, flat validation Dice), or None."""
-    if cfg.stop_budget and len(pool.labelled) >= cfg.stop_budget:
-        return f"expert budget STOP_BUDGET = {cfg.stop_budget} labels reached ({len(pool.labelled)} used)"
-    k = cfg.stop_patience
-    path = Run(run).curve_file
-    if k and path.is_file():
-        with path.open() as f:
-            dice = [float(row["val_dice"]) for row in csv.DictReader(f)]
-        if len(dice) > k and max(dice[-k:]) < max(dice[:-k]) + cfg.stop_min_delta:
-            return f"validation Dice has not improved by {cfg.stop_min_delta} for {k} rounds (STOP_PATIENCE)"
-    return None
-
-
 def _stop(run: Path, last_round: int, reason: str, log) -> None:
     """End the loop for good: the reason goes to the learning curve (last round's row) and STOPPED."""
     folder = Run(run)
@@ -241,26 +402,20 @@ def _stop(run: Path, last_round: int, reason: str, log) -> None:
     log(f"stopped after round {last_round}: {reason}")
 
 
-def _drop_deleted_pseudo(pool: Pool, names: list[str], rd: Path, log) -> None:
-    """A pseudo label whose `round_XX/pseudo/<stem>.png` a person deleted does not train."""
+def _drop_deleted_pseudo(ctx: RoundContext) -> None:
+    """A pseudo label whose mask file in `round_XX/pseudo/` a person deleted does not train."""
+    pool, rd = ctx.pool, ctx.round_dir
     folder = rd / PSEUDO_DIR
     if not folder.is_dir() or not len(pool.pseudo_idx):
         return
-    keep = np.array([(folder / f"{names[i]}.png").is_file() for i in pool.pseudo_idx], bool)
+    names = ctx.pool_data.names
+    keep = np.array([ctx.parts.space.mask_file(folder, names[i]).is_file() for i in pool.pseudo_idx], bool)
     if keep.all():
         return
     pool.set_pseudo(pool.pseudo_idx[keep], pool.pseudo_masks[keep] if keep.any() else None)
     pool.save(rd / POOL)
-    log(f"round {rd.name}: {int((~keep).sum())} pseudo labels were deleted from {folder}; training without them")
-
-
-def _write_pseudo_pngs(folder: Path, idx: np.ndarray, masks: np.ndarray, pool_data) -> None:
-    """Each pseudo mask at its image's original size (0/255 PNG), for a person to inspect or delete."""
-    with atomic_dir(folder) as tmp:
-        for i, mask in zip(idx, masks):
-            h, w = original_size(pool_data.files[i])
-            big = cv2.resize(mask[..., 0].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
-            cv2.imwrite(str(tmp / f"{pool_data.names[i]}.png"), big * 255)
+    ctx.log(f"round {rd.name}: {int((~keep).sum())} pseudo labels were deleted from {folder}; "
+            "training without them")
 
 
 def shard_positions(n: int, shard: int, n_shards: int, batch_size: int) -> np.ndarray:
@@ -270,24 +425,6 @@ def shard_positions(n: int, shard: int, n_shards: int, batch_size: int) -> np.nd
     if not len(batches):
         return np.zeros(0, np.int64)
     return np.arange(batches[0] * batch_size, min((batches[-1] + 1) * batch_size, n))
-
-
-def _score(cfg, r, pool, pool_data, val, model, normalizer, query, rd, idx) -> dict:
-    """Per-image scores of pool images `idx`, read from the (memory-mapped) pool batch by batch."""
-    from . import train
-
-    def train_member(out_dir: Path, start: Path | None, seed: int):
-        """One more model on the previous round's training set (for ensemble strategies)."""
-        x, y, is_pseudo = pool.training_set(pool_data.images, pool_data.masks)  # before this round's labels
-        m = train.load_model(start, cfg) if start is not None else train.new_model(cfg, seed)
-        epochs = cfg.nb_active_epochs if start is not None else cfg.nb_initial_epochs
-        train.fit(m, cfg, x, y, is_pseudo, val, normalizer, out_dir, epochs, seed)
-        return m
-
-    reset_seed_generators(model, cfg.seed * 1000 + r)  # MC-dropout scores do not depend on the history
-    query.prepare(model, r, rd.parent, train_member)
-    return query.score_pool(model, Rows(pool_data.images, idx), Rows(pool_data.masks, idx), normalizer,
-                            cfg.batch_size, progress=cfg.progress)
 
 
 def _merged_parts(rd: Path, unl: np.ndarray, batch_size: int, log) -> dict | None:
@@ -310,95 +447,3 @@ def _merged_parts(rd: Path, unl: np.ndarray, batch_size: int, log) -> dict | Non
             parts.append({k: z[k] for k in z.files if k != "index"})
     log(f"{rd.name}: merged {n} score parts")
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def score_shard(cfg: Config, r: int, shard: int, n_shards: int, log: Callable[[str], None] = print) -> Path:
-    """Score one slice of round `r`'s unlabelled pool (`dsal score --shard i/n`) with round r-1's
-    model and write `round_XX/score_parts/part_i_of_n.npz`; the round merges the parts when all exist,
-    so several processes or machines can share one round's scoring."""
-    from . import train
-    from .strategies import QUERY_STRATEGIES
-
-    cfg = saved_config(cfg)
-    folder = Run.of(cfg)
-    run = folder.path
-    if not 0 <= shard < n_shards:
-        raise DsalError(f"--shard {shard}/{n_shards}: the shard must be in 0..{n_shards - 1}")
-    if r < 1 or not folder.is_done(r - 1):
-        raise DsalError(f"round {r} of {run} cannot be scored: round {r - 1} is not finished; train it first")
-    if folder.scores_file(r).is_file():
-        raise DsalError(f"round {r} of {run} has already chosen its images; nothing to score")
-    splits = load_splits(cfg, ("train", "val"))
-    pool_data, val = splits["train"], splits["val"]
-    pool = Pool.load(folder.pool_file(r - 1))
-    determinism.apply(cfg)
-    train.set_precision(cfg)
-    model = train.load_model(folder.checkpoint(r - 1), cfg)
-    unl = pool.unlabelled
-    idx = unl[shard_positions(len(unl), shard, n_shards, cfg.batch_size)]
-    rd = folder.round_dir(r)
-    scores = _score(cfg, r, pool, pool_data, val, model, folder.normalizer(),
-                    QUERY_STRATEGIES[cfg.query_strategy](cfg), rd, idx)
-    out = folder.score_parts(r) / f"part_{shard}_of_{n_shards}.npz"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda tmp: np.savez(tmp, index=idx, **scores))
-    log(f"scored {len(idx)} of {len(unl)} pool images for round {r}: {out}")
-    return out
-
-
-def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo, oracle, rd, log):
-    """Score the unlabelled pool (or merge its shards), pick oracle and pseudo labels, save them and
-    ask the oracle.
-
-    Returns (scoring seconds, stop reason or None): a pool that already agrees with itself
-    (`STOP_AGREEMENT`) ends the loop before anything is chosen."""
-    unl = pool.unlabelled
-    t = time.perf_counter()
-    scores = _merged_parts(rd, unl, cfg.batch_size, log)
-    if scores is None:
-        scores = _score(cfg, r, pool, pool_data, val, model, normalizer, query, rd, unl)
-    score_s = time.perf_counter() - t
-    if "true_dice" in scores:  # only meaningful where the mask exists
-        scores["true_dice"] = np.where(pool_data.has_mask[unl], scores["true_dice"], np.nan)
-    if cfg.stop_agreement and "agreement" in scores:
-        mean = float(np.mean(scores["agreement"]))
-        if mean >= cfg.stop_agreement:
-            return score_s, f"mean pool agreement {mean:.4f} >= STOP_AGREEMENT = {cfg.stop_agreement}"
-    oracle_idx, pseudo_idx = choose_labels(cfg, r, pool, pool_data, unl, scores, model, normalizer, query, pseudo,
-                                           oracle, rd)
-    log(f"round {r}: {len(oracle_idx)} images to the oracle, {len(pseudo_idx)} pseudo labels "
-        f"(scored {len(unl)} in {score_s:.1f}s)")
-    return score_s, None
-
-
-def choose_labels(cfg, r, pool, pool_data, unl, scores, model, normalizer, query, pseudo, oracle, rd):
-    """Round `r`'s selection from the scores of the unlabelled pool images `unl`: the oracle picks
-    (labelled in `pool`, asked of the oracle), the pseudo labels (masks from the disk-backed `pred`
-    store, PNGs for inspection), `scores.csv`, and the saved pool last. Reads only the chosen
-    images; returns (oracle indices, pseudo indices) into the pool."""
-    from .strategies.pseudo import with_foreground
-
-    rng = np.random.default_rng([cfg.seed, r])
-    n_oracle = min(cfg.nb_next_sample, len(unl))
-    if cfg.stop_budget:
-        n_oracle = min(n_oracle, cfg.stop_budget - len(pool.labelled))
-    picks = query.select(scores, n_oracle, rng, r)
-    oracle_idx = unl[picks]
-    pool.label(oracle_idx, r)
-    available = np.setdiff1d(np.arange(len(unl)), picks)
-    available = with_foreground(scores, available, cfg.pseudo_min_foreground)
-    n_pseudo = min(cfg.nb_pseudo(r), len(available))
-    chosen = pseudo.select(scores, available, n_pseudo, rng) if n_pseudo else np.zeros(0, np.int64)
-    masks = pseudo.labels(scores, chosen, Rows(pool_data.images, unl)) if len(chosen) else None
-    pool.set_pseudo(unl[chosen], masks)
-    rd.mkdir(parents=True, exist_ok=True)
-    if len(chosen):
-        _write_pseudo_pngs(rd / PSEUDO_DIR, unl[chosen], masks, pool_data)
-    prelabels = None
-    if oracle.wants_prelabels() and len(picks):
-        prelabels = masks_at_original_size(model, pool_data.images[oracle_idx],
-                                           [pool_data.files[i] for i in oracle_idx], normalizer, cfg.batch_size)
-    oracle.request(rd, oracle_idx, pool_data, scores, picks, prelabels)
-    _write_scores(rd / SCORES, pool_data.names, unl, scores, oracle_idx, unl[chosen])
-    pool.save(rd / POOL)  # last: a saved pool with its scores means the round is decided (`Run.decided`)
-    return oracle_idx, unl[chosen]

@@ -27,8 +27,8 @@ from .errors import DsalError
 from .evaluate import saved_config
 from .files import atomic_write, atomic_write_text
 from .oracle import MANIFEST, read_manifest
-from .predict import original_size
 from .run import TO_ANNOTATE, Run, is_done
+from .space import original_size
 
 IMPORTS = "imports.json"
 

@@ -1,4 +1,4 @@
-"""`dsal classify`: BoostMIS's closed loop on feature vectors (METHODS.md section 6), and
+"""`dsal classify`: BoostMIS's closed loop on feature vectors (docs/methods.md#boostmis-on-feature-vectors), and
 `dsal features`: the feature files from an image folder with a trained run's encoder.
 
 Input folder: `train-`, `val-`, `test-features.npy` (N x D float) and `-targets.npy` (N int,
@@ -31,10 +31,20 @@ from .errors import DsalError
 from .files import atomic_write, atomic_write_text
 from .registry import registrar
 from .run import round_name
-from .strategies.boostmis import THRESHOLDS, LearningStatus, boostmis_select, categorical_kl, knn_density, vat_score
+from .strategies.boostmis import (
+    THRESHOLDS,
+    BoostMISQuery,
+    LearningStatus,
+    boostmis_select,
+    categorical_kl,
+    knn_density,
+    vat_score,
+)
 from .trainers.booster import Booster
+from .trainers.boostmis import BoostMISTrainer
 
-DEFAULTS = Config()  # the BoostMIS settings (tau, threshold rule, VAT xi / eps, k, EMA decay, seed) of a run
+# the BoostMIS settings of a segmentation run (tau, threshold rule, VAT xi / eps, k, EMA decay) and its seed
+QUERY, TRAINING, SEED = BoostMISQuery.Settings(), BoostMISTrainer.Settings(), Config().seed
 FIELDS = ["round", "n_labelled", "n_pseudo", "accuracy", "macro_f1"]
 
 
@@ -48,8 +58,8 @@ class PseudoRule:
     round. `n_active` is N_A, the labels the last round added; `queries` K; `threshold` a
     `strategies.boostmis.THRESHOLDS` name; `tau` the fixed confidence cutoff (BOOSTMIS_TAU)."""
 
-    def __init__(self, n_classes: int, n_active: int, queries: int, threshold: str = DEFAULTS.boostmis_threshold,
-                 tau: float = DEFAULTS.boostmis_tau) -> None:
+    def __init__(self, n_classes: int, n_active: int, queries: int, threshold: str = TRAINING.boostmis_threshold,
+                 tau: float = TRAINING.boostmis_tau) -> None:
         self.n_classes, self.n_active, self.queries = n_classes, n_active, queries
         self.threshold, self.tau = threshold, float(tau)
 
@@ -95,8 +105,8 @@ class FeatureQuery:
     """Picks the oracle's next samples from the unlabelled features; a query overrides `rank`.
     `xi`, `eps`: VAT; `knn`: the density's k; `seed`: VAT's random start."""
 
-    def __init__(self, xi: float = DEFAULTS.boostmis_xi, eps: float = DEFAULTS.boostmis_eps,
-                 knn: int = DEFAULTS.boostmis_knn, seed: int = DEFAULTS.seed) -> None:
+    def __init__(self, xi: float = QUERY.boostmis_xi, eps: float = QUERY.boostmis_eps,
+                 knn: int = QUERY.boostmis_knn, seed: int = SEED) -> None:
         self.xi, self.eps, self.knn, self.seed = xi, eps, knn, seed
 
     def __call__(self, head, x_unl: np.ndarray, taken: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -227,9 +237,9 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def run_classify(features: str | Path, run_dir: str | Path, labeled: int, queries: int, iterations: int,
-                 strategy: str = "boostmis", pseudo: str = "adaptive", seed: int = DEFAULTS.seed, steps: int = 200,
-                 batch_size: int = 64, xi: float = DEFAULTS.boostmis_xi, eps: float = DEFAULTS.boostmis_eps,
-                 knn: int = DEFAULTS.boostmis_knn, log=print, threshold: str = DEFAULTS.boostmis_threshold) -> Path:
+                 strategy: str = "boostmis", pseudo: str = "adaptive", seed: int = SEED, steps: int = 200,
+                 batch_size: int = 64, xi: float = QUERY.boostmis_xi, eps: float = QUERY.boostmis_eps,
+                 knn: int = QUERY.boostmis_knn, log=print, threshold: str = TRAINING.boostmis_threshold) -> Path:
     """Run or resume the loop; returns `run_dir` (results.csv, learning_curve.png, round_XX.npz).
     `strategy`: a `QUERIES` name; `pseudo`: a `PSEUDO_RULES` name; `threshold`: the adaptive cutoff rule,
     `strategies.boostmis.THRESHOLDS` (BOOSTMIS_THRESHOLD)."""
@@ -274,7 +284,7 @@ def run_classify(features: str | Path, run_dir: str | Path, labeled: int, querie
         unl = np.setdiff1d(np.arange(len(x)), labelled)
         keras.utils.set_random_seed(seed * 1000 + r)
         rule = PSEUDO_RULES[pseudo](n_classes, n_added, max(queries, 1), threshold)
-        booster = Booster(head, ema_head, rule, DEFAULTS.ema_decay, seed * 1000 + r, step0=r * steps)
+        booster = Booster(head, ema_head, rule, TRAINING.ema_decay, seed * 1000 + r, step0=r * steps)
         booster.compile(optimizer=keras.optimizers.Adam(1e-3))
         x_u = x[unl] if len(unl) else x[labelled]
         lab = tf.data.Dataset.from_tensor_slices((x[labelled], y[labelled])).repeat().shuffle(4096, seed=seed)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import errno
 import functools
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from .config import Config, load_config, parse_set_options
-from .errors import DsalError
+from .console import quiet
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TF start-up chatter out of the way
+quiet(verbose="--verbose" in sys.argv[1:])  # before TensorFlow loads (.components imports it)
+
+from .components import load_config, names_help  # noqa: E402 (imports TensorFlow: after the line above)
+from .config import PRESETS, Config, parse_set_options  # noqa: E402
+from .errors import DsalError  # noqa: E402
 
 
 def _echo(msg: str) -> None:
@@ -52,11 +54,18 @@ def user_errors(fn):
     return wrapper
 
 
+def verbose_option(fn):
+    """Accepted everywhere; read from sys.argv by `quiet()` above, before TensorFlow loads."""
+    return click.option("--verbose", is_flag=True, expose_value=False,
+                        help="Show TensorFlow's start-up lines and library warnings.")(fn)
+
+
 def common_options(fn):
     opts = [
+        verbose_option,
         click.option("--constants", "constants", default="constants.py", show_default=True,
                      help="Constants file to start from."),
-        click.option("--preset", default=None, help="Named preset: demo, isic2017, isic2017-cpu, bone_age."),
+        click.option("--preset", default=None, help=f"Named preset: {', '.join(PRESETS)}."),
         click.option("--exp", "exp_name", default=None, help="Experiment name (folder under EXP_DIR)."),
         click.option("--exp-dir", default=None, help="Where runs are written (default exp/)."),
         click.option("--data", "data_path", default=None, help="Data root in the orgData layout."),
@@ -70,6 +79,7 @@ def common_options(fn):
 
 
 def build_config(constants: str, set_pairs: tuple[str, ...], **options) -> Config:
+    """The command's configuration, every name and setting checked (`components.load_config`)."""
     overrides = parse_set_options(set_pairs)
     overrides.update({k: v for k, v in options.items() if v is not None})
     return load_config(constants, overrides)
@@ -106,6 +116,7 @@ def ensure_data(cfg: Config, log=_echo) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@verbose_option
 def cli() -> None:
     """dsal-tf: label-efficient segmentation with deeply supervised active learning."""
 
@@ -117,12 +128,14 @@ def cli() -> None:
 @click.option("--queries", "nb_next_sample", type=int, default=None, help="Oracle labels per round.")
 @click.option("--initial-epochs", "nb_initial_epochs", type=int, default=None)
 @click.option("--epochs", "nb_active_epochs", type=int, default=None, help="Epochs per round.")
-@click.option("--strategy", "query_strategy", default=None, help="Query strategy (dsal, random, ...).")
-@click.option("--pseudo", "pseudo_policy", default=None, help="Pseudo-label policy (confidence, random, none).")
-@click.option("--trainer", default=None,
-              help="standard, uniform, rgs, rgm, rgsm, mwnet, mcpm, pnt, int or pint (dsal_tf/trainers/).")
+@click.option("--strategy", "query_strategy", default=None, help=f"Query strategy: {names_help('query_strategy')}.")
+@click.option("--pseudo", "pseudo_policy", default=None,
+              help=f"Pseudo-label policy: {names_help('pseudo_policy')}, or auto (the strategy's own).")
+@click.option("--selection", default=None, help=f"Selection rule: {names_help('selection')}, or auto.")
+@click.option("--trainer", default=None, help=f"Trainer: {names_help('trainer')} (dsal_tf/trainers/).")
 @click.option("--oracle", default=None,
-              help="simulated (masks on disk are revealed) or files (export requests, wait for dsal import-labels).")
+              help=f"{names_help('oracle')}: simulated reveals the masks on disk; files exports requests and waits "
+                   "for dsal import-labels.")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", "learning_rate", type=float, default=None)
 @click.option("--base-filters", type=int, default=None)

@@ -36,8 +36,8 @@ from .data import find_pairs
 from .errors import DsalError
 from .evaluate import evaluate_run
 from .run import SCORES, Run
+from .strategies import QUERY_STRATEGIES, SELECTIONS, pseudo_policy_name
 
-SELECTIONS = ("rank", "histogram", "diverse", "power")
 # named ablation rows: settings that differ from the comparison's in exactly the stated way
 VARIANTS: dict[str, dict] = {
     "minfg": {"pseudo_min_foreground": 0.01},  # the weak labeler skips (near-)empty predictions
@@ -51,7 +51,6 @@ BOOTSTRAP_REPS = 2000
 def parse_strategy_spec(spec: str) -> dict:
     """`dsal` -> {query_strategy: dsal}; `dsal+diverse` -> also {selection: diverse};
     `dsal@pre8` -> also the `VARIANTS["pre8"]` settings."""
-    from .strategies import QUERY_STRATEGIES
 
     spec, _, variant = spec.partition("@")
     if variant and variant not in VARIANTS:
@@ -63,7 +62,7 @@ def parse_strategy_spec(spec: str) -> dict:
                         f"{sorted(QUERY_STRATEGIES)}, optionally +{'/+'.join(SELECTIONS)}")
     if selection and selection not in SELECTIONS:
         raise DsalError(f"--strategies: unknown selection {selection!r} in {spec!r}; "
-                        f"use one of {list(SELECTIONS)}, e.g. dsal+diverse")
+                        f"use one of {sorted(SELECTIONS)}, e.g. dsal+diverse")
     return {"query_strategy": name, **({"selection": selection} if selection else {}),
             **VARIANTS.get(variant, {})}
 
@@ -250,7 +249,6 @@ def _difference_row(strategy, baseline, metric, seeds, diffs) -> dict:
 
 
 def aggregate(out: Path, log, baseline: str = "random") -> pd.DataFrame:
-    from .strategies import pseudo_policy_name
 
     runs, full_runs = finished_runs(out)
     per_run, summary_rows, rho_rows, curves = [], [], [], {}

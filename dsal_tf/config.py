@@ -11,11 +11,12 @@ import dataclasses
 import difflib
 import json
 import runpy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import DsalError
+from .settings import coerce
 
 
 @dataclass(frozen=True)
@@ -23,36 +24,36 @@ class Config:
     """All settings of one run. Field names are the lower-case names of `constants.py`."""
 
     # --- where things live
-    preset: str = "demo"
+    preset: str = "demo"  # named defaults: demo, auto (planned from the data), isic2017, isic2017-cpu, bone_age
     exp_name: str = ""  # "" -> derived from preset, strategy and seed
-    exp_dir: str = "exp"
-    data_path: str = "orgData"
+    exp_dir: str = "exp"  # where run folders are written
+    data_path: str = "orgData"  # data root: {train,val,test}{Img,GT}
     cache_dir: str = ""  # "" -> <exp_dir>/.cache
     # --- data
-    img_rows: int = 64
-    img_cols: int = 64
+    img_rows: int = 64  # network input height (images are area-resized to it)
+    img_cols: int = 64  # network input width
     color: str = "rgb"  # "rgb" or "gray"
     mask_naming: str = "auto"  # "auto", "isic" (X.jpg -> X_segmentation.png) or "same"
     normalization: str = "zscore"  # "zscore" (train-pool statistics) or "unit" (/255)
-    augment: bool = True
+    augment: bool = True  # random flips (and 90-degree turns of square inputs) while training
     pool_size: int = 0  # use only the first N training images (0 = all)
     synthetic_counts: tuple = (240, 40, 40)  # train/val/test images `make-synthetic` writes
     synthetic_size: int = 128  # side of the synthetic images on disk
     # --- model
-    base_filters: int = 8
-    depth: int = 4
-    dropout: float = 0.5
+    base_filters: int = 8  # filters of the first U-Net block (doubling per level)
+    depth: int = 4  # U-Net levels (>= 3: the side heads sit on the 1/4 and 1/2 blocks)
+    dropout: float = 0.5  # dropout rate (also the MC-dropout of CEAL)
     loss: str = "dice"  # "dice", "bce" or "bce_dice"
-    ds_weights: tuple = (0.6, 0.3, 0.1)
+    ds_weights: tuple = (0.6, 0.3, 0.1)  # deep-supervision loss weights of main, side_1, side_2
     side_upsampling: str = "nearest"  # side-head logits: "nearest" (reference) or "bilinear" (pre-issue-8 variant)
     dropout_at: str = "bottleneck"  # "bottleneck" (reference) or "bottleneck+deepest" (also the deepest encoder block)
     norm: str = "none"  # U-Net normalization after each conv: "none" (reference), "batch" or "instance"
     batch_dice: bool = False  # soft Dice over the whole batch (nnU-Net's batch Dice) instead of per image
     # --- training
-    learning_rate: float = 1e-3
-    batch_size: int = 16
-    nb_initial_epochs: int = 15
-    nb_active_epochs: int = 8
+    learning_rate: float = 1e-3  # Adam learning rate
+    batch_size: int = 16  # training batch size
+    nb_initial_epochs: int = 15  # epochs of round 0 (from scratch)
+    nb_active_epochs: int = 8  # epochs of every later round (continuing from the last best model)
     early_stop_patience: int = 0  # 0 = off
     lr_schedule: str = "none"  # "none", "plateau" or "cosine"
     # "auto" (bf16 on AVX512-BF16/AMX CPUs and GPUs of cc >= 8, fp16 on older GPUs), "off", "float16", "bfloat16"
@@ -63,59 +64,29 @@ class Config:
     collapse_patience: int = 5  # training masks, stops the round as collapsed (0 = off)
     jit_compile: str = "auto"  # XLA: "auto" (on with a GPU, off on CPU where it is slower), "on", "off"
     distribute: str = "auto"  # "auto", "none", "mirrored" or "multiworker"
-    seed: int = 0
+    seed: int = 0  # every random choice of the run follows from it
     # --- active learning
-    nb_labeled: int = 40
-    nb_iterations: int = 3
-    nb_next_sample: int = 20
-    query_strategy: str = "dsal"
+    nb_labeled: int = 40  # initial oracle labels (round 0)
+    nb_iterations: int = 3  # active-learning rounds after round 0
+    nb_next_sample: int = 20  # oracle labels per round
+    query_strategy: str = "dsal"  # how the pool is ranked (`dsal run --help` lists them)
     pseudo_policy: str = "auto"  # "auto" = the strategy's own (CEAL: "ceal", others: "confidence")
     selection: str = "auto"  # "rank" (top-n), "histogram" (CEAL bins), "diverse", "power", "auto" (strategy's own)
-    diverse_factor: int = 3  # "diverse": k-center greedy over the DIVERSE_FACTOR * n top candidates
-    power_beta_start: float = 1.0  # "power": draw with p ~ rank-score**beta, beta from START (round 1) ...
-    power_beta_end: float = 4.0  # ... to END (last round), linearly
-    ds_ascend: bool = True  # reference meaning: True = least agreeing first (DSAL); False = ablation
     deterministic: bool = True  # seeds + tf op determinism: reruns give identical weights and pools
-    conf_thres: bool = True  # confidence-histogram filter on pseudo-label candidates
-    pseudo_epoch: int = 2
-    nb_pseudo_initial: int = 20
-    pseudo_rate: int = 20
-    pseudo_min_foreground: float = 0.0  # weak labeler skips candidates predicting less foreground (0 = reference)
-    use_crf: bool = False
-    use_crf_thres: float = 0.98
-    mc_passes: int = 20
-    nb_ensemble: int = 5
-    # --- noisy-teacher trainers
-    trainer: str = "standard"  # dsal_tf/trainers/: standard, uniform, rgs, rgm, rgsm, mwnet, mcpm, pnt, int, pint
-    rgs_query: bool = False
-    rgs_lambda: float = -1.0  # -1 -> from trainer (rgs 1.0, rgm 0.0, rgsm 0.5)
-    reweight_loss: str = "bce_dice"  # per-sample loss of the re-weighting trainers (METHODS.md 3); "run" = LOSS
-    meta_size: int = 0  # clean set of the weighting trainers: 0 = every oracle label, N = a seeded N of them
-    meta_lr: float = 1e-3  # mwnet/mcpm: Adam on the meta net (weight decay 1e-4)
-    ema_decay: float = 0.99  # pnt/int/pint: EMA teacher
-    teacher_passes: int = 8  # pnt/int/pint: perturbed teacher passes T
-    teacher_noise: float = 0.1  # pnt/int/pint: Gaussian input noise sigma (normalised units)
-    pint_tau: float = 0.34657359027997264  # pnt/pint: constant pixel-uncertainty threshold (0.5 ln 2)
-    pint_warmup: float = 0.2  # pnt/int/pint: share of the steps trained plainly before any gating
-    # --- BoostMIS (query and trainer `boostmis`)
-    boostmis_xi: float = 10.0  # VAT power-iteration step xi
-    boostmis_eps: float = 1.0  # VAT perturbation size eps (normalised units)
-    boostmis_knn: int = 10  # density: mean cosine similarity to the k nearest neighbours
-    boostmis_tau: float = 0.95  # confident pixel: max(p, 1-p) >= tau; taken image: that share >= tau
-    boostmis_threshold: str = "global"  # pseudo-label cutoff: "global" eps_t (authors' code) or "per_class" (floored)
-    # --- the strong labeler (oracle) and when to stop
+    pseudo_epoch: int = 2  # first round with pseudo labels
+    nb_pseudo_initial: int = 20  # pseudo labels in that round ...
+    pseudo_rate: int = 20  # ... growing by this many per round
+    trainer: str = "standard"  # dsal_tf/trainers/ (`dsal run --help` lists them)
     oracle: str = "simulated"  # "simulated" (masks on disk are revealed) or "files" (a person draws them)
-    initial_selection: str = "auto"  # first labels: "random", "kcenter" (spread over the pool), "auto"
-    stop_budget: int = 0  # stop once this many expert labels are used (0 = off)
-    stop_patience: int = 0  # stop when val Dice has not improved by STOP_MIN_DELTA for k rounds (0 = off)
-    stop_min_delta: float = 0.001
-    stop_agreement: float = 0.0  # stop when the pool's mean side-head agreement reaches this (0 = off)
     tensorboard: bool = False  # Keras TensorBoard logs per round under exp/<name>/tensorboard/
     # --- run control
-    resume_on: bool = True
-    nb_overlays: int = 6
-    progress: bool = True
+    resume_on: bool = True  # go on from the last complete round of an existing run
+    nb_overlays: int = 6  # test images drawn per round by `python test.py`
+    progress: bool = True  # progress bars
     plan_budget_minutes: float = 15.0  # PRESET "auto": the run-time budget the plan fits
+    # --- every other constant, by lower-case name: owned, coerced and checked by the algorithm class
+    # that declares it (`dsal_tf/settings.py`, resolved by `components.build`); config.json lists them flat
+    settings: dict = field(default_factory=dict, compare=True)
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -144,13 +115,15 @@ class Config:
         return resolve({**self.to_dict(), **changes}, source="override")
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Every setting by name, the algorithm settings flat beside the fields (as `constants.py` has them)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "settings"}
+        return {**self.settings, **out}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "settings"}
 
 # ------------------------------------------------------------------- presets
 PRESETS: dict[str, dict[str, Any]] = {
@@ -158,7 +131,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     # Planned from the data on first use (`dsal plan`, dsal_tf/plan.py), stored in the run folder.
     "auto": {},
-    # The paper's ISIC 2017 protocol (METHODS.md section 1).
+    # The paper's ISIC 2017 protocol (docs/methods.md#dsal).
     "isic2017": dict(
         img_rows=192, img_cols=240, color="rgb", base_filters=32, dropout=0.5, loss="dice",
         learning_rate=1e-5, batch_size=32, nb_initial_epochs=15, nb_active_epochs=10,
@@ -190,27 +163,19 @@ _CHOICES = {
     "loss": ("dice", "bce", "bce_dice"),
     "lr_schedule": ("none", "plateau", "cosine"),
     "distribute": ("auto", "none", "mirrored", "multiworker"),
-    "selection": ("auto", "rank", "histogram", "diverse", "power"),
     "side_upsampling": ("nearest", "bilinear"),
     "dropout_at": ("bottleneck", "bottleneck+deepest"),
     "norm": ("none", "batch", "instance"),
     "mixed_precision": ("auto", "off", "float16", "bfloat16"),
-    "reweight_loss": ("bce_dice", "run", "dice", "bce"),
-    "boostmis_threshold": ("global", "per_class"),
     "jit_compile": ("auto", "on", "off"),
-    "oracle": ("simulated", "files"),
-    "initial_selection": ("auto", "random", "kcenter"),
     "preset": tuple(PRESETS),
-}
-_POSITIVE = {
-    "img_rows", "img_cols", "base_filters", "depth", "batch_size", "nb_labeled",
-    "nb_next_sample", "mc_passes", "nb_ensemble", "synthetic_size", "diverse_factor",
-}
+}  # the names of registered classes (QUERY_STRATEGY, TRAINER, ...) are checked by `components.build`
+_POSITIVE = {"img_rows", "img_cols", "base_filters", "depth", "batch_size", "nb_labeled", "nb_next_sample",
+             "synthetic_size"}
 _NON_NEGATIVE = {
     "nb_initial_epochs", "nb_active_epochs", "early_stop_patience", "nb_iterations",
     "pseudo_epoch", "nb_pseudo_initial", "pseudo_rate", "pool_size", "nb_overlays",
-    "stop_budget", "stop_patience", "stop_min_delta", "lr_warmup_epochs", "collapse_patience",
-    "power_beta_start", "power_beta_end", "pint_tau",
+    "lr_warmup_epochs", "collapse_patience",
 }
 
 
@@ -220,39 +185,27 @@ def _suggest(name: str, options) -> str:
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
-    default = FIELDS[name].default
-    kind = type(default)
-    where = f"{name.upper()} in {source}"
-    try:
-        if kind is bool:
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                    raise ValueError
-                return low in ("1", "true", "yes", "on")
-            if not isinstance(value, (bool, int)):
-                raise ValueError
-            return bool(value)
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if name == "mixed_precision" and isinstance(value, bool):  # the old boolean switch
-            return "float16" if value else "off"
-        if kind is tuple:
-            if isinstance(value, str):
-                value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
-            inner = type(default[0])
-            return tuple(inner(v) for v in value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise DsalError(
-            f"{where} = {value!r} is not a valid {kind.__name__}; use e.g. {default!r}"
-        ) from None
+    if name == "mixed_precision" and isinstance(value, bool):  # the old boolean switch
+        return "float16" if value else "off"
+    return coerce(name, value, FIELDS[name].default, source)
+
+
+def _check_ranges(cfg: Config, source: str) -> None:
+    for name in _POSITIVE:
+        if getattr(cfg, name) <= 0:
+            raise DsalError(f"{name.upper()} in {source} must be > 0, got {getattr(cfg, name)}")
+    for name in _NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            raise DsalError(f"{name.upper()} in {source} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.depth < 3:
+        raise DsalError(f"DEPTH in {source} must be >= 3 (the side heads sit on the 1/4 and 1/2 blocks)")
+    for name, low, high in (("dropout", 0.0, 1.0), ("foreground_oversample", 0.0, 1.0),
+                            ("collapse_floor", 0.0, 1.0)):
+        if not low <= getattr(cfg, name) < high:
+            raise DsalError(f"{name.upper()} in {source} must be in [{low:g}, {high:g}), got {getattr(cfg, name)}")
+    for name in ("plan_budget_minutes", "learning_rate"):
+        if getattr(cfg, name) <= 0:
+            raise DsalError(f"{name.upper()} in {source} must be > 0, got {getattr(cfg, name)}")
 
 
 def _check(cfg: Config, source: str) -> None:
@@ -263,20 +216,7 @@ def _check(cfg: Config, source: str) -> None:
                 f"{name.upper()} in {source} = {value!r} is not one of {list(options)}"
                 + _suggest(str(value), options)
             )
-    for name in _POSITIVE:
-        if getattr(cfg, name) <= 0:
-            raise DsalError(f"{name.upper()} in {source} must be > 0, got {getattr(cfg, name)}")
-    for name in _NON_NEGATIVE:
-        if getattr(cfg, name) < 0:
-            raise DsalError(f"{name.upper()} in {source} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.depth < 3:
-        raise DsalError(f"DEPTH in {source} must be >= 3 (the side heads sit on the 1/4 and 1/2 blocks)")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise DsalError(f"DROPOUT in {source} must be in [0, 1), got {cfg.dropout}")
-    if cfg.plan_budget_minutes <= 0:
-        raise DsalError(f"PLAN_BUDGET_MINUTES in {source} must be > 0, got {cfg.plan_budget_minutes}")
-    if cfg.learning_rate <= 0:
-        raise DsalError(f"LEARNING_RATE in {source} must be > 0, got {cfg.learning_rate}")
+    _check_ranges(cfg, source)
     if len(cfg.ds_weights) != 3 or any(w < 0 for w in cfg.ds_weights):
         raise DsalError(
             f"DS_WEIGHTS in {source} needs 3 non-negative weights (main, side_1, side_2), "
@@ -291,52 +231,30 @@ def _check(cfg: Config, source: str) -> None:
                 f"{name.upper()} in {source} = {getattr(cfg, name)} must be divisible by "
                 f"2**DEPTH = {step}; use {getattr(cfg, name) // step * step or step}"
             )
-    if not 0.0 <= cfg.stop_agreement <= 1.0:
-        raise DsalError(f"STOP_AGREEMENT in {source} must be in [0, 1] (0 = off), got {cfg.stop_agreement}")
-    if not cfg.rgs_lambda == -1.0 and not 0.0 <= cfg.rgs_lambda <= 1.0:
-        raise DsalError(f"RGS_LAMBDA in {source} must be in [0, 1] (or -1 for the default)")
-    if cfg.meta_size < 0 or cfg.teacher_passes < 1 or cfg.teacher_noise < 0 or cfg.meta_lr <= 0:
-        raise DsalError(f"META_SIZE >= 0, TEACHER_PASSES >= 1, TEACHER_NOISE >= 0 and META_LR > 0 in {source}; "
-                        f"got {cfg.meta_size}, {cfg.teacher_passes}, {cfg.teacher_noise}, {cfg.meta_lr}")
-    if cfg.boostmis_xi <= 0 or cfg.boostmis_eps <= 0 or cfg.boostmis_knn < 1 or not 0.5 <= cfg.boostmis_tau < 1:
-        raise DsalError(f"BOOSTMIS_XI > 0, BOOSTMIS_EPS > 0, BOOSTMIS_KNN >= 1 and BOOSTMIS_TAU in [0.5, 1) "
-                        f"in {source}")
-    for name in ("pseudo_min_foreground", "foreground_oversample", "pint_warmup", "collapse_floor"):
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise DsalError(f"{name.upper()} in {source} must be in [0, 1), got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.ema_decay < 1.0:
-        raise DsalError(f"EMA_DECAY in {source} must be in [0, 1), got {cfg.ema_decay}")
-    from .strategies import PSEUDO_POLICIES, QUERY_STRATEGIES
-    from .trainers import TRAINERS
-
-    for name, registry in (("query_strategy", QUERY_STRATEGIES), ("pseudo_policy", PSEUDO_POLICIES),
-                           ("trainer", TRAINERS)):
-        value = getattr(cfg, name)
-        if value not in registry and not (name == "pseudo_policy" and value == "auto"):
-            raise DsalError(
-                f"{name.upper()} in {source} = {value!r} is not one of {sorted(registry)}"
-                + _suggest(value, registry)
-            )
 
 
 def resolve(values: dict[str, Any], source: str = "constants.py") -> Config:
-    """Build a validated `Config` from `{name: value}` (names in any case)."""
+    """Build a validated `Config` from `{name: value}` (names in any case).
+
+    Names that are not `Config` fields are algorithm settings: they are kept, as given, in
+    `Config.settings`, and `components.build` checks them against the classes that own them (a
+    typo is reported there, with the closest valid name)."""
     merged: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
     for key, value in values.items():
         name = key.lower()
-        if name not in FIELDS:
-            raise DsalError(
-                f"unknown constant {key.upper()} in {source}"
-                + _suggest(name.upper(), [f.upper() for f in FIELDS])
-                + "; see the constants table in README.md"
-            )
-        merged[name] = _coerce(name, value, source)
+        if name == "settings" and isinstance(value, dict):  # a Config's own dict, passed back in
+            settings.update({k.lower(): v for k, v in value.items()})
+        elif name in FIELDS:
+            merged[name] = _coerce(name, value, source)
+        else:
+            settings[name] = value
     preset = merged.get("preset", Config.preset)
     if preset not in PRESETS:
         raise DsalError(
             f"PRESET in {source} = {preset!r} is not one of {list(PRESETS)}" + _suggest(preset, PRESETS)
         )
-    cfg = Config(**{**PRESETS[preset], **merged})
+    cfg = Config(**{**PRESETS[preset], **merged, "settings": dict(sorted(settings.items()))})
     _check(cfg, source)
     return cfg
 

@@ -1,5 +1,5 @@
 """Label-noise simulator: a copy of an orgData folder with a seeded fraction of training masks corrupted
-(METHODS.md section 4, "Noise synthesis").
+(docs/methods.md#noise-synthesis).
 
 Kinds, with parameters drawn per mask from a generator seeded by `(seed, mask index)`:
 - `dilate` / `erode`: binary morphology (scikit-image) with a disk of radius

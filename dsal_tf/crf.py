@@ -1,4 +1,4 @@
-"""Dense-CRF refinement of pseudo labels (METHODS.md section 1, optional).
+"""Dense-CRF refinement of pseudo labels (docs/methods.md#dense-crf-refinement, optional).
 
 The CRF snaps a predicted mask to image edges. A refined label is kept only if it stays close
 to the prediction, Dice(B0, CRF) > USE_CRF_THRES (0.98 in the reference), so the CRF can polish

@@ -18,20 +18,14 @@ import numpy as np
 import pandas as pd
 
 from .config import Config
-from .data import Normalizer, Split, load_split, make_dataset
+from .data import Normalizer, Split, load_split
 from .errors import DsalError
 from .files import atomic_write
 from .metrics import batch_metrics
 from .run import Run, round_name
+from .space import predict_main  # noqa: F401 (re-exported)
 
 METRICS = ("dice", "iou", "hd95", "asd", "hd95_penalized")
-
-
-def predict_main(model, images: np.ndarray, normalizer: Normalizer, batch_size: int) -> np.ndarray:
-    """Main-head probabilities [N,H,W,1] in one batched pass."""
-    ds = make_dataset(images, np.zeros(images.shape[:3] + (1,), np.uint8), normalizer, batch_size).map(
-        lambda x, y: x)
-    return model.predict(ds, verbose=0)["main"]
 
 
 def saved_config(cfg: Config) -> Config:

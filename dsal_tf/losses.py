@@ -1,6 +1,6 @@
 """Per-sample segmentation losses and the deep-supervision wrapper.
 
-Inputs are NHWC probabilities in [0, 1] (the heads' sigmoid outputs); every loss returns one value
+Inputs are channels-last probabilities in [0, 1] (NHWC in 2D, NDHWC in 3D); every loss returns one value
 per sample, shape [N], so Keras sample weights and the noisy-teacher re-weighting act per image.
 The batch Dice variants keep that contract by returning their one batch value broadcast to [N].
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 from keras import ops
 
 from .model import HEADS
+from .space import item_axes
 
 SMOOTH = 1.0
 TINY = 1e-30  # the safe log's floor; 1 / (TINY * pixels) stays finite in float32
@@ -18,7 +19,7 @@ TINY = 1e-30  # the safe log's floor; 1 / (TINY * pixels) stays finite in float3
 def soft_dice_loss(y_true, y_pred):
     """1 - (2|y p| + 1) / (|y| + |p| + 1), per sample."""
     y_true = ops.cast(y_true, y_pred.dtype)
-    axes = tuple(range(1, len(y_pred.shape)))
+    axes = item_axes(y_pred)
     inter = ops.sum(y_true * y_pred, axis=axes)
     total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
     return 1.0 - (2.0 * inter + SMOOTH) / (total + SMOOTH)
@@ -33,7 +34,7 @@ def batch_soft_dice_loss(y_true, y_pred):
     apply per head as usual; a sample weight w scales it by mean(w) and cannot single out images.
     Under a distribution strategy the batch is the replica's batch."""
     y_true = ops.cast(y_true, y_pred.dtype)
-    axes = tuple(range(1, len(y_pred.shape)))
+    axes = item_axes(y_pred)
     inter = ops.sum(y_true * y_pred, axis=axes)
     total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
     value = 1.0 - (2.0 * ops.sum(inter) + SMOOTH) / (ops.sum(total) + SMOOTH)
@@ -50,7 +51,7 @@ def bce_loss(y_true, y_pred):
     so trainers that differentiate with respect to them (MW-Net's per-head step) see all of it."""
     y_true = ops.cast(y_true, y_pred.dtype)
     bce = -(y_true * ops.log(ops.maximum(y_pred, TINY)) + (1.0 - y_true) * ops.log(ops.maximum(1.0 - y_pred, TINY)))
-    return ops.mean(bce, axis=tuple(range(1, len(y_pred.shape))))
+    return ops.mean(bce, axis=item_axes(y_pred))
 
 
 def bce_dice_loss(y_true, y_pred):
@@ -81,7 +82,7 @@ def dice(y_true, y_pred):
     """Hard Dice of the thresholded prediction, per sample (the metric behind `val_main_dice`)."""
     y_true = ops.cast(y_true > 0.5, "float32")
     y_pred = ops.cast(y_pred > 0.5, "float32")
-    axes = tuple(range(1, len(y_pred.shape)))
+    axes = item_axes(y_pred)
     inter = ops.sum(y_true * y_pred, axis=axes)
     total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
     return (2.0 * inter + SMOOTH) / (total + SMOOTH)

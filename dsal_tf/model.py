@@ -1,4 +1,4 @@
-"""Deeply supervised U-Net, 2D or 3D (METHODS.md section 1).
+"""Deeply supervised U-Net, 2D or 3D (docs/methods.md#network).
 
 Layout: NHWC for images, NDHWC for volumes (the rank comes from `input_shape`). Outputs are
 named: `main` (full resolution), `side_1` (the decoder block at 1/4 resolution, upsampled x4) and

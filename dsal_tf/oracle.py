@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -22,10 +23,12 @@ import numpy as np
 
 from .config import Config
 from .data import Split
+from .errors import DsalError
 from .files import atomic_dir
 from .registry import registrar
 from .run import TO_ANNOTATE, Run
-from .strategies.base import k_center_greedy
+from .settings import Settings, suggest
+from .strategies.ranking import k_center_greedy
 
 ORACLES: dict[str, type[Oracle]] = {}
 register_oracle = registrar(ORACLES)
@@ -38,39 +41,53 @@ class AwaitingAnnotation(Exception):
 
 
 # ------------------------------------------------------------------ initial labels
-def thumbnails(images: np.ndarray, side: int = 16) -> np.ndarray:
-    """[N, side*side*C] float32 in [0,1]: area-downsampled copies, the features of a cold start."""
-    return np.stack([cv2.resize(im, (side, side), interpolation=cv2.INTER_AREA).reshape(-1)
-                     for im in images]).astype(np.float32) / 255.0
-
-
-def initial_labels(cfg: Config, images: np.ndarray, known: np.ndarray) -> np.ndarray:
-    """Round 0's labelled set: `known` (bool [N], masks that already exist) plus picks up to NB_LABELED.
+def initial_labels(method: str, features, known: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Round 0's labelled set: `known` (bool [N], masks that already exist) plus picks up to `n`.
 
     `random` draws like the original protocol (`rng.choice` over the rest, seeded); `kcenter`
-    spreads the picks over the pool on 16x16 thumbnails, around what is already labelled."""
-    rng = np.random.default_rng(cfg.seed)
+    spreads the picks over the pool on `features()` (the space's thumbnails), around what is
+    already labelled."""
+    rng = np.random.default_rng(seed)
     labelled = np.flatnonzero(known)
-    need = max(cfg.nb_labeled - len(labelled), 0)
-    method = cfg.initial_selection
-    if method == "auto":
-        method = "kcenter" if cfg.oracle == "files" else "random"
+    need = max(n - len(labelled), 0)
     rest = np.flatnonzero(~known)
     if method == "random":
         new = rng.choice(rest, need, replace=False) if need else np.zeros(0, np.int64)
     else:
-        new = k_center_greedy(thumbnails(images), need, centers=labelled, rng=rng)
+        new = k_center_greedy(features(), need, centers=labelled, rng=rng)
     return np.sort(np.concatenate([labelled, new]).astype(np.int64))
 
 
 # ------------------------------------------------------------------ oracles
+INITIAL_SELECTIONS = ("auto", "random", "kcenter")
+
+
 class Oracle:
     """Answers the loop's requests for expert masks. Override `request` and `missing`."""
 
     name = "base"
+    default_initial = "random"  # INITIAL_SELECTION = "auto"
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    @dataclass(frozen=True)
+    class Settings(Settings):
+        initial_selection: str = "auto"  # first labels: random, kcenter (spread over the pool), auto (the oracle's own)
+
+        def check(self):
+            if self.initial_selection not in INITIAL_SELECTIONS:
+                raise DsalError(f"INITIAL_SELECTION = {self.initial_selection!r} is not one of "
+                                f"{list(INITIAL_SELECTIONS)}" + suggest(self.initial_selection, INITIAL_SELECTIONS))
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings if settings is not None else self.Settings()
+
+    @classmethod
+    def from_config(cls, cfg) -> Oracle:
+        return cls(cls.Settings.from_config(cfg))
+
+    def first_labels(self, features, known: np.ndarray, n: int, seed: int) -> np.ndarray:
+        """Round 0's labels (`initial_labels`) by INITIAL_SELECTION, "auto" being the oracle's own."""
+        method = self.settings.initial_selection
+        return initial_labels(self.default_initial if method == "auto" else method, features, known, n, seed)
 
     def known(self, pool: Split) -> np.ndarray:
         """bool [N]: pool images that are labelled before anyone was asked (round 0)."""
@@ -97,7 +114,10 @@ class SimulatedOracle(Oracle):
 @register_oracle("files")
 class FileOracle(Oracle):
     """A person draws the masks: requests are exported as files, answers come back through
-    `dsal import-labels` (or by saving masks into trainGT/ directly)."""
+    `dsal import-labels` (or by saving masks into trainGT/ directly). A cold start spreads its
+    first picks over the pool (k-center greedy on thumbnails)."""
+
+    default_initial = "kcenter"
 
     def known(self, pool: Split) -> np.ndarray:
         return pool.has_mask.copy()

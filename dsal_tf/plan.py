@@ -357,6 +357,7 @@ def measure_steps(cfg: Config, steps: int = 3, seed: int = 0) -> dict[str, float
     from . import determinism, train
     from .data import Normalizer, make_dataset
     from .model import HEADS
+    from .space import space_for
     from .strategies import QUERY_STRATEGIES
 
     b = cfg.batch_size
@@ -380,9 +381,9 @@ def measure_steps(cfg: Config, steps: int = 3, seed: int = 0) -> dict[str, float
     train_s = timed(lambda: model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)) / steps
     first_eval = timed(lambda: model.evaluate(val, verbose=0))
     eval_s = min(timed(lambda: model.evaluate(val, verbose=0)) for _ in range(steps))
-    query = QUERY_STRATEGIES[cfg.query_strategy](cfg)
-    first_score = timed(lambda: query.score_pool(model, images, masks, norm, b))
-    score_s = min(timed(lambda: query.score_pool(model, images, masks, norm, b)) for _ in range(steps)) / 2
+    query, space = QUERY_STRATEGIES[cfg.query_strategy].from_config(cfg), space_for(cfg.replace(batch_size=b))
+    first_score = timed(lambda: space.score_pool(query, model, images, masks, norm))
+    score_s = min(timed(lambda: space.score_pool(query, model, images, masks, norm)) for _ in range(steps)) / 2
     with tempfile.TemporaryDirectory() as tmp:
         save_s = timed(lambda: model.save(Path(tmp) / "m.keras"))
     trace = max(0.0, first_fit - train_s) + max(0.0, first_eval - eval_s) + max(0.0, first_score - 2 * score_s)

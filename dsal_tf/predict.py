@@ -20,32 +20,10 @@ import pandas as pd
 from .config import Config
 from .data import IMAGE_EXTS, Normalizer, list_images, read_image
 from .errors import DsalError
-from .evaluate import predict_main, saved_config
+from .evaluate import saved_config
 from .files import atomic_write
 from .run import Run
-
-THRESHOLD = 0.5
-
-
-def original_size(path: Path) -> tuple[int, int]:
-    """(rows, cols) of an image file as it decodes (EXIF orientation applied, like training)."""
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise DsalError(f"cannot decode image {path} (corrupt or not an image); replace or remove it")
-    return img.shape[:2]
-
-
-def to_original(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A [h,w] or [h,w,1] probability map resized (bilinear) to `shape` (rows, cols), float32."""
-    prob = np.asarray(prob, np.float32).reshape(prob.shape[0], prob.shape[1])
-    return cv2.resize(prob, (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_LINEAR)
-
-
-def masks_at_original_size(model, images: np.ndarray, files: list[Path], normalizer: Normalizer,
-                           batch_size: int) -> list[np.ndarray]:
-    """The model's {0,1} uint8 masks for model-size `images`, each at the original size of its file."""
-    prob = predict_main(model, images, normalizer, batch_size)
-    return [(to_original(p, original_size(f)) > THRESHOLD).astype(np.uint8) for p, f in zip(prob, files)]
+from .space import THRESHOLD, original_size, to_original  # noqa: F401 (re-exported)
 
 
 def choose_round(run: Path, which: str | int) -> int:

@@ -46,7 +46,6 @@ STOPPED = "STOPPED"
 EVALUATION = "evaluation.csv"
 POOL = "pool.npz"
 SCORES = "scores.csv"
-# `train.CHECKPOINT` (train.py writes it) must stay equal to this; tests/test_run.py checks it
 CHECKPOINT = "best.keras"
 DONE = "DONE"
 PSEUDO_DIR = "pseudo"

@@ -1,4 +1,4 @@
-"""The semi-supervised noisy-teacher workflow (METHODS.md section 3), standalone.
+"""The semi-supervised noisy-teacher workflow (docs/methods.md#noisy-teacher), standalone.
 
 1. Train a teacher on an expert-labelled subset of the pool (NB_LABELED images by default).
 2. The teacher annotates the rest of the pool: the machine (noisy) labels.
@@ -6,7 +6,7 @@
    weighting, and evaluate everything on the test split.
 
 Every student, `equal` included, trains on the noisy-teacher loss: per-sample BCE + Dice
-(METHODS.md section 3), or `REWEIGHT_LOSS` when it says otherwise ("run" = `LOSS`); the teacher
+(docs/methods.md#noisy-teacher-re-weighting), or `REWEIGHT_LOSS` when it says otherwise ("run" = `LOSS`); the teacher
 trains on `LOSS`. The `loss` column of `results.csv` and `summary.csv` says which.
 
 Layout (`exp/<name>/`): `s<seed>/teacher/`, `s<seed>/machine_labels.npz`, `s<seed>/<variant>/`

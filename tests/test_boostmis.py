@@ -310,10 +310,14 @@ def test_classify_registries_match_the_cli_and_the_config():
     assert list(options["strategy"].type.choices) == list(QUERIES) == list(STRATEGIES)
     assert list(options["pseudo"].type.choices) == list(PSEUDO_RULES) == list(PSEUDO)
     assert all(QUERIES[n].name == n for n in QUERIES) and all(PSEUDO_RULES[n].name == n for n in PSEUDO_RULES)
+    from dsal_tf.strategies.boostmis import BoostMISQuery
+    from dsal_tf.trainers.boostmis import BoostMISTrainer
+
     cfg, rule, query = Config(), AdaptiveCutoff(3, 0, 5), FeatureQuery()
-    assert (rule.tau, rule.threshold) == (cfg.boostmis_tau, cfg.boostmis_threshold)
-    assert (query.xi, query.eps, query.knn, query.seed) == (cfg.boostmis_xi, cfg.boostmis_eps, cfg.boostmis_knn,
-                                                             cfg.seed)
+    seg_query, seg_trainer = BoostMISQuery.Settings(), BoostMISTrainer.Settings()
+    assert (rule.tau, rule.threshold) == (seg_trainer.boostmis_tau, seg_trainer.boostmis_threshold)
+    assert (query.xi, query.eps, query.knn, query.seed) == (seg_query.boostmis_xi, seg_query.boostmis_eps,
+                                                             seg_query.boostmis_knn, cfg.seed)
 
 
 @pytest.mark.parametrize("name,keep", [

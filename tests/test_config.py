@@ -2,6 +2,8 @@ import dataclasses
 
 import pytest
 
+from dsal_tf.components import check_names
+from dsal_tf.components import load_config as load_checked
 from dsal_tf.config import PRESETS, load_config, parse_set_options, resolve
 from dsal_tf.errors import DsalError
 
@@ -20,7 +22,10 @@ def test_unknown_constant_suggests_the_closest_name(tmp_path):
     f = tmp_path / "constants.py"
     f.write_text("NB_ITERATION = 3\n")
     with pytest.raises(DsalError, match=r"unknown constant NB_ITERATION .*did you mean 'NB_ITERATIONS'"):
-        load_config(f)
+        load_checked(f)
+    f.write_text("MC_PASES = 3\n")  # an algorithm's setting: known to the class that declares it
+    with pytest.raises(DsalError, match=r"unknown constant MC_PASES .*did you mean 'MC_PASSES'"):
+        load_checked(f)
 
 
 @pytest.mark.parametrize(
@@ -34,11 +39,16 @@ def test_unknown_constant_suggests_the_closest_name(tmp_path):
         ({"nb_iterations": "many"}, "NB_ITERATIONS .* not a valid int"),
         ({"ds_weights": (1.0, 2.0)}, "DS_WEIGHTS"),
         ({"preset": "isic"}, "PRESET .*did you mean"),
+        ({"trainer": "rgz"}, "TRAINER .*did you mean 'rgs'"),
+        ({"mc_passes": 0}, "MC_PASSES must be > 0"),
+        ({"rgs_lambda": 2.0}, "RGS_LAMBDA must be in"),
+        ({"boostmis_threshold": "global!"}, "BOOSTMIS_THRESHOLD .*did you mean 'global'"),
+        ({"initial_selection": "kcentre"}, "INITIAL_SELECTION .*did you mean 'kcenter'"),
     ],
 )
 def test_bad_values_name_the_setting(values, match):
     with pytest.raises(DsalError, match=match):
-        resolve(values)
+        check_names(resolve(values))
 
 
 def test_config_is_frozen_and_round_trips_through_json():
@@ -61,3 +71,60 @@ def test_set_options_parse_literals():
         "NB_ITERATIONS": 5, "COLOR": "gray", "DS_WEIGHTS": (1, 0, 0)}
     with pytest.raises(DsalError, match="KEY=VALUE"):
         parse_set_options(("NB_ITERATIONS",))
+
+
+def test_algorithm_settings_live_with_their_class_and_round_trip():
+    """`Config` holds loop, data, model and training fields; an algorithm's constants go to the class
+    that declares them, keep the names users write, and come back from config.json unchanged."""
+    import json
+
+    from dsal_tf.components import build, owners, resolved
+    from dsal_tf.config import FIELDS
+
+    assert len(FIELDS) <= 60
+    assert not set(FIELDS) & set(owners())  # each name is spelled in one place
+    cfg = resolved(resolve({"query_strategy": "ceal", "MC_PASSES": "7", "TRAINER": "pint"}))
+    assert cfg.to_dict()["mc_passes"] == 7 and cfg.to_dict()["pint_tau"] > 0  # the chosen classes' full settings
+    assert resolve(json.loads(cfg.to_json())) == cfg
+    parts = build(cfg)
+    assert parts.query.settings.mc_passes == 7 and parts.query.selection.name == "histogram"
+    assert parts.pseudo.name == "ceal" and parts.trainer.name == "pint"
+
+
+def test_a_setting_shared_by_two_classes_has_one_default():
+    """One constant may feed several classes (EMA_DECAY: PINT and BoostMIS); their defaults agree."""
+    import dataclasses as dc
+
+    from dsal_tf.components import owners
+    from dsal_tf.settings import settings_class
+
+    for name, classes in owners().items():
+        defaults = {next(f.default for f in dc.fields(settings_class(c)) if f.name == name) for c in classes}
+        assert len(defaults) == 1, (name, classes, defaults)
+
+
+def test_a_config_saved_before_the_settings_moved_still_loads(tmp_path):
+    """config.json files written when every setting was a `Config` field (flat, all 84) load and build."""
+    import json
+    from pathlib import Path
+
+    from dsal_tf.components import build, resolved
+
+    saved = json.loads((Path(__file__).parent / "fixtures" / "config_v1.json").read_text())
+    cfg = resolved(resolve(saved, source="config_v1.json"))
+    assert cfg.to_dict()["ds_ascend"] is True and cfg.to_dict()["rgs_lambda"] == -1.0
+    build(cfg)
+
+
+def test_the_configuration_reference_is_generated_from_the_code():
+    """docs/configuration.md lists every constant of `Config` and of every registered class, as the code
+    declares them today (regenerate: python -m dsal_tf.components --configuration docs/configuration.md)."""
+    from pathlib import Path
+
+    from dsal_tf.components import owners, with_table
+    from dsal_tf.config import FIELDS
+
+    page = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    assert with_table(page) == page, "docs/configuration.md is stale: regenerate it"
+    for name in (*FIELDS, *owners()):
+        assert f"`{name.upper()}`" in page

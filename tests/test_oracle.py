@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from dsal_tf.active import STOPPED, completed_rounds, run_active_learning, stop_reason
+from dsal_tf.active import STOPPED, completed_rounds, run_active_learning
 from dsal_tf.annotate import import_label_studio, import_masks
 from dsal_tf.cli import cli
 from dsal_tf.config import resolve
 from dsal_tf.errors import DsalError
-from dsal_tf.oracle import MANIFEST, TO_ANNOTATE, AwaitingAnnotation, initial_labels, read_manifest
+from dsal_tf.oracle import MANIFEST, ORACLES, TO_ANNOTATE, AwaitingAnnotation, read_manifest
 from dsal_tf.pool import Pool
 from dsal_tf.strategies import k_center_greedy
 
@@ -35,6 +35,22 @@ def test_k_center_greedy_spreads_and_skips_duplicates():
     # no centers: the first pick is index 0 (or rng-drawn), the rest spread out
     assert k_center_greedy(x, 2).tolist() == [0, 4]
     assert len(k_center_greedy(x, 99, centers=[0])) == 5
+
+
+def initial_labels(cfg, images, known):
+    """Round 0's labels as the loop takes them: the oracle's rule over the space's thumbnails."""
+    from dsal_tf.space import space_for
+
+    oracle = ORACLES[cfg.oracle].from_config(cfg)
+    return oracle.first_labels(lambda: space_for(cfg).thumbnails(images), known, cfg.nb_labeled, cfg.seed)
+
+
+def stop_reason(cfg, run, pool):
+    """The first stop rule's reason before the next round queries (what `active.stop_reason` asks)."""
+    from dsal_tf.components import build
+    from dsal_tf.run import Run
+
+    return next((why for rule in build(cfg).stop_rules if (why := rule.before_query(pool, Run(run)))), None)
 
 
 def test_initial_random_labels_match_the_original_protocol():

@@ -45,12 +45,12 @@ def test_round_selection_reads_only_the_chosen_images_of_a_memmapped_pool(tmp_pa
 
     import cv2
 
-    from dsal_tf.active import choose_labels
+    from dsal_tf.active import RoundContext, choose_labels
+    from dsal_tf.components import build
     from dsal_tf.config import resolve
     from dsal_tf.data import Split
-    from dsal_tf.oracle import ORACLES
-    from dsal_tf.strategies import PSEUDO_POLICIES, QUERY_STRATEGIES
-    from dsal_tf.strategies.base import disk_array
+    from dsal_tf.run import Run
+    from dsal_tf.space import disk_array
 
     n, side = 3000, 32
     path = tmp_path / "images.npy"
@@ -75,14 +75,13 @@ def test_round_selection_reads_only_the_chosen_images_of_a_memmapped_pool(tmp_pa
     scores["pred"] = disk_array((len(unl), side, side, 1), np.uint8)  # what `score_pool` returns
     scores["pred"][:] = 1
     r = cfg.pseudo_epoch  # a round with pseudo labels
-    query, pseudo = QUERY_STRATEGIES["dsal"](cfg), PSEUDO_POLICIES["confidence"](cfg)
+    ctx = RoundContext(cfg, Run(tmp_path), build(cfg), pool_data, None, None, round=r, pool=pool)
     tracemalloc.start()
-    oracle_idx, pseudo_idx = choose_labels(cfg, r, pool, pool_data, unl, scores, None, None, query, pseudo,
-                                           ORACLES["simulated"](cfg), tmp_path / "round")
+    oracle_idx, pseudo_idx = choose_labels(ctx, unl, scores)
     x, y, flag = pool.training_set(pool_data.images, pool_data.masks)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert len(oracle_idx) == cfg.nb_next_sample and len(pseudo_idx) == cfg.nb_pseudo(r)
     assert len(x) == cfg.nb_labeled + cfg.nb_next_sample + cfg.nb_pseudo(r) and flag.sum() == len(pseudo_idx)
-    assert len(list((tmp_path / "round" / "pseudo").glob("*.png"))) == len(pseudo_idx)
+    assert len(list((ctx.round_dir / "pseudo").glob("*.png"))) == len(pseudo_idx)
     assert peak < pool_data.images.nbytes / 4, (peak, pool_data.images.nbytes)

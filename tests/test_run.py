@@ -38,12 +38,6 @@ def test_layout_keeps_the_names_of_older_runs(tmp_path):
         rd / "pseudo", rd / "to_annotate", rd / "score_parts", rd / "member_2")
 
 
-def test_train_writes_the_checkpoint_run_reads():
-    from dsal_tf import run, train
-
-    assert train.CHECKPOINT == run.CHECKPOINT
-
-
 def test_completed_and_choose(tmp_path):
     run = Run(tmp_path / "r")
     with pytest.raises(DsalError, match="no finished round"):
@@ -105,10 +99,6 @@ def test_create_refuses_changed_settings_of_a_finished_run(tiny_data, tmp_path):
 
 
 def test_a_moved_run_is_opened_where_it_is(tmp_path):
-    import json
-
-    from dsal_tf.run import Run
-
     old = tmp_path / "old" / "cmp" / "dsal-s0"
     old.mkdir(parents=True)
     (old / "config.json").write_text(json.dumps({"exp_dir": str(tmp_path / "old"), "exp_name": "cmp/dsal-s0"}))

@@ -35,10 +35,10 @@ def test_dsal_ranks_least_agreeing_first_and_ascend_reverses():
     side_1 = masks([1, 1, 0, 0], [0.9, 0.2, 0, 0], [0, 0, 0, 0])
     side_2 = masks([1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 0, 0])
     cfg = resolve({})
-    strategy = QUERY_STRATEGIES["dsal"](cfg)
-    scores = {k: v.numpy() for k, v in strategy._step(fixed_model(main, side_1, side_2), None, main).items()}
+    strategy = QUERY_STRATEGIES["dsal"].from_config(cfg)
+    scores = {k: v.numpy() for k, v in strategy.score_batch(fixed_model(main, side_1, side_2), None, main).items()}
     assert list(strategy.select(scores, 3, np.random.default_rng(0))) == [1, 2, 0]
-    assert list(QUERY_STRATEGIES["dsal"](cfg.replace(ds_ascend=False)).select(scores, 1, None)) == [0]
+    assert list(QUERY_STRATEGIES["dsal"].from_config(cfg.replace(ds_ascend=False)).select(scores, 1, None)) == [0]
     # confidence = mean |p - 0.5| of the main head; true Dice against y = main is 1
     np.testing.assert_allclose(scores["confidence"], [0.5, 0.5, 0.5])
     np.testing.assert_allclose(scores["true_dice"], [1, 1, 1])
@@ -61,19 +61,19 @@ def test_pseudo_policies_choose_only_available_images():
     scores = {"confidence": np.linspace(0, 0.5, 10), "uncertainty": np.linspace(1, 0, 10)}
     available = np.array([0, 2, 4, 6, 8])
     # confidence: of the available, conf 0.5 (image 8) alone is in the top bin; then certainty
-    assert list(PSEUDO_POLICIES["confidence"](cfg).select(scores, available, 3, None)) == [8, 6, 4]
-    assert list(PSEUDO_POLICIES["confidence"](cfg).select(scores, available, 2, None)) == [8, 6]
+    assert list(PSEUDO_POLICIES["confidence"].from_config(cfg).select(scores, available, 3, None)) == [8, 6, 4]
+    assert list(PSEUDO_POLICIES["confidence"].from_config(cfg).select(scores, available, 2, None)) == [8, 6]
     # random pseudo policy: exactly the seeded permutation of the available images
-    picked = PSEUDO_POLICIES["random"](cfg).select(scores, available, 3, np.random.default_rng(0))
+    picked = PSEUDO_POLICIES["random"].from_config(cfg).select(scores, available, 3, np.random.default_rng(0))
     assert list(picked) == list(np.random.default_rng(0).permutation(available)[:3])
-    assert len(PSEUDO_POLICIES["none"](cfg).select(scores, available, 3, None)) == 0
+    assert len(PSEUDO_POLICIES["none"].from_config(cfg).select(scores, available, 3, None)) == 0
 
 
 def test_random_query_is_seeded():
     cfg = resolve({"query_strategy": "random"})
     s = {"uncertainty": np.zeros(50)}
-    a = QUERY_STRATEGIES["random"](cfg).select(s, 5, np.random.default_rng(4))
-    b = QUERY_STRATEGIES["random"](cfg).select(s, 5, np.random.default_rng(4))
+    a = QUERY_STRATEGIES["random"].from_config(cfg).select(s, 5, np.random.default_rng(4))
+    b = QUERY_STRATEGIES["random"].from_config(cfg).select(s, 5, np.random.default_rng(4))
     assert list(a) == list(b) and len(set(a)) == 5
 
 
@@ -111,8 +111,8 @@ def test_entropy_query_on_hand_made_probabilities():
     from dsal_tf.strategies.entropy import binary_entropy
 
     main = masks([0.5, 0.5, 0.5, 0.5], [1, 0, 1, 0], [0.5, 0.5, 0, 0])
-    strategy = QUERY_STRATEGIES["entropy"](resolve({}))
-    out = strategy._step(fixed_model(main, main, main), None, main)
+    strategy = QUERY_STRATEGIES["entropy"].from_config(resolve({}))
+    out = strategy.score_batch(fixed_model(main, main, main), None, main)
     np.testing.assert_allclose(out["uncertainty"].numpy(), [np.log(2), 0.0, np.log(2) / 2], atol=1e-5)
     np.testing.assert_allclose(binary_entropy(tf.constant([0.25])).numpy(),
                                [-(0.25 * np.log(0.25) + 0.75 * np.log(0.75))], rtol=1e-5)
@@ -137,7 +137,7 @@ def test_ceal_score_on_hand_made_mc_passes():
     np.testing.assert_allclose(normalized_edt(np.array([0, 1, 1, 1, 0], bool).reshape(1, 1, 5, 1)).ravel(),
                                [0, 0.5, 1, 0.5, 0])
     cfg = resolve({"query_strategy": "ceal", "mc_passes": 2})
-    out = QUERY_STRATEGIES["ceal"](cfg)._step(MCModel(), None, passes[0])
+    out = QUERY_STRATEGIES["ceal"].from_config(cfg).score_batch(MCModel(), None, passes[0])
     # population variance at the centre pixel: ((1-.8)^2 + (.6-.8)^2) / 2 = 0.04, weight 1
     np.testing.assert_allclose(out["uncertainty"].numpy(), [0.04], rtol=1e-5)
     assert MCModel.calls == 2
@@ -148,11 +148,11 @@ def test_ceal_selection_is_histogram_by_default_and_pseudo_from_fullest_bin():
 
     cfg = resolve({"query_strategy": "ceal"})
     u = np.concatenate([np.zeros(5), np.full(30, 0.5), np.linspace(0.9, 1.0, 5)])
-    picked = QUERY_STRATEGIES["ceal"](cfg).select({"uncertainty": u}, 7, np.random.default_rng(0))
+    picked = QUERY_STRATEGIES["ceal"].from_config(cfg).select({"uncertainty": u}, 7, np.random.default_rng(0))
     np.testing.assert_array_equal(np.sort(picked), np.sort(histogram_select(u, 7, np.random.default_rng(0))))
     assert set(most_populated_bin(u)) == set(range(5, 35))
     available = np.arange(0, 40, 2)
-    chosen = PSEUDO_POLICIES["ceal"](cfg).select({"uncertainty": u}, available, 4, np.random.default_rng(1))
+    chosen = PSEUDO_POLICIES["ceal"].from_config(cfg).select({"uncertainty": u}, available, 4, np.random.default_rng(1))
     assert set(chosen) <= set(range(6, 35, 2)) and len(chosen) == 4
 
 
@@ -183,14 +183,14 @@ def test_diverse_selection_skips_near_duplicates_among_the_top_candidates():
     # the 4 most uncertain are 0..3 (0, 1, 2 the same image); the pick of 2 is 0 and 3
     scores = {"uncertainty": np.array([0.9, 0.89, 0.88, 0.5, 0.1, 0.05]),
               "features": np.array([[1, 1], [1, 1], [1, 1], [4, 5], [9, 9], [9, 8]], np.float32)}
-    assert list(QUERY_STRATEGIES["dsal"](cfg).select(scores, 2, np.random.default_rng(0))) == [0, 3]
-    assert list(QUERY_STRATEGIES["dsal"](cfg.replace(selection="rank")).select(scores, 2, None)) == [0, 1]
+    assert list(QUERY_STRATEGIES["dsal"].from_config(cfg).select(scores, 2, np.random.default_rng(0))) == [0, 3]
+    assert list(QUERY_STRATEGIES["dsal"].from_config(cfg.replace(selection="rank")).select(scores, 2, None)) == [0, 1]
     # random + diverse: a random candidate draw of 4, thinned the same way
     cand = np.random.default_rng(0).permutation(6)[:4]
     from dsal_tf.strategies import k_center_greedy
 
     expected = cand[k_center_greedy(scores["features"][cand], 2)]
-    got = QUERY_STRATEGIES["random"](cfg).select(scores, 2, np.random.default_rng(0))
+    got = QUERY_STRATEGIES["random"].from_config(cfg).select(scores, 2, np.random.default_rng(0))
     assert list(got) == list(expected)
 
 
@@ -204,8 +204,14 @@ def test_diverse_scoring_returns_bottleneck_features_from_the_same_pass(tiny_cfg
     images = rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
     masks = (images[..., :1] > 127).astype(np.uint8)
     norm = Normalizer.fit(images, "zscore")
+    from dsal_tf.model import with_features
+    from dsal_tf.space import space_for
+
+    space = space_for(cfg.replace(batch_size=4))
     for name in ("dsal", "ceal", "entropy", "random"):
-        scores = QUERY_STRATEGIES[name](cfg).score_pool(model, images, masks, norm, 4)
+        query = QUERY_STRATEGIES[name].from_config(cfg)
+        assert query.selection.needs_features
+        scores = space.score_pool(query, model, images, masks, norm, with_features=with_features)
         assert scores["features"].shape == (5, 2 * 2**4)  # base 2 filters, depth 4: 32 channels
         assert len(scores["uncertainty"]) == 5
 
@@ -214,12 +220,12 @@ def test_ds_ascend_changes_only_dsal_and_keeps_the_reference_meaning():
     u = np.array([0.1, 0.9, 0.5, 0.3])
     scores = {"uncertainty": u, "features": np.zeros((4, 1))}
     on, off = resolve({}), resolve({"ds_ascend": False})
-    assert on.ds_ascend  # the reference default: plain DSAL
-    assert list(QUERY_STRATEGIES["dsal"](on).select(scores, 2, None)) == [1, 2]  # least agreeing first
-    assert list(QUERY_STRATEGIES["dsal"](off).select(scores, 2, None)) == [0, 3]  # ablation
+    assert QUERY_STRATEGIES["dsal"].from_config(on).settings.ds_ascend  # the reference default: plain DSAL
+    assert list(QUERY_STRATEGIES["dsal"].from_config(on).select(scores, 2, None)) == [1, 2]  # least agreeing first
+    assert list(QUERY_STRATEGIES["dsal"].from_config(off).select(scores, 2, None)) == [0, 3]  # ablation
     for name in ("entropy", "ceal"):
-        a = QUERY_STRATEGIES[name](on).select(scores, 2, np.random.default_rng(0))
-        b = QUERY_STRATEGIES[name](off).select(scores, 2, np.random.default_rng(0))
+        a = QUERY_STRATEGIES[name].from_config(on).select(scores, 2, np.random.default_rng(0))
+        b = QUERY_STRATEGIES[name].from_config(off).select(scores, 2, np.random.default_rng(0))
         assert list(a) == list(b)
 
 
@@ -237,11 +243,11 @@ def test_random_query_scores_like_dsal_so_its_pseudo_labels_follow_agreement():
     side_1 = masks([1, 1, 0, 0], [0.9, 0.2, 0, 0], [0, 0, 0, 0])
     side_2 = masks([1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 0, 0])
     cfg = resolve({"query_strategy": "random", "conf_thres": False})
-    out = QUERY_STRATEGIES["random"](cfg)._step(fixed_model(main, side_1, side_2), None, main)
+    out = QUERY_STRATEGIES["random"].from_config(cfg).score_batch(fixed_model(main, side_1, side_2), None, main)
     scores = {k: v.numpy() for k, v in out.items()}
     np.testing.assert_allclose(scores["agreement"], [1.0, 0.475, 0.75], rtol=1e-6)
     # not file order: of the available images 1 and 2, the more agreeing (2) is pseudo-labelled
-    pseudo = PSEUDO_POLICIES["confidence"](cfg)
+    pseudo = PSEUDO_POLICIES["confidence"].from_config(cfg)
     assert list(pseudo.select(scores, np.array([1, 2]), 1, np.random.default_rng(0))) == [2]
 
 
@@ -250,7 +256,7 @@ def test_ceal_weak_labeler_draws_only_from_the_fullest_bin_of_the_available():
     # available images 0..7: uncertainties with the fullest 80-bin bin at 0.3 (images 2, 4, 5, 7)
     u = np.array([0.0, 0.9, 0.3, 0.8, 0.3, 0.3, 0.1, 0.3, 0.3])
     available = np.arange(8)
-    chosen = PSEUDO_POLICIES["ceal"](cfg).select({"uncertainty": u}, available, 3, np.random.default_rng(5))
+    chosen = PSEUDO_POLICIES["ceal"].from_config(cfg).select({"uncertainty": u}, available, 3, np.random.default_rng(5))
     assert list(chosen) == list(np.random.default_rng(5).permutation([2, 4, 5, 7])[:3])
 
 
@@ -275,10 +281,13 @@ def test_scoring_graph_is_rebuilt_for_a_new_model_object(tiny_cfg):
     images = rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
     masks = np.zeros((3, 32, 32, 1), np.uint8)
     norm = Normalizer.fit(images, "zscore")
-    strategy = QUERY_STRATEGIES["entropy"](tiny_cfg)
+    from dsal_tf.space import space_for
+
+    strategy = QUERY_STRATEGIES["entropy"].from_config(tiny_cfg)
+    space = space_for(tiny_cfg.replace(batch_size=4))
     for seed in (0, 1):  # the first model is freed before the second is made
         model = train.new_model(tiny_cfg, seed)
-        got = strategy.score_pool(model, images, masks, norm, 4)["pred"]
+        got = space.score_pool(strategy, model, images, masks, norm)["pred"]
         want = (model(norm(images.astype(np.float32)), training=False)["main"].numpy() > 0.5).astype(np.uint8)
         assert np.array_equal(got, want)
         del model
@@ -308,19 +317,21 @@ def test_power_select_limits_random_and_top_k():
 
 
 def test_power_beta_schedule_and_the_seeded_dsal_pick():
-    from dsal_tf.strategies.base import power_beta
+    from dsal_tf.strategies.ranking import power_beta
 
     cfg = resolve({"nb_iterations": 5, "selection": "power", "power_beta_start": 1.0, "power_beta_end": 4.0})
-    assert [power_beta(cfg, r) for r in (1, 3, 5)] == [1.0, 2.5, 4.0]
+    assert [power_beta(1.0, 4.0, r, cfg.nb_iterations) for r in (1, 3, 5)] == [1.0, 2.5, 4.0]
     scores = {"uncertainty": np.linspace(0, 1, 50)}
-    q = QUERY_STRATEGIES["dsal"](cfg)
+    q = QUERY_STRATEGIES["dsal"].from_config(cfg)
     a = q.select(scores, 10, np.random.default_rng(7), 5)
     assert list(a) == list(q.select(scores, 10, np.random.default_rng(7), 5))  # the seed fixes the draw
     assert len(set(a)) == 10
 
 
 def test_pseudo_min_foreground_skips_an_all_background_candidate():
-    from dsal_tf.strategies.pseudo import with_foreground
+    def with_foreground(scores, available, share):
+        return PSEUDO_POLICIES["confidence"].from_config(resolve({"pseudo_min_foreground": share})).candidates(
+            scores, available)
 
     scores = {"foreground": np.array([0.0, 0.2, 0.001, 0.05])}
     available = np.array([0, 1, 2, 3])
@@ -328,6 +339,6 @@ def test_pseudo_min_foreground_skips_an_all_background_candidate():
     assert list(with_foreground(scores, available, 0.01)) == [1, 3]
     # the confidence rule's most certain candidate is the empty image 0 unless it is skipped
     scores.update(confidence=np.array([0.5, 0.4, 0.45, 0.3]), uncertainty=np.array([0.0, 0.2, 0.1, 0.3]))
-    policy = PSEUDO_POLICIES["confidence"](resolve({"conf_thres": False}))
+    policy = PSEUDO_POLICIES["confidence"].from_config(resolve({"conf_thres": False}))
     assert list(policy.select(scores, available, 1, None)) == [0]
     assert list(policy.select(scores, with_foreground(scores, available, 0.01), 1, None)) == [1]

@@ -1,4 +1,4 @@
-"""Registries of query strategies and pseudo-label policies, picked by name from constants."""
+"""Registries of query strategies, pseudo-label policies and selection rules, picked by name from constants."""
 
 from . import boostmis, ceal, dsal, ensemble, entropy, pseudo, random_query  # noqa: F401  (registration)
 from .base import (
@@ -9,6 +9,7 @@ from .base import (
     histogram_select,
     k_center_greedy,
 )
+from .selection import SELECTIONS, Selection
 
 
 def pseudo_policy_name(cfg) -> str:
@@ -18,5 +19,5 @@ def pseudo_policy_name(cfg) -> str:
     return QUERY_STRATEGIES[cfg.query_strategy].default_pseudo
 
 
-__all__ = ["QUERY_STRATEGIES", "PSEUDO_POLICIES", "QueryStrategy", "PseudoPolicy", "histogram_select",
-           "k_center_greedy", "pseudo_policy_name"]
+__all__ = ["QUERY_STRATEGIES", "PSEUDO_POLICIES", "SELECTIONS", "QueryStrategy", "PseudoPolicy", "Selection",
+           "histogram_select", "k_center_greedy", "pseudo_policy_name"]

@@ -1,4 +1,4 @@
-"""BoostMIS (METHODS.md section 6): the adaptive threshold rule, the VAT score, density-aware
+"""BoostMIS (docs/methods.md#boostmis): the adaptive threshold rule, the VAT score, density-aware
 entropy and the class-balanced union query; the `boostmis` query strategy for segmentation.
 
 The pieces are plain functions shared with `trainers/boostmis.py` (the adaptive pseudo labels)
@@ -30,11 +30,15 @@ labeller when the share of its pixels with confidence max(p, 1-p) >= BOOSTMIS_TA
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import tensorflow as tf
 
 from ..errors import DsalError
 from ..registry import registrar
+from ..settings import Settings, in_range, positive
+from ..space import item_axes
 from .base import QueryStrategy, register_query
 
 A, B = 0.9, 0.05
@@ -240,8 +244,8 @@ def segmentation_class_entropy(prob):
     fg = tf.cast(prob > 0.5, tf.float32)
     cols = []
     for m in (1.0 - fg, fg):
-        n = tf.reduce_sum(m, axis=[1, 2, 3])
-        cols.append(tf.where(n > 0, tf.reduce_sum(h * m, axis=[1, 2, 3]) / tf.maximum(n, 1.0), np.nan))
+        n = tf.reduce_sum(m, axis=item_axes(m))
+        cols.append(tf.where(n > 0, tf.reduce_sum(h * m, axis=item_axes(m)) / tf.maximum(n, 1.0), np.nan))
     return tf.stack(cols, axis=1)
 
 
@@ -254,16 +258,29 @@ class BoostMISQuery(QueryStrategy):
 
     default_selection = "diverse"
 
+    @dataclass(frozen=True)
+    class Settings(Settings):
+        boostmis_xi: float = 10.0  # VAT power-iteration step xi
+        boostmis_eps: float = 1.0  # VAT perturbation size eps (normalised units)
+        boostmis_knn: int = 10  # density: mean cosine similarity to the k nearest neighbours
+        boostmis_tau: float = 0.95  # confident pixel: max(p, 1-p) >= tau; taken image: that share >= tau
+
+        def check(self):
+            positive("boostmis_xi", self.boostmis_xi)
+            positive("boostmis_eps", self.boostmis_eps)
+            positive("boostmis_knn", self.boostmis_knn)
+            in_range("boostmis_tau", self.boostmis_tau, 0.5, 1.0)
+
     def batch_scores(self, model, x):
         out = model(x, training=False)
         prob = out["main"]
         if "features" not in out:
             raise DsalError("QUERY_STRATEGY = 'boostmis' needs the bottleneck features: set SELECTION = 'auto'")
-        seed = tf.stack([tf.constant(self.cfg.seed, tf.int32), tf.shape(x)[0]])
-        vat = vat_score(lambda z: model(z, training=False)["main"], x, self.cfg.boostmis_xi,
-                        self.cfg.boostmis_eps, seed=seed, p=prob)
+        seed = tf.stack([tf.constant(self.seed, tf.int32), tf.shape(x)[0]])
+        vat = vat_score(lambda z: model(z, training=False)["main"], x, self.settings.boostmis_xi,
+                        self.settings.boostmis_eps, seed=seed, p=prob)
         conf = tf.maximum(prob, 1.0 - prob)
-        share = tf.reduce_mean(tf.cast(conf >= self.cfg.boostmis_tau, tf.float32), axis=[1, 2, 3])
+        share = tf.reduce_mean(tf.cast(conf >= self.settings.boostmis_tau, tf.float32), axis=item_axes(conf))
         ent = segmentation_class_entropy(prob)
         return {"uncertainty": vat, "entropy_bg": ent[:, 0], "entropy_fg": ent[:, 1], "sure_share": share,
                 "features": out["features"], "prob": prob}
@@ -271,7 +288,7 @@ class BoostMISQuery(QueryStrategy):
     def select(self, scores, n, rng, round_=1):
         if "features" not in scores:
             raise DsalError("QUERY_STRATEGY = 'boostmis' needs SELECTION = 'auto' (the bottleneck features)")
-        density = knn_density(scores["features"], self.cfg.boostmis_knn)
+        density = knn_density(scores["features"], self.settings.boostmis_knn)
         dae = np.stack([scores["entropy_bg"], scores["entropy_fg"]], axis=1) * density[:, None]
-        taken = scores["sure_share"] >= self.cfg.boostmis_tau
+        taken = scores["sure_share"] >= self.settings.boostmis_tau
         return boostmis_select(scores["uncertainty"], dae, taken, n)

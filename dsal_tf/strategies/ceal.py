@@ -1,4 +1,4 @@
-"""CEAL: MC-dropout variance weighted by the distance transform (METHODS.md section 2).
+"""CEAL: MC-dropout variance weighted by the distance transform (docs/methods.md#ceal).
 
 U(x) = sum_pixels Var_t(p_t) * edt_norm, over T dropout passes stacked as [N,H,W,1,T];
 edt_norm is the Euclidean distance transform of the binary *mean* prediction scaled to [0,1]
@@ -13,10 +13,14 @@ image border, as if the image were surrounded by background, scaled to [0, 1].
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import tensorflow as tf
 from scipy.ndimage import distance_transform_edt
 
+from ..settings import Settings, positive
+from ..space import item_axes
 from .base import PseudoPolicy, QueryStrategy, keep_features, register_pseudo, register_query
 
 
@@ -39,7 +43,7 @@ def normalized_edt(masks: np.ndarray) -> np.ndarray:
 def ceal_score(passes, edt):
     """passes: [N,H,W,1,T] probabilities; edt: [N,H,W,1] -> [N] uncertainty."""
     var = tf.math.reduce_variance(passes, axis=-1)
-    return tf.reduce_sum(var * edt, axis=[1, 2, 3])
+    return tf.reduce_sum(var * edt, axis=item_axes(edt))
 
 
 @register_query("ceal")
@@ -47,8 +51,15 @@ class CEALQuery(QueryStrategy):
     default_selection = "histogram"
     default_pseudo = "ceal"
 
+    @dataclass(frozen=True)
+    class Settings(Settings):
+        mc_passes: int = 20  # MC-dropout forward passes T
+
+        def check(self):
+            positive("mc_passes", self.mc_passes)
+
     def batch_scores(self, model, x):
-        outs = [model(x, training=True) for _ in range(self.cfg.mc_passes)]
+        outs = [model(x, training=True) for _ in range(self.settings.mc_passes)]
         passes = tf.stack([o["main"] for o in outs], axis=-1)
         mean = tf.reduce_mean(passes, axis=-1)
         edt = tf.numpy_function(normalized_edt, [mean > 0.5], tf.float32, stateful=False)

@@ -1,7 +1,10 @@
-"""DSAL: disagreement between the deep-supervision side heads and the main head (METHODS.md 1)."""
+"""DSAL: disagreement between the deep-supervision side heads and the main head (docs/methods.md#dsal)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..settings import Settings
 from .base import QueryStrategy, binary_dice, keep_features, register_query
 
 
@@ -19,10 +22,14 @@ class DSALQuery(QueryStrategy):
     (least agreeing first, plain DSAL); False queries the most agreeing first (the ablation).
     It changes only this strategy's oracle pick, never the scores or the weak labeler."""
 
+    @dataclass(frozen=True)
+    class Settings(Settings):
+        ds_ascend: bool = True  # True = least agreeing first (DSAL); False = most agreeing first (ablation)
+
     def batch_scores(self, model, x):
         out = model(x, training=False)
         a = agreement(out["main"], out["side_1"], out["side_2"])
         return keep_features(out, {"uncertainty": 1.0 - a, "agreement": a, "prob": out["main"]})
 
     def query_score(self, scores):
-        return scores["uncertainty"] if self.cfg.ds_ascend else -scores["uncertainty"]
+        return scores["uncertainty"] if self.settings.ds_ascend else -scores["uncertainty"]

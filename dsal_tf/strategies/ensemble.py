@@ -1,4 +1,4 @@
-"""Ensemble queries over T independently trained models (METHODS.md section 1, "other criteria").
+"""Ensemble queries over T independently trained models (docs/methods.md#ensembles).
 
 ensemble_s  = H(mean_t p_t)                 (entropy of the mean prediction)
 ensemble_js = H(mean_t p_t) - mean_t H(p_t)  (Jensen-Shannon divergence: disagreement only)
@@ -8,10 +8,13 @@ each round, continuing from their own previous checkpoint (`Run.member_dir`: rou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import keras
 import tensorflow as tf
 
 from ..run import CHECKPOINT, Run, is_done, stage
+from ..settings import Settings, positive
 from .base import QueryStrategy, keep_features, mean_over_pixels, register_query
 from .entropy import binary_entropy
 
@@ -26,15 +29,22 @@ def ensemble_scores(probs):
 class _Ensemble(QueryStrategy):
     use_js = False
 
+    @dataclass(frozen=True)
+    class Settings(Settings):
+        nb_ensemble: int = 5  # models T in the ensemble (member 0 is the loop's own)
+
+        def check(self):
+            positive("nb_ensemble", self.nb_ensemble)
+
     def prepare(self, model, round_: int, run_dir, train_member) -> None:
         self.members = [model]
         run = Run(run_dir)
-        for k in range(1, self.cfg.nb_ensemble):
+        for k in range(1, self.settings.nb_ensemble):
             out = run.member_dir(round_ - 1, k)
             if not is_done(out):
                 start = run.member_dir(round_ - 2, k) / CHECKPOINT
                 with stage(out):  # DONE after the member's checkpoint
-                    train_member(out, start if start.is_file() else None, self.cfg.seed * 7919 + k * 101 + round_)
+                    train_member(out, start if start.is_file() else None, self.seed * 7919 + k * 101 + round_)
             self.members.append(keras.models.load_model(out / CHECKPOINT, compile=False))
 
     def batch_scores(self, model, x):

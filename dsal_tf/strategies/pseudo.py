@@ -1,6 +1,8 @@
-"""Pseudo-label policies: who the weak labeler labels (METHODS.md section 1)."""
+"""Pseudo-label policies: who the weak labeler labels (docs/methods.md#dsal)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,24 +25,18 @@ def confidence_select(confidence: np.ndarray, certainty: np.ndarray, n: int, use
     return cand[np.argsort(-certainty[cand], kind="stable")][:n]
 
 
-def with_foreground(scores: dict[str, np.ndarray], available: np.ndarray, min_foreground: float) -> np.ndarray:
-    """The pseudo-label candidates among `available` whose predicted mask covers at least
-    `min_foreground` of the image (`PSEUDO_MIN_FOREGROUND`; 0 keeps all, the reference rule).
-
-    Soft Dice with smoothing gives Dice(empty, empty) = 1, so an image where every head predicts
-    nothing looks the most certain of all; on data where every image holds a structure its empty
-    pseudo mask is always wrong."""
-    if min_foreground <= 0:
-        return available
-    return available[scores["foreground"][available] >= min_foreground]
-
-
 @register_pseudo("confidence")
 class ConfidencePolicy(PseudoPolicy):
+    """DSAL's weak labeler: the most agreeing of the most confident images."""
+
+    @dataclass(frozen=True)
+    class Settings(PseudoPolicy.Settings):
+        conf_thres: bool = True  # confidence-histogram filter on pseudo-label candidates
+
     def select(self, scores, available, n, rng):
         conf = scores["confidence"][available]
         cert = -scores["uncertainty"][available]
-        return available[confidence_select(conf, cert, n, self.cfg.conf_thres)]
+        return available[confidence_select(conf, cert, n, self.settings.conf_thres)]
 
 
 @register_pseudo("random")

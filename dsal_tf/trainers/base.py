@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -26,6 +27,8 @@ from .. import losses as losses_lib
 from ..errors import DsalError
 from ..model import HEADS
 from ..registry import registrar
+from ..settings import Settings, in_range, positive, suggest
+from ..space import item_axes
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 DS_WEIGHTS = (0.6, 0.3, 0.1)
@@ -39,10 +42,39 @@ register_trainer = registrar(TRAINERS)  # @register_trainer("name"): selectable 
 
 
 # ------------------------------------------------------------------ losses
+@dataclass(frozen=True)
+class PairedSettings(Settings):
+    """Every trainer on the paired sampler."""
+
+    meta_size: int = 0  # clean set of the weighting trainers: 0 = every oracle label, N = a seeded N of them
+
+    def check(self):
+        positive("meta_size", self.meta_size, strict=False)
+
+
+@dataclass(frozen=True)
+class ReweightSettings(PairedSettings):
+    """The noisy-teacher re-weighting trainers and their `uniform` control."""
+
+    rgs_lambda: float = -1.0  # trust vs. informativeness; -1 = the trainer's own (rgs 1.0, rgm 0.0, rgsm 0.5)
+    rgs_query: bool = False  # "+AL": weights also favour the informative samples
+    reweight_loss: str = "bce_dice"  # per-sample loss (docs/methods.md#noisy-teacher); "run" = LOSS
+
+    def check(self):
+        super().check()
+        if self.rgs_lambda != -1.0:
+            in_range("rgs_lambda", self.rgs_lambda, 0.0, 1.0, high_open=False, note=" (or -1 for the default)")
+        choices = ("bce_dice", "run", "dice", "bce")
+        if self.reweight_loss not in choices:
+            raise DsalError(f"REWEIGHT_LOSS = {self.reweight_loss!r} is not one of {list(choices)}"
+                            + suggest(self.reweight_loss, choices))
+
+
 def reweight_loss_name(cfg) -> str:
     """The per-sample loss of the noisy-teacher trainers and their controls: `REWEIGHT_LOSS`
-    (BCE + Dice by default, METHODS.md section 3), or the run's `LOSS` when it says "run"."""
-    return cfg.loss if cfg.reweight_loss == "run" else cfg.reweight_loss
+    (BCE + Dice by default, docs/methods.md#noisy-teacher), or the run's `LOSS` when it says "run"."""
+    choice = ReweightSettings.from_config(cfg).reweight_loss
+    return cfg.loss if choice == "run" else choice
 
 
 def resolve_loss(loss: str | LossFn) -> LossFn:
@@ -86,7 +118,7 @@ def pixel_weighted_loss(y, p, r, loss: str) -> tf.Tensor:
     y = tf.cast(y, tf.float32)
     p = tf.cast(p, tf.float32)
     r = tf.cast(r, tf.float32)
-    axes = [1, 2, 3]
+    axes = item_axes(p)
     total = 0.0
     if loss in ("bce", "bce_dice"):
         total += tf.reduce_mean(r * pixel_bce(y, p), axis=axes)
@@ -183,6 +215,7 @@ class PairedTrainer(keras.Model):
     """
 
     name: str = "paired"  # the registry name, set by `register_trainer`
+    Settings = PairedSettings
 
     def __init__(
         self,
@@ -209,7 +242,8 @@ class PairedTrainer(keras.Model):
 
     @classmethod
     def config_kwargs(cls, cfg, total_steps: int) -> dict:
-        """Constructor settings a run's config gives this trainer (beyond loss and ds_weights)."""
+        """Constructor arguments a run gives this trainer (beyond loss and ds_weights), from its
+        `Settings` and the run's loop fields."""
         return {}
 
     @classmethod
@@ -301,7 +335,7 @@ def fit_paired(
     An epoch is one pass over the larger of the two sets (the smaller one repeats), so expert
     images are never under-trained when the noisy set is small, as in early DSAL rounds.
     """
-    clean, noisy = split_clean(np.asarray(is_noisy, bool), cfg.meta_size, seed)
+    clean, noisy = split_clean(np.asarray(is_noisy, bool), trainer_cls.Settings.from_config(cfg).meta_size, seed)
     if len(noisy) == 0 or len(clean) == 0:
         return None
     steps = steps_per_epoch(len(noisy), len(clean), cfg.batch_size)

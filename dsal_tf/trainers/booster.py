@@ -1,5 +1,5 @@
 """`Booster`: BoostMIS's semi-supervised update of a classification head on feature vectors
-(`dsal classify`, METHODS.md section 6); not a segmentation trainer, so not in `TRAINERS`.
+(`dsal classify`, docs/methods.md#boostmis-on-feature-vectors); not a segmentation trainer, so not in `TRAINERS`.
 
 Batches are `((x_unlabelled,), (x_labelled, y_labelled))`, features `[B,D]`, labels `[B]` int. Each
 step the online `head` gives hard labels on a weak view of the unlabelled batch (Gaussian noise

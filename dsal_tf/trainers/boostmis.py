@@ -1,4 +1,4 @@
-"""`boostmis`: BoostMIS's adaptive pseudo labels (METHODS.md section 6) on the paired sampler.
+"""`boostmis`: BoostMIS's adaptive pseudo labels (docs/methods.md#adaptive-pseudo-labels) on the paired sampler.
 
 The noisy stream (the pseudo-labelled images) is treated as unlabelled: its given masks are not
 used. Each step the online model (`online`, the one Adam trains) looks at the weak view (the batch
@@ -19,12 +19,17 @@ pixels; `main_dice` is the online model's, on the clean batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import keras
 import numpy as np
 import tensorflow as tf
 
-from ..strategies.boostmis import LearningStatus, confident
+from ..errors import DsalError
+from ..settings import in_range, suggest
+from ..strategies.boostmis import THRESHOLDS, LearningStatus, confident
 from .base import (
+    PairedSettings,
     PairedTrainer,
     ema_update,
     fit_paired,
@@ -49,6 +54,20 @@ def strong_view(x, seed_generator, contrast=0.4, offset=0.4, noise=0.2):
 class BoostMISTrainer(PairedTrainer):
     n_active = 0  # N_A: expert images the last round added; `fit_arrays` binds it per round
 
+    @dataclass(frozen=True)
+    class Settings(PairedSettings):
+        ema_decay: float = 0.99  # EMA teacher (the evaluated, saved model)
+        boostmis_tau: float = 0.95  # the fixed confidence cutoff that counts the learning status
+        boostmis_threshold: str = "global"  # pseudo-label cutoff: "global" eps_t (authors' code) or "per_class"
+
+        def check(self):
+            super().check()
+            in_range("ema_decay", self.ema_decay, 0.0, 1.0)
+            in_range("boostmis_tau", self.boostmis_tau, 0.5, 1.0)
+            if self.boostmis_threshold not in THRESHOLDS:
+                raise DsalError(f"BOOSTMIS_THRESHOLD = {self.boostmis_threshold!r} is not one of "
+                                f"{sorted(THRESHOLDS)}" + suggest(self.boostmis_threshold, THRESHOLDS))
+
     def __init__(self, segmenter: keras.Model, ema: float = 0.99, queries: int = 20, n_active: int | None = None,
                  seed: int = 0, base_tau: float = 0.95, threshold: str = "global", **kwargs) -> None:
         super().__init__(segmenter, **kwargs)  # `segmenter` is the EMA copy
@@ -61,8 +80,9 @@ class BoostMISTrainer(PairedTrainer):
 
     @classmethod
     def config_kwargs(cls, cfg, total_steps: int) -> dict:
-        return {"ema": cfg.ema_decay, "queries": cfg.nb_next_sample, "seed": cfg.seed, "base_tau": cfg.boostmis_tau,
-                "threshold": cfg.boostmis_threshold}
+        s = cls.Settings.from_config(cfg)
+        return {"ema": s.ema_decay, "queries": cfg.nb_next_sample, "seed": cfg.seed, "base_tau": s.boostmis_tau,
+                "threshold": s.boostmis_threshold}
 
     @classmethod
     def fit_arrays(cls, model, cfg, x, y, is_noisy, val, normalizer, callbacks, epochs, seed, verbose="auto"):

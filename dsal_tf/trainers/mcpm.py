@@ -1,4 +1,4 @@
-"""MCPM, meta corrupted pixels mining (METHODS.md section 4): per-pixel weights from a small fully
+"""MCPM, meta corrupted pixels mining (docs/methods.md#mcpm): per-pixel weights from a small fully
 convolutional meta net on the per-pixel loss map, learned by `meta.MetaTrainer`'s bi-level step.
 
 Meta net on the loss map L `[B,H,W,1]` (the main head's pixel cross-entropy; soft Dice has no

@@ -1,4 +1,4 @@
-"""The bi-level (learning-to-weight) step shared by MW-Net and MCPM (METHODS.md section 4).
+"""The bi-level (learning-to-weight) step shared by MW-Net and MCPM (docs/methods.md#mw-net).
 
 A meta net V_phi maps the noisy batch's losses (held constant: V reads them as data) to weights
 w. One step:
@@ -19,15 +19,26 @@ no second forward pass over the noisy or clean batch is needed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import keras
 import tensorflow as tf
 
 from ..model import HEADS
-from .base import PairedTrainer, tf_variables
+from ..settings import positive
+from .base import PairedSettings, PairedTrainer, tf_variables
 
 
 class MetaTrainer(PairedTrainer):
     """Subclasses give `build_meta_net`, `meta_input(outputs, y)` and `objective(outputs, y, w)`."""
+
+    @dataclass(frozen=True)
+    class Settings(PairedSettings):
+        meta_lr: float = 1e-3  # Adam on the meta net (weight decay 1e-4)
+
+        def check(self):
+            super().check()
+            positive("meta_lr", self.meta_lr)
 
     def __init__(self, segmenter: keras.Model, virtual_lr: float = 1e-3, meta_lr: float = 1e-3,
                  meta_weight_decay: float = 1e-4, **kwargs) -> None:
@@ -39,7 +50,7 @@ class MetaTrainer(PairedTrainer):
 
     @classmethod
     def config_kwargs(cls, cfg, total_steps: int) -> dict:
-        return {"virtual_lr": cfg.learning_rate, "meta_lr": cfg.meta_lr}
+        return {"virtual_lr": cfg.learning_rate, "meta_lr": cls.Settings.from_config(cfg).meta_lr}
 
     # ---- what a subclass defines
     def build_meta_net(self) -> keras.Model:

@@ -1,4 +1,4 @@
-"""MW-Net (Shu et al. 2019): a weight net maps each noisy sample's loss to its weight (METHODS.md section 4).
+"""MW-Net (Shu et al. 2019): a weight net maps each noisy sample's loss to its weight (docs/methods.md#mw-net).
 
 Weight net: MLP 1 -> 100 -> 1, ReLU then sigmoid. Objective `O = (1/B) sum_i V(L_i) L_i` over the
 noisy batch (L_i the deep-supervision loss of sample i); the bi-level step is `meta.MetaTrainer`'s.

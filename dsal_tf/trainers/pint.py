@@ -1,4 +1,4 @@
-"""PNT, INT and PINT: pixel- and image-level noise tolerance with an EMA teacher (METHODS.md section 5).
+"""PNT, INT and PINT: pixel- and image-level noise tolerance with an EMA teacher (docs/methods.md#pint).
 
 Teacher: starts from the student's weights; after student step t (t = 0 first) it becomes
 `theta_t = d_t theta_t + (1 - d_t) theta_s` with Mean Teacher's warm-up `d_t = min(1 - 1/(t+1), gamma)`
@@ -29,12 +29,16 @@ The update is Adam on `(1/B) sum_i L_i + expert_weight * mean_j L_j(clean)`. Tra
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
 
+from ..settings import in_range, positive
+from ..space import item_axes
 from ..strategies.entropy import binary_entropy  # float32 in, as `teacher_view` gives it
 from .base import (
+    PairedSettings,
     PairedTrainer,
     ema_update,
     head_sum,
@@ -62,6 +66,22 @@ class TeacherTrainer(PairedTrainer):
 
     mode = "both"
 
+    @dataclass(frozen=True)
+    class Settings(PairedSettings):
+        ema_decay: float = 0.99  # EMA teacher
+        teacher_passes: int = 8  # perturbed teacher passes T
+        teacher_noise: float = 0.1  # Gaussian input noise sigma (normalised units)
+        pint_tau: float = TAU  # pixel-uncertainty threshold, constant (0.5 ln 2)
+        pint_warmup: float = 0.2  # share of the steps trained plainly before any gating
+
+        def check(self):
+            super().check()
+            in_range("ema_decay", self.ema_decay, 0.0, 1.0)
+            positive("teacher_passes", self.teacher_passes)
+            positive("teacher_noise", self.teacher_noise, strict=False)
+            positive("pint_tau", self.pint_tau, strict=False)
+            in_range("pint_warmup", self.pint_warmup, 0.0, 1.0)
+
     def __init__(self, segmenter: keras.Model, ema: float = 0.99, passes: int = 8, noise: float = 0.1,
                  tau: float = TAU, warmup_steps: int = 0, seed: int = 0, **kwargs) -> None:
         super().__init__(segmenter, **kwargs)
@@ -76,8 +96,9 @@ class TeacherTrainer(PairedTrainer):
 
     @classmethod
     def config_kwargs(cls, cfg, total_steps: int) -> dict:
-        return {"ema": cfg.ema_decay, "passes": cfg.teacher_passes, "noise": cfg.teacher_noise,
-                "tau": cfg.pint_tau, "warmup_steps": int(cfg.pint_warmup * total_steps), "seed": cfg.seed}
+        s = cls.Settings.from_config(cfg)
+        return {"ema": s.ema_decay, "passes": s.teacher_passes, "noise": s.teacher_noise,
+                "tau": s.pint_tau, "warmup_steps": int(s.pint_warmup * total_steps), "seed": cfg.seed}
 
     def teacher_view(self, x) -> tuple[tf.Tensor, tf.Tensor]:
         """`(p_bar, u)`, each `[B,H,W,1]`, from T noisy teacher passes in one batched call."""
@@ -91,7 +112,7 @@ class TeacherTrainer(PairedTrainer):
     def masks(self, u: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Pixel mask `[B,H,W,1]` and image mask [B] (1 = supervised by the given label)."""
         pixel = tf.cast(u < self.tau, tf.float32)
-        image = below_median(tf.reduce_mean(u, axis=[1, 2, 3]))
+        image = below_median(tf.reduce_mean(u, axis=item_axes(u)))
         return pixel, image
 
     def gates(self, x) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -117,7 +138,7 @@ class TeacherTrainer(PairedTrainer):
         y = main_mask(y)
 
         def consistency(a):
-            return head_sum(lambda h: tf.reduce_mean(a * tf.square(outputs[h] - p_bar), axis=[1, 2, 3]),
+            return head_sum(lambda h: tf.reduce_mean(a * tf.square(outputs[h] - p_bar), axis=item_axes(p_bar)),
                             self.ds_weights)
 
         pixel_rule = head_sum(lambda h: pixel_weighted_loss(y, outputs[h], pixel, name), self.ds_weights)
@@ -171,3 +192,19 @@ class INT(TeacherTrainer):
 @register_trainer("pint")
 class PINT(TeacherTrainer):
     mode = "both"
+
+    @dataclass(frozen=True)
+    class Settings(PairedSettings):
+        ema_decay: float = 0.99  # EMA teacher
+        teacher_passes: int = 8  # perturbed teacher passes T
+        teacher_noise: float = 0.1  # Gaussian input noise sigma (normalised units)
+        pint_tau: float = TAU  # pixel-uncertainty threshold, constant (0.5 ln 2)
+        pint_warmup: float = 0.2  # share of the steps trained plainly before any gating
+
+        def check(self):
+            super().check()
+            in_range("ema_decay", self.ema_decay, 0.0, 1.0)
+            positive("teacher_passes", self.teacher_passes)
+            positive("teacher_noise", self.teacher_noise, strict=False)
+            positive("pint_tau", self.pint_tau, strict=False)
+            in_range("pint_warmup", self.pint_warmup, 0.0, 1.0)

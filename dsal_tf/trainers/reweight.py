@@ -1,4 +1,4 @@
-"""Noisy-teacher gradient re-weighting: RGS, RGM, RGS&M and the +AL query (METHODS.md section 3).
+"""Noisy-teacher gradient re-weighting: RGS, RGM, RGS&M and the +AL query (docs/methods.md#noisy-teacher-re-weighting).
 
 Each step sees a machine-labelled ("noisy") batch of B images and an expert ("clean") batch.
 Noisy sample i gets a weight `w_i` from two scores:
@@ -12,7 +12,7 @@ Noisy sample i gets a weight `w_i` from two scores:
 
 The update is Adam on `sum_i w_i L_i(noisy) + expert_weight * mean L(clean)`.
 `L_i = sum_k ds_weight_k * loss(y_i, p_k,i)` over the heads `main, side_1, side_2`, where `loss` is
-per-sample BCE + Dice whatever `LOSS` says (METHODS.md section 3); `REWEIGHT_LOSS` overrides it
+per-sample BCE + Dice whatever `LOSS` says (docs/methods.md#noisy-teacher-re-weighting); `REWEIGHT_LOSS` overrides it
 ("run" = `LOSS`). The `uniform` control inherits the same loss.
 
 Layout: NHWC images `[N,H,W,C]`, masks `[N,H,W,1]`, every score and weight `[N]`.
@@ -28,10 +28,12 @@ import tensorflow as tf
 
 from ..errors import DsalError
 from ..model import HEADS
+from ..space import item_axes
 from .base import (
     DS_WEIGHTS,
     LossFn,
     PairedTrainer,
+    ReweightSettings,
     per_sample_loss,
     register_trainer,
     resolve_loss,
@@ -92,7 +94,7 @@ def directional_derivatives(
     """
     e = 0.0
     for grad, tangent in zip(logit_grads, logit_tangents):
-        e += tf.reduce_sum(tf.cast(grad, tf.float32) * tf.cast(tangent, tf.float32), axis=[1, 2, 3])
+        e += tf.reduce_sum(tf.cast(grad, tf.float32) * tf.cast(tangent, tf.float32), axis=item_axes(grad))
     return e
 
 
@@ -208,6 +210,8 @@ class ReweightedTrainer(PairedTrainer):
     held constant (stop-gradient). `lam` = None takes the class default (`rgs` 1, `rgm` 0, `rgsm` 0.5).
     """
 
+    Settings = ReweightSettings
+
     default_lam = 1.0
 
     def __init__(
@@ -230,7 +234,8 @@ class ReweightedTrainer(PairedTrainer):
 
     @classmethod
     def config_kwargs(cls, cfg, total_steps: int) -> dict:
-        return {"lam": cfg.rgs_lambda, "query": cfg.rgs_query}
+        s = cls.Settings.from_config(cfg)
+        return {"lam": s.rgs_lambda, "query": s.rgs_query}
 
     @classmethod
     def loss_for(cls, cfg) -> str:

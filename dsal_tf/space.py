@@ -1,0 +1,177 @@
+"""The space: the one object that owns everything depending on the image rank.
+
+Chosen once from the data (`space_for`), like nnU-Net decides the dimensionality once from the
+plan. The loop, the strategies and the trainers ask the space and never branch on the rank:
+
+- the input shape, and loading a split (decoded, cached, memory-mapped);
+- the training stream (augmentation included) and the evaluation stream;
+- inference over items (`inferer`: the model itself in 2D, one batched call; sliding windows over
+  a volume in 3D, as MONAI's `SimpleInferer` / `SlidingWindowInferer`);
+- the scoring pass over the pool (`score_pool`), which calls the query strategy per batch;
+- the axes that per-item values reduce over (`item_axes`: every axis but the first);
+- writing masks at the original size of their files (PNG in 2D) and the thumbnails a cold start
+  spreads its first picks over.
+
+`ImageSpace` is the 2D space. A volume space (NIfTI, patches, sliding windows) goes beside it and
+`space_for` picks it from the data; that is the only branch on the rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .data import SPLITS, Normalizer, Rows, Split, load_splits, make_dataset
+from .errors import DsalError
+from .files import atomic_dir
+
+THRESHOLD = 0.5
+
+
+def item_axes(x) -> list[int]:
+    """Every axis of `x` but the first (the item axis): what per-image or per-volume values reduce over.
+
+    Rank-generic: [N,H,W,C] gives [1, 2, 3], [N,D,H,W,C] gives [1, 2, 3, 4]."""
+    return list(range(1, len(x.shape)))
+
+
+def disk_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A writable array backed by an anonymous temporary file (deleted when the array is)."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as f:  # the mapping keeps the data after the file is closed
+        return np.memmap(f, dtype=dtype, mode="w+", shape=shape)
+
+
+def original_size(path: Path) -> tuple[int, int]:
+    """(rows, cols) of an image file as it decodes (EXIF orientation applied, like training)."""
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise DsalError(f"cannot decode image {path} (corrupt or not an image); replace or remove it")
+    return img.shape[:2]
+
+
+def to_original(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A [h,w] or [h,w,1] probability map resized (bilinear) to `shape` (rows, cols), float32."""
+    prob = np.asarray(prob, np.float32).reshape(prob.shape[0], prob.shape[1])
+    return cv2.resize(prob, (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_LINEAR)
+
+
+def predict_main(model, images, normalizer: Normalizer, batch_size: int) -> np.ndarray:
+    """Main-head probabilities [N,H,W,1] in one batched pass."""
+    ds = make_dataset(images, np.zeros(images.shape[:3] + (1,), np.uint8), normalizer, batch_size).map(
+        lambda x, y: x)
+    return model.predict(ds, verbose=0)["main"]
+
+
+class ImageSpace:
+    """2D images, NHWC: decoded to IMG_ROWS x IMG_COLS, masks written as 0/255 PNGs at the
+    original size of their image."""
+
+    rank = 2
+    mask_suffix = ".png"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.cfg.img_rows, self.cfg.img_cols, self.cfg.channels)
+
+    # ------------------------------------------------------------------ data
+    def load_splits(self, splits=SPLITS) -> dict[str, Split]:
+        return load_splits(self.cfg, splits)
+
+    def train_stream(self, images, masks, normalizer: Normalizer, seed: int, heads=None, repeat: bool = False,
+                     foreground_oversample: float = 0.0):
+        """Shuffled, augmented (AUGMENT), batched `(x, y)` for training."""
+        return make_dataset(images, masks, normalizer, self.cfg.batch_size, shuffle=True, augment=self.cfg.augment,
+                            seed=seed, heads=heads, repeat=repeat, foreground_oversample=foreground_oversample)
+
+    def eval_stream(self, images, masks, normalizer: Normalizer, heads=None):
+        """Batched `(x, y)` in order, no augmentation (validation, test, scoring)."""
+        return make_dataset(images, masks, normalizer, self.cfg.batch_size, heads=heads)
+
+    # ------------------------------------------------------------------ inference
+    def inferer(self, model):
+        """A callable with the model's contract, `(x, training) -> {head: prob}`, over whole items.
+        In 2D an item is one network input: the model itself."""
+        return model
+
+    def score_pool(self, query, model, images, masks, normalizer: Normalizer, progress: bool = False,
+                   with_features=None) -> dict[str, np.ndarray]:
+        """One batched pass of `query.score_batch` over `images` (`Rows` of the pool, read batch by
+        batch); per-item arrays, and `pred` (uint8, kept on disk: memory stays flat in pool size).
+        `with_features(model)`: the same graph with the bottleneck features as one more output."""
+        from tqdm.auto import tqdm
+
+        if len(images) == 0:
+            return {}
+        step = self._traced_step(query, model, with_features)
+        parts: dict[str, list] = {}
+        pred = None
+        done = 0
+        batch_size = self.cfg.batch_size
+        total = -(-len(images) // batch_size)
+        for x, y in tqdm(self.eval_stream(images, masks, normalizer), total=total, desc=f"scoring ({query.name})",
+                         disable=not progress, leave=False):
+            out = {k: v.numpy() for k, v in step(x, y).items()}
+            batch = out.pop("pred")
+            if pred is None:
+                pred = disk_array((len(images), *batch.shape[1:]), batch.dtype)
+            pred[done:done + len(batch)] = batch
+            done += len(batch)
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v)
+        return {**{k: np.concatenate(v) for k, v in parts.items()}, "pred": pred}
+
+    @staticmethod
+    def _traced_step(query, model, with_features):
+        """One graph per set of models, reused each round; the key holds the models themselves
+        (compared by identity), so a freed model's id can never be mistaken for a new one."""
+        import tensorflow as tf
+
+        key = query.models(model)
+        cached = getattr(query, "_traced_for", ())
+        if len(cached) != len(key) or any(a is not b for a, b in zip(cached, key)):
+            scored = with_features(model) if with_features is not None else model
+            query._traced = tf.function(lambda x, y: query.score_batch(scored, x, y), reduce_retracing=True)
+            query._traced_for = key
+        return query._traced
+
+    def predict(self, model, images, normalizer: Normalizer) -> np.ndarray:
+        """Main-head probabilities of whole items, [N,H,W,1]."""
+        return predict_main(model, images, normalizer, self.cfg.batch_size)
+
+    # ------------------------------------------------------------------ masks on disk
+    def masks_at_original_size(self, model, images, files: list[Path], normalizer: Normalizer) -> list[np.ndarray]:
+        """The model's {0,1} uint8 masks for model-size `images`, each at the original size of its file."""
+        prob = self.predict(model, images, normalizer)
+        return [(to_original(p, original_size(f)) > THRESHOLD).astype(np.uint8) for p, f in zip(prob, files)]
+
+    def write_masks(self, folder: Path, idx: np.ndarray, masks: np.ndarray, split: Split) -> None:
+        """Masks of items `idx` of `split` at the original size of their files (0/255 PNGs named after
+        the item), for a person to inspect or delete; the folder appears complete or not at all."""
+        with atomic_dir(folder) as tmp:
+            for i, mask in zip(idx, masks):
+                h, w = original_size(split.files[i])
+                big = cv2.resize(np.asarray(mask)[..., 0].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+                cv2.imwrite(str(tmp / f"{split.names[i]}{self.mask_suffix}"), big * 255)
+
+    def mask_file(self, folder: Path, name: str) -> Path:
+        return folder / f"{name}{self.mask_suffix}"
+
+    def thumbnails(self, images, side: int = 16) -> np.ndarray:
+        """[N, side*side*C] float32 in [0,1]: area-downsampled copies, the features of a cold start."""
+        return np.stack([cv2.resize(np.asarray(im), (side, side), interpolation=cv2.INTER_AREA).reshape(-1)
+                         for im in images]).astype(np.float32) / 255.0
+
+
+def space_for(cfg) -> ImageSpace:
+    """The space of a run's data: the only place that decides the rank (2D images today)."""
+    return ImageSpace(cfg)
+
+
+__all__ = ["ImageSpace", "Rows", "disk_array", "item_axes", "original_size", "space_for", "to_original"]

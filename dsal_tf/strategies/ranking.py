@@ -1,0 +1,89 @@
+"""Pure ranking rules over per-image scores (numpy only): top-n, CEAL's histogram, scheduled power
+sampling and k-center greedy. `selection.py` wraps them as named, configurable rules."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def k_center_greedy(features: np.ndarray, n: int, centers=(), rng: np.random.Generator | None = None) -> np.ndarray:
+    """`n` new indices by k-center greedy (Sener & Savarese 2018): each pick is the point farthest
+    (Euclidean) from every center so far; ties go to the lower index, so with candidates given in
+    priority order the more uncertain one wins. Without `centers` the first pick is index 0 (the most
+    uncertain candidate), or drawn with `rng`. Exact duplicates are at distance 0: they come last."""
+    f = np.asarray(features, np.float64).reshape(len(features), -1)
+    n = min(n, len(f) - len(centers))
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    chosen: list[int] = []
+    if len(centers) == 0:
+        chosen.append(int(rng.integers(len(f))) if rng is not None else 0)
+        centers = chosen
+    nearest = np.full(len(f), np.inf)
+    for c in centers:
+        nearest = np.minimum(nearest, np.linalg.norm(f - f[c], axis=1))
+    nearest[list(centers)] = -1.0
+    while len(chosen) < n:
+        pick = int(np.argmax(nearest))
+        chosen.append(pick)
+        nearest = np.minimum(nearest, np.linalg.norm(f - f[pick], axis=1))
+        nearest[pick] = -1.0
+    return np.array(chosen, np.int64)
+
+
+def power_beta(start: float, end: float, round_: int, nb_rounds: int) -> float:
+    """The exponent of round `round_` (1-based): `start` at round 1, `end` at the last round
+    (`nb_rounds`), linear between."""
+    if nb_rounds <= 1:
+        return start
+    t = min(max(round_ - 1, 0), nb_rounds - 1) / (nb_rounds - 1)
+    return start + t * (end - start)
+
+
+def power_select(scores: np.ndarray, n: int, beta: float, rng: np.random.Generator) -> np.ndarray:
+    """`n` positions drawn without replacement with probability proportional to s**beta, where
+    s = rank / N is the score's rank made positive (the highest score has s = 1, the lowest 1/N), so
+    only the order of the scores matters. beta = 0 is a uniform draw, a large beta the top n.
+
+    Sequential draws without replacement are sampled exactly by the Gumbel top-k trick:
+    the n largest `beta * log(s) + Gumbel` keys, returned in draw order (largest key first)."""
+    scores = np.asarray(scores, np.float64)
+    n = min(n, len(scores))
+    ranks = np.empty(len(scores), np.float64)
+    ranks[np.argsort(scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    keys = beta * np.log(ranks / len(scores)) + rng.gumbel(size=len(scores))
+    return np.argsort(-keys, kind="stable")[:n]
+
+
+def histogram_select(scores: np.ndarray, n: int, rng: np.random.Generator, bins: int = 80) -> np.ndarray:
+    """CEAL's histogram selection (docs/methods.md#ceal), scaled from its 10/15/10 split of 35.
+
+    From an 80-bin histogram of `scores` (higher = more uncertain): the lowest scores ("no
+    detections"), a random draw from bins [mode+6, 47), then the top 5 bins, least-populated bins
+    first. Any shortfall is filled with the highest remaining scores.
+    """
+    scores = np.asarray(scores, np.float64)
+    n = min(n, len(scores))
+    n_low = round(n * 10 / 35)
+    n_rand = round(n * 15 / 35)  # the rest (10 of 35) comes from the top bins
+    counts, edges = np.histogram(scores, bins=bins)
+    which = np.clip(np.digitize(scores, edges[1:-1]), 0, bins - 1)
+    chosen: list[int] = []
+
+    def take(candidates, k):
+        fresh = [int(c) for c in candidates if int(c) not in chosen]
+        chosen.extend(fresh[:k])
+
+    take(np.argsort(scores, kind="stable"), n_low)
+    mode = int(np.argmax(counts))
+    band = np.flatnonzero((which >= mode + 6) & (which < 47))
+    take(rng.permutation(band), n_rand)
+    top_bins = [b for b in range(bins - 5, bins) if counts[b] > 0]
+    for b in sorted(top_bins, key=lambda b: (counts[b], -b)):
+        room = n - len(chosen)
+        if room <= 0:
+            break
+        in_bin = np.flatnonzero(which == b)
+        take(in_bin[np.argsort(-scores[in_bin], kind="stable")], room)
+    take(np.argsort(-scores, kind="stable"), n - len(chosen))
+    return np.array(chosen[:n], np.int64)

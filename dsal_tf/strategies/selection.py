@@ -1,0 +1,96 @@
+"""Selection rules: how a strategy's per-image key (higher = ask the oracle first) becomes `n` picks.
+
+Picked by name (`SELECTION`; "auto" = the query strategy's own `default_selection`):
+
+| name | rule |
+|---|---|
+| `rank` | the top `n` keys |
+| `histogram` | CEAL's histogram bins (`histogram_select`) |
+| `power` | a seeded draw with p ~ (rank / N) ** beta, beta scheduled over the rounds (`power_select`) |
+| `diverse` | the strategy's own `DIVERSE_FACTOR * n` candidates, thinned by k-center greedy on features |
+
+Formulas: docs/methods.md#selection-rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..registry import registrar
+from ..settings import Settings, positive
+from .ranking import histogram_select, k_center_greedy, power_beta, power_select
+
+SELECTIONS: dict[str, type[Selection]] = {}
+register_selection = registrar(SELECTIONS)
+
+
+class Selection:
+    """Turns keys into picks. `needs_features`: the scoring pass must also return the features."""
+
+    name = "base"
+    needs_features = False
+    Settings = Settings
+
+    def __init__(self, settings: Settings | None = None, nb_rounds: int = 1):
+        self.settings = settings if settings is not None else self.Settings()
+        self.nb_rounds = nb_rounds
+
+    @classmethod
+    def from_config(cls, cfg) -> Selection:
+        return cls(cls.Settings.from_config(cfg), cfg.nb_iterations)
+
+    def choose(self, key: np.ndarray, n: int, rng: np.random.Generator | None, round_: int = 1) -> np.ndarray:
+        raise NotImplementedError
+
+
+@register_selection("rank")
+class Rank(Selection):
+    def choose(self, key, n, rng, round_=1):
+        return np.argsort(-np.asarray(key), kind="stable")[:n]
+
+
+@register_selection("histogram")
+class Histogram(Selection):
+    def choose(self, key, n, rng, round_=1):
+        return histogram_select(key, n, rng)
+
+
+@register_selection("power")
+class Power(Selection):
+    @dataclass(frozen=True)
+    class Settings(Settings):
+        power_beta_start: float = 1.0  # draw with p ~ rank-score**beta, beta from START (round 1) ...
+        power_beta_end: float = 4.0  # ... to END (the last round), linearly
+
+        def check(self):
+            positive("power_beta_start", self.power_beta_start, strict=False)
+            positive("power_beta_end", self.power_beta_end, strict=False)
+
+    def choose(self, key, n, rng, round_=1):
+        beta = power_beta(self.settings.power_beta_start, self.settings.power_beta_end, round_, self.nb_rounds)
+        return power_select(key, n, beta, rng)
+
+
+@register_selection("diverse")
+class Diverse(Selection):
+    """Thins the strategy's own candidates; `choose` is the k-center step over their features."""
+
+    needs_features = True
+
+    @dataclass(frozen=True)
+    class Settings(Settings):
+        diverse_factor: int = 3  # k-center greedy over the DIVERSE_FACTOR * n top candidates
+
+        def check(self):
+            positive("diverse_factor", self.diverse_factor)
+
+    def candidates(self, n: int, pool_size: int) -> int:
+        return min(self.settings.diverse_factor * n, pool_size)
+
+    def thin(self, candidates: np.ndarray, features: np.ndarray, n: int) -> np.ndarray:
+        return candidates[k_center_greedy(features[candidates], n)]
+
+
+__all__ = ["SELECTIONS", "Selection", "Rank", "Histogram", "Power", "Diverse", "register_selection"]
