@@ -144,7 +144,7 @@ def child(data: Path, cache: Path, work: Path, ceal_subset: int, epochs: int, pr
     pool = Pool.initial(len(pool_data), cfg.nb_labeled, cfg.seed)
     x, y, is_pseudo = pool.training_set(pool_data.images, pool_data.masks)
     model = train.new_model(cfg, cfg.seed)
-    train.fit(model, cfg, x, y, is_pseudo, val, norm, work / "round_00", epochs, seed=cfg.seed * 1000)
+    train.fit(train.FitJob(model, cfg, x, y, is_pseudo, val, norm, work / "round_00", epochs, seed=cfg.seed * 1000))
     del x, y, is_pseudo
     meter.mark("training")
     parts = build(cfg)

@@ -60,7 +60,7 @@ def run_row(cfg, row: str, seed: int, pool, noisy_masks, val, test, normalizer, 
     log(f"seed {seed} {row}: trainer {rcfg.trainer}, {int(is_noisy.sum())} + {len(meta)} meta images, "
         f"{rcfg.nb_initial_epochs} epochs")
     start = time.time()
-    train.fit(model, rcfg, pool.images, y, is_noisy, val, normalizer, out, rcfg.nb_initial_epochs, seed)
+    train.fit(train.FitJob(model, rcfg, pool.images, y, is_noisy, val, normalizer, out, rcfg.nb_initial_epochs, seed))
     per_image, _ = evaluate_model(model, test, normalizer, rcfg.batch_size)
     result = {"row": row, "trainer": rcfg.trainer, "loss": get_trainer(rcfg.trainer).loss_for(rcfg), "seed": seed,
               "train_s": round(time.time() - start, 1), **summarize(per_image)}

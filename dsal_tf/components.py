@@ -44,7 +44,7 @@ class Components:
 
     query: QueryStrategy  # scores the pool; holds its selection rule (`query.selection`)
     pseudo: PseudoPolicy  # the weak labeler
-    trainer: type  # `TRAINERS[TRAINER]`: `fit_arrays(...)` trains one round
+    trainer: type  # `TRAINERS[TRAINER]`: `fit_job(train.FitJob)` trains one round
     oracle: Oracle  # the strong labeler
     space: ImageSpace  # everything that depends on the image rank
     stop_rules: tuple[StopRule, ...]

@@ -90,6 +90,11 @@ class ImageSpace:
         return make_dataset(images, masks, normalizer, self.cfg.batch_size, shuffle=True, augment=self.cfg.augment,
                             seed=seed, heads=heads, repeat=repeat, foreground_oversample=foreground_oversample)
 
+    def image_stream(self, images, normalizer: Normalizer, seed: int, repeat: bool = True):
+        """Shuffled, augmented batches of images alone (the unlabelled pool), read row by row."""
+        blank = Rows(np.zeros((1, *images.shape[1:-1], 1), np.uint8), np.zeros(len(images), np.int64))
+        return self.train_stream(images, blank, normalizer, seed, repeat=repeat).map(lambda x, y: x)
+
     def eval_stream(self, images, masks, normalizer: Normalizer, heads=None):
         """Batched `(x, y)` in order, no augmentation (validation, test, scoring)."""
         return make_dataset(images, masks, normalizer, self.cfg.batch_size, heads=heads)

@@ -104,8 +104,8 @@ def run_noisy_teacher(
         def train_teacher():
             model = train.new_model(cfg, seed)
             log(f"seed {seed}: teacher on {n_expert} expert labels")
-            train.fit(model, cfg, pool.images[expert], pool.masks[expert], np.zeros(n_expert, bool), val,
-                      normalizer, teacher_dir, cfg.nb_initial_epochs, seed)
+            train.fit(train.FitJob(model, cfg, pool.images[expert], pool.masks[expert], np.zeros(n_expert, bool),
+                                   val, normalizer, teacher_dir, cfg.nb_initial_epochs, seed))
 
         _train_once(teacher_dir, train_teacher, cfg.loss, cfg.loss)
         teacher = keras.models.load_model(teacher_dir / train.CHECKPOINT, compile=False)
@@ -133,8 +133,8 @@ def run_noisy_teacher(
                     model = train.compile_model(keras.models.load_model(teacher_dir / train.CHECKPOINT,
                                                                         compile=False), vcfg)
                     log(f"seed {seed}: student {variant} on {len(expert)} expert + {len(machine)} machine labels")
-                    history = train.fit(model, vcfg, x, y, is_machine, val, normalizer, vd,
-                                        cfg.nb_active_epochs, seed)
+                    history = train.fit(train.FitJob(model, vcfg, x, y, is_machine, val, normalizer, vd,
+                                                     cfg.nb_active_epochs, seed))
                     (vd / "history.json").write_text(json.dumps(history, default=float))
 
                 _train_once(vd, train_student, loss, cfg.loss)

@@ -10,20 +10,23 @@ from __future__ import annotations
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from .config import Config
-from .data import Normalizer, Split, foreground_rows
+from .data import Normalizer, Rows, Split, foreground_rows  # noqa: F401 (Rows: FitJob.unlabelled)
 from .determinism import reset_seed_generators
 from .errors import DsalError
 from .files import atomic_write
 from .losses import deep_supervision, dice
 from .model import unet_for
 from .run import CHECKPOINT  # the run folder owns the file names
+from .space import space_for
 
 HISTORY_PART = "history.csv.part"
 tf.get_logger().setLevel("ERROR")  # retracing notices are expected: evaluation and ensembles load many models
@@ -252,33 +255,60 @@ def _callbacks(cfg: Config, out_dir: Path, epochs: int, fg_images: int = 0, n_im
     return cbs
 
 
-def fit(
-    model: keras.Model,
-    cfg: Config,
-    x: np.ndarray,
-    y: np.ndarray,
-    is_pseudo: np.ndarray,
-    val: Split,
-    normalizer: Normalizer,
-    out_dir: Path,
-    epochs: int,
-    seed: int,
-) -> dict[str, list[float]]:
-    """Train for `epochs`, keep the best epoch by `val_main_dice`, and load it back into `model`.
+@dataclass
+class FitJob:
+    """One fit: the model, the round's training set, the unlabelled pool, and where the round's
+    checkpoint goes. What `train.fit` hands a trainer (`TRAINERS[TRAINER].fit_job`).
+
+    `x`, `y`: the images and masks trained on (oracle labels, then pseudo labels; arrays or `Rows`);
+    `is_pseudo`: which rows carry machine labels (the noisy stream of the weighting trainers).
+    `unlabelled`: the pool images nobody has labelled yet, `Rows` of the memory map read lazily
+    (`unlabelled_stream`), for trainers that learn from the whole pool every step; None where a fit
+    has no pool (a teacher on expert labels). `space`: the run's space (streams and axes)."""
+
+    model: keras.Model
+    cfg: Config
+    x: Any
+    y: Any
+    is_pseudo: np.ndarray
+    val: Split
+    normalizer: Normalizer
+    out_dir: Path
+    epochs: int
+    seed: int
+    unlabelled: Rows | None = None
+    space: Any = None
+    callbacks: list = field(default_factory=list)
+    verbose: int | str = "auto"
+
+    def __post_init__(self):
+        if self.space is None:
+            self.space = space_for(self.cfg)
+
+    def unlabelled_stream(self, seed: int, repeat: bool = True):
+        """Batches of unlabelled pool images (normalised, augmented like training, reshuffled each
+        pass), or None without a pool. Read from the memory map batch by batch, never whole."""
+        if self.unlabelled is None or len(self.unlabelled) == 0:
+            return None
+        return self.space.image_stream(self.unlabelled, self.normalizer, seed, repeat=repeat)
+
+
+def fit(job: FitJob) -> dict[str, list[float]]:
+    """Train `job.model` for `job.epochs`, keep the best epoch by `val_main_dice`, and load it back.
 
     The trainer is `TRAINERS[cfg.trainer]` (dsal_tf/trainers/); for the weighting trainers the
     pseudo labels are the noisy stream and the oracle labels the clean one (see `trainers.base`).
     """
     from .trainers import get_trainer
 
+    cfg, model, out_dir = job.cfg, job.model, job.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    verbose = 1 if cfg.progress and sys.stdout.isatty() else 2
-    keras.utils.set_random_seed(seed)
-    reset_seed_generators(model, seed)  # dropout draws the same masks straight through or resumed
-    fg_images = len(foreground_rows(y)) if cfg.collapse_patience else 0
-    history = get_trainer(cfg.trainer).fit_arrays(model, cfg, x, y, is_pseudo, val, normalizer,
-                                                  _callbacks(cfg, out_dir, epochs, fg_images, len(y)), epochs,
-                                                  seed, verbose)
+    job.verbose = 1 if cfg.progress and sys.stdout.isatty() else 2
+    keras.utils.set_random_seed(job.seed)
+    reset_seed_generators(model, job.seed)  # dropout draws the same masks straight through or resumed
+    fg_images = len(foreground_rows(job.y)) if cfg.collapse_patience else 0
+    job.callbacks = _callbacks(cfg, out_dir, job.epochs, fg_images, len(job.y))
+    history = get_trainer(cfg.trainer).fit_job(job)
     best = out_dir / CHECKPOINT
     if best.is_file():
         model.set_weights(keras.models.load_model(best, compile=False).get_weights())

@@ -261,14 +261,8 @@ ALLOWED_OVER_LIMIT: dict[str, dict[str, int]] = {
     "dsal_tf.plan:make_plan": {"lines": 148},
     "dsal_tf.predict:predict_folder": {"params": 10},
     "dsal_tf.teacher_student:run_noisy_teacher": {"lines": 84},
-    "dsal_tf.train:fit": {"params": 10},
-    "dsal_tf.trainers.base:PairedTrainer.fit_arrays": {"params": 11},
-    "dsal_tf.trainers.base:fit_paired": {"params": 12},
-    "dsal_tf.trainers.base:fit_plain": {"params": 10},
     "dsal_tf.trainers.base:make_paired_dataset": {"params": 9},
-    "dsal_tf.trainers.boostmis:BoostMISTrainer.fit_arrays": {"params": 11},
     "dsal_tf.trainers.reweight:_noisy_pass": {"params": 9},
-    "dsal_tf.trainers.standard:Standard.fit_arrays": {"params": 11},
 }
 
 

@@ -204,17 +204,17 @@ def test_boostmis_trainer_n_active_is_the_last_rounds_labels(monkeypatch):
     """NB_LABELED 4, then two rounds of K = 3: 10 expert images, of which the last round added 3."""
     from types import SimpleNamespace
 
-    import dsal_tf.data
     import dsal_tf.trainers.boostmis as tb
 
     seen = []
-    monkeypatch.setattr(dsal_tf.data, "make_dataset", lambda *a, **k: None)
     monkeypatch.setattr(tb, "fit_paired", lambda cls, *a, **k: seen.append(cls.n_active) or {})
     cfg = SimpleNamespace(nb_labeled=4, nb_next_sample=3, batch_size=2)
     val = SimpleNamespace(images=None, masks=None)
+    space = SimpleNamespace(eval_stream=lambda *a, **k: None)
     for n_expert in (4, 7, 10):
         is_noisy = np.r_[np.zeros(n_expert, bool), np.ones(5, bool)]
-        tb.BoostMISTrainer.fit_arrays(None, cfg, None, None, is_noisy, val, None, [], 1, 0)
+        tb.BoostMISTrainer.fit_job(SimpleNamespace(cfg=cfg, is_pseudo=is_noisy, val=val, normalizer=None,
+                                                   space=space))
     assert seen == [0, 3, 3]
 
 

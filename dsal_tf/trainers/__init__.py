@@ -13,7 +13,8 @@
 `booster.py` holds `Booster`, the same pseudo labels for `dsal classify`'s head on feature vectors
 (`classify.PSEUDO_RULES` gives its cutoffs); it trains no segmenter, so it is not in `TRAINERS`.
 
-`train.fit` calls `TRAINERS[cfg.trainer].fit_arrays(...)` and never branches on the name. The loss
+`train.fit` calls `TRAINERS[cfg.trainer].fit_job(job)` with a `train.FitJob` (the training set, the
+unlabelled pool as a lazily read stream, validation, callbacks) and never branches on the name. The loss
 of a run is `PairedTrainer.loss_for(cfg)`: `LOSS`, except `uniform` and `rgs`/`rgm`/`rgsm`, which use
 `REWEIGHT_LOSS` (BCE + Dice by default, `base.reweight_loss_name`).
 """

@@ -258,16 +258,11 @@ class PairedTrainer(keras.Model):
                    **cls.config_kwargs(cfg, total_steps))
 
     @classmethod
-    def fit_arrays(cls, model, cfg, x, y, is_noisy, val, normalizer, callbacks, epochs, seed, verbose="auto"):
+    def fit_job(cls, job) -> dict[str, list[float]]:
         """What `train.fit` calls: the paired sampler, or plain `fit` when nothing is noisy (round 0)."""
-        from ..data import make_dataset
-
-        val_ds = make_dataset(val.images, val.masks, normalizer, cfg.batch_size)
-        history = fit_paired(cls, model, cfg, x, y, is_noisy, val_ds, normalizer, callbacks, epochs, seed,
-                             verbose)
-        if history is None:
-            history = fit_plain(model, cfg, x, y, val, normalizer, callbacks, epochs, seed, verbose)
-        return history
+        val_ds = job.space.eval_stream(job.val.images, job.val.masks, job.normalizer)
+        history = fit_paired(cls, job, val_ds)
+        return history if history is not None else fit_plain(job)
 
     @property
     def metrics(self) -> list:
@@ -315,44 +310,32 @@ def steps_per_epoch(n_noisy: int, n_clean: int, batch_size: int) -> int:
     return max(1, math.ceil(max(n_noisy, n_clean) / batch_size))
 
 
-def fit_paired(
-    trainer_cls: type[PairedTrainer],
-    model: keras.Model,
-    cfg,
-    x: np.ndarray,
-    y: np.ndarray,
-    is_noisy: np.ndarray,
-    val_ds: tf.data.Dataset,
-    normalizer: Callable,
-    callbacks: list,
-    epochs: int,
-    seed: int,
-    verbose: int | str = "auto",
-) -> dict[str, list[float]] | None:
-    """Train `model` with `trainer_cls` on the paired sampler: noisy = `is_noisy` images, clean = the
-    rest (capped at `META_SIZE`, see `split_clean`). `None` when there is no noisy image to weigh.
+def fit_paired(trainer_cls: type[PairedTrainer], job, val_ds: tf.data.Dataset) -> dict[str, list[float]] | None:
+    """Train `job.model` with `trainer_cls` on the paired sampler: noisy = the `job.is_pseudo` images,
+    clean = the rest (capped at `META_SIZE`, see `split_clean`). `None` when there is no noisy image
+    to weigh.
 
     An epoch is one pass over the larger of the two sets (the smaller one repeats), so expert
     images are never under-trained when the noisy set is small, as in early DSAL rounds.
     """
-    clean, noisy = split_clean(np.asarray(is_noisy, bool), trainer_cls.Settings.from_config(cfg).meta_size, seed)
+    cfg, x, y, seed = job.cfg, job.x, job.y, job.seed
+    clean, noisy = split_clean(np.asarray(job.is_pseudo, bool), trainer_cls.Settings.from_config(cfg).meta_size, seed)
     if len(noisy) == 0 or len(clean) == 0:
         return None
     steps = steps_per_epoch(len(noisy), len(clean), cfg.batch_size)
-    trainer = trainer_cls.for_run(model, cfg, steps * max(epochs, 1))
+    trainer = trainer_cls.for_run(job.model, cfg, steps * max(job.epochs, 1))
     trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
     ds = make_paired_dataset(x[noisy], y[noisy], x[clean], y[clean], cfg.batch_size, seed=seed,
-                             preprocess=normalizer, augment=cfg.augment, repeat=True)
-    return trainer.fit(ds.take(steps), validation_data=val_ds, epochs=epochs, callbacks=callbacks,
-                       verbose=verbose, shuffle=False).history
+                             preprocess=job.normalizer, augment=cfg.augment, repeat=True)
+    return trainer.fit(ds.take(steps), validation_data=val_ds, epochs=job.epochs, callbacks=job.callbacks,
+                       verbose=job.verbose, shuffle=False).history
 
 
-def fit_plain(model: keras.Model, cfg, x, y, val, normalizer, callbacks, epochs, seed, verbose="auto") -> dict:
-    """Plain Keras `fit` of the compiled multi-output U-Net on all of `(x, y)`."""
-    from ..data import make_dataset
-
-    train_ds = make_dataset(x, y, normalizer, cfg.batch_size, shuffle=True, augment=cfg.augment,
-                            seed=seed, heads=HEADS, foreground_oversample=cfg.foreground_oversample)
-    val_ds = make_dataset(val.images, val.masks, normalizer, cfg.batch_size, heads=HEADS)
-    return model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, verbose=verbose,
-                     shuffle=False).history  # the dataset shuffles
+def fit_plain(job) -> dict:
+    """Plain Keras `fit` of the compiled multi-output U-Net on all of `(job.x, job.y)`."""
+    space, cfg = job.space, job.cfg
+    train_ds = space.train_stream(job.x, job.y, job.normalizer, job.seed, heads=HEADS,
+                                  foreground_oversample=cfg.foreground_oversample)
+    val_ds = space.eval_stream(job.val.images, job.val.masks, job.normalizer, heads=HEADS)
+    return job.model.fit(train_ds, validation_data=val_ds, epochs=job.epochs, callbacks=job.callbacks,
+                         verbose=job.verbose, shuffle=False).history  # the dataset shuffles

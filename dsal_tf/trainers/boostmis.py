@@ -52,7 +52,7 @@ def strong_view(x, seed_generator, contrast=0.4, offset=0.4, noise=0.2):
 
 @register_trainer("boostmis")
 class BoostMISTrainer(PairedTrainer):
-    n_active = 0  # N_A: expert images the last round added; `fit_arrays` binds it per round
+    n_active = 0  # N_A: expert images the last round added; `fit_job` binds it per round
 
     @dataclass(frozen=True)
     class Settings(PairedSettings):
@@ -85,18 +85,15 @@ class BoostMISTrainer(PairedTrainer):
                 "threshold": s.boostmis_threshold}
 
     @classmethod
-    def fit_arrays(cls, model, cfg, x, y, is_noisy, val, normalizer, callbacks, epochs, seed, verbose="auto"):
-        from ..data import make_dataset
-
+    def fit_job(cls, job) -> dict:
         # the arrays do not say which round labelled what: expert images beyond NB_LABELED, at most one round's K
-        n_expert = int((~np.asarray(is_noisy, bool)).sum())
+        cfg = job.cfg
+        n_expert = int((~np.asarray(job.is_pseudo, bool)).sum())
         n_added = min(max(n_expert - cfg.nb_labeled, 0), cfg.nb_next_sample)
         bound = type(cls.__name__, (cls,), {"n_active": n_added})
-        val_ds = make_dataset(val.images, val.masks, normalizer, cfg.batch_size)
-        history = fit_paired(bound, model, cfg, x, y, is_noisy, val_ds, normalizer, callbacks, epochs, seed, verbose)
-        if history is None:
-            history = fit_plain(model, cfg, x, y, val, normalizer, callbacks, epochs, seed, verbose)
-        return history
+        val_ds = job.space.eval_stream(job.val.images, job.val.masks, job.normalizer)
+        history = fit_paired(bound, job, val_ds)
+        return history if history is not None else fit_plain(job)
 
     def pseudo_labels(self, x_weak) -> tuple[tf.Tensor, tf.Tensor]:
         """Hard labels `[B,H,W,1]` and their keep mask from the online model's weak view; updates the status."""

@@ -7,8 +7,8 @@ from .base import fit_plain, register_trainer
 
 @register_trainer("standard")
 class Standard:
-    """No wrapper model: `fit_arrays` is the whole trainer."""
+    """No wrapper model: `fit_job` is the whole trainer (it ignores the unlabelled pool)."""
 
     @classmethod
-    def fit_arrays(cls, model, cfg, x, y, is_noisy, val, normalizer, callbacks, epochs, seed, verbose="auto"):
-        return fit_plain(model, cfg, x, y, val, normalizer, callbacks, epochs, seed, verbose)
+    def fit_job(cls, job) -> dict:
+        return fit_plain(job)
