@@ -31,12 +31,13 @@ import numpy as np
 import pandas as pd
 
 from .active import run_active_learning
+from .components import pseudo_name
 from .config import Config
 from .data import find_pairs
 from .errors import DsalError
 from .evaluate import evaluate_run
 from .run import SCORES, Run
-from .strategies import QUERY_STRATEGIES, SELECTIONS, pseudo_policy_name
+from .strategies import QUERY_STRATEGIES, SELECTIONS
 
 # named ablation rows: settings that differ from the comparison's in exactly the stated way
 VARIANTS: dict[str, dict] = {
@@ -259,7 +260,7 @@ def aggregate(out: Path, log, baseline: str = "random") -> pd.DataFrame:
         curve = pd.read_csv(Run.of(scfg).curve_file)
         active = curve[curve["round"] > 0]
         summary_rows.append({
-            "strategy": strategy, "pseudo": pseudo_policy_name(scfg), "selection": scfg.selection, "seed": seed,
+            "strategy": strategy, "pseudo": pseudo_name(scfg), "selection": scfg.selection, "seed": seed,
             "final_dice": float(table["dice_mean"].iloc[-1]),
             "final_hd95p": float(table["hd95_penalized_mean"].iloc[-1]),
             "final_n_oracle": int(table["n_oracle"].iloc[-1]),

@@ -94,11 +94,19 @@ def load_config(constants: str | None = "constants.py", overrides: dict | None =
     return cfg
 
 
+def pseudo_name(cfg: Config) -> str:
+    """The weak labeler a run uses: `PSEUDO_POLICY`; "auto" is the query strategy's own, or none
+    under a trainer that learns from the whole unlabelled pool (`uses_pool`: the pool is used already)."""
+    if cfg.pseudo_policy == "auto" and getattr(TRAINERS[cfg.trainer], "uses_pool", False):
+        return "none"
+    return pseudo_policy_name(cfg)
+
+
 def chosen_classes(cfg: Config) -> list[type]:
     """The classes a run uses, resolved from their names ("auto" = the query strategy's own)."""
     query = QUERY_STRATEGIES[cfg.query_strategy]
     selection = query.default_selection if cfg.selection == "auto" else cfg.selection
-    return [query, PSEUDO_POLICIES[pseudo_policy_name(cfg)], SELECTIONS[selection], TRAINERS[cfg.trainer],
+    return [query, PSEUDO_POLICIES[pseudo_name(cfg)], SELECTIONS[selection], TRAINERS[cfg.trainer],
             ORACLES[cfg.oracle], *STOP_RULES.values()]
 
 
@@ -115,7 +123,7 @@ def resolved(cfg: Config) -> Config:
 def build(cfg: Config) -> Components:
     """The run's components, checked (nothing is written here)."""
     check_names(cfg)
-    pseudo = PSEUDO_POLICIES[pseudo_policy_name(cfg)]
+    pseudo = PSEUDO_POLICIES[pseudo_name(cfg)]
     return Components(
         query=QUERY_STRATEGIES[cfg.query_strategy].from_config(cfg),
         pseudo=pseudo.from_config(cfg),

@@ -1,6 +1,6 @@
 """Trainers, picked by name (`TRAINER`): one algorithm per file on the shared core in `base.py`.
 
-| name | file | noisy-batch weighting |
+| name | file | what it does with the noisy batch (or the pool) |
 |---|---|---|
 | `standard` | `standard.py` | none: plain `fit` on every label alike |
 | `uniform` | `uniform.py` | `w_i = 1/B` through the paired sampler (the control) |
@@ -9,6 +9,11 @@
 | `mcpm` | `mcpm.py` | per-pixel weights on the pixel BCE from a meta-learned mask net |
 | `pnt`, `int`, `pint` | `pint.py` | after a supervised warm-up, EMA-teacher uncertainty gates label vs. teacher |
 | `boostmis` | `boostmis.py` | EMA-teacher pixel labels above adaptive class thresholds replace the noisy masks |
+| `bcp` | `bcp.py` | semi-supervised: labelled and unlabelled pool images copy-pasted both ways, EMA teacher |
+| `mean_teacher` | `mean_teacher.py` | semi-supervised control: consistency with an EMA teacher, no mixing |
+
+`bcp` and `mean_teacher` (`semisup.py`) learn from the whole unlabelled pool (`train.FitJob.unlabelled`)
+every step; under them the whole-image pseudo labels default to none (`PSEUDO_POLICY = "auto"`).
 
 `booster.py` holds `Booster`, the same pseudo labels for `dsal classify`'s head on feature vectors
 (`classify.PSEUDO_RULES` gives its cutoffs); it trains no segmenter, so it is not in `TRAINERS`.
@@ -19,7 +24,7 @@ of a run is `PairedTrainer.loss_for(cfg)`: `LOSS`, except `uniform` and `rgs`/`r
 `REWEIGHT_LOSS` (BCE + Dice by default, `base.reweight_loss_name`).
 """
 
-from . import boostmis, mcpm, mwnet, pint, reweight, standard, uniform  # noqa: F401  (registration)
+from . import bcp, boostmis, mcpm, mean_teacher, mwnet, pint, reweight, standard, uniform  # noqa: F401  (registration)
 from .base import (
     DS_WEIGHTS,
     TRAINERS,

@@ -1,0 +1,168 @@
+"""The shared core of the semi-supervised trainers that learn from the whole unlabelled pool.
+
+Every step takes a labelled batch (the round's expert labels, and pseudo labels if the run asks
+for them) and a batch of unlabelled pool images (`train.FitJob.unlabelled_stream`). A student
+trains; an EMA teacher `theta_t = g theta_t + (1 - g) theta_s`, with Mean Teacher's warm-up
+`g = min(1 - 1/(step + 1), EMA_DECAY)`, follows it. The teacher is the wrapped `segmenter`: it is
+what validation measures, what the checkpoint saves, what the next round scores the pool with and
+what the next round's student starts from. An algorithm (`bcp.py`, `mean_teacher.py`) overrides
+`objective` only.
+
+Layout: channels last, `[B,*spatial,C]`; masks `[B,*spatial,1]`. Everything here is rank-generic:
+boxes and mixing work on 2D images and on 3D patches alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ..settings import Settings, in_range
+from .base import DS_WEIGHTS, ema_update, fit_plain, main_mask, mean_teacher_decay, tf_variables
+
+
+@dataclass(frozen=True)
+class TeacherSettings(Settings):
+    ema_decay: float = 0.99  # EMA teacher
+
+    def check(self):
+        in_range("ema_decay", self.ema_decay, 0.0, 1.0)
+
+
+def box_mask(like, share: float, seed) -> tf.Tensor:
+    """`[B,*spatial,1]` float mask for a batch shaped like `like` (spatial sizes static), 1 inside one
+    random box per sample whose side along every spatial axis is `round(share * size)`, placed
+    uniformly (stateless, `seed` = 2 ints)."""
+    spatial = [int(s) for s in like.shape[1:-1]]
+    b = tf.shape(like)[0]
+    mask = tf.ones([b] + [1] * (len(spatial) + 1), tf.float32)
+    for k, size in enumerate(spatial):
+        side = max(1, int(round(share * size)))
+        start = tf.random.stateless_uniform([b], seed + k, 0, size - side + 1, dtype=tf.int32)
+        r = tf.range(size)[None, :]
+        inside = tf.cast((r >= start[:, None]) & (r < start[:, None] + side), tf.float32)  # [B, size]
+        view = [b] + [1] * len(spatial) + [1]
+        view[k + 1] = size
+        mask = mask * tf.reshape(inside, view)
+    return mask
+
+
+def copy_paste(x_l, y_l, x_u, y_u, m, unlabelled_weight: float):
+    """Bidirectional copy-paste (BCP): `m` = 1 inside the box.
+
+    in  = x_l m + x_u (1 - m)  (labelled pasted into unlabelled), target y_l m + y_u (1 - m)
+    out = x_u m + x_l (1 - m)  (unlabelled pasted into labelled), target y_u m + y_l (1 - m)
+    Pixel weights: 1 where the target is an expert mask, `unlabelled_weight` where it is the
+    teacher's. Returns (images, targets, weights), the two mixes stacked on the batch axis."""
+    m = tf.cast(m, x_l.dtype)
+    mt = tf.cast(m, tf.float32)
+    a = float(unlabelled_weight)
+    x_in, x_out = x_l * m + x_u * (1 - m), x_u * m + x_l * (1 - m)
+    t_in, t_out = y_l * mt + y_u * (1 - mt), y_u * mt + y_l * (1 - mt)
+    w_in, w_out = mt + a * (1 - mt), a * mt + (1 - mt)
+    return tf.concat([x_in, x_out], 0), tf.concat([t_in, t_out], 0), tf.concat([w_in, w_out], 0)
+
+
+def largest_component(masks: np.ndarray) -> np.ndarray:
+    """Per item, only the largest connected foreground component of a {0,1} `[B,*spatial,1]` batch."""
+    from scipy import ndimage
+
+    out = np.zeros_like(masks)
+    for i, m in enumerate(masks[..., 0]):
+        labels, n = ndimage.label(m > 0.5)
+        if n:
+            sizes = np.bincount(labels.ravel())[1:]
+            out[i, ..., 0] = labels == (1 + int(np.argmax(sizes)))
+    return out
+
+
+class PoolTeacherTrainer(keras.Model):
+    """Wraps the round's U-Net as the EMA teacher (`segmenter`) and trains a student copy on
+    `((x_l, y_l), x_u)` batches. Subclasses give `objective(data)` -> (loss, main_dice of the student
+    on labelled pixels) and declare `Settings`."""
+
+    name = "pool-teacher"
+    uses_pool = True  # learns from the unlabelled pool: whole-image pseudo labels default to none
+    Settings = TeacherSettings
+
+    def __init__(self, segmenter: keras.Model, settings: Settings, ds_weights=DS_WEIGHTS, seed: int = 0,
+                 total_steps: int = 1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.segmenter = segmenter  # the teacher
+        # from the config, not clone_model: a compiled segmenter would be recompiled from its loss names
+        self.student = keras.Model.from_config(segmenter.get_config())
+        self.student.set_weights(segmenter.get_weights())
+        self.settings, self.ds_weights = settings, tuple(float(w) for w in ds_weights)
+        self.total_steps = max(int(total_steps), 1)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.dice_tracker = keras.metrics.Mean(name="main_dice")
+        self.built = True
+
+    @classmethod
+    def fit_job(cls, job) -> dict:
+        """Plain `fit` where there is no unlabelled image, else the student/teacher fit over the pool."""
+        unlabelled = job.unlabelled_stream(seed=job.seed + 1)
+        if unlabelled is None:
+            return fit_plain(job)
+        cfg = job.cfg
+        steps = max(1, math.ceil(len(job.y) / cfg.batch_size))
+        trainer = cls(job.model, cls.Settings.from_config(cfg), cfg.ds_weights, cfg.seed, steps * max(job.epochs, 1))
+        trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+        labelled = job.space.train_stream(job.x, job.y, job.normalizer, job.seed, repeat=True)
+        ds = tf.data.Dataset.zip((labelled, unlabelled)).take(steps).prefetch(tf.data.AUTOTUNE)
+        val_ds = job.space.eval_stream(job.val.images, job.val.masks, job.normalizer)
+        return trainer.fit(ds, validation_data=val_ds, epochs=job.epochs, callbacks=job.callbacks,
+                           verbose=job.verbose, shuffle=False).history
+
+    @property
+    def metrics(self) -> list:
+        return [self.loss_tracker, self.dice_tracker]
+
+    def compile(self, optimizer="adam", jit_compile: bool | str = False, **kwargs) -> None:
+        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+
+    def call(self, x, training: bool = False):
+        return self.segmenter(x, training=training)
+
+    def stamp(self) -> tf.Tensor:
+        """Two int32 seeds for this step's stateless draws (boxes), from the trainer's generator."""
+        return tf.cast(keras.random.randint((2,), 0, 2**30, seed=self.seed_generator), tf.int32)
+
+    def teacher_masks(self, x_u) -> tf.Tensor:
+        """The teacher's hard masks `[B,*spatial,1]` of unlabelled images (no gradient)."""
+        p = tf.stop_gradient(tf.cast(self.segmenter(x_u, training=False)["main"], tf.float32))
+        return tf.cast(p > 0.5, tf.float32)
+
+    def objective(self, data) -> tuple[tf.Tensor, tf.Tensor]:
+        raise NotImplementedError
+
+    def train_step(self, data):
+        theta = self.student.trainable_variables
+        with tf.GradientTape() as tape:
+            total, dice = self.objective(data)
+            scaled = self.optimizer.scale_loss(total)
+        grads = tape.gradient(scaled, tf_variables(theta), unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        decay = mean_teacher_decay(self.optimizer.iterations, self.settings.ema_decay)  # 0 at the first step
+        self.optimizer.apply_gradients(zip(grads, theta))
+        ema_update(self.segmenter, self.student, decay)
+        self.loss_tracker.update_state(total)
+        self.dice_tracker.update_state(dice)
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        from .. import losses as losses_lib
+
+        x, y = data[0], data[1]  # validation: the teacher; `val_loss` is 1 - its soft Dice
+        outputs = self.segmenter(x, training=False)
+        value = losses_lib.dice(main_mask(y), outputs["main"])
+        self.dice_tracker.update_state(value)
+        self.loss_tracker.update_state(1.0 - value)
+        return {m.name: m.result() for m in self.metrics}
+
+
+__all__ = ["PoolTeacherTrainer", "TeacherSettings", "box_mask", "copy_paste", "largest_component"]

@@ -1,0 +1,73 @@
+"""Semi-supervised trainers on the whole pool: BCP's box and copy-paste math on hand-made arrays,
+the EMA teacher, and both trainers through the loop."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dsal_tf.trainers.semisup import box_mask, copy_paste, largest_component
+
+
+def test_box_mask_is_one_box_of_two_thirds_of_each_side_per_sample():
+    m = box_mask(tf.zeros([5, 9, 12, 1]), 2 / 3, tf.constant([3, 4])).numpy()
+    assert m.shape == (5, 9, 12, 1) and set(np.unique(m)) == {0.0, 1.0}
+    for item in m[..., 0]:
+        rows, cols = np.flatnonzero(item.any(1)), np.flatnonzero(item.any(0))
+        assert len(rows) == 6 and len(cols) == 8  # round(2/3 * 9), round(2/3 * 12)
+        assert item.sum() == 6 * 8 and np.all(np.diff(rows) == 1) and np.all(np.diff(cols) == 1)
+    m3 = box_mask(tf.zeros([2, 6, 6, 3, 1]), 0.5, tf.constant([1, 2])).numpy()
+    assert m3.shape == (2, 6, 6, 3, 1) and m3[0].sum() == 3 * 3 * 2  # 3D: round(0.5 * 3) = 2
+
+
+def test_copy_paste_mixes_both_ways_with_the_matching_targets_and_weights():
+    """One 1x4 'image' per batch: box = pixels 1-2. Hand-computed."""
+    m = tf.constant([[[[0.0], [1.0], [1.0], [0.0]]]])
+    x_l, y_l = tf.constant([[[[1.0], [2.0], [3.0], [4.0]]]]), tf.constant([[[[1.0], [1.0], [0.0], [0.0]]]])
+    x_u, y_u = tf.constant([[[[10.0], [20.0], [30.0], [40.0]]]]), tf.constant([[[[0.0], [0.0], [1.0], [1.0]]]])
+    x, t, w = (v.numpy()[:, 0, :, 0] for v in copy_paste(x_l, y_l, x_u, y_u, m, 0.5))
+    np.testing.assert_array_equal(x, [[10, 2, 3, 40], [1, 20, 30, 4]])  # labelled in the box / unlabelled in it
+    np.testing.assert_array_equal(t, [[0, 1, 0, 1], [1, 0, 1, 0]])
+    np.testing.assert_array_equal(w, [[0.5, 1, 1, 0.5], [1, 0.5, 0.5, 1]])  # expert pixels 1, teacher's 0.5
+
+
+def test_largest_component_keeps_the_biggest_blob_per_item():
+    m = np.zeros((2, 6, 6, 1), np.float32)
+    m[0, 0:2, 0:2] = 1
+    m[0, 3:6, 3:6] = 1
+    out = largest_component(m)
+    assert out[0].sum() == 9 and out[0, 4, 4, 0] == 1 and out[0, 0, 0, 0] == 0
+    assert out[1].sum() == 0
+
+
+def test_pool_trainers_default_to_no_whole_image_pseudo_labels():
+    from dsal_tf.components import build, pseudo_name
+    from dsal_tf.config import resolve
+
+    for trainer in ("bcp", "mean_teacher"):
+        cfg = resolve({"trainer": trainer})
+        assert pseudo_name(cfg) == "none" and build(cfg).pseudo.name == "none"
+        assert pseudo_name(cfg.replace(pseudo_policy="confidence")) == "confidence"  # asked for: kept
+    assert pseudo_name(resolve({})) == "confidence"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["bcp", "mean_teacher"])
+def test_semisupervised_trainers_run_the_loop_and_save_the_teacher(trainer, tiny_data, tmp_path):
+    """Every strategy combines with either trainer; the checkpoint is the EMA teacher, a plain U-Net."""
+    import keras
+
+    from dsal_tf.active import run_active_learning
+    from dsal_tf.config import resolve
+    from dsal_tf.run import Run
+
+    from .conftest import tiny_values
+
+    cfg = resolve(tiny_values(tiny_data, tmp_path, trainer=trainer, nb_iterations=1, query_strategy="entropy"))
+    run_active_learning(cfg, log=lambda m: None)
+    run = Run(cfg.run_dir)
+    assert run.completed() == [0, 1]
+    history = (run.round_dir(1) / "history.csv").read_text()
+    assert "val_main_dice" in history
+    model = keras.models.load_model(run.checkpoint(1), compile=False)
+    assert set(model.output_names) >= {"main", "side_1", "side_2"}
+    assert not list(run.round_dir(1).glob("pseudo/*"))  # no whole-image pseudo labels under pool trainers
