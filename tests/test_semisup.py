@@ -71,3 +71,97 @@ def test_semisupervised_trainers_run_the_loop_and_save_the_teacher(trainer, tiny
     model = keras.models.load_model(run.checkpoint(1), compile=False)
     assert set(model.output_names) >= {"main", "side_1", "side_2"}
     assert not list(run.round_dir(1).glob("pseudo/*"))  # no whole-image pseudo labels under pool trainers
+
+
+def test_halving_the_unlabelled_weight_halves_the_unlabelled_term():
+    """BCE is a pixel mean: with the expert-labelled pixels predicted exactly, the whole loss is the
+    teacher-labelled pixels' term, linear in BCP_UNLABELLED_WEIGHT."""
+    from dsal_tf.trainers.base import pixel_weighted_loss
+
+    m = tf.constant([[[[1.0], [1.0], [0.0], [0.0]]]])
+    y_l = tf.constant([[[[1.0], [0.0], [1.0], [1.0]]]])
+    y_u = tf.constant([[[[0.0], [1.0], [1.0], [0.0]]]])
+    x = tf.zeros_like(m)
+    _, t, w = copy_paste(x, y_l, x, y_u, m, 0.5)
+    _, _, w_half = copy_paste(x, y_l, x, y_u, m, 0.25)
+    p = tf.where(w == 1.0, t * 0.999999 + 0.0000005, 0.3 * tf.ones_like(t))  # exact where the expert labels
+    full, half = pixel_weighted_loss(t, p, w, "bce").numpy(), pixel_weighted_loss(t, p, w_half, "bce").numpy()
+    np.testing.assert_allclose(half, full / 2, rtol=1e-4)
+
+
+def test_the_teacher_follows_the_student_by_ema():
+    import keras
+
+    from dsal_tf.model import build_unet
+    from dsal_tf.trainers.bcp import BCP
+
+    teacher = build_unet((16, 16, 1), base_filters=2, depth=3)
+    trainer = BCP(teacher, BCP.Settings(ema_decay=0.9), seed=0)
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-2))
+    before = [w.copy() for w in teacher.get_weights()]
+    x_l = tf.random.stateless_normal((2, 16, 16, 1), (1, 2))
+    y_l = tf.cast(x_l > 0, tf.float32)
+    x_u = tf.random.stateless_normal((2, 16, 16, 1), (3, 4))
+    trainer.train_step(((x_l, y_l), x_u))  # step 0: warm-up decay 0, the teacher becomes the student
+    np.testing.assert_allclose(teacher.get_weights()[0], trainer.student.get_weights()[0], rtol=1e-6)
+    assert not np.allclose(teacher.get_weights()[0], before[0])
+    t0, s_before = teacher.get_weights()[0].copy(), trainer.student.get_weights()[0].copy()
+    trainer.train_step(((x_l, y_l), x_u))  # step 1: decay min(1 - 1/2, 0.9) = 0.5
+    s1 = trainer.student.get_weights()[0]
+    np.testing.assert_allclose(teacher.get_weights()[0], 0.5 * t0 + 0.5 * s1, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(s1, s_before)
+
+
+@pytest.mark.slow
+def test_hidden_masks_of_unlabelled_images_never_reach_training(tiny_data, tmp_path):
+    """The teacher labels the pool: replacing every mask the oracle has not revealed with a wrong one
+    changes nothing in training (round 0 of `bcp`, bit for bit)."""
+    import shutil
+
+    import cv2
+    import keras
+
+    from dsal_tf.active import run_active_learning
+    from dsal_tf.config import resolve
+    from dsal_tf.pool import Pool
+    from dsal_tf.run import Run
+
+    from .conftest import tiny_values
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(tiny_data, wrong)
+    weights = []
+    for data in (tiny_data, wrong):
+        cfg = resolve(tiny_values(data, tmp_path / data.name, trainer="bcp", nb_iterations=0))
+        if data == wrong:
+            labelled = set(Pool.load(Run(weights[0][1]).pool_file(0)).labelled)
+            names = sorted(p for p in (wrong / "trainGT").iterdir())
+            for i, mask in enumerate(names):
+                if i not in labelled:
+                    img = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)
+                    cv2.imwrite(str(mask), 255 - img)  # every hidden mask inverted
+        run_active_learning(cfg, log=lambda m: None)
+        weights.append((keras.models.load_model(Run(cfg.run_dir).checkpoint(0), compile=False).get_weights(),
+                        cfg.run_dir))
+    assert all(np.array_equal(a, b) for a, b in zip(weights[0][0], weights[1][0]))
+
+
+@pytest.mark.slow
+def test_a_bcp_round_restarted_gives_the_uninterrupted_result(tiny_data, tmp_path):
+    """Rounds are atomic: a round re-run after an interruption (here: resumed in a new run folder from
+    round 0) gives the same teacher as the uninterrupted run."""
+    import keras
+
+    from dsal_tf.active import run_active_learning
+    from dsal_tf.config import resolve
+    from dsal_tf.run import Run
+
+    from .conftest import copy_run, tiny_values
+
+    cfg = resolve(tiny_values(tiny_data, tmp_path / "a", trainer="bcp", nb_iterations=1))
+    run_active_learning(cfg, log=lambda m: None)
+    resumed = copy_run(cfg, tmp_path / "b", keep_rounds=1)
+    run_active_learning(resumed, log=lambda m: None)
+    a = keras.models.load_model(Run(cfg.run_dir).checkpoint(1), compile=False).get_weights()
+    b = keras.models.load_model(Run(resumed.run_dir).checkpoint(1), compile=False).get_weights()
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
