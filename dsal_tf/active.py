@@ -287,7 +287,7 @@ def _score(cfg, r, pool, pool_data, val, model, normalizer, query, rd, idx) -> d
     reset_seed_generators(model, cfg.seed * 1000 + r)  # MC-dropout scores do not depend on the history
     query.prepare(model, r, rd.parent, train_member)
     return query.score_pool(model, Rows(pool_data.images, idx), Rows(pool_data.masks, idx), normalizer,
-                            cfg.batch_size, progress=cfg.progress)
+                            train.eval_batch_size(cfg), progress=cfg.progress)
 
 
 def _merged_parts(rd: Path, unl: np.ndarray, batch_size: int, log) -> dict | None:
@@ -307,7 +307,8 @@ def _merged_parts(rd: Path, unl: np.ndarray, batch_size: int, log) -> dict | Non
             if not np.array_equal(z["index"], want):
                 log(f"{rd.name}: {path.name} was scored for another pool state; scoring the whole pool here")
                 return None
-            parts.append({k: z[k] for k in z.files if k != "index"})
+            if len(want):  # a shard past the last batch scored nothing
+                parts.append({k: z[k] for k in z.files if k != "index"})
     log(f"{rd.name}: merged {n} score parts")
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -335,7 +336,7 @@ def score_shard(cfg: Config, r: int, shard: int, n_shards: int, log: Callable[[s
     train.set_precision(cfg)
     model = train.load_model(folder.checkpoint(r - 1), cfg)
     unl = pool.unlabelled
-    idx = unl[shard_positions(len(unl), shard, n_shards, cfg.batch_size)]
+    idx = unl[shard_positions(len(unl), shard, n_shards, train.eval_batch_size(cfg))]
     rd = folder.round_dir(r)
     scores = _score(cfg, r, pool, pool_data, val, model, folder.normalizer(),
                     QUERY_STRATEGIES[cfg.query_strategy](cfg), rd, idx)
@@ -352,9 +353,11 @@ def _query_round(cfg, r, pool, pool_data, val, model, normalizer, query, pseudo,
 
     Returns (scoring seconds, stop reason or None): a pool that already agrees with itself
     (`STOP_AGREEMENT`) ends the loop before anything is chosen."""
+    from .train import eval_batch_size
+
     unl = pool.unlabelled
     t = time.perf_counter()
-    scores = _merged_parts(rd, unl, cfg.batch_size, log)
+    scores = _merged_parts(rd, unl, eval_batch_size(cfg), log)
     if scores is None:
         scores = _score(cfg, r, pool, pool_data, val, model, normalizer, query, rd, unl)
     score_s = time.perf_counter() - t

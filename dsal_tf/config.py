@@ -54,9 +54,10 @@ class Config:
     nb_initial_epochs: int = 15
     nb_active_epochs: int = 8
     early_stop_patience: int = 0  # 0 = off
+    validation_freq: int = 0  # validate every k epochs; 0 = auto (k = 1 up to 10 epochs, else ceil(epochs/10))
     lr_schedule: str = "none"  # "none", "plateau" or "cosine"
     # "auto" (bf16 on AVX512-BF16/AMX CPUs and GPUs of cc >= 8, fp16 on older GPUs), "off", "float16", "bfloat16"
-    mixed_precision: str = "off"
+    mixed_precision: str = "auto"
     lr_warmup_epochs: int = 0  # linear learning-rate warm-up over the first k epochs of each round (0 = off)
     foreground_oversample: float = 0.0  # share of each batch drawn from images with foreground (0 = plain shuffle)
     collapse_floor: float = 0.01  # val Dice below this for COLLAPSE_PATIENCE epochs, with foreground in the
@@ -207,7 +208,7 @@ _POSITIVE = {
     "nb_next_sample", "mc_passes", "nb_ensemble", "synthetic_size", "diverse_factor",
 }
 _NON_NEGATIVE = {
-    "nb_initial_epochs", "nb_active_epochs", "early_stop_patience", "nb_iterations",
+    "nb_initial_epochs", "nb_active_epochs", "early_stop_patience", "validation_freq", "nb_iterations",
     "pseudo_epoch", "nb_pseudo_initial", "pseudo_rate", "pool_size", "nb_overlays",
     "stop_budget", "stop_patience", "stop_min_delta", "lr_warmup_epochs", "collapse_patience",
     "power_beta_start", "power_beta_end", "pint_tau",

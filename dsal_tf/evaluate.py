@@ -110,6 +110,8 @@ def evaluate_run(cfg: Config, rounds: list[int] | None = None, log: Callable[[st
     missing = sorted(set(rounds) - set(available))
     if missing:
         raise DsalError(f"round {missing[0]} of {run} is not finished; finished rounds: {available}")
+    from .train import eval_batch_size
+
     test = load_split(cfg, "test")
     normalizer = folder.normalizer()
     curve = pd.read_csv(folder.curve_file).set_index("round")
@@ -120,7 +122,7 @@ def evaluate_run(cfg: Config, rounds: list[int] | None = None, log: Callable[[st
             model = folder.load_model(r)
         else:  # same architecture every round: swap weights, keep the traced predict graph
             model.load_weights(folder.checkpoint(r))
-        per_image, pred = evaluate_model(model, test, normalizer, cfg.batch_size)
+        per_image, pred = evaluate_model(model, test, normalizer, eval_batch_size(cfg))
         atomic_write(folder.test_metrics(r), lambda tmp: per_image.to_csv(tmp, index=False))
         rows.append({"round": r, "n_oracle": int(curve.loc[r, "n_oracle"]),
                      "n_pseudo": int(curve.loc[r, "n_pseudo"]), **summarize(per_image)})

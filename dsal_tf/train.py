@@ -115,6 +115,77 @@ def reset_optimizer(model: keras.Model, learning_rate: float) -> None:
     opt.learning_rate = learning_rate
 
 
+EVAL_BATCH_FACTOR, EVAL_BATCH_CAP = 4, 256
+
+
+def eval_batch_size(cfg: Config) -> int:
+    """The batch of the passes that do not train (validation, pool scoring, test evaluation):
+    `EVAL_BATCH_FACTOR` x `BATCH_SIZE`, at most `EVAL_BATCH_CAP` images (never below `BATCH_SIZE`).
+    Inference keeps no activations for a backward pass, so 4x the training batch fits where training
+    fits, and fewer, larger batches spend less on per-step overhead. Per-image outputs do not depend
+    on the batch (checked in tests/test_speed.py); a validation Dice (the per-image mean, summed over
+    batches) changes only in its float summation order."""
+    return max(cfg.batch_size, min(EVAL_BATCH_FACTOR * cfg.batch_size, EVAL_BATCH_CAP))
+
+
+def validation_every(cfg: Config, epochs: int) -> int:
+    """Validate every k epochs (`VALIDATION_FREQ`; 0 = auto). Auto: every epoch in fits of up to 10
+    epochs (the active-learning rounds) and whenever `EARLY_STOP_PATIENCE` or `LR_SCHEDULE = "plateau"`
+    count epochs without a gain; longer fits every ceil(epochs / 10) epochs, so a fit validates about
+    10 times whatever its length and its best epoch is chosen on a grid of a tenth of the fit
+    (the last epoch is always validated, see `validation_epochs`)."""
+    if cfg.validation_freq > 0:
+        return int(cfg.validation_freq)
+    if epochs <= 10 or cfg.early_stop_patience or cfg.lr_schedule == "plateau":
+        return 1
+    return math.ceil(epochs / 10)
+
+
+def validation_epochs(epochs: int, every: int) -> list[int]:
+    """The 1-based epochs validated: every `every`-th and the last (Keras `fit(validation_freq=...)`)."""
+    return sorted(set(range(every, epochs + 1, every)) | ({epochs} if epochs > 0 else set()))
+
+
+def validation_freq(cfg: Config, epochs: int) -> int | list[int]:
+    """What `fit(validation_freq=...)` gets for a fit of `epochs` epochs (1 = every epoch)."""
+    every = validation_every(cfg, epochs)
+    return 1 if every == 1 else validation_epochs(epochs, every)
+
+
+def _computes_in(model: keras.Model) -> set[str]:
+    return {layer.dtype_policy.compute_dtype for layer in model.layers if layer.weights}
+
+
+_FLOAT32_COPIES: dict[int, tuple] = {}  # id(model) -> (weakref to the model, its float32 twin)
+
+
+def float32_copy(model: keras.Model) -> keras.Model:
+    """The same graph computing in float32, holding `model`'s current weights and dropout-generator
+    states: what scoring uses where bf16 moves a strategy's picks (CEAL's MC-dropout variance) while
+    training stays in bf16. Mixed-precision models keep their variables in float32, so the copy is
+    exact. A float32 model is returned as it is. The twin is built once per model and refreshed on
+    every call, so a scoring pass traced on it is reused round after round."""
+    import weakref
+
+    if _computes_in(model) <= {"float32"}:
+        return model
+    entry = _FLOAT32_COPIES.get(id(model))
+    twin = entry[1] if entry is not None and entry[0]() is model else None
+    if twin is None:
+        config = model.get_config()
+        for layer in config["layers"]:
+            if layer["class_name"] != "InputLayer":
+                layer["config"]["dtype"] = "float32"
+        twin = model.__class__.from_config(config)
+        for key in [k for k, (ref, _) in _FLOAT32_COPIES.items() if ref() is None]:
+            del _FLOAT32_COPIES[key]
+        _FLOAT32_COPIES[id(model)] = (weakref.ref(model), twin)
+    for layer in model.layers:  # layer by layer: weights and dropout seed states, in each layer's order
+        for dst, src in zip(twin.get_layer(layer.name).variables, layer.variables, strict=True):
+            dst.assign(src)
+    return twin
+
+
 class BestCheckpoint(keras.callbacks.Callback):
     """Save the U-Net whenever `val_main_dice` improves. Unlike `ModelCheckpoint`, it saves the
     wrapped segmenter when a re-weighting trainer drives `fit`, so every checkpoint is a plain U-Net."""
@@ -122,6 +193,7 @@ class BestCheckpoint(keras.callbacks.Callback):
     def __init__(self, path: Path, monitor: str = "val_main_dice"):
         super().__init__()
         self.path, self.monitor, self.best = Path(path), monitor, -float("inf")
+        self.weights = None  # the saved weights, kept so `fit` need not load the file back
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
@@ -129,11 +201,17 @@ class BestCheckpoint(keras.callbacks.Callback):
             self.best = float(value)
             segmenter = getattr(self.model, "segmenter", self.model)
             atomic_write(self.path, segmenter.save)
+            self.weights = segmenter.get_weights()
 
 
 class StopOnNaN(keras.callbacks.Callback):
     """A NaN or infinite training loss ends the run with one line naming the round and epoch; the
-    checkpoints written so far (the last good weights) stay as they are."""
+    checkpoints written so far (the last good weights) stay as they are.
+
+    Checked once per epoch, on the epoch's mean loss (one NaN or infinite batch makes the mean NaN
+    or infinite), before `BestCheckpoint` sees the epoch: reading the loss off the device after
+    every batch cost a device-to-host read per step. A batch loss handed over as a host number (not a tensor)
+    is still checked at once, since that costs nothing."""
 
     def __init__(self, where: str):
         super().__init__()
@@ -142,11 +220,19 @@ class StopOnNaN(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
-    def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
+    def _check(self, loss) -> None:
         if loss is not None and not math.isfinite(float(loss)):
             raise DsalError(f"{self.where}, epoch {self.epoch + 1}: the training loss became {float(loss)}; "
                             "lower LEARNING_RATE or check the masks (the last good checkpoint is kept)")
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if isinstance(loss, (int, float, np.number)):  # already on the host; a tensor waits for the epoch end
+            self._check(loss)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch = epoch
+        self._check((logs or {}).get("loss"))
 
 
 def warmup_lr(base: float, step: int, total: int) -> float:
@@ -204,10 +290,13 @@ class StopOnCollapse(keras.callbacks.Callback):
     predicts background everywhere, and a round must not be reported finished with it. The round
     is left unfinished; no silent restart."""
 
-    def __init__(self, where: str, floor: float, patience: int, advice: str, monitor: str = "val_main_dice"):
+    def __init__(self, where: str, floor: float, patience: int, advice: str, monitor: str = "val_main_dice",
+                 every: int = 1):
         super().__init__()
         self.where, self.floor, self.patience, self.advice, self.monitor = where, floor, patience, advice, monitor
         self.values: list[float] = []
+        # validated every `every` epochs (`validation_epochs`): patience epochs are this many validations
+        self.checks = math.ceil(patience / max(int(every), 1)) if patience > 0 else 0
 
     def on_train_begin(self, logs=None):
         self.values = []
@@ -217,7 +306,7 @@ class StopOnCollapse(keras.callbacks.Callback):
         if value is None:
             return
         self.values.append(float(value))
-        if collapsed(self.values, self.floor, self.patience):
+        if collapsed(self.values, self.floor, self.checks):
             raise DsalError(
                 f"{self.where}, epoch {epoch + 1}: the model collapsed to all-background (val Dice "
                 f"{self.values[-1]:.4f}, below COLLAPSE_FLOOR={self.floor:g} for {self.patience} epochs, although "
@@ -248,7 +337,8 @@ def _callbacks(cfg: Config, out_dir: Path, epochs: int, fg_images: int = 0, n_im
         cbs.append(WarmUp(cfg.learning_rate, cfg.lr_warmup_epochs))
     if cfg.collapse_patience and fg_images:
         cbs.append(StopOnCollapse(where, cfg.collapse_floor, cfg.collapse_patience,
-                                  collapse_advice(cfg, all_foreground=fg_images == n_images)))
+                                  collapse_advice(cfg, all_foreground=fg_images == n_images),
+                                  every=validation_every(cfg, epochs)))
     return cbs
 
 
@@ -276,11 +366,14 @@ def fit(
     keras.utils.set_random_seed(seed)
     reset_seed_generators(model, seed)  # dropout draws the same masks straight through or resumed
     fg_images = len(foreground_rows(y)) if cfg.collapse_patience else 0
-    history = get_trainer(cfg.trainer).fit_arrays(model, cfg, x, y, is_pseudo, val, normalizer,
-                                                  _callbacks(cfg, out_dir, epochs, fg_images, len(y)), epochs,
+    callbacks = _callbacks(cfg, out_dir, epochs, fg_images, len(y))
+    history = get_trainer(cfg.trainer).fit_arrays(model, cfg, x, y, is_pseudo, val, normalizer, callbacks, epochs,
                                                   seed, verbose)
     best = out_dir / CHECKPOINT
-    if best.is_file():
+    saved = next((c.weights for c in callbacks if isinstance(c, BestCheckpoint) and c.weights is not None), None)
+    if saved is not None:  # the weights just written to `best`, without reading the file back
+        model.set_weights(saved)
+    elif best.is_file():
         model.set_weights(keras.models.load_model(best, compile=False).get_weights())
     else:  # zero epochs: the starting weights are this round's model
         atomic_write(best, model.save)

@@ -180,6 +180,10 @@ class QueryStrategy:
 
         if len(images) == 0:
             return {}
+        if getattr(self, "score_dtype", None) == "float32":  # scores that bf16 would move (CEAL)
+            from ..train import float32_copy
+
+            model = float32_copy(model)
         # one graph per set of models, reused each round; the key holds the models themselves
         # (compared by identity), so a freed model's id can never be mistaken for a new one
         key = (model, *getattr(self, "members", ()))

@@ -227,8 +227,9 @@ class PairedTrainer(keras.Model):
     def fit_arrays(cls, model, cfg, x, y, is_noisy, val, normalizer, callbacks, epochs, seed, verbose="auto"):
         """What `train.fit` calls: the paired sampler, or plain `fit` when nothing is noisy (round 0)."""
         from ..data import make_dataset
+        from ..train import eval_batch_size
 
-        val_ds = make_dataset(val.images, val.masks, normalizer, cfg.batch_size)
+        val_ds = make_dataset(val.images, val.masks, normalizer, eval_batch_size(cfg))
         history = fit_paired(cls, model, cfg, x, y, is_noisy, val_ds, normalizer, callbacks, epochs, seed,
                              verbose)
         if history is None:
@@ -301,6 +302,8 @@ def fit_paired(
     An epoch is one pass over the larger of the two sets (the smaller one repeats), so expert
     images are never under-trained when the noisy set is small, as in early DSAL rounds.
     """
+    from ..train import validation_freq
+
     clean, noisy = split_clean(np.asarray(is_noisy, bool), cfg.meta_size, seed)
     if len(noisy) == 0 or len(clean) == 0:
         return None
@@ -310,15 +313,16 @@ def fit_paired(
     ds = make_paired_dataset(x[noisy], y[noisy], x[clean], y[clean], cfg.batch_size, seed=seed,
                              preprocess=normalizer, augment=cfg.augment, repeat=True)
     return trainer.fit(ds.take(steps), validation_data=val_ds, epochs=epochs, callbacks=callbacks,
-                       verbose=verbose, shuffle=False).history
+                       verbose=verbose, shuffle=False, validation_freq=validation_freq(cfg, epochs)).history
 
 
 def fit_plain(model: keras.Model, cfg, x, y, val, normalizer, callbacks, epochs, seed, verbose="auto") -> dict:
     """Plain Keras `fit` of the compiled multi-output U-Net on all of `(x, y)`."""
     from ..data import make_dataset
+    from ..train import eval_batch_size, validation_freq
 
     train_ds = make_dataset(x, y, normalizer, cfg.batch_size, shuffle=True, augment=cfg.augment,
                             seed=seed, heads=HEADS, foreground_oversample=cfg.foreground_oversample)
-    val_ds = make_dataset(val.images, val.masks, normalizer, cfg.batch_size, heads=HEADS)
+    val_ds = make_dataset(val.images, val.masks, normalizer, eval_batch_size(cfg), heads=HEADS)
     return model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, verbose=verbose,
-                     shuffle=False).history  # the dataset shuffles
+                     shuffle=False, validation_freq=validation_freq(cfg, epochs)).history  # the dataset shuffles

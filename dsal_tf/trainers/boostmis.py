@@ -72,7 +72,9 @@ class BoostMISTrainer(PairedTrainer):
         n_expert = int((~np.asarray(is_noisy, bool)).sum())
         n_added = min(max(n_expert - cfg.nb_labeled, 0), cfg.nb_next_sample)
         bound = type(cls.__name__, (cls,), {"n_active": n_added})
-        val_ds = make_dataset(val.images, val.masks, normalizer, cfg.batch_size)
+        from ..train import eval_batch_size
+
+        val_ds = make_dataset(val.images, val.masks, normalizer, eval_batch_size(cfg))
         history = fit_paired(bound, model, cfg, x, y, is_noisy, val_ds, normalizer, callbacks, epochs, seed, verbose)
         if history is None:
             history = fit_plain(model, cfg, x, y, val, normalizer, callbacks, epochs, seed, verbose)
