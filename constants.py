@@ -32,5 +32,5 @@ PRESET = "demo"
 # BASE_FILTERS = 8
 # LEARNING_RATE = 1e-3
 # BATCH_SIZE = 16
-# MIXED_PRECISION = False
+# MIXED_PRECISION = "auto"   # auto (bf16 where the hardware has it), off, float16, bfloat16
 # TRAINER = "standard"           # standard, rgs, rgm, rgsm (noisy-teacher re-weighting)

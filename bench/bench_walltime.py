@@ -1,13 +1,16 @@
 """Where the wall time of one whole run goes: `python main.py` + `python test.py` in one process.
 
     python bench/bench_walltime.py [--data ../shared/data/isic2017] [--preset isic2017-cpu] [--exp-dir exp]
+                                   [--set KEY=VALUE ...] [--tag after]
 
 Phases are timed by wrapping the product's own functions (nothing in the package changes): import,
 decoding and caching (`load_splits`), model build/load, training steps (Keras batch callbacks; the
 first step of every `fit` apart, as it holds the tracing), validation, checkpoint writes, the rest
 of each `fit`, scoring (`score_pool`), evaluation (`evaluate_run`), and whatever is left. Each is
 reported as a share of the wall time. Run it alone on the machine. Writes
-`<exp-dir>/walltime/<preset>.md` and joins every such part into bench/results/walltime.md.
+`<exp-dir>/walltime/walltime-<preset>[-<tag>][-<set>...].md` and joins every such part into
+bench/results/walltime.md; each part names the precision the run resolved to (`MIXED_PRECISION`),
+its validation schedule and the commit.
 """
 
 from __future__ import annotations
@@ -71,16 +74,29 @@ class StepClock(keras.callbacks.Callback):
         SPENT["fit total"] += time.perf_counter() - self.fit_start
 
 
+def precision_name(choice: str) -> str:
+    return {"off": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(choice, choice)
+
+
+def commit() -> str:
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="../shared/data/isic2017")
     ap.add_argument("--preset", default="isic2017-cpu")
     ap.add_argument("--exp-dir", default="exp")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE overrides")
+    ap.add_argument("--tag", default="", help="a name for this measurement (its part file and heading)")
     args = ap.parse_args()
     from dsal_tf.config import parse_set_options
 
-    name = f"walltime-{args.preset}" + "".join(f"-{s}" for s in args.sets)
+    name = f"walltime-{args.preset}" + (f"-{args.tag}" if args.tag else "") + "".join(f"-{s}" for s in args.sets)
     cfg = load_config(None, {"preset": args.preset, "data_path": args.data, "exp_dir": args.exp_dir,
                              "exp_name": name, "progress": False, **parse_set_options(tuple(args.sets))})
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run; the decoded cache is kept (see below)
@@ -102,9 +118,16 @@ def main() -> None:
         + SPENT["checkpoint writes"]
     SPENT["rest of fit (epoch ends, logging, data pipeline start)"] = SPENT.pop("fit total") - inside
     SPENT["other (pool bookkeeping, pseudo PNGs, curves)"] = wall - sum(SPENT.values())
-    lines = [f"## {args.preset}{' ' + ' '.join(args.sets) if args.sets else ''}\n",
+    precision = train.resolve_precision(cfg)
+    every = {e: train.validation_every(cfg, e) for e in (cfg.nb_initial_epochs, cfg.nb_active_epochs)}
+    lines = [f"## {args.preset}{' ' + args.tag if args.tag else ''}{' ' + ' '.join(args.sets) if args.sets else ''}"
+             f" ({precision_name(precision)})\n",
              f"Command: `python bench/bench_walltime.py --data {args.data} --preset {args.preset}"
-             + "".join(f" --set {s}" for s in args.sets) + "` (alone on the machine, decoded cache warm). "
+             + (f" --tag {args.tag}" if args.tag else "")
+             + "".join(f" --set {s}" for s in args.sets) + "` (alone on the machine, decoded cache warm), "
+             f"commit {commit()}. Precision: `MIXED_PRECISION` = {cfg.mixed_precision} -> {precision}. "
+             f"Validation every {every[cfg.nb_initial_epochs]} epoch(s) of the {cfg.nb_initial_epochs}-epoch initial "
+             f"fit and every {every[cfg.nb_active_epochs]} of the {cfg.nb_active_epochs}-epoch rounds. "
              f"Wall time {wall:.1f} s = {wall / 60:.1f} min.\n",
              "| phase | seconds | share of wall time |", "|---|---:|---:|"]
     for phase, s in sorted(SPENT.items(), key=lambda kv: -kv[1]):

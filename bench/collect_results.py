@@ -37,6 +37,28 @@ def differences_against(cmp_dir: Path, baseline: str) -> pd.DataFrame:
     return pd.DataFrame(paired_differences(curves, baseline))
 
 
+PRECISION_NAMES = {"off": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def precision_of(configs) -> str:
+    """The precision of the runs whose `config.json` files are `configs`, for a table heading: one name,
+    or every name found with its count when the rows mix them. Runs made before `config.json` recorded
+    the resolved choice (or a noisy-teacher folder, which recorded none before issue 24) ran in fp32,
+    the default until issue 24."""
+    import json
+    from collections import Counter
+
+    found = Counter()
+    for path in configs:
+        choice = json.loads(Path(path).read_text()).get("mixed_precision", "off") if Path(path).is_file() else "off"
+        found[PRECISION_NAMES.get(choice, choice)] += 1
+    if not found:
+        return "precision: none finished"
+    if len(found) == 1:
+        return f"precision: {next(iter(found))}"
+    return "precision MIXED: " + ", ".join(f"{k} x{n}" for k, n in sorted(found.items()))
+
+
 # runs made by bench/isic_queue.sh at 91b3470 before the queue existed (same code path for these rows)
 EARLY_RUNS = {f"{s}-s{seed}" for s in ("dsal", "random", "full") for seed in (0, 1, 2)}
 
@@ -83,7 +105,8 @@ def main() -> None:
     cmp_dir = EXP / "compare-isic2017-cpu-v2"
     parts += ["## Runs (row x seed; the commit that ran each)\n", md(run_grid(cmp_dir)), ""]
     if (cmp_dir / "summary.csv").is_file():
-        parts += [f"## Strategy comparison (`{cmp_dir.name}`, issue 8)\n",
+        parts += [f"## Strategy comparison (`{cmp_dir.name}`, issue 8; "
+                  f"{precision_of(cmp_dir.glob('*-s*/config.json'))})\n",
                   "Every row runs with its own weak labeler (`pseudo` column; CEAL with `ceal`), random ranks "
                   "its pseudo labels by agreement, the U-Net matches the reference (bottleneck dropout, nearest "
                   "side heads), `DETERMINISTIC = True`. Only finished runs are counted (`seeds` column).\n"]
@@ -102,7 +125,7 @@ def main() -> None:
         shutil.copyfile(cmp_dir / "learning_curves.png", OUT.parent / "learning_curves.png")
         parts += ["![learning curves](learning_curves.png)\n"]
     for nt in sorted(EXP.glob("noisy-teacher-isic2017-cpu-e*/summary.csv")):
-        parts += [f"## Noisy teacher, {nt.parent.name}\n",
+        parts += [f"## Noisy teacher, {nt.parent.name} ({precision_of([nt.parent / 'config.json'])})\n",
                   "Students train on BCE + Dice (`loss` column); the teacher on the preset's LOSS.\n",
                   md(pd.read_csv(nt)), ""]
         if (nt.parent / "differences.csv").is_file():

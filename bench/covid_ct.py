@@ -80,6 +80,9 @@ def constants(name: str, args) -> Path:
         values["nb_initial_epochs"] = args.epochs
     if preset == "auto":
         values["plan_budget_minutes"] = args.budget
+    from dsal_tf.config import parse_set_options
+
+    values.update({k.lower(): v for k, v in parse_set_options(tuple(args.sets)).items()})  # --set: every row
     path = args.exp_dir / "constants" / f"{name}.py"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f'"""bench/covid_ct.py row {name}: {what}."""\n'
@@ -103,6 +106,13 @@ def _history(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _number(text) -> bool:
+    try:
+        return float(text) == float(text)  # not NA, not nan
+    except (TypeError, ValueError):
+        return False
+
+
 def run_row(name: str, args) -> dict | None:
     what, preset, settings, _ = ROWS[name]
     const = constants(name, args)
@@ -123,7 +133,8 @@ def run_row(name: str, args) -> dict | None:
     run = args.exp_dir / name
     hist = _history(run)
     row = dict(row=name, what=what, preset=preset, settings=settings, wall_s=round(wall, 1), epochs=len(hist),
-               best_val_dice=max((float(h["val_main_dice"]) for h in hist), default=None))
+               best_val_dice=max((float(h["val_main_dice"]) for h in hist if _number(h.get("val_main_dice"))),
+                                 default=None))  # epochs without validation (VALIDATION_FREQ) say NA
     if proc.returncode != 0:
         message = (proc.stderr.strip().splitlines() or ["?"])[-1]
         if "collapsed" not in message:
@@ -196,6 +207,8 @@ def main() -> None:
     ap.add_argument("--exp-dir", type=Path, default=Path("/tmp/dsal-covid-ct"))
     ap.add_argument("--results", type=Path, default=RESULTS, help="where covid_ct.md and covid_ct/ go")
     ap.add_argument("--redo", action="store_true", help="run finished rows again")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a constant for every row, e.g. MIXED_PRECISION=off (the results queue pins the precision)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--table", action="store_true", help="only rewrite the table")
     args = ap.parse_args()

@@ -82,10 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", type=int, default=None, help="use the first N pool images (default: the preset's)")
     parser.add_argument("--summary-only", action="store_true", help="only collect finished rows")
     parser.add_argument("--exp-dir", default="exp", help="where the runs and the corrupted copies go")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a constant for every row, e.g. MIXED_PRECISION=off (the results queue pins it)")
     args = parser.parse_args(argv)
 
     from dsal_tf import determinism, train
-    from dsal_tf.config import load_config
+    from dsal_tf.config import load_config, parse_set_options
     from dsal_tf.corrupt import corrupt_folder
     from dsal_tf.data import Normalizer, load_split
 
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         if r not in ROWS:
             raise SystemExit(f"--rows: unknown row {r!r}; choose from {list(ROWS)}")
     tag = f"{args.kind}-r{args.rate:g}"
-    overrides = {"preset": args.preset, "data_path": args.data, "progress": False, "exp_dir": args.exp_dir}
+    overrides = {"preset": args.preset, "data_path": args.data, "progress": False, "exp_dir": args.exp_dir,
+                 **{k.lower(): v for k, v in parse_set_options(tuple(args.sets)).items()}}
     scale = ""
     if args.epochs is not None:
         overrides["nb_initial_epochs"] = args.epochs

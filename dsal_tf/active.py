@@ -261,7 +261,7 @@ def query_round(ctx: RoundContext) -> str | None:
     ask the oracle; or a stop rule's reason once the scores are known (nothing chosen then)."""
     unl = ctx.pool.unlabelled
     t = time.perf_counter()
-    scores = _merged_parts(ctx.round_dir, unl, ctx.cfg.batch_size, ctx.log)
+    scores = _merged_parts(ctx.round_dir, unl, ctx.parts.space.eval_batch_size, ctx.log)
     if scores is None:
         scores = score_round(ctx, unl)
     ctx.score_s = time.perf_counter() - t
@@ -347,7 +347,7 @@ def score_shard(cfg: Config, r: int, shard: int, n_shards: int, log: Callable[[s
     train.set_precision(cfg)
     ctx.model = train.load_model(run.checkpoint(r - 1), cfg)
     unl = ctx.pool.unlabelled
-    idx = unl[shard_positions(len(unl), shard, n_shards, cfg.batch_size)]
+    idx = unl[shard_positions(len(unl), shard, n_shards, parts.space.eval_batch_size)]
     scores = score_round(ctx, idx)
     out = run.score_parts(r) / f"part_{shard}_of_{n_shards}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -449,6 +449,7 @@ def _merged_parts(rd: Path, unl: np.ndarray, batch_size: int, log) -> dict | Non
             if not np.array_equal(z["index"], want):
                 log(f"{rd.name}: {path.name} was scored for another pool state; scoring the whole pool here")
                 return None
-            parts.append({k: z[k] for k in z.files if k != "index"})
+            if len(want):  # a shard past the last batch scored nothing
+                parts.append({k: z[k] for k in z.files if k != "index"})
     log(f"{rd.name}: merged {n} score parts")
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -55,9 +55,10 @@ class Config:
     nb_initial_epochs: int = 15  # epochs of round 0 (from scratch)
     nb_active_epochs: int = 8  # epochs of every later round (continuing from the last best model)
     early_stop_patience: int = 0  # 0 = off
+    validation_freq: int = 0  # validate every k epochs; 0 = auto (k = 1 up to 10 epochs, else ceil(epochs/10))
     lr_schedule: str = "none"  # "none", "plateau" or "cosine"
     # "auto" (bf16 on AVX512-BF16/AMX CPUs and GPUs of cc >= 8, fp16 on older GPUs), "off", "float16", "bfloat16"
-    mixed_precision: str = "off"
+    mixed_precision: str = "auto"
     lr_warmup_epochs: int = 0  # linear learning-rate warm-up over the first k epochs of each round (0 = off)
     foreground_oversample: float = 0.0  # share of each batch drawn from images with foreground (0 = plain shuffle)
     collapse_floor: float = 0.01  # val Dice below this for COLLAPSE_PATIENCE epochs, with foreground in the
@@ -173,7 +174,7 @@ _CHOICES = {
 _POSITIVE = {"img_rows", "img_cols", "base_filters", "depth", "batch_size", "nb_labeled", "nb_next_sample",
              "synthetic_size"}
 _NON_NEGATIVE = {
-    "nb_initial_epochs", "nb_active_epochs", "early_stop_patience", "nb_iterations",
+    "nb_initial_epochs", "nb_active_epochs", "early_stop_patience", "validation_freq", "nb_iterations",
     "pseudo_epoch", "nb_pseudo_initial", "pseudo_rate", "pool_size", "nb_overlays",
     "lr_warmup_epochs", "collapse_patience",
 }

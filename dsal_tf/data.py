@@ -349,12 +349,17 @@ class Rows:
         return np.asarray(self.array[self.index[i]])
 
 
-def _source(images, masks):
-    """(image, mask) elements: in-memory arrays as tensors; memory maps and `Rows` read on demand."""
+def _gather(images, masks, indices):
+    """`(image, mask)` elements for a dataset of row `indices`: in-memory arrays are gathered from
+    tensors; memory maps and `Rows` are read on demand, one row per element.
+
+    Shuffles act on the indices (`Dataset.range(n).shuffle(n)`), so a shuffle buffer holds integers,
+    not images; a seeded shuffle of n indices gives the same order as the same shuffle of n images."""
     import tensorflow as tf
 
     if not isinstance(images, (Rows, np.memmap)) and not isinstance(masks, (Rows, np.memmap)):
-        return tf.data.Dataset.from_tensor_slices((images, masks))
+        x_all, y_all = tf.convert_to_tensor(images), tf.convert_to_tensor(masks)
+        return indices.map(lambda i: (tf.gather(x_all, i), tf.gather(y_all, i)))
 
     def fetch(i):
         return np.asarray(images[int(i)]), np.asarray(masks[int(i)])
@@ -365,7 +370,22 @@ def _source(images, masks):
         y.set_shape(masks.shape[1:])
         return x, y
 
-    return tf.data.Dataset.range(len(images)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    return indices.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _indices(rows, shuffle: bool = False, seed: int = 0, repeat: bool = False):
+    """A dataset of the row indices `rows` (an int or an index array), optionally a seeded shuffle
+    that reshuffles every pass, optionally repeated."""
+    import tensorflow as tf
+
+    if isinstance(rows, (int, np.integer)):
+        n, ds = int(rows), tf.data.Dataset.range(int(rows))
+    else:
+        rows = np.asarray(rows, np.int64)
+        n, ds = len(rows), tf.data.Dataset.from_tensor_slices(rows)
+    if shuffle:
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    return ds.repeat() if repeat else ds
 
 
 def _augment(image, mask, seed, square: bool):
@@ -408,11 +428,10 @@ def _foreground_mixed(images, masks, batch_size: int, share: float, seed: int, r
     fg = foreground_rows(masks) if k else np.zeros(0, np.int64)
     if not 0 < len(fg) < len(images):
         return None
-    every = _source(images, masks).shuffle(len(images), seed=seed, reshuffle_each_iteration=True).repeat()
-    fg_ds = _source(Rows(images, fg), Rows(masks, fg)).shuffle(len(fg), seed=seed + 1,
-                                                                reshuffle_each_iteration=True).repeat()
+    every = _indices(len(images), shuffle=True, seed=seed, repeat=True)
+    fg_ds = _indices(fg, shuffle=True, seed=seed + 1, repeat=True)
     pattern = tf.data.Dataset.from_tensor_slices(tf.constant([0] * (batch_size - k) + [1] * k, tf.int64)).repeat()
-    ds = tf.data.Dataset.choose_from_datasets([every, fg_ds], pattern)
+    ds = _gather(images, masks, tf.data.Dataset.choose_from_datasets([every, fg_ds], pattern))
     return ds if repeat else ds.take(len(images)).apply(tf.data.experimental.assert_cardinality(len(images)))
 
 
@@ -438,11 +457,7 @@ def make_dataset(
     if mixed is not None:
         ds = mixed
     else:
-        ds = _source(images, masks)
-        if shuffle:
-            ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-        if repeat:
-            ds = ds.repeat()
+        ds = _gather(images, masks, _indices(len(images), shuffle=shuffle, seed=seed, repeat=repeat))
     if augment:
         square = images.shape[1] == images.shape[2]
         seeds = tf.data.Dataset.random(seed=seed).batch(2)

@@ -23,7 +23,7 @@ from .errors import DsalError
 from .files import atomic_write
 from .metrics import batch_metrics
 from .run import Run, round_name
-from .space import predict_main  # noqa: F401 (re-exported)
+from .space import eval_batch_size, predict_main  # noqa: F401 (predict_main re-exported)
 
 METRICS = ("dice", "iou", "hd95", "asd", "hd95_penalized")
 
@@ -114,7 +114,7 @@ def evaluate_run(cfg: Config, rounds: list[int] | None = None, log: Callable[[st
             model = folder.load_model(r)
         else:  # same architecture every round: swap weights, keep the traced predict graph
             model.load_weights(folder.checkpoint(r))
-        per_image, pred = evaluate_model(model, test, normalizer, cfg.batch_size)
+        per_image, pred = evaluate_model(model, test, normalizer, eval_batch_size(cfg))
         atomic_write(folder.test_metrics(r), lambda tmp: per_image.to_csv(tmp, index=False))
         rows.append({"round": r, "n_oracle": int(curve.loc[r, "n_oracle"]),
                      "n_pseudo": int(curve.loc[r, "n_pseudo"]), **summarize(per_image)})

@@ -185,3 +185,37 @@ def unet_for(cfg) -> keras.Model:
     """The run's U-Net from its `Config` (input size, colour, filters, depth and the variant switches)."""
     return build_unet((cfg.img_rows, cfg.img_cols, cfg.channels), cfg.base_filters, cfg.depth, cfg.dropout,
                       side_upsampling=cfg.side_upsampling, dropout_at=cfg.dropout_at, norm=cfg.norm)
+
+
+def _computes_in(model: keras.Model) -> set[str]:
+    return {layer.dtype_policy.compute_dtype for layer in model.layers if layer.weights}
+
+
+_FLOAT32_COPIES: dict[int, tuple] = {}  # id(model) -> (weakref to the model, its float32 twin)
+
+
+def float32_copy(model: keras.Model) -> keras.Model:
+    """The same graph computing in float32, holding `model`'s current weights and dropout-generator
+    states: what scoring uses where bf16 moves a strategy's picks (CEAL's MC-dropout variance) while
+    training stays in bf16. Mixed-precision models keep their variables in float32, so the copy is
+    exact. A float32 model is returned as it is. The twin is built once per model and refreshed on
+    every call, so a scoring pass traced on it is reused round after round."""
+    import weakref
+
+    if _computes_in(model) <= {"float32"}:
+        return model
+    entry = _FLOAT32_COPIES.get(id(model))
+    twin = entry[1] if entry is not None and entry[0]() is model else None
+    if twin is None:
+        config = model.get_config()
+        for layer in config["layers"]:
+            if layer["class_name"] != "InputLayer":
+                layer["config"]["dtype"] = "float32"
+        twin = model.__class__.from_config(config)
+        for key in [k for k, (ref, _) in _FLOAT32_COPIES.items() if ref() is None]:
+            del _FLOAT32_COPIES[key]
+        _FLOAT32_COPIES[id(model)] = (weakref.ref(model), twin)
+    for layer in model.layers:  # layer by layer: weights and dropout seed states, in each layer's order
+        for dst, src in zip(twin.get_layer(layer.name).variables, layer.variables, strict=True):
+            dst.assign(src)
+    return twin

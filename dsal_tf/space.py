@@ -26,8 +26,22 @@ import numpy as np
 from .data import SPLITS, Normalizer, Rows, Split, load_splits, make_dataset
 from .errors import DsalError
 from .files import atomic_dir
+from .model import float32_copy
 
 THRESHOLD = 0.5
+EVAL_BATCH_FACTOR, EVAL_BATCH_CAP = 4, 256
+
+
+def eval_batch_size(cfg) -> int:
+    """The batch of the passes that do not train (validation, pool scoring, test evaluation):
+    `EVAL_BATCH_FACTOR` x `BATCH_SIZE`, at most `EVAL_BATCH_CAP` images (never below `BATCH_SIZE`).
+    Inference keeps no activations for a backward pass, so 4x the training batch fits where training
+    fits, and fewer, larger batches spend less on per-step overhead. Per-image outputs do not depend
+    on the batch (checked in tests/test_speed.py); a validation Dice (the per-image mean, summed over
+    batches) changes only in its float summation order."""
+    return max(cfg.batch_size, min(EVAL_BATCH_FACTOR * cfg.batch_size, EVAL_BATCH_CAP))
+
+
 
 
 def item_axes(x) -> list[int]:
@@ -95,9 +109,14 @@ class ImageSpace:
         blank = Rows(np.zeros((1, *images.shape[1:-1], 1), np.uint8), np.zeros(len(images), np.int64))
         return self.train_stream(images, blank, normalizer, seed, repeat=repeat).map(lambda x, y: x)
 
+    @property
+    def eval_batch_size(self) -> int:
+        return eval_batch_size(self.cfg)
+
     def eval_stream(self, images, masks, normalizer: Normalizer, heads=None):
-        """Batched `(x, y)` in order, no augmentation (validation, test, scoring)."""
-        return make_dataset(images, masks, normalizer, self.cfg.batch_size, heads=heads)
+        """Batched `(x, y)` in order, no augmentation (validation, test, scoring), at the larger
+        inference batch (`eval_batch_size`)."""
+        return make_dataset(images, masks, normalizer, self.eval_batch_size, heads=heads)
 
     # ------------------------------------------------------------------ inference
     def inferer(self, model):
@@ -114,12 +133,13 @@ class ImageSpace:
 
         if len(images) == 0:
             return {}
+        if getattr(query, "score_dtype", None) == "float32":  # scores that bf16 would move (CEAL)
+            model = float32_copy(model)
         step = self._traced_step(query, model, with_features)
         parts: dict[str, list] = {}
         pred = None
         done = 0
-        batch_size = self.cfg.batch_size
-        total = -(-len(images) // batch_size)
+        total = -(-len(images) // self.eval_batch_size)
         for x, y in tqdm(self.eval_stream(images, masks, normalizer), total=total, desc=f"scoring ({query.name})",
                          disable=not progress, leave=False):
             out = {k: v.numpy() for k, v in step(x, y).items()}
@@ -148,7 +168,7 @@ class ImageSpace:
 
     def predict(self, model, images, normalizer: Normalizer) -> np.ndarray:
         """Main-head probabilities of whole items, [N,H,W,1]."""
-        return predict_main(model, images, normalizer, self.cfg.batch_size)
+        return predict_main(model, images, normalizer, self.eval_batch_size)
 
     # ------------------------------------------------------------------ masks on disk
     def masks_at_original_size(self, model, images, files: list[Path], normalizer: Normalizer) -> list[np.ndarray]:

@@ -93,7 +93,9 @@ def run_noisy_teacher(
     out = Path(cfg.exp_dir) / name
     out.mkdir(parents=True, exist_ok=True)
     normalizer = Normalizer.fit(pool.images, cfg.normalization)
-    train.set_precision(cfg)
+    choice = train.set_precision(cfg)
+    # the settings, precision resolved (the results tables state it)
+    atomic_write(out / "config.json", lambda tmp: tmp.write_text(cfg.replace(mixed_precision=choice).to_json()))
     rows = []
     for seed in seeds:
         sd = out / f"s{seed}"
@@ -111,7 +113,7 @@ def run_noisy_teacher(
         teacher = keras.models.load_model(teacher_dir / train.CHECKPOINT, compile=False)
         labels_file = sd / "machine_labels.npz"
         if not labels_file.is_file():
-            prob = predict_main(teacher, pool.images[machine], normalizer, cfg.batch_size)
+            prob = predict_main(teacher, pool.images[machine], normalizer, train.eval_batch_size(cfg))
             masks = (prob > 0.5).astype(np.uint8)
             atomic_write(labels_file, lambda tmp: np.savez_compressed(tmp, idx=machine, masks=masks))
         with np.load(labels_file) as z:
@@ -139,11 +141,16 @@ def run_noisy_teacher(
 
                 _train_once(vd, train_student, loss, cfg.loss)
             model = keras.models.load_model(vd / train.CHECKPOINT, compile=False)
-            per_image, _ = evaluate_model(model, test, normalizer, cfg.batch_size)
+            per_image, _ = evaluate_model(model, test, normalizer, train.eval_batch_size(cfg))
             per_image.to_csv(vd / TEST_METRICS, index=False)
             rows.append({"variant": variant, "seed": seed, "n_expert": n_expert, "loss": loss,
                          "machine_label_dice": true_dice, **summarize(per_image)})
-    results = pd.DataFrame(rows)
+    return write_tables(out, pd.DataFrame(rows), variants, seeds, log)
+
+
+def write_tables(out: Path, results: pd.DataFrame, variants: list[str], seeds: list[int],
+                 log: Callable[[str], None] = print) -> pd.DataFrame:
+    """results.csv (per variant and seed), summary.csv (per variant over seeds) and differences.csv."""
     results.to_csv(out / "results.csv", index=False, float_format="%.4f")
     summary = (results.groupby("variant", sort=False)
                .agg(dice_mean=("dice_mean", "mean"), dice_std=("dice_mean", "std"),

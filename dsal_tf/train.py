@@ -24,9 +24,12 @@ from .determinism import reset_seed_generators
 from .errors import DsalError
 from .files import atomic_write
 from .losses import deep_supervision, dice
-from .model import unet_for
+from .model import (
+    float32_copy,  # noqa: F401 (re-exported)
+    unet_for,
+)
 from .run import CHECKPOINT  # the run folder owns the file names
-from .space import space_for
+from .space import eval_batch_size, space_for  # noqa: F401 (eval_batch_size re-exported)
 
 HISTORY_PART = "history.csv.part"
 tf.get_logger().setLevel("ERROR")  # retracing notices are expected: evaluation and ensembles load many models
@@ -118,6 +121,30 @@ def reset_optimizer(model: keras.Model, learning_rate: float) -> None:
     opt.learning_rate = learning_rate
 
 
+def validation_every(cfg: Config, epochs: int) -> int:
+    """Validate every k epochs (`VALIDATION_FREQ`; 0 = auto). Auto: every epoch in fits of up to 10
+    epochs (the active-learning rounds) and whenever `EARLY_STOP_PATIENCE` or `LR_SCHEDULE = "plateau"`
+    count epochs without a gain; longer fits every ceil(epochs / 10) epochs, so a fit validates about
+    10 times whatever its length and its best epoch is chosen on a grid of a tenth of the fit
+    (the last epoch is always validated, see `validation_epochs`)."""
+    if cfg.validation_freq > 0:
+        return int(cfg.validation_freq)
+    if epochs <= 10 or cfg.early_stop_patience or cfg.lr_schedule == "plateau":
+        return 1
+    return math.ceil(epochs / 10)
+
+
+def validation_epochs(epochs: int, every: int) -> list[int]:
+    """The 1-based epochs validated: every `every`-th and the last (Keras `fit(validation_freq=...)`)."""
+    return sorted(set(range(every, epochs + 1, every)) | ({epochs} if epochs > 0 else set()))
+
+
+def validation_freq(cfg: Config, epochs: int) -> int | list[int]:
+    """What `fit(validation_freq=...)` gets for a fit of `epochs` epochs (1 = every epoch)."""
+    every = validation_every(cfg, epochs)
+    return 1 if every == 1 else validation_epochs(epochs, every)
+
+
 class BestCheckpoint(keras.callbacks.Callback):
     """Save the U-Net whenever `val_main_dice` improves. Unlike `ModelCheckpoint`, it saves the
     wrapped segmenter when a re-weighting trainer drives `fit`, so every checkpoint is a plain U-Net."""
@@ -125,6 +152,7 @@ class BestCheckpoint(keras.callbacks.Callback):
     def __init__(self, path: Path, monitor: str = "val_main_dice"):
         super().__init__()
         self.path, self.monitor, self.best = Path(path), monitor, -float("inf")
+        self.weights = None  # the saved weights, kept so `fit` need not load the file back
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
@@ -132,11 +160,17 @@ class BestCheckpoint(keras.callbacks.Callback):
             self.best = float(value)
             segmenter = getattr(self.model, "segmenter", self.model)
             atomic_write(self.path, segmenter.save)
+            self.weights = segmenter.get_weights()
 
 
 class StopOnNaN(keras.callbacks.Callback):
     """A NaN or infinite training loss ends the run with one line naming the round and epoch; the
-    checkpoints written so far (the last good weights) stay as they are."""
+    checkpoints written so far (the last good weights) stay as they are.
+
+    Checked once per epoch, on the epoch's mean loss (one NaN or infinite batch makes the mean NaN
+    or infinite), before `BestCheckpoint` sees the epoch: reading the loss off the device after
+    every batch cost a device-to-host read per step. A batch loss handed over as a host number (not a tensor)
+    is still checked at once, since that costs nothing."""
 
     def __init__(self, where: str):
         super().__init__()
@@ -145,11 +179,19 @@ class StopOnNaN(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
-    def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
+    def _check(self, loss) -> None:
         if loss is not None and not math.isfinite(float(loss)):
             raise DsalError(f"{self.where}, epoch {self.epoch + 1}: the training loss became {float(loss)}; "
                             "lower LEARNING_RATE or check the masks (the last good checkpoint is kept)")
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if isinstance(loss, (int, float, np.number)):  # already on the host; a tensor waits for the epoch end
+            self._check(loss)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch = epoch
+        self._check((logs or {}).get("loss"))
 
 
 def warmup_lr(base: float, step: int, total: int) -> float:
@@ -207,10 +249,13 @@ class StopOnCollapse(keras.callbacks.Callback):
     predicts background everywhere, and a round must not be reported finished with it. The round
     is left unfinished; no silent restart."""
 
-    def __init__(self, where: str, floor: float, patience: int, advice: str, monitor: str = "val_main_dice"):
+    def __init__(self, where: str, floor: float, patience: int, advice: str, monitor: str = "val_main_dice",
+                 every: int = 1):
         super().__init__()
         self.where, self.floor, self.patience, self.advice, self.monitor = where, floor, patience, advice, monitor
         self.values: list[float] = []
+        # validated every `every` epochs (`validation_epochs`): patience epochs are this many validations
+        self.checks = math.ceil(patience / max(int(every), 1)) if patience > 0 else 0
 
     def on_train_begin(self, logs=None):
         self.values = []
@@ -220,7 +265,7 @@ class StopOnCollapse(keras.callbacks.Callback):
         if value is None:
             return
         self.values.append(float(value))
-        if collapsed(self.values, self.floor, self.patience):
+        if collapsed(self.values, self.floor, self.checks):
             raise DsalError(
                 f"{self.where}, epoch {epoch + 1}: the model collapsed to all-background (val Dice "
                 f"{self.values[-1]:.4f}, below COLLAPSE_FLOOR={self.floor:g} for {self.patience} epochs, although "
@@ -251,7 +296,8 @@ def _callbacks(cfg: Config, out_dir: Path, epochs: int, fg_images: int = 0, n_im
         cbs.append(WarmUp(cfg.learning_rate, cfg.lr_warmup_epochs))
     if cfg.collapse_patience and fg_images:
         cbs.append(StopOnCollapse(where, cfg.collapse_floor, cfg.collapse_patience,
-                                  collapse_advice(cfg, all_foreground=fg_images == n_images)))
+                                  collapse_advice(cfg, all_foreground=fg_images == n_images),
+                                  every=validation_every(cfg, epochs)))
     return cbs
 
 
@@ -285,6 +331,11 @@ class FitJob:
         if self.space is None:
             self.space = space_for(self.cfg)
 
+    @property
+    def validation_freq(self) -> int | list[int]:
+        """What Keras `fit(validation_freq=...)` gets: every epoch, or every k-th and the last."""
+        return validation_freq(self.cfg, self.epochs)
+
     def unlabelled_stream(self, seed: int, repeat: bool = True):
         """Batches of unlabelled pool images (normalised, augmented like training, reshuffled each
         pass), or None without a pool. Read from the memory map batch by batch, never whole."""
@@ -310,7 +361,10 @@ def fit(job: FitJob) -> dict[str, list[float]]:
     job.callbacks = _callbacks(cfg, out_dir, job.epochs, fg_images, len(job.y))
     history = get_trainer(cfg.trainer).fit_job(job)
     best = out_dir / CHECKPOINT
-    if best.is_file():
+    saved = next((c.weights for c in job.callbacks if isinstance(c, BestCheckpoint) and c.weights is not None), None)
+    if saved is not None:  # the weights just written to `best`, without reading the file back
+        model.set_weights(saved)
+    elif best.is_file():
         model.set_weights(keras.models.load_model(best, compile=False).get_weights())
     else:  # zero epochs: the starting weights are this round's model
         atomic_write(best, model.save)

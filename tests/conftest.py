@@ -16,6 +16,16 @@ from dsal_tf.config import resolve  # noqa: E402
 from dsal_tf.synthetic import make_synthetic  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _float32_policy_after_each_test():
+    """Every test starts from Keras's float32 policy, as a fresh process does: a run sets the process-wide
+    policy from MIXED_PRECISION (bf16 by default on a CPU with AVX512-BF16) and leaves it set."""
+    yield
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("orgData")
@@ -29,6 +39,10 @@ def tiny_values(data_path, tmp_path, **extra) -> dict:
         img_rows=32, img_cols=32, base_filters=2, depth=4, batch_size=8,
         nb_labeled=8, nb_iterations=2, nb_next_sample=4, pseudo_epoch=2, nb_pseudo_initial=3,
         pseudo_rate=1, nb_initial_epochs=1, nb_active_epochs=1, progress=False, nb_overlays=2,
+        # fp32: the tests recompute scores eagerly and compare at 1e-5, which bf16 (the default since issue
+        # 24, where the CPU has it) does not meet between a traced and an eager pass; tests/test_speed.py
+        # runs the loop in bf16 for determinism and resume
+        mixed_precision="off",
     )
     return {**values, **extra}
 

@@ -328,7 +328,7 @@ def fit_paired(trainer_cls: type[PairedTrainer], job, val_ds: tf.data.Dataset) -
     ds = make_paired_dataset(x[noisy], y[noisy], x[clean], y[clean], cfg.batch_size, seed=seed,
                              preprocess=job.normalizer, augment=cfg.augment, repeat=True)
     return trainer.fit(ds.take(steps), validation_data=val_ds, epochs=job.epochs, callbacks=job.callbacks,
-                       verbose=job.verbose, shuffle=False).history
+                       verbose=job.verbose, shuffle=False, validation_freq=job.validation_freq).history
 
 
 def fit_plain(job) -> dict:
@@ -338,4 +338,4 @@ def fit_plain(job) -> dict:
                                   foreground_oversample=cfg.foreground_oversample)
     val_ds = space.eval_stream(job.val.images, job.val.masks, job.normalizer, heads=HEADS)
     return job.model.fit(train_ds, validation_data=val_ds, epochs=job.epochs, callbacks=job.callbacks,
-                         verbose=job.verbose, shuffle=False).history  # the dataset shuffles
+                         verbose=job.verbose, shuffle=False, validation_freq=job.validation_freq).history
