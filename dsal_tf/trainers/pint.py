@@ -192,19 +192,3 @@ class INT(TeacherTrainer):
 @register_trainer("pint")
 class PINT(TeacherTrainer):
     mode = "both"
-
-    @dataclass(frozen=True)
-    class Settings(PairedSettings):
-        ema_decay: float = 0.99  # EMA teacher
-        teacher_passes: int = 8  # perturbed teacher passes T
-        teacher_noise: float = 0.1  # Gaussian input noise sigma (normalised units)
-        pint_tau: float = TAU  # pixel-uncertainty threshold, constant (0.5 ln 2)
-        pint_warmup: float = 0.2  # share of the steps trained plainly before any gating
-
-        def check(self):
-            super().check()
-            in_range("ema_decay", self.ema_decay, 0.0, 1.0)
-            positive("teacher_passes", self.teacher_passes)
-            positive("teacher_noise", self.teacher_noise, strict=False)
-            positive("pint_tau", self.pint_tau, strict=False)
-            in_range("pint_warmup", self.pint_warmup, 0.0, 1.0)
