@@ -19,6 +19,7 @@ Defaults not given are the `Config` defaults. exp/NAME/results.csv: round, n_lab
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
@@ -236,66 +237,102 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_classify(features: str | Path, run_dir: str | Path, labeled: int, queries: int, iterations: int,
-                 strategy: str = "boostmis", pseudo: str = "adaptive", seed: int = SEED, steps: int = 200,
-                 batch_size: int = 64, xi: float = QUERY.boostmis_xi, eps: float = QUERY.boostmis_eps,
-                 knn: int = QUERY.boostmis_knn, log=print, threshold: str = TRAINING.boostmis_threshold) -> Path:
+@dataclass(frozen=True)
+class ClassifySettings:
+    """The options of the loop (`dsal classify`), checked when made. `labeled`: initial expert labels;
+    `queries`: labels per round (K); `iterations`: query rounds; `strategy`: a `QUERIES` name; `pseudo`: a
+    `PSEUDO_RULES` name; `steps`, `batch_size`: head updates per round and their batch; `xi`, `eps`, `knn`: the
+    query's VAT and density; `threshold`: the adaptive cutoff rule, `strategies.boostmis.THRESHOLDS`
+    (BOOSTMIS_THRESHOLD). The positional order is `run_classify`'s."""
+
+    labeled: int
+    queries: int
+    iterations: int
+    strategy: str = "boostmis"
+    pseudo: str = "adaptive"
+    seed: int = SEED
+    steps: int = 200
+    batch_size: int = 64
+    xi: float = QUERY.boostmis_xi
+    eps: float = QUERY.boostmis_eps
+    knn: int = QUERY.boostmis_knn
+    threshold: str = TRAINING.boostmis_threshold
+
+    def __post_init__(self) -> None:
+        if self.strategy not in QUERIES or self.pseudo not in PSEUDO_RULES or self.threshold not in THRESHOLDS:
+            raise DsalError(f"--strategy must be one of {STRATEGIES}, --pseudo one of {PSEUDO} and the threshold "
+                            f"rule one of {sorted(THRESHOLDS)}")
+        if self.labeled < 1 or self.queries < 0 or self.iterations < 0 or self.steps < 1:
+            raise DsalError("--labeled >= 1, --queries >= 0, --iterations >= 0 and --steps >= 1")
+
+    def record(self, features: str | Path) -> dict:
+        """What settings.json holds: a resumed run must match it (`iterations` may grow)."""
+        return {"features": str(Path(features).resolve()),
+                **{k: v for k, v in asdict(self).items() if k != "iterations"}}
+
+
+def run_classify(features: str | Path, run_dir: str | Path, *args, settings: ClassifySettings | None = None,
+                 log=print, **options) -> Path:
     """Run or resume the loop; returns `run_dir` (results.csv, learning_curve.png, round_XX.npz).
-    `strategy`: a `QUERIES` name; `pseudo`: a `PSEUDO_RULES` name; `threshold`: the adaptive cutoff rule,
-    `strategies.boostmis.THRESHOLDS` (BOOSTMIS_THRESHOLD)."""
+
+    Either `settings`, or the `ClassifySettings` fields as arguments: `run_classify(features, run_dir, labeled,
+    queries, iterations, strategy, pseudo, seed, steps, ...)`, the others by keyword."""
+    if settings is None:
+        settings = ClassifySettings(*args, **options)
+    elif args or options:
+        raise TypeError("run_classify takes either settings= or the ClassifySettings fields, not both")
+    return classify_loop(features, run_dir, settings, log)
+
+
+def classify_loop(features: str | Path, run_dir: str | Path, settings: ClassifySettings, log=print) -> Path:
+    """`run_classify` with its options in `settings`."""
     import pandas as pd
 
-    if strategy not in QUERIES or pseudo not in PSEUDO_RULES or threshold not in THRESHOLDS:
-        raise DsalError(f"--strategy must be one of {STRATEGIES}, --pseudo one of {PSEUDO} and the threshold "
-                        f"rule one of {sorted(THRESHOLDS)}")
-    if labeled < 1 or queries < 0 or iterations < 0 or steps < 1:
-        raise DsalError("--labeled >= 1, --queries >= 0, --iterations >= 0 and --steps >= 1")
+    s = settings
     data = load_feature_splits(features)
     (x, y), (xt, yt) = data["train"], data["test"]
     n_classes = int(max(y.max(), data["val"][1].max(), yt.max())) + 1
-    if labeled > len(x):
-        raise DsalError(f"--labeled {labeled} exceeds the {len(x)} training samples")
+    if s.labeled > len(x):
+        raise DsalError(f"--labeled {s.labeled} exceeds the {len(x)} training samples")
     mean, std = x.mean(0), x.std(0) + 1e-6
     x, xt = (x - mean) / std, (xt - mean) / std
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    settings = dict(features=str(Path(features).resolve()), labeled=labeled, queries=queries, strategy=strategy,
-                    pseudo=pseudo, seed=seed, steps=steps, batch_size=batch_size, xi=xi, eps=eps, knn=knn,
-                    threshold=threshold)
+    recorded = s.record(features)
     sfile = run / "settings.json"
-    if sfile.is_file() and json.loads(sfile.read_text()) != settings:
+    if sfile.is_file() and json.loads(sfile.read_text()) != recorded:
         raise DsalError(f"{run} was started with other settings ({sfile}); use another --exp or delete it")
-    atomic_write_text(sfile, json.dumps(settings, indent=2))
+    atomic_write_text(sfile, json.dumps(recorded, indent=2))
     csv = run / "results.csv"
     rows = pd.read_csv(csv).to_dict("records") if csv.is_file() else []
     first = run / f"{round_name(0)}.npz"
     if not first.is_file():
-        start = np.sort(np.random.default_rng([seed, 0]).choice(len(x), labeled, replace=False))
+        start = np.sort(np.random.default_rng([s.seed, 0]).choice(len(x), s.labeled, replace=False))
         atomic_write(first, lambda tmp: np.savez(tmp, labelled=start))
-    query = QUERIES[strategy](xi, eps, knn, seed)
-    keras.utils.set_random_seed(seed * 1000)
+    query = QUERIES[s.strategy](s.xi, s.eps, s.knn, s.seed)
+    keras.utils.set_random_seed(s.seed * 1000)
     head = build_head(x.shape[1], n_classes)  # one head through the rounds, not a fresh one each round
     ema_head = keras.Model.from_config(head.get_config())
     ema_head.set_weights(head.get_weights())
     ema_head.trainable = False
-    for r in range(len(rows), iterations + 1):
+    for r in range(len(rows), s.iterations + 1):
         labelled = load_round(run / f"{round_name(r)}.npz", head, ema_head)
         n_added = len(labelled) - len(load_round(run / f"{round_name(r - 1)}.npz")) if r else 0  # N_A
         unl = np.setdiff1d(np.arange(len(x)), labelled)
-        keras.utils.set_random_seed(seed * 1000 + r)
-        rule = PSEUDO_RULES[pseudo](n_classes, n_added, max(queries, 1), threshold)
-        booster = Booster(head, ema_head, rule, TRAINING.ema_decay, seed * 1000 + r, step0=r * steps)
+        keras.utils.set_random_seed(s.seed * 1000 + r)
+        rule = PSEUDO_RULES[s.pseudo](n_classes, n_added, max(s.queries, 1), s.threshold)
+        booster = Booster(head, ema_head, rule, TRAINING.ema_decay, s.seed * 1000 + r, step0=r * s.steps)
         booster.compile(optimizer=keras.optimizers.Adam(1e-3))
         x_u = x[unl] if len(unl) else x[labelled]
-        lab = tf.data.Dataset.from_tensor_slices((x[labelled], y[labelled])).repeat().shuffle(4096, seed=seed)
-        ulb = tf.data.Dataset.from_tensor_slices((x_u,)).repeat().shuffle(4096, seed=seed + 1)
-        ds = tf.data.Dataset.zip((ulb.batch(batch_size), lab.batch(batch_size))).take(steps)
+        lab = tf.data.Dataset.from_tensor_slices((x[labelled], y[labelled])).repeat().shuffle(4096, seed=s.seed)
+        ulb = tf.data.Dataset.from_tensor_slices((x_u,)).repeat().shuffle(4096, seed=s.seed + 1)
+        ds = tf.data.Dataset.zip((ulb.batch(s.batch_size), lab.batch(s.batch_size))).take(s.steps)
         booster.fit(ds, epochs=1, verbose=0, shuffle=False)  # the datasets shuffle
         pred = ema_head(xt, training=False)["prob"].numpy().argmax(1)
         taken = booster.pseudo_labels(x[unl], update=False)[1].numpy() > 0 if len(unl) else np.zeros(0, bool)
         # the next round's labels are chosen even after the last round, so more --iterations resume from here
-        rng = np.random.default_rng([seed, r + 1])
-        picks = query(head, x[unl], taken, queries, rng) if len(unl) else unl
+        rng = np.random.default_rng([s.seed, r + 1])
+        picks = query(head, x[unl], taken, s.queries, rng) if len(unl) else unl
         save_round(run / f"{round_name(r + 1)}.npz", np.sort(np.r_[labelled, unl[picks]]), head, ema_head)
         rows.append(dict(round=r, n_labelled=len(labelled), n_pseudo=int(taken.sum()),
                          accuracy=round(float(np.mean(pred == yt)), 5),
@@ -304,7 +341,7 @@ def run_classify(features: str | Path, run_dir: str | Path, labeled: int, querie
         atomic_write(csv, lambda tmp, table=table: table.to_csv(tmp, index=False))
         log(f"round {r}: {len(labelled)} labelled, {int(taken.sum())} pseudo, accuracy {rows[-1]['accuracy']:.4f}, "
             f"macro F1 {rows[-1]['macro_f1']:.4f}")
-    _plot(rows, run / "learning_curve.png", f"{strategy} / pseudo {pseudo}")
+    _plot(rows, run / "learning_curve.png", f"{s.strategy} / pseudo {s.pseudo}")
     return run
 
 

@@ -11,8 +11,8 @@ nnU-Net's self-configuration, for this product and for the machine at hand:
 2. **Candidates** (`size_ladder`): sizes that keep the median aspect and divide by 2**DEPTH, times
    base filters. The size rule: the 5th-percentile structure must keep `MIN_STRUCTURE_PIXELS`
    pixels after resizing.
-3. **Measured steps** (`measure_steps`): a few real Keras training, validation and DSAL scoring
-   steps of each candidate U-Net on this machine, after warm-up.
+3. **Measured steps** (`measure_steps`, `search_candidates`): a few real Keras training, validation
+   and DSAL scoring steps of each candidate U-Net on this machine, after warm-up.
 4. **Budget rule** (`predict_seconds`, `choose`): predicted run time = data loading + initial
    epochs + rounds x (scoring pass + epochs), from the measured per-step times, for the protocol
    that will run (with full supervision: the whole pool, no rounds); the preferred candidate whose
@@ -22,8 +22,9 @@ nnU-Net's self-configuration, for this product and for the machine at hand:
    (`RECIPES`: nnU-Net's Dice + cross-entropy over the batch), then the next candidate, is tried.
    Refusals and their reasons stay in `plan.json`; the probe's step time replaces the 3-step one.
 
-`make_plan` runs all five and returns a JSON-able dict; `write_plan` saves `plan.json` and a
-ready constants file. `PRESET = "auto"` runs the plan on first use (`plan_for_run`).
+`make_plan` runs all five, as named steps over one `Planning` (see its docstring), and returns a
+JSON-able dict; `write_plan` saves `plan.json` and a ready constants file. `PRESET = "auto"` runs the
+plan on first use (`plan_for_run`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,100 +109,126 @@ def _looks_like_ct(dtype: np.dtype, lo: float, hi: float, p1: float) -> bool:
 
 def fingerprint(data_path: str | Path, sample: int = INTENSITY_SAMPLE, seed: int = 0,
                 log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """The dataset fingerprint (see the module docstring); never holds more than one image decoded."""
+    """The dataset fingerprint (see the module docstring); never holds more than one image decoded.
+
+    Three streaming steps: `_size_stats` (every file's header), `_intensity_stats` (a seeded sample of
+    training images) and `_mask_stats` (every train and val mask)."""
     root = Path(data_path)
     files = {s: _split_files(root, s) for s in SPLITS}
     if not files["train"]:
         raise DsalError(f"no training images in {root / 'trainImg'}; put the pool there (see README, Data)")
-    # --- sizes and colour mode: headers only
     headers = [_header(img) for s in SPLITS for img, _ in files[s]]
-    rows = np.array([h[0] for h in headers], float)
-    cols = np.array([h[1] for h in headers], float)
-    aspect = cols / rows
-    modes = sorted({h[2] for h in headers})
-    # --- intensity: a seeded sample of training images, one decoded at a time
-    train = files["train"]
-    rng = np.random.default_rng(seed)
-    picks = np.sort(rng.choice(len(train), size=min(sample, len(train)), replace=False))
-    sums, sq, n_px, lo, hi, p1s, grey_as_rgb, decode_s = 0.0, 0.0, 0, np.inf, -np.inf, [], True, []
-    dtype = np.dtype(np.uint8)
-    for i in picks:
-        t = time.perf_counter()
-        img = cv2.imread(str(train[i][0]), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise DsalError(f"cannot decode image {train[i][0]} (corrupt or not an image); replace or remove it")
-        cv2.resize(img, (64, 64), interpolation=cv2.INTER_AREA)  # the loader's work, for the load-time estimate
-        decode_s.append(time.perf_counter() - t)
-        dtype = img.dtype
-        x = img.reshape(img.shape[0], img.shape[1], -1).astype(np.float64)
-        if x.shape[-1] >= 3:
-            grey_as_rgb &= bool(np.array_equal(x[..., 0], x[..., 1]) and np.array_equal(x[..., 1], x[..., 2]))
-            x = x[..., :3]
-        sums = sums + x.reshape(-1, x.shape[-1]).sum(0)
-        sq = sq + (x.reshape(-1, x.shape[-1]) ** 2).sum(0)
-        n_px += x.shape[0] * x.shape[1]
-        lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
-        p1s.append(float(np.percentile(x, 1)))
-    mean = sums / n_px
-    std = np.sqrt(np.maximum(sq / n_px - mean**2, 0.0))
-    channels = len(np.atleast_1d(mean))
-    color = "rgb" if channels >= 3 and not grey_as_rgb else "gray"
-    # --- masks: every train and val mask, one at a time, at the original size
-    fractions, areas, raw, n_empty, n_masks, missing = [], [], [], 0, 0, 0
-    for split in ("train", "val"):
-        for _img, mask_path in files[split]:
-            if mask_path is None:
-                missing += 1
-                continue
-            mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
-            if mask is None:
-                raise DsalError(f"cannot decode mask {mask_path} (corrupt or not an image); replace or remove it")
-            n_masks += 1
-            fractions.append(float((mask > 0).mean()))
-            a = component_areas(mask)
-            n_empty += int(len(a) == 0)
-            raw.extend(a.tolist())
-            if len(a):
-                areas.extend(a[a >= SPECK_FRACTION * a.max()].tolist())
-    areas_arr, raw_arr = np.array(areas, np.int64), np.array(raw, np.int64)
-    log(f"fingerprint: {len(headers)} image headers, {len(picks)} sampled images, {n_masks} masks")
+    color, intensity, decode_s = _intensity_stats(files["train"], sample, seed)
+    masks = _mask_stats([mask for split in ("train", "val") for _img, mask in files[split]])
+    log(f"fingerprint: {len(headers)} image headers, {intensity['sampled_images']} sampled images, "
+        f"{masks['masks_read']} masks")
     return {
         "data_path": str(root),
         "counts": {s: len(files[s]) for s in SPLITS},
-        "image_size": {
-            "median_rows": float(np.median(rows)), "median_cols": float(np.median(cols)),
-            "rows_range": [int(rows.min()), int(rows.max())], "cols_range": [int(cols.min()), int(cols.max())],
-            "median_aspect": round(float(np.median(aspect)), 4),
-            "aspect_range": [round(float(aspect.min()), 4), round(float(aspect.max()), 4)],
-            "distinct_sizes": len({(h[0], h[1]) for h in headers}), "modes": modes,
-        },
+        "image_size": _size_stats(headers),
         "color": color,
-        "intensity": {
-            "sampled_images": int(len(picks)), "sample_seed": seed, "dtype": str(dtype),
-            "min": lo, "max": hi, "mean": [round(float(v), 3) for v in np.atleast_1d(mean)],
-            "std": [round(float(v), 3) for v in np.atleast_1d(std)],
-            "grey_stored_as_rgb": bool(channels >= 3 and grey_as_rgb),
-            "looks_like_ct_hu": _looks_like_ct(dtype, lo, hi, float(np.median(p1s))),
-            "note": f"statistics from a seeded sample of {len(picks)} training images (seed {seed}), "
-                    "decoded one at a time; sizes and modes from every file's header",
-        },
-        "decode_s_per_image": round(float(np.median(decode_s)), 5),
-        "masks": {
-            "splits": ["train", "val"], "masks_read": n_masks, "images_without_mask": missing,
-            "empty_masks": n_empty,
-            "foreground_fraction_mean": round(float(np.mean(fractions)), 5) if fractions else None,
-            "foreground_fraction_median": round(float(np.median(fractions)), 5) if fractions else None,
-            "components": int(len(areas_arr)),
-            "component_pixels_min": int(areas_arr.min()) if len(areas_arr) else None,
-            "component_pixels_p5": round(float(np.percentile(areas_arr, 5)), 2) if len(areas_arr) else None,
-            "component_pixels_median": float(np.median(areas_arr)) if len(areas_arr) else None,
-            "specks_ignored": int(len(raw_arr) - len(areas_arr)),
-            "all_components_min": int(raw_arr.min()) if len(raw_arr) else None,
-            "all_components_p5": round(float(np.percentile(raw_arr, 5)), 2) if len(raw_arr) else None,
-            "note": "8-connected components in pixels at the original size; structures exclude specks under "
-                    f"{SPECK_FRACTION:.0%} of their mask's largest component (all_components_* include them); "
-                    "the test split is not read",
-        },
+        "intensity": intensity,
+        "decode_s_per_image": decode_s,
+        "masks": masks,
+    }
+
+
+def _size_stats(headers: list[tuple[int, int, str]]) -> dict[str, Any]:
+    """Sizes, aspects and colour modes from the (rows, cols, mode) of every image header."""
+    rows = np.array([h[0] for h in headers], float)
+    cols = np.array([h[1] for h in headers], float)
+    aspect = cols / rows
+    return {
+        "median_rows": float(np.median(rows)), "median_cols": float(np.median(cols)),
+        "rows_range": [int(rows.min()), int(rows.max())], "cols_range": [int(cols.min()), int(cols.max())],
+        "median_aspect": round(float(np.median(aspect)), 4),
+        "aspect_range": [round(float(aspect.min()), 4), round(float(aspect.max()), 4)],
+        "distinct_sizes": len({(h[0], h[1]) for h in headers}), "modes": sorted({h[2] for h in headers}),
+    }
+
+
+def _decode_sample(paths: list[Path]) -> dict[str, Any]:
+    """Decode `paths` one at a time (timed, with the loader's resize) and accumulate per-channel sums and
+    squares, the pixel count, the extremes, each image's 1st percentile and whether grey is stored as RGB."""
+    acc: dict[str, Any] = dict(sums=0.0, sq=0.0, n_px=0, lo=np.inf, hi=-np.inf, p1s=[], grey_as_rgb=True,
+                               decode_s=[], dtype=np.dtype(np.uint8))
+    for path in paths:
+        t = time.perf_counter()
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise DsalError(f"cannot decode image {path} (corrupt or not an image); replace or remove it")
+        cv2.resize(img, (64, 64), interpolation=cv2.INTER_AREA)  # the loader's work, for the load-time estimate
+        acc["decode_s"].append(time.perf_counter() - t)
+        acc["dtype"] = img.dtype
+        x = img.reshape(img.shape[0], img.shape[1], -1).astype(np.float64)
+        if x.shape[-1] >= 3:
+            acc["grey_as_rgb"] &= bool(np.array_equal(x[..., 0], x[..., 1]) and np.array_equal(x[..., 1], x[..., 2]))
+            x = x[..., :3]
+        acc["sums"] = acc["sums"] + x.reshape(-1, x.shape[-1]).sum(0)
+        acc["sq"] = acc["sq"] + (x.reshape(-1, x.shape[-1]) ** 2).sum(0)
+        acc["n_px"] += x.shape[0] * x.shape[1]
+        acc["lo"], acc["hi"] = min(acc["lo"], float(x.min())), max(acc["hi"], float(x.max()))
+        acc["p1s"].append(float(np.percentile(x, 1)))
+    return acc
+
+
+def _intensity_stats(train: list[tuple[Path, Path | None]], sample: int, seed: int) -> tuple[str, dict, float]:
+    """(colour mode, intensity statistics, median decode seconds per image) from a seeded sample of
+    `sample` training images."""
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(len(train), size=min(sample, len(train)), replace=False))
+    acc = _decode_sample([train[i][0] for i in picks])
+    mean = acc["sums"] / acc["n_px"]
+    std = np.sqrt(np.maximum(acc["sq"] / acc["n_px"] - mean**2, 0.0))
+    channels = len(np.atleast_1d(mean))
+    grey_as_rgb, dtype, lo, hi = acc["grey_as_rgb"], acc["dtype"], acc["lo"], acc["hi"]
+    color = "rgb" if channels >= 3 and not grey_as_rgb else "gray"
+    intensity = {
+        "sampled_images": int(len(picks)), "sample_seed": seed, "dtype": str(dtype),
+        "min": lo, "max": hi, "mean": [round(float(v), 3) for v in np.atleast_1d(mean)],
+        "std": [round(float(v), 3) for v in np.atleast_1d(std)],
+        "grey_stored_as_rgb": bool(channels >= 3 and grey_as_rgb),
+        "looks_like_ct_hu": _looks_like_ct(dtype, lo, hi, float(np.median(acc["p1s"]))),
+        "note": f"statistics from a seeded sample of {len(picks)} training images (seed {seed}), "
+                "decoded one at a time; sizes and modes from every file's header",
+    }
+    return color, intensity, round(float(np.median(acc["decode_s"])), 5)
+
+
+def _mask_stats(mask_paths: list[Path | None]) -> dict[str, Any]:
+    """Foreground fractions and connected components (8-connectivity, original size) of every mask, decoded
+    one at a time; None is an image without a mask."""
+    fractions, areas, raw, n_empty, n_masks, missing = [], [], [], 0, 0, 0
+    for mask_path in mask_paths:
+        if mask_path is None:
+            missing += 1
+            continue
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise DsalError(f"cannot decode mask {mask_path} (corrupt or not an image); replace or remove it")
+        n_masks += 1
+        fractions.append(float((mask > 0).mean()))
+        a = component_areas(mask)
+        n_empty += int(len(a) == 0)
+        raw.extend(a.tolist())
+        if len(a):
+            areas.extend(a[a >= SPECK_FRACTION * a.max()].tolist())
+    areas_arr, raw_arr = np.array(areas, np.int64), np.array(raw, np.int64)
+    return {
+        "splits": ["train", "val"], "masks_read": n_masks, "images_without_mask": missing,
+        "empty_masks": n_empty,
+        "foreground_fraction_mean": round(float(np.mean(fractions)), 5) if fractions else None,
+        "foreground_fraction_median": round(float(np.median(fractions)), 5) if fractions else None,
+        "components": int(len(areas_arr)),
+        "component_pixels_min": int(areas_arr.min()) if len(areas_arr) else None,
+        "component_pixels_p5": round(float(np.percentile(areas_arr, 5)), 2) if len(areas_arr) else None,
+        "component_pixels_median": float(np.median(areas_arr)) if len(areas_arr) else None,
+        "specks_ignored": int(len(raw_arr) - len(areas_arr)),
+        "all_components_min": int(raw_arr.min()) if len(raw_arr) else None,
+        "all_components_p5": round(float(np.percentile(raw_arr, 5)), 2) if len(raw_arr) else None,
+        "note": "8-connected components in pixels at the original size; structures exclude specks under "
+                f"{SPECK_FRACTION:.0%} of their mask's largest component (all_components_* include them); "
+                "the test split is not read",
     }
 
 
@@ -472,6 +500,164 @@ def base_settings(fp: dict) -> dict[str, tuple[Any, str]]:
     }
 
 
+@dataclass(frozen=True)
+class Planning:
+    """What the steps of `make_plan` share: the fingerprint, the settings the user fixed (lower-case keys),
+    the settings from the fingerprint alone, the pool and validation sizes, the memory planned against,
+    the predicted data-loading seconds, the budget in seconds and whether the run is full supervision."""
+
+    fp: dict
+    fixed: dict[str, Any]
+    base: dict[str, Any]
+    n_pool: int
+    n_val: int
+    memory: int
+    load_s: float
+    budget_s: float
+    full_supervision: bool = False
+
+
+def planning(data_path: str | Path, fp: dict, fixed: dict[str, Any], budget_minutes: float,
+             full_supervision: bool = False, memory: int | None = None) -> Planning:
+    """The `Planning` of `data_path` from its fingerprint; `memory` defaults to this machine's (`memory_bytes`)."""
+    memory = memory_bytes() if memory is None else memory
+    n_pool, n_val = fp["counts"]["train"], fp["counts"]["val"]
+    if fixed.get("pool_size"):
+        n_pool = min(n_pool, int(fixed["pool_size"]))
+    if n_val == 0:
+        raise DsalError(f"no validation images in {Path(data_path) / 'valImg'}; add some (checkpoints use them)")
+    base = {k: v for k, (v, _) in base_settings(fp).items()}
+    workers = min(8, os.cpu_count() or 1)
+    load_s = fp["decode_s_per_image"] * (n_pool + n_val) / workers
+    return Planning(fp, fixed, base, n_pool, n_val, memory, load_s, 60.0 * budget_minutes, full_supervision)
+
+
+def candidate_key(c: dict) -> tuple:
+    """A candidate's identity: (img_rows, img_cols, base_filters, batch_size)."""
+    return (c["img_rows"], c["img_cols"], c["base_filters"], c["batch_size"])
+
+
+def candidate(plan: Planning, size: dict, filters: int) -> tuple[Config, dict]:
+    """The settings of a ladder size at `filters` base filters (the user's fixed settings win; batch size and
+    schedule follow) and its candidate row: size, filters, batch size and the size rule at that size."""
+    fixed = plan.fixed
+    cfg = resolve({**plan.base, **size_only(size), "base_filters": filters, **fixed}, source="the plan")
+    if "batch_size" not in fixed:
+        cfg = cfg.replace(batch_size=pick_batch_size(cfg, plan.memory))
+    sched = {k: v for k, v in schedule(plan.n_pool, cfg.batch_size).items() if k not in fixed}
+    cfg = cfg.replace(**sched)
+    if plan.full_supervision:  # what `dsal run --full-supervision` trains: the whole pool, the same total epochs
+        from .compare import full_supervision_config
+
+        cfg = full_supervision_config(cfg).replace(exp_name=fixed.get("exp_name", ""))
+    p5, im = plan.fp["masks"]["component_pixels_p5"], plan.fp["image_size"]
+    kept = None if p5 is None else round(p5 * cfg.img_rows / im["median_rows"] * cfg.img_cols / im["median_cols"], 2)
+    return cfg, {"img_rows": cfg.img_rows, "img_cols": cfg.img_cols, "base_filters": cfg.base_filters,
+                 "batch_size": cfg.batch_size, "p5_structure_pixels": kept,
+                 "meets_size_rule": kept is None or kept >= MIN_STRUCTURE_PIXELS}
+
+
+def measure_candidate(plan: Planning, cfg: Config, row: dict, measure: Callable[[Config], dict],
+                      log: Callable[[str], None] = print) -> dict:
+    """`row` with the measured per-step times of `cfg` and its predicted run time."""
+    t = time.perf_counter()
+    timing = measure(cfg)
+    row.update(timing, measure_s=round(time.perf_counter() - t, 1))
+    pred = predict_seconds(cfg, timing, plan.n_pool, plan.n_val, plan.load_s)
+    row.update(predicted=pred, predicted_s=pred["total_s"])
+    log(f"  {cfg.img_rows}x{cfg.img_cols} f{cfg.base_filters} b{cfg.batch_size}: "
+        f"train {timing['train_step_s'] * 1000:.0f} ms/step, predicted {pred['total_s'] / 60:.1f} min")
+    return row
+
+
+def search_candidates(plan: Planning, ladder: list[dict], measure: Callable[[Config], dict],
+                      log: Callable[[str], None] = print) -> tuple[list[dict], dict[tuple, Config]]:
+    """Measure candidates: the size ladder upwards (from the smallest size meeting the size rule) at each
+    filter count, stopping at the first size over budget; costs grow with size and filters, so nothing
+    skipped could fit. 32 filters only at sizes where 16 fit; 8 only if no 16 fits. Returns the candidate
+    rows in the order measured and their settings by `candidate_key`."""
+    rows: dict[tuple, dict] = {}
+    configs: dict[tuple, Config] = {}
+    allowed = [s for s in ladder if s["meets_size_rule"]] or ladder[-1:]
+    fit16: list[dict] = []
+    for filters in FILTERS:
+        sizes = allowed if filters != 32 else [s for s in allowed if any(_same(s, f) for f in fit16)]
+        if filters == 8 and fit16:
+            break
+        for size in sizes:
+            cfg, row = candidate(plan, size, filters)
+            key = candidate_key(row)
+            if key not in rows:
+                rows[key], configs[key] = measure_candidate(plan, cfg, row, measure, log), cfg
+            if rows[key]["predicted_s"] > plan.budget_s:
+                break
+            if filters == 16:
+                fit16.append(size)
+    return list(rows.values()), configs
+
+
+def fit_choice(plan: Planning, cfg: Config, best: dict, learned: dict | None) -> tuple[Config, dict[str, float]]:
+    """The chosen settings with epochs cut to the budget where needed (unless the user fixed them), and their
+    predicted run time; the learning probe's step time, when it has one, replaces the measured one."""
+    timing = dict(best)
+    if learned is not None and learned.get("train_step_s"):
+        timing["train_step_s"] = learned["train_step_s"]  # 100 real steps beat 3 synthetic ones
+    over = predict_seconds(cfg, timing, plan.n_pool, plan.n_val, plan.load_s)["total_s"] > plan.budget_s
+    if over and not {"nb_initial_epochs", "nb_active_epochs"} & set(plan.fixed):
+        cfg = fit_epochs(cfg, timing, plan.n_pool, plan.n_val, plan.load_s, plan.budget_s)
+    return cfg, predict_seconds(cfg, timing, plan.n_pool, plan.n_val, plan.load_s)
+
+
+def plan_reasons(plan: Planning, cfg: Config, best: dict, reason: str, recipe: dict,
+                 learned: dict | None) -> dict[str, str]:
+    """Why each planned setting has its value: the fingerprint's, the size and budget rules', the probe's, or
+    "set by the user"."""
+    fp = plan.fp
+    reasons = {k: r for k, (_, r) in base_settings(fp).items()}
+    reasons.update(
+        img_rows=f"size rule: the 5th-percentile structure ({fp['masks']['component_pixels_p5']} px at the original "
+                 f"size) keeps {best['p5_structure_pixels']} px (minimum {MIN_STRUCTURE_PIXELS}); aspect "
+                 f"{fp['image_size']['median_aspect']} kept; " + reason,
+        base_filters=reason,
+        batch_size=f"largest of {list(BATCH_SIZES)} whose activations ({activation_bytes(cfg) / 2**20:.0f} MiB "
+                   f"per image) use <= {MEMORY_SHARE:.0%} of {plan.memory / 2**30:.0f} GiB",
+        nb_initial_epochs=f"about {INITIAL_STEPS} steps for the initial model, {ROUND_STEPS} in round 1 "
+                          "(isic2017-cpu: 12 and 5 epochs)",
+        nb_labeled="labels and queries scale with the pool like isic2017-cpu (600 + 5 x 70 of 1600)",
+    )
+    if plan.full_supervision:
+        reasons.update(nb_labeled="full supervision: the whole pool",
+                       nb_initial_epochs=reasons["nb_initial_epochs"] + "; full supervision trains the initial "
+                       "epochs plus every round's on the whole pool, as `--full-supervision` does")
+    if learned is not None:
+        planned = best["probes"][0]["reason"]
+        reasons["loss"] = reasons["batch_dice"] = (
+            f"{reasons['loss']}; the learning probe: {planned}" if not recipe else
+            f"the learning probe refused the planned loss ({planned}); "
+            + ", ".join(f"{k.upper()}={v!r}" for k, v in recipe.items()) + f" learned ({learned['reason']})")
+    for k in plan.fixed:
+        if k in PLANNED:
+            reasons[k] = "set by the user"
+    return reasons
+
+
+def plan_warnings(plan: Planning, predicted: dict[str, float], budget_minutes: float) -> list[str]:
+    """What the user should know about the data or the budget."""
+    fp = plan.fp
+    warnings = []
+    if fp["intensity"]["looks_like_ct_hu"]:
+        warnings.append("16-bit values look like CT Hounsfield units, but the loader reads 8 bits: window them "
+                        "(e.g. lung -1000..400 HU) into 8-bit PNGs first")
+    if fp["intensity"]["grey_stored_as_rgb"]:
+        warnings.append("the images are grey stored as RGB: COLOR = gray uses a third of the input")
+    if predicted["total_s"] > plan.budget_s:
+        warnings.append(f"nothing fits the {budget_minutes:g}-minute budget on this machine now: the plan needs "
+                        f"{predicted['total_s'] / 60:.1f} min; raise --budget-minutes (or PLAN_BUDGET_MINUTES)")
+    if fp["masks"]["masks_read"] == 0:
+        warnings.append("no masks found: the size rule could not be applied")
+    return warnings
+
+
 def make_plan(
     data_path: str | Path,
     budget_minutes: float = 15.0,
@@ -487,125 +673,23 @@ def make_plan(
     `fixed`: settings the user set (constants file, command line); they hold in every candidate.
     `full_supervision`: plan the run `--full-supervision` makes (the whole pool labelled, no rounds).
     `measure(cfg) -> timing dict` defaults to `measure_steps`, `probe(cfg) -> probe dict` to
-    `probe_learning`; with injected timings and no probe, nothing is probed (tests)."""
+    `probe_learning`; with injected timings and no probe, nothing is probed (tests).
+
+    The steps, in order: `fingerprint`, `planning`, `size_ladder`, `search_candidates`, `choose_learning`,
+    `fit_choice`, `plan_reasons`, `plan_warnings`."""
     t0 = time.perf_counter()
     fixed = {k.lower(): v for k, v in (fixed or {}).items() if k.lower() not in ("preset",)}
     fixed["data_path"] = str(data_path)
     fp = fingerprint(data_path, sample=sample, seed=int(fixed.get("seed", 0)), log=log)
     probe = probe or (probe_learning if measure is None else None)
     measure = measure or measure_steps
-    memory = memory_bytes() if measure is measure_steps else 64 * 2**30
-    budget_s = 60.0 * budget_minutes
-    n_pool, n_val = fp["counts"]["train"], fp["counts"]["val"]
-    if fixed.get("pool_size"):
-        n_pool = min(n_pool, int(fixed["pool_size"]))
-    if n_val == 0:
-        raise DsalError(f"no validation images in {Path(data_path) / 'valImg'}; add some (checkpoints use them)")
-    base = {k: v for k, (v, _) in base_settings(fp).items()}
-    depth = int(fixed.get("depth", Config.depth))
-    ladder = size_ladder(fp, depth)
-    workers = min(8, os.cpu_count() or 1)
-    load_s = fp["decode_s_per_image"] * (n_pool + n_val) / workers
-
-    def settings_for(size: dict, filters: int) -> tuple[Config, dict]:
-        cfg = resolve({**base, **size_only(size), "base_filters": filters, **fixed}, source="the plan")
-        if "batch_size" not in fixed:
-            cfg = cfg.replace(batch_size=pick_batch_size(cfg, memory))
-        sched = {k: v for k, v in schedule(n_pool, cfg.batch_size).items() if k not in fixed}
-        cfg = cfg.replace(**sched)
-        if full_supervision:  # what `dsal run --full-supervision` trains: the whole pool, the same total epochs
-            from .compare import full_supervision_config
-
-            cfg = full_supervision_config(cfg).replace(exp_name=fixed.get("exp_name", ""))
-        p5, im = fp["masks"]["component_pixels_p5"], fp["image_size"]
-        kept = None if p5 is None else round(
-            p5 * cfg.img_rows / im["median_rows"] * cfg.img_cols / im["median_cols"], 2)
-        return cfg, {"img_rows": cfg.img_rows, "img_cols": cfg.img_cols, "base_filters": cfg.base_filters,
-                     "batch_size": cfg.batch_size, "p5_structure_pixels": kept,
-                     "meets_size_rule": kept is None or kept >= MIN_STRUCTURE_PIXELS}
-
-    candidates: dict[tuple, dict] = {}
-    configs: dict[tuple, Config] = {}
-
-    def run_candidate(size: dict, filters: int) -> dict:
-        cfg, row = settings_for(size, filters)
-        key = (cfg.img_rows, cfg.img_cols, cfg.base_filters, cfg.batch_size)
-        if key in candidates:
-            return candidates[key]
-        t = time.perf_counter()
-        timing = measure(cfg)
-        row.update(timing, measure_s=round(time.perf_counter() - t, 1))
-        pred = predict_seconds(cfg, timing, n_pool, n_val, load_s)
-        row.update(predicted=pred, predicted_s=pred["total_s"])
-        candidates[key], configs[key] = row, cfg
-        log(f"  {cfg.img_rows}x{cfg.img_cols} f{cfg.base_filters} b{cfg.batch_size}: "
-            f"train {timing['train_step_s'] * 1000:.0f} ms/step, predicted {pred['total_s'] / 60:.1f} min")
-        return row
-
-    # Search: the size ladder upwards (from the smallest size meeting the size rule) at each filter
-    # count, stopping at the first size over budget; costs grow with size and filters, so nothing
-    # skipped could fit. 32 filters only at sizes where 16 fit; 8 only if no 16 fits.
-    allowed = [s for s in ladder if s["meets_size_rule"]] or ladder[-1:]
-    fit16: list[dict] = []
-    for filters in FILTERS:
-        sizes = allowed if filters != 32 else [s for s in allowed if any(_same(s, f) for f in fit16)]
-        if filters == 8 and fit16:
-            break
-        for size in sizes:
-            row = run_candidate(size, filters)
-            if row["predicted_s"] > budget_s:
-                break
-            if filters == 16:
-                fit16.append(size)
-    rows = list(candidates.values())
+    plan = planning(data_path, fp, fixed, budget_minutes, full_supervision,
+                    memory=None if measure is measure_steps else 64 * 2**30)
+    ladder = size_ladder(fp, int(fixed.get("depth", Config.depth)))
+    rows, configs = search_candidates(plan, ladder, measure, log)
     recipes = [r for r in RECIPES if not set(r) & set(fixed)]
-    best, reason, recipe, learned = choose_learning(rows, configs, budget_s, probe, recipes, log)
-    key = (best["img_rows"], best["img_cols"], best["base_filters"], best["batch_size"])
-    cfg = configs[key].replace(**recipe)
-    timing = dict(best)
-    if learned is not None and learned.get("train_step_s"):
-        timing["train_step_s"] = learned["train_step_s"]  # 100 real steps beat 3 synthetic ones
-    over = predict_seconds(cfg, timing, n_pool, n_val, load_s)["total_s"] > budget_s
-    if over and not {"nb_initial_epochs", "nb_active_epochs"} & set(fixed):
-        cfg = fit_epochs(cfg, timing, n_pool, n_val, load_s, budget_s)
-    predicted = predict_seconds(cfg, timing, n_pool, n_val, load_s)
-    settings = {k: getattr(cfg, k) for k in PLANNED}
-    reasons = {k: r for k, (_, r) in base_settings(fp).items()}
-    reasons.update(
-        img_rows=f"size rule: the 5th-percentile structure ({fp['masks']['component_pixels_p5']} px at the original "
-                 f"size) keeps {best['p5_structure_pixels']} px (minimum {MIN_STRUCTURE_PIXELS}); aspect "
-                 f"{fp['image_size']['median_aspect']} kept; " + reason,
-        base_filters=reason,
-        batch_size=f"largest of {list(BATCH_SIZES)} whose activations ({activation_bytes(cfg) / 2**20:.0f} MiB "
-                   f"per image) use <= {MEMORY_SHARE:.0%} of {memory / 2**30:.0f} GiB",
-        nb_initial_epochs=f"about {INITIAL_STEPS} steps for the initial model, {ROUND_STEPS} in round 1 "
-                          "(isic2017-cpu: 12 and 5 epochs)",
-        nb_labeled="labels and queries scale with the pool like isic2017-cpu (600 + 5 x 70 of 1600)",
-    )
-    if full_supervision:
-        reasons.update(nb_labeled="full supervision: the whole pool",
-                       nb_initial_epochs=reasons["nb_initial_epochs"] + "; full supervision trains the initial "
-                       "epochs plus every round's on the whole pool, as `--full-supervision` does")
-    if learned is not None:
-        planned = best["probes"][0]["reason"]
-        reasons["loss"] = reasons["batch_dice"] = (
-            f"{reasons['loss']}; the learning probe: {planned}" if not recipe else
-            f"the learning probe refused the planned loss ({planned}); "
-            + ", ".join(f"{k.upper()}={v!r}" for k, v in recipe.items()) + f" learned ({learned['reason']})")
-    warnings = []
-    if fp["intensity"]["looks_like_ct_hu"]:
-        warnings.append("16-bit values look like CT Hounsfield units, but the loader reads 8 bits: window them "
-                        "(e.g. lung -1000..400 HU) into 8-bit PNGs first")
-    if fp["intensity"]["grey_stored_as_rgb"]:
-        warnings.append("the images are grey stored as RGB: COLOR = gray uses a third of the input")
-    if predicted["total_s"] > budget_s:
-        warnings.append(f"nothing fits the {budget_minutes:g}-minute budget on this machine now: the plan needs "
-                        f"{predicted['total_s'] / 60:.1f} min; raise --budget-minutes (or PLAN_BUDGET_MINUTES)")
-    if fp["masks"]["masks_read"] == 0:
-        warnings.append("no masks found: the size rule could not be applied")
-    for k in fixed:
-        if k in settings:
-            reasons[k] = "set by the user"
+    best, reason, recipe, learned = choose_learning(rows, configs, plan.budget_s, probe, recipes, log)
+    cfg, predicted = fit_choice(plan, configs[candidate_key(best)].replace(**recipe), best, learned)
     return {
         "budget_minutes": budget_minutes,
         "fingerprint": fp,
@@ -616,8 +700,9 @@ def make_plan(
         "probe": {"steps": PROBE_STEPS, "min_rise": PROBE_MIN_RISE, "recipes": recipes,
                   "chosen": learned, "train_step_s_from": "probe" if learned and learned.get("train_step_s")
                   else "measured steps"} if probe is not None else None,
-        "choice": {"settings": settings, "predicted": predicted, "reasons": reasons},
-        "warnings": warnings,
+        "choice": {"settings": {k: getattr(cfg, k) for k in PLANNED},
+                   "predicted": predicted, "reasons": plan_reasons(plan, cfg, best, reason, recipe, learned)},
+        "warnings": plan_warnings(plan, predicted, budget_minutes),
         "plan_s": round(time.perf_counter() - t0, 1),
     }
 
@@ -637,7 +722,7 @@ def choose_learning(rows: list[dict], configs: dict[tuple, Config], budget_s: fl
         best, reason = choose(left, budget_s)
         if probe is None:
             return best, reason, {}, None
-        key = (best["img_rows"], best["img_cols"], best["base_filters"], best["batch_size"])
+        key = candidate_key(best)
         for recipe in recipes[:MAX_PROBES - len(done)]:
             result = probe(configs[key].replace(**recipe))
             ok, why = probe_verdict(result["soft_dice_before"], result["soft_dice_after"], result["steps"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -97,36 +98,54 @@ def predict_step(model, normalizer: Normalizer):
     return step
 
 
-def predict_folder(
-    cfg: Config,
-    in_dir: str | Path,
-    out_dir: str | Path,
-    which: str | int = "best",
-    probabilities: bool = False,
-    overlays: bool = False,
-    flag_below: float = 0.8,
-    batch_size: int | None = None,
-    progress: bool = True,
-    log=print,
-) -> pd.DataFrame:
+@dataclass(frozen=True)
+class PredictSettings:
+    """The options of `dsal predict`: `which` round (`best`, `last` or a number); also write `probabilities`
+    and `overlays`; flag images whose side-head agreement is below `flag_below`; `batch_size` (None: the
+    run's); show a `progress` bar. The positional order is `predict_folder`'s."""
+
+    which: str | int = "best"
+    probabilities: bool = False
+    overlays: bool = False
+    flag_below: float = 0.8
+    batch_size: int | None = None
+    progress: bool = True
+
+
+def predict_folder(cfg: Config, in_dir: str | Path, out_dir: str | Path, *args,
+                   settings: PredictSettings | None = None, log=print, **options) -> pd.DataFrame:
     """Write `<stem>.png` (0/255, original size) for every image of `in_dir` into `out_dir`, plus
     `predictions.csv` (size, foreground fraction, agreement, `check` where agreement < `flag_below`);
-    `probabilities/<stem>.png` (p x 255) and `overlays/<stem>.jpg` on request."""
+    `probabilities/<stem>.png` (p x 255) and `overlays/<stem>.jpg` on request.
+
+    Either `settings`, or the `PredictSettings` fields as arguments: `predict_folder(cfg, in_dir, out_dir,
+    which, probabilities, overlays, flag_below, batch_size, progress)`, any of them by keyword."""
+    if settings is None:
+        settings = PredictSettings(*args, **options)
+    elif args or options:
+        raise TypeError("predict_folder takes either settings= or the PredictSettings fields, not both")
+    return predict_images(cfg, in_dir, out_dir, settings, log)
+
+
+def predict_images(cfg: Config, in_dir: str | Path, out_dir: str | Path, settings: PredictSettings,
+                   log=print) -> pd.DataFrame:
+    """`predict_folder` with its options in `settings`."""
     from tqdm.auto import tqdm
 
+    s = settings
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     files = _check_inputs(in_dir, out_dir)
-    cfg, r, model, normalizer = load_round(cfg, which)
-    batch_size = batch_size or cfg.batch_size
+    cfg, r, model, normalizer = load_round(cfg, s.which)
+    batch_size = s.batch_size or cfg.batch_size
     out_dir.mkdir(parents=True, exist_ok=True)
-    for sub, wanted in (("probabilities", probabilities), ("overlays", overlays)):
+    for sub, wanted in (("probabilities", s.probabilities), ("overlays", s.overlays)):
         if wanted:
             (out_dir / sub).mkdir(exist_ok=True)
     step = predict_step(model, normalizer)
     rows, failed = [], []
     t0 = time.perf_counter()
     i = 0
-    bar = tqdm(total=len(files), desc="predicting", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(files), desc="predicting", unit="img", disable=not s.progress, leave=False)
     for x, shapes, ok in image_dataset(files, cfg.img_rows, cfg.img_cols, cfg.color, batch_size):
         prob, agree = (t.numpy() for t in step(x))
         for p, a, shape, good in zip(prob, agree, shapes.numpy(), ok.numpy()):
@@ -138,14 +157,14 @@ def predict_folder(
             full = to_original(p, shape)
             mask = (full > THRESHOLD).astype(np.uint8)
             cv2.imwrite(str(out_dir / f"{f.stem}.png"), mask * 255)
-            if probabilities:
+            if s.probabilities:
                 cv2.imwrite(str(out_dir / "probabilities" / f"{f.stem}.png"),
                             np.round(full * 255).astype(np.uint8))
-            if overlays:
+            if s.overlays:
                 _write_overlay(f, mask, out_dir / "overlays" / f"{f.stem}.jpg", cfg.color)
             rows.append({"name": f.stem, "file": f.name, "height": int(shape[0]), "width": int(shape[1]),
                          "foreground_fraction": round(float(mask.mean()), 6), "agreement": round(float(a), 6),
-                         "check": bool(a < flag_below)})
+                         "check": bool(a < s.flag_below)})
         bar.update(len(prob))
     bar.close()
     seconds = time.perf_counter() - t0
@@ -153,7 +172,7 @@ def predict_folder(
                                         "check"])
     atomic_write(out_dir / "predictions.csv", lambda tmp: table.to_csv(tmp, index=False))
     log(f"{len(table)} masks from round {r} of {cfg.name} in {out_dir}/ ({len(files) / seconds:.1f} images/s); "
-        f"{int(table['check'].sum())} with side-head agreement < {flag_below} are flagged in predictions.csv")
+        f"{int(table['check'].sum())} with side-head agreement < {s.flag_below} are flagged in predictions.csv")
     if failed:
         raise DsalError(f"{len(failed)} image(s) could not be decoded, e.g. {failed[0]}; "
                         f"replace or remove them (the other masks are written)")

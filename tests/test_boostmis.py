@@ -279,6 +279,32 @@ def test_classify_bad_input_names_the_file(tmp_path):
         run_classify(feats, tmp_path / "exp" / "c", 4, 2, 1)
 
 
+def test_classify_settings_are_the_arguments(tmp_path):
+    """`settings=ClassifySettings(...)` is the argument form (the CLI's, positional), checked when made; a
+    resumed run must have the settings it started with (more iterations excepted)."""
+    import pandas as pd
+
+    from dsal_tf.classify import ClassifySettings, run_classify
+    from dsal_tf.errors import DsalError
+
+    feats = write_feature_splits(tmp_path / "f", dim=8)
+    quiet = dict(log=lambda m: None)
+    s = ClassifySettings(6, 5, 1, "entropy", "fixed", steps=3, batch_size=8)
+    a = run_classify(feats, tmp_path / "a", settings=s, **quiet)
+    b = run_classify(feats, tmp_path / "b", 6, 5, 1, "entropy", "fixed", steps=3, batch_size=8, **quiet)
+    pd.testing.assert_frame_equal(pd.read_csv(a / "results.csv"), pd.read_csv(b / "results.csv"))
+    assert (a / "settings.json").read_text() == (b / "settings.json").read_text()
+    with pytest.raises(DsalError, match="started with other settings"):
+        run_classify(feats, a, 6, 5, 2, "entropy", "fixed", steps=4, batch_size=8, **quiet)
+    with pytest.raises(TypeError, match="not both"):
+        run_classify(feats, tmp_path / "c", 6, settings=s)
+    with pytest.raises(DsalError, match="--strategy must be one of"):
+        ClassifySettings(6, 5, 1, strategy="nope")
+    with pytest.raises(DsalError, match="--labeled >= 1"):
+        ClassifySettings(0, 5, 1)
+    assert not (tmp_path / "c").exists()
+
+
 def test_classify_n_active_and_one_head_through_the_rounds(tmp_path, monkeypatch):
     """N_A = the labels the last round added (0, then 5, 5), and each round trains on from the last head."""
     import dsal_tf.classify as dc

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from dsal_tf.cli import cli
 from dsal_tf.errors import DsalError
 from dsal_tf.export import export_model
-from dsal_tf.predict import choose_round, load_round, predict_folder, to_original
+from dsal_tf.predict import PredictSettings, choose_round, load_round, predict_folder, to_original
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +54,17 @@ def test_predict_keeps_names_and_sizes(trained, tmp_path):
     mask = cv2.imread(str(tmp_path / "out" / "square.png"), cv2.IMREAD_GRAYSCALE) > 0
     assert np.array_equal(mask, to_original(prob, (32, 32)) > 0.5)
     assert np.array_equal(mask, prob[..., 0] > 0.5)
+
+    # the CLI's positional form and a PredictSettings are the same call
+    again = predict_folder(trained, src, tmp_path / "again", settings=PredictSettings("last", progress=False),
+                           log=lambda m: None)
+    pd.testing.assert_frame_equal(again, predict_folder(trained, src, tmp_path / "pos", "last", False, False, 0.8,
+                                                        None, False, log=lambda m: None))
+    pd.testing.assert_frame_equal(again, table)
+    for name in ("wide", "gray", "square"):
+        assert (tmp_path / "again" / f"{name}.png").read_bytes() == (tmp_path / "out" / f"{name}.png").read_bytes()
+    with pytest.raises(TypeError, match="not both"):
+        predict_folder(trained, src, tmp_path / "out3", "last", settings=PredictSettings())
 
     with pytest.raises(DsalError, match="is the input folder"):
         predict_folder(trained, src, src, log=lambda m: None)

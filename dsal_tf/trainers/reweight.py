@@ -120,11 +120,12 @@ def _clean_gradient(segmenter, x_clean, y_clean, loss_fn, ds_weights, training: 
     return loss, outputs, grads
 
 
-def _noisy_pass(scorer, variables, x, y, loss_fn, ds_weights, direction, need_g: bool, training: bool):
-    """One forward on the noisy batch: losses [B], trust e [B] (if `direction`), informativeness g [B].
+def _noisy_pass(scorer, variables, batch, loss_fn, ds_weights, direction, need_g: bool, training: bool):
+    """One forward on the noisy `batch` (x, y): losses [B], trust e [B] (if `direction`), informativeness g [B].
 
     Called inside the caller's `GradientTape`, the losses stay differentiable for the update.
     """
+    x, y = batch
     heads = [h for h, w in zip(HEADS, ds_weights) if w != 0]
     with contextlib.ExitStack() as stack:
         acc = None
@@ -167,8 +168,7 @@ def trust_scores(
     _, e, _ = _noisy_pass(
         scorer,
         segmenter.trainable_variables,
-        x_noisy,
-        y_noisy,
+        (x_noisy, y_noisy),
         loss_fn,
         ds_weights,
         direction,
@@ -191,8 +191,7 @@ def informativeness_scores(
     _, _, g = _noisy_pass(
         scorer,
         segmenter.trainable_variables,
-        x,
-        y,
+        (x, y),
         resolve_loss(loss),
         ds_weights,
         None,
@@ -266,8 +265,7 @@ class ReweightedTrainer(PairedTrainer):
             noisy, e, g = _noisy_pass(
                 self.scorer,
                 variables,
-                x_noisy,
-                y_noisy,
+                (x_noisy, y_noisy),
                 self.loss_fn,
                 self.ds_weights,
                 direction,
