@@ -209,7 +209,7 @@ class _FixedWeights(nt.ReweightedTrainer):
 def _dataset(batch: int = 4) -> tf.data.Dataset:
     xn, yn = _batch(4, 1)
     xc, yc = _batch(3, 2)
-    return nt.make_paired_dataset(xn, yn, xc, yc, batch_size=batch, seed=0)
+    return nt.make_paired_dataset((xn, yn), (xc, yc), batch_size=batch, seed=0)
 
 
 def _flat(tensors) -> np.ndarray:

@@ -161,17 +161,16 @@ def tf_variables(variables: Sequence) -> list:
 
 # ------------------------------------------------------------------ the paired sampler
 def make_paired_dataset(
-    x_noisy: np.ndarray,
-    y_noisy: np.ndarray,
-    x_clean: np.ndarray,
-    y_clean: np.ndarray,
+    noisy: tuple[np.ndarray, np.ndarray],
+    clean: tuple[np.ndarray, np.ndarray],
     batch_size: int,
     seed: int = 0,
     preprocess: Callable | None = None,
     augment: bool = False,
     repeat: bool = False,
 ) -> tf.data.Dataset:
-    """`((x_noisy, y_noisy), (x_clean, y_clean))` batches; one epoch is one pass over the noisy set.
+    """`((x_noisy, y_noisy), (x_clean, y_clean))` batches from the `(images, masks)` pairs `noisy` and
+    `clean`; one epoch is one pass over the noisy set.
 
     The clean set is repeated and reshuffled, so a small expert set never ends an epoch; with
     `repeat` the noisy set repeats too (then bound the epoch with `.take(steps)`).
@@ -179,15 +178,12 @@ def make_paired_dataset(
     """
     from ..data import make_dataset
 
-    if len(x_noisy) == 0 or len(x_clean) == 0:
+    if len(noisy[0]) == 0 or len(clean[0]) == 0:
         raise DsalError("the paired sampler needs at least one noisy and one clean image")
     prep = preprocess if preprocess is not None else (lambda x: tf.cast(x, tf.float32))
-    noisy = make_dataset(x_noisy, y_noisy, prep, batch_size, shuffle=True, augment=augment, seed=seed,
-                         repeat=repeat)
-    clean = make_dataset(
-        x_clean, y_clean, prep, batch_size, shuffle=True, augment=augment, seed=seed + 1, repeat=True
-    )
-    return tf.data.Dataset.zip((noisy, clean)).prefetch(tf.data.AUTOTUNE)
+    noisy_ds = make_dataset(*noisy, prep, batch_size, shuffle=True, augment=augment, seed=seed, repeat=repeat)
+    clean_ds = make_dataset(*clean, prep, batch_size, shuffle=True, augment=augment, seed=seed + 1, repeat=True)
+    return tf.data.Dataset.zip((noisy_ds, clean_ds)).prefetch(tf.data.AUTOTUNE)
 
 
 def split_clean(is_noisy: np.ndarray, meta_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -325,7 +321,7 @@ def fit_paired(trainer_cls: type[PairedTrainer], job, val_ds: tf.data.Dataset) -
     steps = steps_per_epoch(len(noisy), len(clean), cfg.batch_size)
     trainer = trainer_cls.for_run(job.model, cfg, steps * max(job.epochs, 1))
     trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-    ds = make_paired_dataset(x[noisy], y[noisy], x[clean], y[clean], cfg.batch_size, seed=seed,
+    ds = make_paired_dataset((x[noisy], y[noisy]), (x[clean], y[clean]), cfg.batch_size, seed=seed,
                              preprocess=job.normalizer, augment=cfg.augment, repeat=True)
     return trainer.fit(ds.take(steps), validation_data=val_ds, epochs=job.epochs, callbacks=job.callbacks,
                        verbose=job.verbose, shuffle=False, validation_freq=job.validation_freq).history
