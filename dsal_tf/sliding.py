@@ -115,6 +115,44 @@ def sliding_window_predict(
     return {k: (acc[k] / norm)[crop] for k in heads}
 
 
+def sliding_window_outputs(
+    model: Callable,
+    volume: np.ndarray,
+    patch_size: Sequence[int],
+    overlap: float = OVERLAP,
+    batch_size: int = 2,
+    sigma_scale: float = SIGMA_SCALE,
+    training: bool = False,
+) -> dict[str, np.ndarray]:
+    """Every output of `model` over a whole volume `[D,H,W,C]`: spatial outputs (`[n,d,h,w,1]`
+    per window, the heads) Gaussian-blended into `[D,H,W]` maps as `sliding_window_predict` does,
+    and vector outputs (`[n,C]` per window, e.g. the bottleneck `features` of diverse selection)
+    averaged over the windows. The same windows, weights and crop as `sliding_window_predict`."""
+    vol, crop = _pad_to(_as_channels(volume), patch_size)
+    shape = vol.shape[:3]
+    weight = gaussian_importance(patch_size, sigma_scale)
+    starts = [(z, y, x) for z in window_starts(shape[0], patch_size[0], overlap)
+              for y in window_starts(shape[1], patch_size[1], overlap)
+              for x in window_starts(shape[2], patch_size[2], overlap)]
+    maps: dict[str, np.ndarray] = {}
+    vectors: dict[str, np.ndarray] = {}
+    norm = np.zeros(shape, np.float32)
+    d, h, w = patch_size
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i:i + batch_size]
+        out = _call(model, np.stack([vol[z:z + d, y:y + h, x:x + w] for z, y, x in chunk]), training)
+        for j, (z, y, x) in enumerate(chunk):
+            region = (slice(z, z + d), slice(y, y + h), slice(x, x + w))
+            norm[region] += weight
+            for k, v in out.items():
+                if v.ndim == 2:
+                    vectors[k] = vectors.get(k, 0.0) + v[j] / len(starts)
+                else:
+                    maps.setdefault(k, np.zeros(shape, np.float32))[region] += weight * v[j].reshape(d, h, w)
+    return {**{k: (v / norm)[crop] for k, v in maps.items()},
+            **{k: np.asarray(v, np.float32) for k, v in vectors.items()}}
+
+
 # --- training patches ---------------------------------------------------------------------------
 
 def crop_patch(array: np.ndarray, start: Sequence[int], patch_size: Sequence[int]) -> np.ndarray:

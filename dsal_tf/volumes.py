@@ -93,6 +93,23 @@ def is_volume_dataset(data_path: str | Path) -> bool:
     return False
 
 
+def dataset_rank(data_path: str | Path) -> int:
+    """3 when the split folders (`trainImg`, `valImg`, `testImg`) hold NIfTI volumes, 2 otherwise
+    (images, or nothing yet: the 2D loader names what is missing). A dataset that mixes the two,
+    in one folder or across folders, is one line naming a file of each kind."""
+    from .data import SPLITS, list_images
+
+    volumes, images = [], []
+    for split in SPLITS:
+        folder = Path(data_path) / f"{split}Img"
+        volumes += list_volumes(folder)[:1]
+        images += list_images(folder)[:1]
+    if volumes and images:
+        raise DsalError(f"{images[0]} is a 2D image but {volumes[0]} is a NIfTI volume; a dataset holds one kind: "
+                        "convert the images to .nii.gz or move the volumes to their own dataset")
+    return 3 if volumes else 2
+
+
 def _label_candidates(img: Path, gt_dir: Path, naming: str) -> list[Path]:
     stem = volume_stem(img)
     isic = [gt_dir / f"{stem}_segmentation{ext}" for ext in NIFTI_EXTS]
@@ -177,6 +194,20 @@ def read_volume(path: str | Path, dtype=np.float32) -> Volume:
     if len(spacing) < 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise DsalError(f"{path} has voxel spacing {spacing} in its header; set positive pixdim values")
     return Volume(path, array, np.asarray(img.affine, np.float64), img.header, spacing)
+
+
+def read_header(path: str | Path) -> Volume:
+    """One NIfTI file's geometry without its voxels: shape, affine, header and spacing, checked like
+    `read_volume` (a 4D or 2D file, a bad spacing: one line naming the file). `array` is a
+    zero-stride placeholder of the file's shape (no memory), enough for `write_mask`'s reference."""
+    path = Path(path)
+    img = _load(path)
+    placeholder = _spatial(np.broadcast_to(np.float32(0), img.shape), path, img.shape)
+    zooms = img.header.get_zooms()
+    spacing = tuple(float(z) for z in zooms[:3])
+    if len(spacing) < 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise DsalError(f"{path} has voxel spacing {spacing} in its header; set positive pixdim values")
+    return Volume(path, placeholder, np.asarray(img.affine, np.float64), img.header, spacing)
 
 
 def check_label(label: np.ndarray, path: Path) -> np.ndarray:

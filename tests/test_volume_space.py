@@ -30,7 +30,7 @@ TRAIN = [("v0", (20, 24, 9), (1.0, 1.0, 2.0)), ("v1", (18, 22, 8), (1.0, 1.0, 2.
          ("v4", (14, 24, 9), (1.5, 1.0, 2.0)), ("v5", (20, 24, 8), (1.0, 1.0, 2.0))]
 VAL = [("w0", (20, 24, 9), (1.0, 1.0, 2.0)), ("w1", (19, 23, 9), (1.0, 1.0, 2.0))]
 TEST = [("t0", (20, 24, 9), (1.0, 1.0, 2.0)), ("t1", (21, 24, 8), (1.0, 1.0, 2.0))]
-GRID = (24, 32, 24)  # the largest resampled shape (22, 26, 18) rounded up to multiples of 2**3
+GRID = (24, 32, 16)  # the largest resampled shape (22, 26, 9), up to multiples of 2**3 and at least PATCH
 
 
 def _affine(spacing, origin=(4.0, -3.0, 7.0)):
@@ -71,7 +71,7 @@ def volume_data(tmp_path_factory):
 
 def _cfg(data, tmp_path, **settings):
     values = dict(data_path=str(data), exp_dir=str(tmp_path / "exp"), exp_name="vol", depth=3, base_filters=2,
-                  batch_size=2, progress=False, patch_size=PATCH, **settings)
+                  batch_size=2, progress=False, **{"patch_size": PATCH, **settings})
     return resolve(values)
 
 
@@ -116,7 +116,7 @@ def test_load_splits_shapes_padding_and_cache(volume_data, tmp_path):
         assert isinstance(s.images, np.memmap) and isinstance(s.masks, np.memmap)
         assert s.images.shape == s.masks.shape == (len(items), *GRID, 1)
         assert s.images.dtype == np.float16 and s.masks.dtype == np.uint8
-        for i, (name, shape, spacing) in enumerate(items):
+        for i, (_name, shape, _spacing) in enumerate(items):
             geo = space.geometry(s.files[i])
             assert geo.shape == shape
             outside = np.ones(GRID, bool)
@@ -126,12 +126,23 @@ def test_load_splits_shapes_padding_and_cache(volume_data, tmp_path):
             assert abs(inside.mean()) < 0.05 and 0.9 < inside.std() < 1.05  # z-scored per volume
             lo, hi = content_box(s.images[i])
             assert tuple(lo) == geo.offset and tuple(hi - lo) == geo.resampled
+    from dsal_tf.data import Rows
+    from dsal_tf.volume_space import stored_boxes
+
+    train = splits["train"]
+    boxes = [content_box(train.images[i]) for i in range(len(train))]
+    for got, want in zip(stored_boxes(train.images), boxes, strict=True):
+        np.testing.assert_array_equal(got, want)
+    picked = stored_boxes(Rows(train.images, np.array([4, 1])))
+    np.testing.assert_array_equal(picked[0][0], boxes[4][0])
+    np.testing.assert_array_equal(picked[1][1], boxes[1][1])
+    assert stored_boxes(train.images[1:3]) is None and stored_boxes(np.asarray(train.images)) is None
     # v4: 14 slices of 1.5 mm -> 21 of 1 mm, centred in the 24-slice grid
     v4 = space.geometry(splits["train"].files[4])
-    assert v4.resampled == (21, 24, 18) and v4.offset == (1, 4, 3)
+    assert v4.resampled == (21, 24, 9) and v4.offset == (1, 4, 3)
     folder = os.path.dirname(splits["train"].images.filename)
     meta = json.loads(open(os.path.join(folder, "meta.json")).read())
-    assert meta["shape"] == list(GRID) and meta["volumes"][4]["resampled"] == [21, 24, 18]
+    assert meta["shape"] == list(GRID) and meta["volumes"][4]["resampled"] == [21, 24, 9]
     # reused: the same folder, not rewritten
     stamp = os.stat(os.path.join(folder, "images.npy")).st_mtime_ns
     again = _space(volume_data, tmp_path).load_splits(("train",))["train"]
@@ -163,7 +174,7 @@ def test_masks_written_back_on_the_input_grid_and_affine(volume_data, tmp_path):
     train = space.load_split("train")
     idx = np.arange(len(train))
     space.write_masks(tmp_path / "pseudo", idx, np.asarray(train.masks), train)
-    for i, (name, shape, spacing) in enumerate(TRAIN):
+    for name, shape, _spacing in TRAIN:
         written = nib.load(str(space.mask_file(tmp_path / "pseudo", name)))
         source = nib.load(str(volume_data / "trainGT" / f"{name}.nii.gz"))
         assert written.shape == shape and written.get_data_dtype() == np.uint8
@@ -189,7 +200,7 @@ def test_train_stream_is_seeded_and_holds_foreground(volume_data, tmp_path):
     norm = space.fit_normalizer(train.images)
     x, y = np.asarray(train.images), np.asarray(train.masks)
     steps = space.steps_per_epoch(len(x))
-    assert steps == 6 * 2 // 2  # 6 volumes x ceil(24*32*24 / (16*24*16)) = 2 patches, 2 a step
+    assert steps == 6 * 2 // 2  # 6 volumes x ceil(24*32*16 / (16*24*16)) = 2 patches, 2 a step
     ds = space.train_stream(x, y, norm, seed=5, heads=("main", "side_1"), foreground_oversample=0.5)
     first, again = _batches(ds), _batches(ds)
     assert len(first) == steps
@@ -253,6 +264,23 @@ def test_dsal_scores_through_the_sliding_inferer_by_hand(volume_data, tmp_path):
         truth = np.asarray(val.masks[i])[..., 0] > 0
         assert scores["true_dice"][i] == pytest.approx((2 * np.sum(truth & b0) + 1) / (truth.sum() + b0.sum() + 1),
                                                       rel=1e-5)
+
+
+def test_predict_file_matches_the_cached_path(volume_data, tmp_path):
+    from dsal_tf.volume_space import predict_file, smoothed_dice
+
+    space = _space(volume_data, tmp_path)
+    val = space.load_split("val")
+    norm = space.fit_normalizer()
+    cached = space.masks_at_original_size(_Pointwise(), val.images, val.files, norm)
+    for i, path in enumerate(val.files):
+        out = predict_file(_Pointwise(), path, tmp_path / "pred" / f"{val.names[i]}.nii.gz", norm)
+        written = nib.load(str(tmp_path / "pred" / f"{val.names[i]}.nii.gz"))
+        np.testing.assert_array_equal(written.affine, nib.load(str(path)).affine)
+        mask = np.asarray(written.dataobj)
+        assert mask.shape == cached[i].shape and out["foreground"] == mask.sum() > 0
+        assert smoothed_dice(mask, cached[i]) > 0.99  # the cache keeps float16 voxels: a rare voxel may flip
+        assert 0.5 < out["agreement"] <= 1.0
 
 
 @pytest.fixture(scope="module")
@@ -390,3 +418,17 @@ def test_a_label_of_another_shape(tmp_path):
         _space(data, tmp_path).load_splits()
     assert "19x23x8" in _one_line_naming(e, label)
     assert not list((tmp_path / "exp" / ".cache").glob("volumes-val-*"))  # nothing half-written is kept
+
+
+def test_dataset_rank_and_a_mixed_dataset(tmp_path):
+    import cv2
+
+    from dsal_tf.volumes import dataset_rank
+
+    data = make_volumes(tmp_path / "data")
+    assert dataset_rank(data) == 3 and dataset_rank(tmp_path / "nothing") == 2
+    png = data / "testImg" / "slice.png"
+    cv2.imwrite(str(png), np.zeros((8, 8), np.uint8))
+    with pytest.raises(DsalError) as e:
+        dataset_rank(data)
+    assert "v0.nii.gz" in _one_line_naming(e, png)
