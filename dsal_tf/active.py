@@ -121,9 +121,9 @@ def open_run(cfg: Config, constants_path: str | Path | None = None, log: Callabl
         )
     run = Run.create(cfg, constants_path)
     if run.normalizer_file.is_file():
-        normalizer = Normalizer.load(run.normalizer_file)
+        normalizer = parts.space.load_normalizer(run.normalizer_file)
     else:
-        normalizer = Normalizer.fit(splits["train"].images, cfg.normalization)
+        normalizer = parts.space.fit_normalizer(splits["train"].images)
         normalizer.save(run.normalizer_file)
     determinism.apply(cfg)  # seeds (and DETERMINISTIC op determinism) before any model is built
     train.set_precision(cfg)
@@ -341,7 +341,8 @@ def score_shard(cfg: Config, r: int, shard: int, n_shards: int, log: Callable[[s
         raise DsalError(f"round {r} of {run.path} has already chosen its images; nothing to score")
     parts = build(cfg)
     splits = parts.space.load_splits(("train", "val"))
-    ctx = RoundContext(cfg, run, parts, splits["train"], splits["val"], run.normalizer(), log, round=r,
+    normalizer = parts.space.load_normalizer(run.normalizer_file)
+    ctx = RoundContext(cfg, run, parts, splits["train"], splits["val"], normalizer, log, round=r,
                        pool=Pool.load(run.pool_file(r - 1)))
     determinism.apply(cfg)
     train.set_precision(cfg)

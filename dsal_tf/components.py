@@ -21,7 +21,7 @@ from .config import load_config as read_config
 from .errors import DsalError
 from .oracle import ORACLES, Oracle
 from .settings import Settings, settings_class, suggest
-from .space import ImageSpace, space_for
+from .space import ImageSpace, VolumeSpace, space_for
 from .stopping import STOP_RULES, StopRule
 from .strategies import PSEUDO_POLICIES, QUERY_STRATEGIES, SELECTIONS, PseudoPolicy, QueryStrategy, pseudo_policy_name
 from .trainers import TRAINERS
@@ -46,13 +46,16 @@ class Components:
     pseudo: PseudoPolicy  # the weak labeler
     trainer: type  # `TRAINERS[TRAINER]`: `fit_job(train.FitJob)` trains one round
     oracle: Oracle  # the strong labeler
-    space: ImageSpace  # everything that depends on the image rank
+    space: ImageSpace | VolumeSpace  # everything that depends on the image rank
     stop_rules: tuple[StopRule, ...]
 
 
+SPACES = {"image": ImageSpace, "volume": VolumeSpace}  # picked from the data (`space_for`), not by name
+
+
 def every_class() -> list[type]:
-    """Every registered class (strategies, policies, selections, trainers, oracles, stop rules)."""
-    return [c for registry in (*REGISTRIES.values(), STOP_RULES) for c in registry.values()]
+    """Every class with settings (strategies, policies, selections, trainers, oracles, stop rules, spaces)."""
+    return [c for registry in (*REGISTRIES.values(), STOP_RULES, SPACES) for c in registry.values()]
 
 
 def owners() -> dict[str, list[type]]:
@@ -107,7 +110,7 @@ def chosen_classes(cfg: Config) -> list[type]:
     query = QUERY_STRATEGIES[cfg.query_strategy]
     selection = query.default_selection if cfg.selection == "auto" else cfg.selection
     return [query, PSEUDO_POLICIES[pseudo_name(cfg)], SELECTIONS[selection], TRAINERS[cfg.trainer],
-            ORACLES[cfg.oracle], *STOP_RULES.values()]
+            ORACLES[cfg.oracle], *STOP_RULES.values(), type(space_for(cfg))]
 
 
 def resolved(cfg: Config) -> Config:
@@ -178,8 +181,10 @@ def configuration_table() -> str:
     titles = {"query_strategy": "Query strategies (`QUERY_STRATEGY`)", "pseudo_policy": "Pseudo-label policies "
               "(`PSEUDO_POLICY`)", "selection": "Selection rules (`SELECTION`)", "trainer": "Trainers (`TRAINER`)",
               "oracle": "Oracles (`ORACLE`)"}
-    for key, registry in (*REGISTRIES.items(), ("stop", STOP_RULES)):
-        lines += [f"## {titles.get(key, 'Stop rules (always on, each off at 0)')}", ""]
+    titles["stop"] = "Stop rules (always on, each off at 0)"
+    titles["space"] = "Spaces (picked from the data: NIfTI volumes make a volume dataset)"
+    for key, registry in (*REGISTRIES.items(), ("stop", STOP_RULES), ("space", SPACES)):
+        lines += [f"## {titles[key]}", ""]
         for name in sorted(registry):
             cls = registry[name]
             lines += [f"### `{name}`", "", _doc_of(cls) or "(no description)", ""]

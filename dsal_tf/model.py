@@ -181,9 +181,11 @@ def with_features(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, {**outputs, "features": feats}, name=f"{model.name}_features")
 
 
-def unet_for(cfg) -> keras.Model:
-    """The run's U-Net from its `Config` (input size, colour, filters, depth and the variant switches)."""
-    return build_unet((cfg.img_rows, cfg.img_cols, cfg.channels), cfg.base_filters, cfg.depth, cfg.dropout,
+def unet_for(cfg, input_shape: tuple | None = None) -> keras.Model:
+    """The run's U-Net from its `Config` (filters, depth and the variant switches); `input_shape` is the
+    space's `model_input_shape` (default: IMG_ROWS x IMG_COLS x channels, the 2D space's)."""
+    shape = input_shape or (cfg.img_rows, cfg.img_cols, cfg.channels)
+    return build_unet(tuple(shape), cfg.base_filters, cfg.depth, cfg.dropout,
                       side_upsampling=cfg.side_upsampling, dropout_at=cfg.dropout_at, norm=cfg.norm)
 
 

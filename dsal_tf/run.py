@@ -37,6 +37,7 @@ from .config import Config, resolve
 from .data import Normalizer
 from .errors import DsalError
 from .files import atomic_write, atomic_write_text
+from .volume_space import VolumeNormalizer
 
 CONFIG = "config.json"
 CONSTANTS = "constants.py"
@@ -262,5 +263,8 @@ class Run:
 
         return keras.models.load_model(self.checkpoint(r), compile=False)
 
-    def normalizer(self) -> Normalizer:
+    def normalizer(self):
+        """The run's input normalizer: per-channel statistics (images) or the volume pipeline's record."""
+        if json.loads(self.normalizer_file.read_text()).get("space") == "volume":
+            return VolumeNormalizer.load(self.normalizer_file)
         return Normalizer.load(self.normalizer_file)

@@ -27,6 +27,9 @@ from .data import SPLITS, Normalizer, Rows, Split, load_splits, make_dataset
 from .errors import DsalError
 from .files import atomic_dir
 from .model import float32_copy
+from .settings import Settings
+from .volume_space import VolumeSpace
+from .volumes import dataset_rank
 
 THRESHOLD = 0.5
 EVAL_BATCH_FACTOR, EVAL_BATCH_CAP = 4, 256
@@ -90,9 +93,23 @@ class ImageSpace:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    Settings = Settings  # no settings of its own: IMG_ROWS, IMG_COLS and COLOR are the run's
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.cfg.img_rows, self.cfg.img_cols, self.cfg.channels)
+
+    @property
+    def model_input_shape(self) -> tuple[int, int, int]:
+        """What the network is built with (a volume space builds a fully convolutional one)."""
+        return self.input_shape
+
+    def fit_normalizer(self, images) -> Normalizer:
+        """Per-channel statistics of the training pool (`NORMALIZATION`)."""
+        return Normalizer.fit(images, self.cfg.normalization)
+
+    def load_normalizer(self, path: Path) -> Normalizer:
+        return Normalizer.load(path)
 
     # ------------------------------------------------------------------ data
     def load_splits(self, splits=SPLITS) -> dict[str, Split]:
@@ -194,9 +211,12 @@ class ImageSpace:
                          for im in images]).astype(np.float32) / 255.0
 
 
-def space_for(cfg) -> ImageSpace:
-    """The space of a run's data: the only place that decides the rank (2D images today)."""
+def space_for(cfg):
+    """The space of a run's data, `ImageSpace` or `VolumeSpace`: the only place that decides the rank
+    (NIfTI volumes in the split folders make a volume dataset; a mix of both is one line)."""
+    if dataset_rank(cfg.data_path) == 3:
+        return VolumeSpace.from_config(cfg)
     return ImageSpace(cfg)
 
 
-__all__ = ["ImageSpace", "Rows", "disk_array", "item_axes", "original_size", "space_for", "to_original"]
+__all__ = ["ImageSpace", "VolumeSpace", "Rows", "disk_array", "item_axes", "original_size", "space_for", "to_original"]

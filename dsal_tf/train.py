@@ -101,7 +101,7 @@ def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
 
 def new_model(cfg: Config, seed: int) -> keras.Model:
     keras.utils.set_random_seed(seed)
-    model = unet_for(cfg)
+    model = unet_for(cfg, space_for(cfg).model_input_shape)
     return compile_model(model, cfg)
 
 

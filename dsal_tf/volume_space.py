@@ -441,6 +441,11 @@ class VolumeSpace:
         return (*self.patch_size, 1)
 
     @property
+    def eval_batch_size(self) -> int:
+        """Items per scoring batch (where `dsal score --shard` cuts the pool): whole volumes."""
+        return SCORE_VOLUMES
+
+    @property
     def model_input_shape(self) -> tuple[None, None, None, int]:
         """What to build the U-Net with: any grid (patches, the padded grid, windows)."""
         return (None, None, None, 1)

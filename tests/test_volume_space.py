@@ -432,3 +432,35 @@ def test_dataset_rank_and_a_mixed_dataset(tmp_path):
     with pytest.raises(DsalError) as e:
         dataset_rank(data)
     assert "v0.nii.gz" in _one_line_naming(e, png)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,trainer", [("dsal", "standard"), ("entropy", "bcp")])
+def test_the_active_learning_loop_runs_on_a_volume_folder(volume_data, tmp_path, strategy, trainer):
+    """A folder of NIfTI volumes through `dsal run`'s loop: the space is picked from the data, the
+    U-Net is 3D, rounds train on patches, the pool is scored per volume through sliding windows, and
+    the weak labeler's masks are NIfTI files at the input's grid; the run resumes from its folder."""
+    from dsal_tf.active import run_active_learning
+    from dsal_tf.components import build, resolved
+    from dsal_tf.pool import Pool
+    from dsal_tf.run import Run
+
+    cfg = _cfg(volume_data, tmp_path, nb_labeled=2, nb_iterations=1, nb_next_sample=1, pseudo_epoch=1,
+               nb_pseudo_initial=1, nb_initial_epochs=1, nb_active_epochs=1, query_strategy=strategy,
+               trainer=trainer, foreground_oversample=0.5, mixed_precision="off")
+    assert type(build(resolved(cfg)).space).__name__ == "VolumeSpace"
+    run_active_learning(cfg, log=lambda m: None)
+    run = Run(cfg.run_dir)
+    assert run.completed() == [0, 1]
+    pool = Pool.load(run.pool_file(1))
+    assert len(pool.labelled) == 3
+    scores = (run.round_dir(1) / "scores.csv").read_text().splitlines()
+    assert len(scores) == 1 + len(TRAIN) - 2  # one row per unlabelled volume
+    pseudo = sorted((run.round_dir(1) / "pseudo").glob("*.nii.gz"))
+    assert len(pseudo) == (1 if trainer == "standard" else 0)  # pool trainers take no whole-image pseudo labels
+    for path in pseudo:
+        written = nib.load(str(path))
+        source = nib.load(str(volume_data / "trainImg" / path.name))
+        assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    run_active_learning(cfg.replace(nb_iterations=2), log=lambda m: None)  # resumes after round 1
+    assert run.completed() == [0, 1, 2]
