@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 
 from .config import Config
-from .data import Normalizer, Split, load_split
+from .data import Normalizer, Split
 from .errors import DsalError
 from .files import atomic_write
 from .metrics import batch_metrics
 from .run import Run, round_name
-from .space import eval_batch_size, predict_main  # noqa: F401 (predict_main re-exported)
+from .space import eval_batch_size, predict_main, space_for  # noqa: F401 (predict_main re-exported)
 
 METRICS = ("dice", "iou", "hd95", "asd", "hd95_penalized")
 
@@ -104,7 +104,8 @@ def evaluate_run(cfg: Config, rounds: list[int] | None = None, log: Callable[[st
     missing = sorted(set(rounds) - set(available))
     if missing:
         raise DsalError(f"round {missing[0]} of {run} is not finished; finished rounds: {available}")
-    test = load_split(cfg, "test")
+    space = space_for(cfg)
+    test = space.load_splits(("test",))["test"]
     normalizer = folder.normalizer()
     curve = pd.read_csv(folder.curve_file).set_index("round")
     rows = []
@@ -114,11 +115,11 @@ def evaluate_run(cfg: Config, rounds: list[int] | None = None, log: Callable[[st
             model = folder.load_model(r)
         else:  # same architecture every round: swap weights, keep the traced predict graph
             model.load_weights(folder.checkpoint(r))
-        per_image, pred = evaluate_model(model, test, normalizer, eval_batch_size(cfg))
+        per_image, pred = space.evaluate(model, test, normalizer)
         atomic_write(folder.test_metrics(r), lambda tmp: per_image.to_csv(tmp, index=False))
         rows.append({"round": r, "n_oracle": int(curve.loc[r, "n_oracle"]),
                      "n_pseudo": int(curve.loc[r, "n_pseudo"]), **summarize(per_image)})
-        if r in (rounds[0], rounds[-1]) and cfg.nb_overlays:
+        if r in (rounds[0], rounds[-1]) and cfg.nb_overlays and space.rank == 2:
             overlay_grid(test.images, test.masks, pred, run / "overlays" / f"{round_name(r)}.png", cfg.nb_overlays)
     table = pd.DataFrame(rows)
     atomic_write(folder.evaluation_file, lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"))

@@ -187,6 +187,15 @@ class ImageSpace:
         """Main-head probabilities of whole items, [N,H,W,1]."""
         return predict_main(model, images, normalizer, self.eval_batch_size)
 
+    def evaluate(self, model, split: Split, normalizer: Normalizer):
+        """Per-image test metrics (Dice, IoU, HD95, ASD at the model's size) and the predicted masks."""
+        import pandas as pd
+
+        from .metrics import batch_metrics
+
+        pred = (self.predict(model, split.images, normalizer) > THRESHOLD).astype(np.uint8)
+        return pd.DataFrame({"name": split.names, **batch_metrics(split.masks, pred)}), pred
+
     # ------------------------------------------------------------------ masks on disk
     def masks_at_original_size(self, model, images, files: list[Path], normalizer: Normalizer) -> list[np.ndarray]:
         """The model's {0,1} uint8 masks for model-size `images`, each at the original size of its file."""

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .data import SPLITS, Normalizer, Rows, Split, forced_foreground, masks_optional
 from .errors import DsalError
@@ -728,6 +729,22 @@ class VolumeSpace:
         a = np.asarray(array)
         a = a.reshape(a.shape[:3])[geo.box]
         return resize(a.astype(np.float32) if order else a, geo.shape, order)
+
+    def evaluate(self, model, split: Split, normalizer) -> tuple[pd.DataFrame, np.ndarray]:
+        """Per-volume test metrics on each file's own grid, surface distances in mm (its header's
+        spacing), and the predicted masks on the padded grid (for overlays)."""
+        from .metrics import volume_metrics
+
+        _check_normalizer(normalizer)
+        infer = self.inferer(model)
+        rows, pred = [], np.zeros(split.masks.shape, np.uint8)
+        for i, path in enumerate(split.files):
+            prob = infer.volume(normalizer.numpy(split.images[i]))["main"]
+            pred[i] = (np.asarray(prob).reshape(pred.shape[1:]) > THRESHOLD)
+            mine = (self.to_original(prob, path, 1) > THRESHOLD).astype(np.uint8)
+            truth = self.to_original(split.masks[i], path, 0)
+            rows.append({"name": split.names[i], **volume_metrics(truth, mine, read_header(path).spacing)})
+        return pd.DataFrame(rows), pred
 
     def masks_at_original_size(self, model, images, files: list[Path], normalizer) -> list[np.ndarray]:
         """The model's {0,1} uint8 masks `[D,H,W]` of padded `images`, each on its file's grid."""

@@ -9,6 +9,7 @@ import os
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
 from dsal_tf.config import resolve
@@ -464,3 +465,9 @@ def test_the_active_learning_loop_runs_on_a_volume_folder(volume_data, tmp_path,
         assert written.shape == source.shape and np.allclose(written.affine, source.affine)
     run_active_learning(cfg.replace(nb_iterations=2), log=lambda m: None)  # resumes after round 1
     assert run.completed() == [0, 1, 2]
+    from dsal_tf.evaluate import evaluate_run
+
+    table = evaluate_run(cfg, rounds=[2], log=lambda m: None)  # `python test.py` on volumes: metrics in mm
+    per_volume = pd.read_csv(run.test_metrics(2))
+    assert list(per_volume["name"]) == [n for n, _, _ in TEST] and per_volume["dice"].between(0, 1).all()
+    assert len(table) == 1
