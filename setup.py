@@ -20,8 +20,8 @@ setup(
         "nibabel>=5.0",  # NIfTI volumes (dsal_tf/volumes.py)
     ],
     extras_require={
-        "test": ["pytest>=7.4", "hypothesis>=6.100", "pydensecrf2", "label-studio-sdk>=1.0", "tf2onnx>=1.16",
-                 "onnxruntime>=1.17"],
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "hypothesis>=6.100", "pydensecrf2", "label-studio-sdk>=1.0",
+                 "tf2onnx>=1.16", "onnxruntime>=1.17"],
         "crf": ["pydensecrf2"],
         "labelstudio": ["label-studio-sdk>=1.0"],  # brush RLE for Label Studio tasks and imports
         "onnx": ["tf2onnx>=1.16", "onnxruntime>=1.17"],  # dsal export --format onnx (and checking it)

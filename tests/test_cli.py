@@ -154,6 +154,7 @@ def test_verbose_is_accepted_by_the_group_and_the_commands():
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow  # two new interpreters that load TensorFlow: 8 s
 def test_a_fresh_main_py_prints_no_tensorflow_banner():
     """A real interpreter: TensorFlow's start-up lines appear only when it is first loaded in a process."""
     for script in ("main.py", "test.py"):

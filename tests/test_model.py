@@ -33,6 +33,7 @@ def test_deep_supervision_weights():
         deep_supervision("hinge")
 
 
+@pytest.mark.slow  # trains (one fit): 5 s
 def test_round_reset_keeps_the_mixed_precision_loss_scale():
     import keras
 

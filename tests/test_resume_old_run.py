@@ -10,15 +10,13 @@ import pytest
 from dsal_tf.active import run_active_learning
 from dsal_tf.pool import Pool
 from dsal_tf.run import Run
-from dsal_tf.synthetic import make_synthetic
 
 FIXTURE = Path(__file__).parent / "fixtures" / "old_run"
 
 
 @pytest.mark.slow
-def test_a_run_saved_before_the_refactor_resumes(tmp_path):
-    data = tmp_path / "orgData"
-    make_synthetic(data, counts=(24, 8, 8), size=48, seed=3)  # the data the fixture was made on
+def test_a_run_saved_before_the_refactor_resumes(tiny_data, tmp_path):
+    data = tiny_data  # the data the fixture was made on: make_synthetic(counts=(24, 8, 8), size=48, seed=3)
     run = Run(tmp_path / "exp" / "old-run")
     shutil.copytree(FIXTURE, run.path)
     old = json.loads(run.config_file.read_text())

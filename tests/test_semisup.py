@@ -50,9 +50,26 @@ def test_pool_trainers_default_to_no_whole_image_pseudo_labels():
     assert pseudo_name(resolve({})) == "confidence"
 
 
+BCP = dict(trainer="bcp", nb_iterations=1, query_strategy="entropy")
+
+
+@pytest.fixture(scope="session")  # session: built once per (xdist) process
+def bcp_run(tiny_data, tmp_path_factory):
+    """One finished `bcp` run (rounds 0 and 1), trained once for this module's slow tests: read it, or
+    copy it with `copy_run` before changing it."""
+    from dsal_tf.active import run_active_learning
+    from dsal_tf.config import resolve
+
+    from .conftest import tiny_values
+
+    cfg = resolve(tiny_values(tiny_data, tmp_path_factory.mktemp("bcp"), **BCP))
+    run_active_learning(cfg, log=lambda m: None)
+    return cfg
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("trainer", ["bcp", "mean_teacher"])
-def test_semisupervised_trainers_run_the_loop_and_save_the_teacher(trainer, tiny_data, tmp_path):
+def test_semisupervised_trainers_run_the_loop_and_save_the_teacher(trainer, request, tiny_data, tmp_path):
     """Every strategy combines with either trainer; the checkpoint is the EMA teacher, a plain U-Net."""
     import keras
 
@@ -62,8 +79,11 @@ def test_semisupervised_trainers_run_the_loop_and_save_the_teacher(trainer, tiny
 
     from .conftest import tiny_values
 
-    cfg = resolve(tiny_values(tiny_data, tmp_path, trainer=trainer, nb_iterations=1, query_strategy="entropy"))
-    run_active_learning(cfg, log=lambda m: None)
+    if trainer == "bcp":
+        cfg = request.getfixturevalue("bcp_run")  # the same settings, shared with the tests below
+    else:
+        cfg = resolve(tiny_values(tiny_data, tmp_path, **{**BCP, "trainer": trainer}))
+        run_active_learning(cfg, log=lambda m: None)
     run = Run(cfg.run_dir)
     assert run.completed() == [0, 1]
     history = (run.round_dir(1) / "history.csv").read_text()
@@ -113,55 +133,50 @@ def test_the_teacher_follows_the_student_by_ema():
 
 
 @pytest.mark.slow
-def test_hidden_masks_of_unlabelled_images_never_reach_training(tiny_data, tmp_path):
+def test_hidden_masks_of_unlabelled_images_never_reach_training(bcp_run, tmp_path):
     """The teacher labels the pool: replacing every mask the oracle has not revealed with a wrong one
-    changes nothing in training (round 0 of `bcp`, bit for bit)."""
+    changes nothing in training (round 0 of `bcp`, bit for bit, against the shared run's round 0)."""
     import shutil
 
     import cv2
     import keras
 
     from dsal_tf.active import run_active_learning
-    from dsal_tf.config import resolve
     from dsal_tf.pool import Pool
     from dsal_tf.run import Run
 
-    from .conftest import tiny_values
-
     wrong = tmp_path / "wrong"
-    shutil.copytree(tiny_data, wrong)
-    weights = []
-    for data in (tiny_data, wrong):
-        cfg = resolve(tiny_values(data, tmp_path / data.name, trainer="bcp", nb_iterations=0))
-        if data == wrong:
-            labelled = set(Pool.load(Run(weights[0][1]).pool_file(0)).labelled)
-            names = sorted(p for p in (wrong / "trainGT").iterdir())
-            for i, mask in enumerate(names):
-                if i not in labelled:
-                    img = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)
-                    cv2.imwrite(str(mask), 255 - img)  # every hidden mask inverted
-        run_active_learning(cfg, log=lambda m: None)
-        weights.append((keras.models.load_model(Run(cfg.run_dir).checkpoint(0), compile=False).get_weights(),
-                        cfg.run_dir))
-    assert all(np.array_equal(a, b) for a, b in zip(weights[0][0], weights[1][0]))
+    shutil.copytree(bcp_run.data_path, wrong)
+    labelled = set(Pool.load(Run(bcp_run.run_dir).pool_file(0)).labelled)
+    names = sorted(p for p in (wrong / "trainGT").iterdir())
+    assert 0 < len(labelled) < len(names)
+    for i, mask in enumerate(names):
+        if i not in labelled:
+            img = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)
+            cv2.imwrite(str(mask), 255 - img)  # every hidden mask inverted
+    cfg = bcp_run.replace(data_path=str(wrong), exp_dir=str(tmp_path / "exp"), nb_iterations=0)
+    run_active_learning(cfg, log=lambda m: None)
+    assert np.array_equal(Pool.load(Run(cfg.run_dir).pool_file(0)).labelled_map,
+                          Pool.load(Run(bcp_run.run_dir).pool_file(0)).labelled_map)
+    weights = [keras.models.load_model(Run(c.run_dir).checkpoint(0), compile=False).get_weights()
+               for c in (bcp_run, cfg)]
+    assert all(np.array_equal(a, b) for a, b in zip(*weights))
 
 
 @pytest.mark.slow
-def test_a_bcp_round_restarted_gives_the_uninterrupted_result(tiny_data, tmp_path):
+def test_a_bcp_round_restarted_gives_the_uninterrupted_result(bcp_run, tmp_path):
     """Rounds are atomic: a round re-run after an interruption (here: resumed in a new run folder from
-    round 0) gives the same teacher as the uninterrupted run."""
+    the shared run's round 0) gives the same teacher as the uninterrupted run."""
     import keras
 
     from dsal_tf.active import run_active_learning
-    from dsal_tf.config import resolve
     from dsal_tf.run import Run
 
-    from .conftest import copy_run, tiny_values
+    from .conftest import copy_run
 
-    cfg = resolve(tiny_values(tiny_data, tmp_path / "a", trainer="bcp", nb_iterations=1))
-    run_active_learning(cfg, log=lambda m: None)
-    resumed = copy_run(cfg, tmp_path / "b", keep_rounds=1)
+    resumed = copy_run(bcp_run, tmp_path, keep_rounds=1)
     run_active_learning(resumed, log=lambda m: None)
-    a = keras.models.load_model(Run(cfg.run_dir).checkpoint(1), compile=False).get_weights()
+    assert Run(resumed.run_dir).completed() == [0, 1]
+    a = keras.models.load_model(Run(bcp_run.run_dir).checkpoint(1), compile=False).get_weights()
     b = keras.models.load_model(Run(resumed.run_dir).checkpoint(1), compile=False).get_weights()
     assert all(np.array_equal(x, y) for x, y in zip(a, b))

@@ -65,6 +65,7 @@ def _snapshot(model):
     return [v.numpy().copy() for v in model.trainable_variables]
 
 
+@pytest.mark.slow  # trains (one fit of the bi-level step): 5 s each
 @pytest.mark.parametrize("name", ["mwnet", "mcpm"])
 def test_real_step_is_the_weighted_gradient(name):
     """Meta lr 0 (the meta net stays put), SGD lr 1: the step is
