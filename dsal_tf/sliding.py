@@ -91,28 +91,11 @@ def sliding_window_predict(
     (taken as `main`). Ask for `heads=HEADS` to get the side heads too, for the DSAL agreement
     per volume; `training=True` gives an MC-dropout pass. Windows go `batch_size` at a time.
     """
-    vol, crop = _pad_to(_as_channels(volume), patch_size)
-    shape = vol.shape[:3]
-    weight = gaussian_importance(patch_size, sigma_scale)
-    starts = [(z, y, x) for z in window_starts(shape[0], patch_size[0], overlap)
-              for y in window_starts(shape[1], patch_size[1], overlap)
-              for x in window_starts(shape[2], patch_size[2], overlap)]
-    acc = {h: np.zeros(shape, np.float32) for h in heads}
-    norm = np.zeros(shape, np.float32)
-    d, h, w = patch_size
-    for i in range(0, len(starts), batch_size):
-        chunk = starts[i:i + batch_size]
-        batch = np.stack([vol[z:z + d, y:y + h, x:x + w] for z, y, x in chunk])
-        out = _call(model, batch, training)
-        missing = [k for k in heads if k not in out]
-        if missing:
-            raise KeyError(f"the model has no head {missing[0]!r}; it has {sorted(out)}")
-        for j, (z, y, x) in enumerate(chunk):
-            region = (slice(z, z + d), slice(y, y + h), slice(x, x + w))
-            norm[region] += weight
-            for k in heads:
-                acc[k][region] += weight * out[k][j].reshape(d, h, w)
-    return {k: (acc[k] / norm)[crop] for k in heads}
+    out = sliding_window_outputs(model, volume, patch_size, overlap, batch_size, sigma_scale, training)
+    missing = [k for k in heads if k not in out]
+    if missing:
+        raise KeyError(f"the model has no head {missing[0]!r}; it has {sorted(out)}")
+    return {k: out[k] for k in heads}
 
 
 def sliding_window_outputs(
