@@ -99,11 +99,3 @@ def copy_run(cfg, tmp_path, keep_rounds=None, **changes):
         curve.write_text("".join([lines[0], *(x for x in lines[1:] if int(x.split(",")[0]) < keep_rounds)]))
     return new
 
-
-# TEMP-TIMELINE
-if os.environ.get("T24_TIMELINE"):
-    import time as _t
-
-    def pytest_runtest_logfinish(nodeid, location):
-        with open(f"/tmp/t24/timeline_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.txt", "a") as f:
-            f.write(f"{_t.time():.2f} {nodeid}\n")
