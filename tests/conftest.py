@@ -27,12 +27,16 @@ from dsal_tf.synthetic import make_synthetic  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _float32_policy_after_each_test():
-    """Every test starts from Keras's float32 policy, as a fresh process does: a run sets the process-wide
-    policy from MIXED_PRECISION (bf16 by default on a CPU with AVX512-BF16) and leaves it set."""
-    yield
+def _same_start_for_every_test():
+    """Every test starts from the same process-wide state, whatever ran before it in this process
+    (pytest-xdist hands tests to its workers by timing, so that differs from run to run): the same global
+    seeds (Python, NumPy, TensorFlow, Keras), so a model built without a seed is the same in every run;
+    and Keras's float32 policy, as a fresh process has (a run sets the process-wide policy from
+    MIXED_PRECISION, bf16 by default on a CPU with AVX512-BF16, and leaves it set)."""
     import keras
 
+    keras.utils.set_random_seed(0)
+    yield
     keras.mixed_precision.set_global_policy("float32")
 
 
