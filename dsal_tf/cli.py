@@ -139,7 +139,8 @@ def cli() -> None:
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", "learning_rate", type=float, default=None)
 @click.option("--base-filters", type=int, default=None)
-@click.option("--mixed-precision/--no-mixed-precision", default=None)
+@click.option("--precision", "mixed_precision", type=click.Choice(["auto", "off", "float16", "bfloat16"]), default=None,
+              help="MIXED_PRECISION: auto (bf16 where the hardware has it, the default), off, float16 or bfloat16.")
 @click.option("--resume/--no-resume", "resume_on", default=None)
 @click.option("--progress/--no-progress", default=None)
 @click.option("--full-supervision", is_flag=True,

@@ -8,7 +8,6 @@ that names it and suggests the closest valid name.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import runpy
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DsalError
-from .settings import coerce
+from .settings import coerce, suggest
 
 
 @dataclass(frozen=True)
@@ -180,11 +179,6 @@ _NON_NEGATIVE = {
 }
 
 
-def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _coerce(name: str, value: Any, source: str) -> Any:
     if name == "mixed_precision" and isinstance(value, bool):  # the old boolean switch
         return "float16" if value else "off"
@@ -215,7 +209,7 @@ def _check(cfg: Config, source: str) -> None:
         if value not in options:
             raise DsalError(
                 f"{name.upper()} in {source} = {value!r} is not one of {list(options)}"
-                + _suggest(str(value), options)
+                + suggest(str(value), options)
             )
     _check_ranges(cfg, source)
     if len(cfg.ds_weights) != 3 or any(w < 0 for w in cfg.ds_weights):
@@ -253,7 +247,7 @@ def resolve(values: dict[str, Any], source: str = "constants.py") -> Config:
     preset = merged.get("preset", Config.preset)
     if preset not in PRESETS:
         raise DsalError(
-            f"PRESET in {source} = {preset!r} is not one of {list(PRESETS)}" + _suggest(preset, PRESETS)
+            f"PRESET in {source} = {preset!r} is not one of {list(PRESETS)}" + suggest(preset, PRESETS)
         )
     cfg = Config(**{**PRESETS[preset], **merged, "settings": dict(sorted(settings.items()))})
     _check(cfg, source)

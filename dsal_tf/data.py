@@ -327,6 +327,14 @@ class Normalizer:
 
 
 # ------------------------------------------------------------------ tf.data
+def disk_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A writable array backed by an anonymous temporary file (deleted when the array is)."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as f:  # the mapping keeps the data after the file is closed
+        return np.memmap(f, dtype=dtype, mode="w+", shape=shape)
+
+
 class Rows:
     """Rows `index` of a (memory-mapped) array, read only when asked: a pool subset that is never
     copied whole. `make_dataset` streams it; indexing it returns a plain array."""

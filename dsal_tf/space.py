@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .data import SPLITS, Normalizer, Rows, Split, load_splits, make_dataset
+from .data import SPLITS, Normalizer, Rows, Split, disk_array, load_splits, make_dataset
 from .errors import DsalError
 from .files import atomic_dir
 from .model import float32_copy
@@ -52,14 +52,6 @@ def item_axes(x) -> list[int]:
 
     Rank-generic: [N,H,W,C] gives [1, 2, 3], [N,D,H,W,C] gives [1, 2, 3, 4]."""
     return list(range(1, len(x.shape)))
-
-
-def disk_array(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A writable array backed by an anonymous temporary file (deleted when the array is)."""
-    import tempfile
-
-    with tempfile.TemporaryFile() as f:  # the mapping keeps the data after the file is closed
-        return np.memmap(f, dtype=dtype, mode="w+", shape=shape)
 
 
 def original_size(path: Path) -> tuple[int, int]:

@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import SPLITS, Normalizer, Rows, Split, forced_foreground, masks_optional
+from .data import SPLITS, Normalizer, Rows, Split, disk_array, forced_foreground, masks_optional
 from .errors import DsalError
 from .files import atomic_dir, atomic_write_text
 from .settings import Settings as BaseSettings
@@ -149,15 +149,6 @@ class Geometry:
     @property
     def box(self) -> tuple[slice, slice, slice]:
         return tuple(slice(o, o + n) for o, n in zip(self.offset, self.resampled, strict=True))
-
-
-def disk_array(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A writable array backed by an anonymous temporary file (as `space.disk_array`; not imported
-    from there, so `space.space_for` can import this module without an import cycle)."""
-    import tempfile
-
-    with tempfile.TemporaryFile() as f:
-        return np.memmap(f, dtype=dtype, mode="w+", shape=shape)
 
 
 def rounded_up(n: int, step: int) -> int:
