@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ISIC = os.environ.get("ISIC_DATA", str((ROOT.parent / "shared" / "data" / "isic2017").resolve()))
+HIPPOCAMPUS = os.environ.get("HIPPOCAMPUS_DATA", str((ROOT.parent / "shared" / "data" / "hippocampus").resolve()))
 SEEDS = (0, 1, 2)
 COMPARE = "compare-isic2017-cpu-v2"
 # Tables that already hold fp32 rows, validated every epoch at the training batch's summation order, keep
@@ -92,6 +93,15 @@ def robust_and_boostmis_jobs() -> list[Job]:
     return jobs
 
 
+def hippocampus_jobs() -> list[Job]:
+    """Issue 25's volume table (bench/hippocampus.py): every row of seed 0 first, so one seed gives a table."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from hippocampus import ROWS, compare_argv
+
+    return [Job(f"hippocampus/{row}/s{seed}", "hippocampus", dsal(*compare_argv(HIPPOCAMPUS, row, seed)))
+            for seed in SEEDS for row in (*ROWS, "full")]
+
+
 def plan() -> list[Job]:
     """Every job, in the order they run: what the open issues need first, ablations and extras last."""
     isic = {(spec or "full", seed): compare_job(spec, seed, full=spec == "") for spec in STRATEGY_ROWS
@@ -126,7 +136,7 @@ def plan() -> list[Job]:
             + precision[:2] + walltime + walltime_after + rows("ceal", "entropy") + precision[2:5]
             + rows("dsal@minfg", "dsal@pre8", seeds=SEEDS[1:])
             + covid[9:] + [noisy[(400, seed)] for seed in SEEDS] + precision[5:]
-            + semisup + robust_and_boostmis_jobs()
+            + hippocampus_jobs() + semisup + robust_and_boostmis_jobs()
             + [Job("speed/scale", "none", (sys.executable, "bench/bench_scale.py", "--sizes", "500,4000,10000,30000",
                                           "--fresh-cache"))])
 
@@ -135,7 +145,8 @@ def collect(table: str, exp_dir: Path, results: Path) -> None:
     """Regenerate one table from the run folders (a table is never guessed: it reads what finished)."""
     env = {**os.environ, "EXP_DIR": str(exp_dir), "RESULTS_DIR": str(results)}
     argv = {"isic2017": ["bench/collect_results.py"],
-            "precision": ["bench/bench_precision.py", "dice", "--exp-dir", str(exp_dir)]}.get(table)
+            "precision": ["bench/bench_precision.py", "dice", "--exp-dir", str(exp_dir)],
+            "hippocampus": ["bench/hippocampus.py", "--exp-dir", str(exp_dir)]}.get(table)
     if argv:  # "none": the job's own script writes its table
         subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, check=False)
 
@@ -216,12 +227,15 @@ def run(exp_dir: Path, results: Path, jobs: list[Job], only: str | None, commit_
         write_status(exp_dir, results, jobs)
         print(f"== {job.id}: {' '.join(job.argv[2:])}", flush=True)
         start = time.time()
-        rc = subprocess.run([*job.argv, "--exp-dir", str(exp_dir)], cwd=ROOT, env=env).returncode
+        child = subprocess.Popen([*job.argv, "--exp-dir", str(exp_dir)], cwd=ROOT, env=env)
+        _, status, usage = os.wait4(child.pid, 0)  # this job's own peak memory (ru_maxrss is in KiB on Linux)
+        rc = os.waitstatus_to_exitcode(status)
         minutes = (time.time() - start) / 60
         running.unlink(missing_ok=True)
         if rc == 0:
             record_path(exp_dir, job).write_text(json.dumps(
-                {"job": job.id, "minutes": minutes, "commit": sha, "argv": list(job.argv[2:]),
+                {"job": job.id, "minutes": minutes, "peak_rss_mb": usage.ru_maxrss / 1024, "commit": sha,
+                 "argv": list(job.argv[2:]),
                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
         else:
             failed += 1

@@ -33,10 +33,10 @@ import pandas as pd
 from .active import run_active_learning
 from .components import pseudo_name
 from .config import Config
-from .data import find_pairs
 from .errors import DsalError
 from .evaluate import evaluate_run
 from .run import SCORES, Run
+from .space import space_for
 from .strategies import QUERY_STRATEGIES, SELECTIONS
 
 # named ablation rows: settings that differ from the comparison's in exactly the stated way
@@ -78,9 +78,7 @@ def parse_strategy_list(text: str) -> list[str]:
 
 def full_supervision_config(cfg: Config, exp_name: str | None = None) -> Config:
     """Every pool image labelled, no query rounds, the same total number of epochs."""
-    pool = len(find_pairs(cfg.data_path, "train", cfg.mask_naming))
-    if cfg.pool_size:
-        pool = min(pool, cfg.pool_size)
+    pool = space_for(cfg).pool_size()
     return cfg.replace(
         nb_labeled=pool, nb_iterations=0, pseudo_policy="none",
         nb_initial_epochs=cfg.nb_initial_epochs + cfg.nb_iterations * cfg.nb_active_epochs,
