@@ -114,7 +114,8 @@ def table(exp_dir: Path) -> str:
         full = s[s["strategy"] == "full"]
         if len(full):
             dice = float(full["final_dice_mean"].iloc[0])
-            steps = (SETTINGS["NB_INITIAL_EPOCHS"] + ITERATIONS * SETTINGS["NB_ACTIVE_EPOCHS"]) * SETTINGS["STEPS_PER_EPOCH"]
+            epochs = SETTINGS["NB_INITIAL_EPOCHS"] + ITERATIONS * SETTINGS["NB_ACTIVE_EPOCHS"]
+            steps = epochs * SETTINGS["STEPS_PER_EPOCH"]
             lines += ["", f"Full supervision reaches {dice:.4f} test Dice ({dice - NNUNET_DICE:+.4f} against nnU-Net's "
                       f"{NNUNET_DICE} on nnActive's split, with nnU-Net's own network and its default 1000 epochs of "
                       f"250 steps; ours trains {steps} steps)."]

@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .data import SPLITS, Normalizer, Rows, Split, disk_array, load_splits, make_dataset
+from .data import SPLITS, Normalizer, Rows, Split, disk_array, find_pairs, load_splits, make_dataset
 from .errors import DsalError
 from .files import atomic_dir
 from .model import float32_copy
@@ -106,6 +106,11 @@ class ImageSpace:
     # ------------------------------------------------------------------ data
     def load_splits(self, splits=SPLITS) -> dict[str, Split]:
         return load_splits(self.cfg, splits)
+
+    def pool_size(self) -> int:
+        """How many pool items the run sees (POOL_SIZE caps it), from the file names alone."""
+        n = len(find_pairs(self.cfg.data_path, "train", self.cfg.mask_naming))
+        return min(n, self.cfg.pool_size) if self.cfg.pool_size else n
 
     def train_stream(self, images, masks, normalizer: Normalizer, seed: int, heads=None, repeat: bool = False,
                      foreground_oversample: float = 0.0):

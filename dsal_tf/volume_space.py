@@ -449,6 +449,10 @@ class VolumeSpace:
             pairs = pairs[: self.cfg.pool_size]
         return pairs
 
+    def pool_size(self) -> int:
+        """How many pool volumes the run sees (POOL_SIZE caps it), from the file names alone."""
+        return len(self._pairs("train", require_masks=True))
+
     @property
     def layout(self) -> Layout:
         """The target spacing and the padded grid, from the headers of every split (no voxels read):
