@@ -2,9 +2,11 @@
 
 A round run with `ORACLE = "files"` asks for masks in `round_XX/to_annotate/manifest.csv`. The
 import checks every returned mask before it copies anything (named like the dataset's masks, one
-per manifest row and nothing else, decodable, binary, the image's size), then copies them into
-`trainGT/` one atomic rename each and records the import (time, source, files, SHA-256) in
-`round_XX/imports.json`. Importing the same masks twice changes nothing.
+per manifest row and nothing else; then the run's space checks each file against its image: for 2D
+images decodable, binary and the image's size, for NIfTI volumes readable, 3D, binary and on the
+image's grid, shape and affine), then copies them into `trainGT/` one atomic rename each and records
+the import (time, source, files, SHA-256) in `round_XX/imports.json`. Importing the same masks twice
+changes nothing. The import never branches on the rank: the space names, checks and places the files.
 """
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ import cv2
 import numpy as np
 
 from .config import Config
-from .data import detect_naming, mask_name, read_mask
 from .errors import DsalError
 from .evaluate import saved_config
 from .files import atomic_write, atomic_write_text
 from .oracle import MANIFEST, read_manifest
 from .run import TO_ANNOTATE, Run, is_done
-from .space import original_size
+from .space import original_size, space_for
 
 IMPORTS = "imports.json"
 
@@ -46,13 +47,9 @@ def pending_round(run: Path) -> int:
     return asked[-1]
 
 
-def _stem_of(name: str) -> str | None:
-    m = re.fullmatch(r"(.+?)(_segmentation)?\.png", name, flags=re.IGNORECASE)
-    return m.group(1) if m else None
-
-
-def check_masks(masks_dir: Path, manifest: list[dict], image_dir: Path, round_: int) -> dict[str, Path]:
-    """{image name: mask file} for exactly the manifest's images; a one-line error on anything else."""
+def check_masks(masks_dir: Path, manifest: list[dict], image_dir: Path, round_: int, space) -> dict[str, Path]:
+    """{image name: mask file} for exactly the manifest's images, each checked by `space` against its
+    image; an error otherwise, one line per bad file (every file is checked before any is reported)."""
     if not masks_dir.is_dir():
         raise DsalError(f"mask folder {masks_dir} not found; pass --masks FOLDER with the drawn masks")
     wanted = {row["name"]: row for row in manifest}
@@ -60,9 +57,10 @@ def check_masks(masks_dir: Path, manifest: list[dict], image_dir: Path, round_: 
     for p in sorted(masks_dir.iterdir()):
         if p.name.startswith(".") or p.is_dir():
             continue
-        stem = _stem_of(p.name)
-        if stem is None:
-            raise DsalError(f"{p}: a mask must be named <image>_segmentation.png or <image>.png; rename or remove it")
+        m = space.mask_pattern.fullmatch(p.name)
+        if m is None:
+            raise DsalError(f"{p}: a mask must be named {space.mask_names}; rename or remove it")
+        stem = m.group("stem")
         if stem not in wanted:
             raise DsalError(f"{p} is a mask for {stem!r}, which round {round_} did not ask for "
                             f"(see its {MANIFEST}); remove it")
@@ -73,9 +71,14 @@ def check_masks(masks_dir: Path, manifest: list[dict], image_dir: Path, round_: 
     if missing:
         raise DsalError(f"no mask for {missing[0]!r} in {masks_dir} ({len(missing)} of {len(wanted)} missing); "
                         f"round {round_} asked for every image in its {MANIFEST}")
+    failures = []
     for stem, p in found.items():
-        image = image_dir / wanted[stem]["file"]
-        read_mask(p, original_size(image), image)  # decodable, binary, the image's size
+        try:
+            space.check_mask(p, image_dir / wanted[stem]["file"])
+        except DsalError as exc:
+            failures.append(str(exc))
+    if failures:
+        raise DsalError("\n".join(failures))
     return found
 
 
@@ -87,10 +90,10 @@ def import_masks(cfg: Config, masks_dir: str | Path, log: Callable[[str], None] 
     rd = run.round_dir(r)
     manifest = read_manifest(run.to_annotate(r) / MANIFEST)
     root = Path(cfg.data_path)
-    found = check_masks(Path(masks_dir), manifest, root / "trainImg", r)
+    space = space_for(cfg)
+    found = check_masks(Path(masks_dir), manifest, root / "trainImg", r, space)
     gt = root / "trainGT"
-    naming = detect_naming(root, cfg.mask_naming)
-    targets = {stem: gt / mask_name(stem, naming) for stem in found}
+    targets = space.mask_targets(gt, found)
     changed = [s for s in found if not targets[s].is_file() or sha256(targets[s]) != sha256(found[s])]
     if changed and is_done(rd):
         raise DsalError(f"round {r} of {cfg.name} already trained with other masks for {changed[0]!r}; "
@@ -158,6 +161,9 @@ def masks_from_label_studio(export: Path, out_dir: Path, image_dir: Path, manife
 def import_label_studio(cfg: Config, export: str | Path, log: Callable[[str], None] = print) -> int:
     """`import_masks` from a Label Studio JSON export of brush annotations."""
     run_cfg = saved_config(cfg)
+    if not space_for(run_cfg).label_studio_tasks:
+        raise DsalError(f"the items of {run_cfg.name} are not 2D images and Label Studio's tasks are; "
+                        "import the masks as files with --masks FOLDER")
     run = Run.of(run_cfg)
     r = pending_round(run.path)
     manifest = read_manifest(run.to_annotate(r) / MANIFEST)

@@ -1,9 +1,11 @@
 """The strong labeler (oracle) behind one small interface that the loop calls.
 
 - `simulated` (benchmarks): every pool mask is already on disk and asking reveals it.
-- `files` (a person with unlabelled images): asking writes `round_XX/to_annotate/` (the images at
-  their original size, the model's masks as a starting point, a manifest and a Label Studio tasks
-  file) and the loop stops until the masks are in `trainGT/` (`dsal import-labels`).
+- `files` (a person with unlabelled images): asking writes `round_XX/to_annotate/` (the images or
+  volumes as they are, the model's masks on their grid as a starting point, a manifest, a README and,
+  for 2D images, a Label Studio tasks file) and the loop stops until the masks are in `trainGT/`
+  (`dsal import-labels`). What depends on the rank (mask files, their names and checks) is the
+  space's (`space.py`, `volume_space.py`).
 
 Both oracles make the same decisions from the same scores: only where the masks come from differs.
 The first labels (round 0) come from `initial_selection`: random (the paper's protocol) or k-center
@@ -18,7 +20,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from .config import Config
@@ -33,6 +34,7 @@ from .strategies.ranking import k_center_greedy
 ORACLES: dict[str, type[Oracle]] = {}
 register_oracle = registrar(ORACLES)
 MANIFEST = "manifest.csv"
+README = "README.txt"
 MANIFEST_FIELDS = ["name", "file", "rank", "uncertainty", "agreement"]
 
 
@@ -119,6 +121,16 @@ class FileOracle(Oracle):
 
     default_initial = "kcenter"
 
+    def __init__(self, settings: Oracle.Settings | None = None, space=None):
+        super().__init__(settings)
+        self.space = space  # the run's space (`space_for`): writes the request's masks
+
+    @classmethod
+    def from_config(cls, cfg) -> FileOracle:
+        from .space import space_for
+
+        return cls(cls.Settings.from_config(cfg), space_for(cfg))
+
     def known(self, pool: Split) -> np.ndarray:
         return pool.has_mask.copy()
 
@@ -130,18 +142,24 @@ class FileOracle(Oracle):
         return idx[~pool.has_mask[idx]]
 
     def request(self, round_dir, idx, pool, scores=None, positions=None, prelabels=None):
-        write_request(round_dir / TO_ANNOTATE, idx, pool, scores, positions, prelabels)
+        if self.space is None:  # built without a config: 2D images
+            from .space import ImageSpace
+
+            self.space = ImageSpace(None)
+        write_request(round_dir / TO_ANNOTATE, idx, pool, scores, positions, prelabels, self.space)
 
 
 def write_request(out: Path, idx: np.ndarray, pool: Split, scores: dict | None, positions: np.ndarray | None,
-                  prelabels: list[np.ndarray] | None) -> None:
-    """`out/`: the images (original files), `prelabels/<stem>.png` (0/255), `manifest.csv` and
-    `tasks.json` for Label Studio (prelabels as predictions). Written to a temporary folder, then renamed."""
+                  prelabels: list[np.ndarray] | None, space) -> None:
+    """`out/`: the images or volumes (copies of the files), `prelabels/<name><mask suffix>` (the
+    model's masks on each file's own grid, written by `space`), `manifest.csv`, `README.txt` and, where
+    the space's items are Label Studio images, `tasks.json` (prelabels as predictions). Written to a
+    temporary folder, then renamed."""
     with atomic_dir(out) as tmp:
-        _write_request(tmp, out, idx, pool, scores, positions, prelabels)
+        _write_request(tmp, out, idx, pool, scores, positions, prelabels, space)
 
 
-def _write_request(tmp: Path, out: Path, idx, pool: Split, scores, positions, prelabels) -> None:
+def _write_request(tmp: Path, out: Path, idx, pool: Split, scores, positions, prelabels, space) -> None:
     (tmp / "prelabels").mkdir()
     rows, tasks = [], []
     for rank, i in enumerate(idx):
@@ -156,15 +174,35 @@ def _write_request(tmp: Path, out: Path, idx, pool: Split, scores, positions, pr
         task = {"data": {"image": f"/data/local-files/?d={out.resolve().relative_to('/')}/{src.name}",
                          "name": pool.names[i]}}
         if prelabels is not None:
-            mask = prelabels[rank]
-            cv2.imwrite(str(tmp / "prelabels" / f"{pool.names[i]}.png"), mask * 255)
-            task["predictions"] = [label_studio_prediction(mask)]
+            space.write_mask_file(space.mask_file(tmp / "prelabels", pool.names[i]), prelabels[rank], src)
+            if space.label_studio_tasks:
+                task["predictions"] = [label_studio_prediction(prelabels[rank])]
         tasks.append(task)
     with (tmp / MANIFEST).open("w", newline="") as f:
         w = csv.DictWriter(f, MANIFEST_FIELDS)
         w.writeheader()
         w.writerows(rows)
-    (tmp / "tasks.json").write_text(json.dumps(tasks))
+    if space.label_studio_tasks:
+        (tmp / "tasks.json").write_text(json.dumps(tasks))
+    (tmp / README).write_text(request_readme(out, len(rows), prelabels is not None, space))
+
+
+def request_readme(out: Path, n: int, with_prelabels: bool, space) -> str:
+    """What a request holds and what to do with it, for the person who opens the folder."""
+    run = out.parent.parent
+    lines = [f"{n} items to annotate for {out.parent.name} of the run {run.name} (listed by priority in {MANIFEST}).",
+             "",
+             space.annotation_help,
+             "Prelabels: prelabels/ holds the model's masks on each file's own grid, to correct rather than draw "
+             "from scratch." if with_prelabels else "Prelabels: none (no model is trained yet).",
+             "Label Studio: tasks.json imports these images with the prelabels as predictions."
+             if space.label_studio_tasks else
+             "Label Studio: no tasks.json (Label Studio tasks are 2D images; these items are not).",
+             "",
+             f"Put the masks ({space.mask_names}) in one folder, then run",
+             f"  dsal import-labels --exp {run.name} --exp-dir {run.parent} --masks FOLDER",
+             "and the training command again. The import checks every mask before it copies any."]
+    return "\n".join(lines) + "\n"
 
 
 def label_studio_prediction(mask: np.ndarray, label: str = "lesion") -> dict:
@@ -192,4 +230,5 @@ def waiting_message(cfg: Config, round_: int, n_missing: int, n_asked: int) -> s
     where = Run.of(cfg).to_annotate(round_)
     hint = " (prelabels/ holds the model's masks to start from)" if round_ else ""
     return (f"round {round_}: waiting for {n_missing} of {n_asked} expert masks; draw them for the images in "
-            f"{where}/{hint}, then run `dsal import-labels --exp {cfg.name} --masks DIR` and this command again")
+            f"{where}/{hint} as its {README} says, then run `dsal import-labels --exp {cfg.name} --masks DIR` "
+            "and this command again")

@@ -18,6 +18,7 @@ plan. The loop, the strategies and the trainers ask the space and never branch o
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
@@ -206,10 +207,35 @@ class ImageSpace:
             for i, mask in zip(idx, masks):
                 h, w = original_size(split.files[i])
                 big = cv2.resize(np.asarray(mask)[..., 0].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
-                cv2.imwrite(str(tmp / f"{split.names[i]}{self.mask_suffix}"), big * 255)
+                self.write_mask_file(self.mask_file(tmp, split.names[i]), big, split.files[i])
 
     def mask_file(self, folder: Path, name: str) -> Path:
         return folder / f"{name}{self.mask_suffix}"
+
+    # ------------------------------------------------------------------ a person's masks (ORACLE = "files")
+    label_studio_tasks = True  # Label Studio's image tasks fit an item: each request has a tasks.json
+    mask_pattern = re.compile(r"(?P<stem>.+?)(_segmentation)?\.png", re.IGNORECASE)  # a returned mask's name
+    mask_names = "<image>_segmentation.png or <image>.png"
+    annotation_help = ("Draw a binary mask (0/255 PNG at the image's own size) for each image, or correct its "
+                       "prelabels/<image>.png, and save it as <image>.png or <image>_segmentation.png.")
+
+    def write_mask_file(self, path: Path, mask: np.ndarray, image: Path) -> None:
+        """A {0,1} mask already at the original size of `image`, as a 0/255 PNG (a request's prelabel)."""
+        mask = np.asarray(mask, np.uint8)
+        cv2.imwrite(str(path), mask.reshape(mask.shape[:2]) * 255)
+
+    def check_mask(self, mask: Path, image: Path) -> None:
+        """A person's mask for `image`: decodable, binary, the image's size; else one line naming it."""
+        from .data import read_mask
+
+        read_mask(mask, original_size(image), image)
+
+    def mask_targets(self, gt: Path, found: dict[str, Path]) -> dict[str, Path]:
+        """Where each returned mask ({image name: file}) goes in `gt`: the dataset's naming rule."""
+        from .data import detect_naming, mask_name
+
+        naming = detect_naming(self.cfg.data_path, self.cfg.mask_naming)
+        return {stem: gt / mask_name(stem, naming) for stem in found}
 
     def thumbnails(self, images, side: int = 16) -> np.ndarray:
         """[N, side*side*C] float32 in [0,1]: area-downsampled copies, the features of a cold start."""

@@ -47,6 +47,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ from .volumes import (
     load_case,
     median_spacing,
     read_header,
+    read_label,
     resampled_shape,
     resize,
     volume_stem,
@@ -756,10 +758,38 @@ class VolumeSpace:
             for i, mask in zip(idx, masks):
                 path = split.files[i]
                 back = self.to_original(np.asarray(mask).astype(np.uint8), path, 0)
-                write_mask(tmp / f"{split.names[i]}{self.mask_suffix}", back, read_header(path))
+                self.write_mask_file(self.mask_file(tmp, split.names[i]), back, path)
 
     def mask_file(self, folder: Path, name: str) -> Path:
         return folder / f"{name}{self.mask_suffix}"
+
+    # ------------------------------------------------------------------ a person's masks (ORACLE = "files")
+    label_studio_tasks = False  # Label Studio's tasks are 2D images; a volume is drawn whole in a 3D viewer
+    mask_pattern = re.compile(r"(?P<stem>.+?)(_segmentation)?\.nii(\.gz)?", re.IGNORECASE)  # a returned mask's name
+    mask_names = "<image>.nii.gz or <image>_segmentation.nii.gz"
+    annotation_help = ("Open each volume with its prelabels/<image>.nii.gz in ITK-SNAP or 3D Slicer, correct the "
+                       "whole volume and save the mask as <image>.nii.gz on the image's grid (same shape and "
+                       "affine), values {0,1} or {0,255}.")
+
+    def write_mask_file(self, path: Path, mask: np.ndarray, image: Path) -> None:
+        """A {0,1} mask already on the grid of `image` as NIfTI with its affine and header (a request's prelabel)."""
+        write_mask(path, mask, read_header(image))
+
+    def check_mask(self, mask: Path, image: Path) -> None:
+        """A person's mask for `image`: reads as NIfTI, 3D, the image's shape and affine, binary; else one
+        line naming it and the fix."""
+        read_label(mask, read_header(image))
+
+    def mask_targets(self, gt: Path, found: dict[str, Path]) -> dict[str, Path]:
+        """Where each returned mask ({image name: file}) goes in `gt`: the dataset's naming rule (MASK_NAMING,
+        or the first label of train, val, test), keeping the file's own extension (.nii.gz or .nii)."""
+        naming = self.cfg.mask_naming
+        if naming == "auto":
+            labels = [p for s in SPLITS for p in list_volumes(Path(self.cfg.data_path) / f"{s}GT")]
+            naming = "isic" if labels and volume_stem(labels[0]).endswith("_segmentation") else "same"
+        suffix = "_segmentation" if naming == "isic" else ""
+        return {stem: gt / f"{stem}{suffix}{'.nii' if p.name.lower().endswith('.nii') else '.nii.gz'}"
+                for stem, p in found.items()}
 
     def thumbnails(self, images, side: int = THUMBNAIL_SIDE) -> np.ndarray:
         """[N, side**3] float32: each volume area-averaged to side x side x side (a cold start's features)."""
