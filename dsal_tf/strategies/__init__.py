@@ -1,6 +1,6 @@
 """Registries of query strategies, pseudo-label policies and selection rules, picked by name from constants."""
 
-from . import boostmis, ceal, dsal, ensemble, entropy, pseudo, random_query  # noqa: F401  (registration)
+from . import boostmis, ceal, claspe, dsal, ensemble, entropy, pseudo, random_fg, random_query  # noqa: F401  (registration)
 from .base import (
     PSEUDO_POLICIES,
     QUERY_STRATEGIES,

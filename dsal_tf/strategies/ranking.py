@@ -1,5 +1,6 @@
 """Pure ranking rules over per-image scores (numpy only): top-n, CEAL's histogram, scheduled power
-sampling and k-center greedy. `selection.py` wraps them as named, configurable rules."""
+sampling (on the rank, and ClaSP PE's on the score itself) and k-center greedy. `selection.py` wraps
+them as named, configurable rules."""
 
 from __future__ import annotations
 
@@ -31,13 +32,18 @@ def k_center_greedy(features: np.ndarray, n: int, centers=(), rng: np.random.Gen
     return np.array(chosen, np.int64)
 
 
+def schedule_fraction(round_: int, nb_rounds: int) -> float:
+    """How far round `round_` (1-based) is through `nb_rounds`: t / (T - 1) with t = round_ - 1, clipped
+    to [0, 1]; 0 when there is a single round."""
+    if nb_rounds <= 1:
+        return 0.0
+    return min(max(round_ - 1, 0), nb_rounds - 1) / (nb_rounds - 1)
+
+
 def power_beta(start: float, end: float, round_: int, nb_rounds: int) -> float:
     """The exponent of round `round_` (1-based): `start` at round 1, `end` at the last round
     (`nb_rounds`), linear between."""
-    if nb_rounds <= 1:
-        return start
-    t = min(max(round_ - 1, 0), nb_rounds - 1) / (nb_rounds - 1)
-    return start + t * (end - start)
+    return start + schedule_fraction(round_, nb_rounds) * (end - start)
 
 
 def power_select(scores: np.ndarray, n: int, beta: float, rng: np.random.Generator) -> np.ndarray:
@@ -52,6 +58,29 @@ def power_select(scores: np.ndarray, n: int, beta: float, rng: np.random.Generat
     ranks = np.empty(len(scores), np.float64)
     ranks[np.argsort(scores, kind="stable")] = np.arange(1, len(scores) + 1)
     keys = beta * np.log(ranks / len(scores)) + rng.gumbel(size=len(scores))
+    return np.argsort(-keys, kind="stable")[:n]
+
+
+def geometric_beta(start: float, end: float, round_: int, nb_rounds: int) -> float:
+    """ClaSP PE's exponent of round `round_` (1-based): `start` at round 1, `end` at the last round
+    (`nb_rounds`), geometric between: with t = round_ - 1 and T = nb_rounds, start * (end/start)**(t/(T-1)).
+    A single round (T = 1) uses `start`, as `power_beta` does."""
+    return start * (end / start) ** schedule_fraction(round_, nb_rounds)
+
+
+def score_power_select(scores: np.ndarray, n: int, beta: float, rng: np.random.Generator) -> np.ndarray:
+    """`n` positions drawn without replacement with probability proportional to score**beta (power
+    acquisition, Kirsch et al. 2023; ClaSP PE's power noising): the top n of log(score) + Gumbel(0, 1/beta),
+    computed as the same order of beta * log(score) + Gumbel(0, 1), returned in draw order.
+
+    Scores must be >= 0; a zero counts as the smallest positive float (drawn last, but drawn). beta = 0
+    gives exactly `argsort(-rng.gumbel(size=N))[:n]`, a uniform draw; a large beta gives the top n."""
+    scores = np.asarray(scores, np.float64)
+    if np.any(scores < 0):
+        raise ValueError(f"a draw with p ~ score**beta needs scores >= 0, got a minimum of {scores.min():g}")
+    n = min(n, len(scores))
+    log_s = np.log(np.maximum(scores, np.finfo(np.float64).tiny))
+    keys = beta * log_s + rng.gumbel(size=len(scores))
     return np.argsort(-keys, kind="stable")[:n]
 
 

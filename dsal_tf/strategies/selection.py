@@ -7,6 +7,7 @@ Picked by name (`SELECTION`; "auto" = the query strategy's own `default_selectio
 | `rank` | the top `n` keys |
 | `histogram` | CEAL's histogram bins (`histogram_select`) |
 | `power` | a seeded draw with p ~ (rank / N) ** beta, beta scheduled over the rounds (`power_select`) |
+| `score_power` | ClaSP PE's draw with p ~ score ** beta, beta geometric over the rounds (`score_power_select`) |
 | `diverse` | the strategy's own `DIVERSE_FACTOR * n` candidates, thinned by k-center greedy on features |
 
 Formulas: docs/methods.md#selection-rules.
@@ -18,9 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import DsalError
 from ..registry import registrar
 from ..settings import Settings, positive
-from .ranking import histogram_select, k_center_greedy, power_beta, power_select
+from .ranking import geometric_beta, histogram_select, k_center_greedy, power_beta, power_select, score_power_select
 
 SELECTIONS: dict[str, type[Selection]] = {}
 register_selection = registrar(SELECTIONS)
@@ -73,6 +75,33 @@ class Power(Selection):
         return power_select(key, n, beta, rng)
 
 
+@register_selection("score_power")
+class ScorePower(Selection):
+    """ClaSP PE's power noising: a seeded draw with p ~ score**beta, beta from 1 to 100 geometrically.
+
+    docs/methods.md#clasp-pe; scores must be >= 0 (`power` draws on the rank instead)."""
+
+    @dataclass(frozen=True)
+    class Settings(Settings):
+        score_power_beta_start: float = 1.0  # draw with p ~ score**beta, beta from START (round 1) ...
+        score_power_beta_end: float = 100.0  # ... to END (the last round), geometrically (ClaSP PE)
+
+        def check(self):
+            positive("score_power_beta_start", self.score_power_beta_start)
+            positive("score_power_beta_end", self.score_power_beta_end)
+
+    def beta(self, round_: int) -> float:
+        return geometric_beta(self.settings.score_power_beta_start, self.settings.score_power_beta_end, round_,
+                              self.nb_rounds)
+
+    def choose(self, key, n, rng, round_=1):
+        try:
+            return score_power_select(key, n, self.beta(round_), rng)
+        except ValueError as e:
+            raise DsalError(f"SELECTION = 'score_power': {e}; this strategy's scores can be negative, "
+                            "use SELECTION = 'power' (it draws on the rank)") from None
+
+
 @register_selection("diverse")
 class Diverse(Selection):
     """Thins the strategy's own candidates; `choose` is the k-center step over their features."""
@@ -93,4 +122,4 @@ class Diverse(Selection):
         return candidates[k_center_greedy(features[candidates], n)]
 
 
-__all__ = ["SELECTIONS", "Selection", "Rank", "Histogram", "Power", "Diverse", "register_selection"]
+__all__ = ["SELECTIONS", "Selection", "Rank", "Histogram", "Power", "ScorePower", "Diverse", "register_selection"]
