@@ -26,7 +26,7 @@ def soft_dice_loss(y_true, y_pred):
 
 
 def batch_soft_dice_loss(y_true, y_pred):
-    """nnU-Net's batch Dice: one soft Dice over every pixel of the batch [N,H,W,C], broadcast to [N].
+    """nnU-Net's batch Dice: one soft Dice over every pixel of the batch [N,*spatial,C], broadcast to [N].
 
     Per image, a slice with little or no foreground scores 1/(|p| + 1) and pushes all of its
     probabilities to 0; over the batch its background only adds false positives to one shared

@@ -19,7 +19,9 @@ every step; under them the whole-image pseudo labels default to none (`PSEUDO_PO
 (`classify.PSEUDO_RULES` gives its cutoffs); it trains no segmenter, so it is not in `TRAINERS`.
 
 `train.fit` calls `TRAINERS[cfg.trainer].fit_job(job)` with a `train.FitJob` (the training set, the
-unlabelled pool as a lazily read stream, validation, callbacks) and never branches on the name. The loss
+unlabelled pool as a lazily read stream, validation, callbacks, the run's space) and never branches on the
+name. Every trainer takes its streams from `job.space` and is rank-generic: the same code trains on 2D
+images (NHWC) and on patches of 3D volumes (NDHWC). The loss
 of a run is `PairedTrainer.loss_for(cfg)`: `LOSS`, except `uniform` and `rgs`/`rgm`/`rgsm`, which use
 `REWEIGHT_LOSS` (BCE + Dice by default, `base.reweight_loss_name`).
 """
@@ -30,6 +32,7 @@ from .base import (
     TRAINERS,
     PairedTrainer,
     make_paired_dataset,
+    paired_dataset,
     per_sample_loss,
     pixel_weighted_loss,
     register_trainer,
@@ -70,6 +73,6 @@ def make_trainer(name: str, segmenter, **kwargs) -> PairedTrainer:
 __all__ = [
     "DS_WEIGHTS", "TRAINERS", "Booster", "PairedTrainer", "ReweightedTrainer", "combine_weights", "get_trainer",
     "informativeness_scores", "kernel_gradient_magnitude", "make_paired_dataset", "make_trainer",
-    "normalize_positive", "per_sample_loss", "pixel_weighted_loss", "register_trainer", "resolve_loss",
-    "reweight_loss_name", "split_clean", "trust_scores",
+    "normalize_positive", "paired_dataset", "per_sample_loss", "pixel_weighted_loss", "register_trainer",
+    "resolve_loss", "reweight_loss_name", "split_clean", "trust_scores",
 ]

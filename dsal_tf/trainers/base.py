@@ -3,14 +3,17 @@ sampler, and `PairedTrainer`, the Keras `Model` that wraps a U-Net and drives `f
 
 Every trainer here sees the same data: each step one batch of B "noisy" images (machine labels,
 pseudo labels or corrupted masks) and one batch of B "clean" images (expert labels, the meta set),
-from `make_paired_dataset`. Its update is Adam on
+from `paired_dataset` over the run's space (`job.space.train_stream`: whole images in 2D, random
+patches of volumes in 3D; `make_paired_dataset` is the same over in-memory 2D arrays). Its update
+is Adam on
 
     noisy_objective(weights) + expert_weight * mean_j L_j(clean),
 
 so trainers differ only in how the noisy batch is weighted (`uniform`: w_i = 1/B, the control).
 
-Layout: NHWC images `[N,H,W,C]`, masks `[N,H,W,1]`, per-sample values `[N]`, pixel maps
-`[N,H,W,1]`.
+Layout: channels last, images `[N,*spatial,C]` (NHWC in 2D, NDHWC in 3D), masks and pixel maps
+`[N,*spatial,1]`, per-sample values `[N]`. Every function here is rank-generic: per-sample values
+reduce over `space.item_axes` (every axis but the first).
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def resolve_loss(loss: str | LossFn) -> LossFn:
 def per_sample_loss(outputs: dict, y, loss_fn: LossFn, ds_weights: Sequence[float] = DS_WEIGHTS) -> tf.Tensor:
     """`L_i = sum_k ds_weights[k] * loss(y_i, outputs[head_k]_i)`, shape [N], in float32.
 
-    `y` is one mask `[N,H,W,1]` shared by all heads, or a `{head: mask}` dict.
+    `y` is one mask `[N,*spatial,1]` shared by all heads, or a `{head: mask}` dict.
     """
     total = 0.0
     for head, weight in zip(HEADS, ds_weights):
@@ -101,17 +104,18 @@ def per_sample_loss(outputs: dict, y, loss_fn: LossFn, ds_weights: Sequence[floa
 
 
 def pixel_bce(y, p) -> tf.Tensor:
-    """Per-pixel binary cross-entropy `[N,H,W,1]` (the loss map MCPM's meta net reads)."""
+    """Per-pixel (per-voxel) binary cross-entropy `[N,*spatial,1]` (the loss map MCPM's meta net reads)."""
     y = tf.cast(y, tf.float32)
     p = tf.clip_by_value(tf.cast(p, tf.float32), EPS, 1.0 - EPS)
     return -(y * tf.math.log(p) + (1.0 - y) * tf.math.log(1.0 - p))
 
 
 def pixel_weighted_loss(y, p, r, loss: str) -> tf.Tensor:
-    """The configured loss with pixel weights `r` `[N,H,W,1]`, per sample [N]; `r = 1` gives the plain loss.
+    """The configured loss with pixel weights `r` `[N,*spatial,1]`, per sample [N]; `r = 1` gives the plain loss.
 
     bce: `mean_xy r * bce_xy`; dice: `1 - (2 sum r y p + 1) / (sum r y + sum r p + 1)` (a pixel with
-    r = 0 leaves both the overlap and the sizes); bce_dice: their sum.
+    r = 0 leaves both the overlap and the sizes); bce_dice: their sum. Any rank: sums and means run
+    over every axis but the first, so a volume gives what its voxels laid out as an image give.
     """
     if loss not in losses_lib.LOSSES:
         raise DsalError(f"pixel weights need a named loss, one of {sorted(losses_lib.LOSSES)}, not {loss!r}")
@@ -160,6 +164,28 @@ def tf_variables(variables: Sequence) -> list:
 
 
 # ------------------------------------------------------------------ the paired sampler
+Stream = Callable[[object, object, int, bool], tf.data.Dataset]  # (images, masks, seed, repeat) -> (x, y) batches
+
+
+def paired_dataset(stream: Stream, noisy: tuple, clean: tuple, seed: int = 0, repeat: bool = False) -> tf.data.Dataset:
+    """`((x_noisy, y_noisy), (x_clean, y_clean))` batches, each stream from `stream(images, masks, seed,
+    repeat)` (a space's `train_stream`: whole images in 2D, patches in 3D); one epoch is one epoch of
+    the noisy stream.
+
+    The clean set is repeated and reshuffled (seed + 1), so a small expert set never ends an epoch;
+    with `repeat` the noisy set repeats too (then bound the epoch with `.take(steps)`).
+    """
+    if len(noisy[0]) == 0 or len(clean[0]) == 0:
+        raise DsalError("the paired sampler needs at least one noisy and one clean image")
+    return tf.data.Dataset.zip((stream(*noisy, seed, repeat), stream(*clean, seed + 1, True))).prefetch(
+        tf.data.AUTOTUNE)
+
+
+def space_stream(space, normalizer) -> Stream:
+    """The run's training stream (`space.train_stream`, BATCH_SIZE and AUGMENT from its config) as a `Stream`."""
+    return lambda images, masks, seed, repeat: space.train_stream(images, masks, normalizer, seed, repeat=repeat)
+
+
 def make_paired_dataset(
     noisy: tuple[np.ndarray, np.ndarray],
     clean: tuple[np.ndarray, np.ndarray],
@@ -169,21 +195,18 @@ def make_paired_dataset(
     augment: bool = False,
     repeat: bool = False,
 ) -> tf.data.Dataset:
-    """`((x_noisy, y_noisy), (x_clean, y_clean))` batches from the `(images, masks)` pairs `noisy` and
-    `clean`; one epoch is one pass over the noisy set.
-
-    The clean set is repeated and reshuffled, so a small expert set never ends an epoch; with
-    `repeat` the noisy set repeats too (then bound the epoch with `.take(steps)`).
+    """`paired_dataset` over 2D `(images, masks)` arrays without a run (tests, benchmarks): the 2D
+    stream `data.make_dataset`, which `space.ImageSpace.train_stream` is, at `batch_size`.
     `preprocess` maps an image batch to float32 (e.g. a `data.Normalizer`); default: a cast.
     """
     from ..data import make_dataset
 
-    if len(noisy[0]) == 0 or len(clean[0]) == 0:
-        raise DsalError("the paired sampler needs at least one noisy and one clean image")
     prep = preprocess if preprocess is not None else (lambda x: tf.cast(x, tf.float32))
-    noisy_ds = make_dataset(*noisy, prep, batch_size, shuffle=True, augment=augment, seed=seed, repeat=repeat)
-    clean_ds = make_dataset(*clean, prep, batch_size, shuffle=True, augment=augment, seed=seed + 1, repeat=True)
-    return tf.data.Dataset.zip((noisy_ds, clean_ds)).prefetch(tf.data.AUTOTUNE)
+
+    def stream(images, masks, s, rep):
+        return make_dataset(images, masks, prep, batch_size, shuffle=True, augment=augment, seed=s, repeat=rep)
+
+    return paired_dataset(stream, noisy, clean, seed, repeat)
 
 
 def split_clean(is_noisy: np.ndarray, meta_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -301,15 +324,19 @@ class PairedTrainer(keras.Model):
         return {m.name: m.result() for m in (self.loss_tracker, self.dice_tracker)}
 
 
-def steps_per_epoch(n_noisy: int, n_clean: int, batch_size: int) -> int:
-    """One pass over the larger of the two sets (the smaller one repeats)."""
-    return max(1, math.ceil(max(n_noisy, n_clean) / batch_size))
+def steps_per_epoch(n_noisy: int, n_clean: int, batch_size: int, space=None) -> int:
+    """One pass over the larger of the two sets (the smaller one repeats): ceil(n / B) batches of
+    images, or the space's own epoch over n items where it defines one (a volume space: its patch
+    steps, `VolumeSpace.steps_per_epoch`, as a plain fit of the same volumes takes)."""
+    n = max(n_noisy, n_clean)
+    space_epoch = getattr(space, "steps_per_epoch", None)
+    return int(space_epoch(n)) if space_epoch is not None else max(1, math.ceil(n / batch_size))
 
 
 def fit_paired(trainer_cls: type[PairedTrainer], job, val_ds: tf.data.Dataset) -> dict[str, list[float]] | None:
-    """Train `job.model` with `trainer_cls` on the paired sampler: noisy = the `job.is_pseudo` images,
-    clean = the rest (capped at `META_SIZE`, see `split_clean`). `None` when there is no noisy image
-    to weigh.
+    """Train `job.model` with `trainer_cls` on the paired sampler over the run's space (images in 2D,
+    patches in 3D): noisy = the `job.is_pseudo` items, clean = the rest (capped at `META_SIZE`, see
+    `split_clean`). `None` when there is no noisy item to weigh.
 
     An epoch is one pass over the larger of the two sets (the smaller one repeats), so expert
     images are never under-trained when the noisy set is small, as in early DSAL rounds.
@@ -318,11 +345,11 @@ def fit_paired(trainer_cls: type[PairedTrainer], job, val_ds: tf.data.Dataset) -
     clean, noisy = split_clean(np.asarray(job.is_pseudo, bool), trainer_cls.Settings.from_config(cfg).meta_size, seed)
     if len(noisy) == 0 or len(clean) == 0:
         return None
-    steps = steps_per_epoch(len(noisy), len(clean), cfg.batch_size)
+    steps = steps_per_epoch(len(noisy), len(clean), cfg.batch_size, job.space)
     trainer = trainer_cls.for_run(job.model, cfg, steps * max(job.epochs, 1))
     trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-    ds = make_paired_dataset((x[noisy], y[noisy]), (x[clean], y[clean]), cfg.batch_size, seed=seed,
-                             preprocess=job.normalizer, augment=cfg.augment, repeat=True)
+    ds = paired_dataset(space_stream(job.space, job.normalizer), (x[noisy], y[noisy]), (x[clean], y[clean]),
+                        seed=seed, repeat=True)
     return trainer.fit(ds.take(steps), validation_data=val_ds, epochs=job.epochs, callbacks=job.callbacks,
                        verbose=job.verbose, shuffle=False, validation_freq=job.validation_freq).history
 

@@ -43,10 +43,12 @@ from .base import (
 
 
 def strong_view(x, seed_generator, contrast=0.4, offset=0.4, noise=0.2):
-    """Photometric strong augmentation of a normalised NHWC batch (geometry unchanged)."""
-    b = tf.shape(x)[0]
-    c = 1.0 + keras.random.uniform((b, 1, 1, 1), -contrast, contrast, seed=seed_generator)
-    o = keras.random.uniform((b, 1, 1, 1), -offset, offset, seed=seed_generator)
+    """Photometric strong augmentation of a normalised channels-last batch, images `[B,H,W,C]` or
+    volumes `[B,D,H,W,C]` (geometry unchanged, so the weak view's pixel labels stay aligned): one
+    contrast and one offset per item, Gaussian noise per pixel."""
+    per_item = (tf.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+    c = 1.0 + keras.random.uniform(per_item, -contrast, contrast, seed=seed_generator)
+    o = keras.random.uniform(per_item, -offset, offset, seed=seed_generator)
     return x * c + o + noise * keras.random.normal(tf.shape(x), seed=seed_generator)
 
 
@@ -96,7 +98,7 @@ class BoostMISTrainer(PairedTrainer):
         return history if history is not None else fit_plain(job)
 
     def pseudo_labels(self, x_weak) -> tuple[tf.Tensor, tf.Tensor]:
-        """Hard labels `[B,H,W,1]` and their keep mask from the online model's weak view; updates the status."""
+        """Hard labels `[B,*spatial,1]` and their keep mask from the online model's weak view; updates the status."""
         p = tf.stop_gradient(self.online(x_weak, training=False)["main"])
         conf = tf.maximum(p, 1.0 - p)
         cls = tf.cast(p > 0.5, tf.int32)

@@ -57,7 +57,7 @@ class MetaTrainer(PairedTrainer):
         raise NotImplementedError
 
     def meta_input(self, outputs: dict, y) -> tf.Tensor:
-        """The losses the meta net reads (per sample [B] or per pixel [B,H,W,1])."""
+        """The losses the meta net reads (per sample [B] or per pixel `[B,*spatial,1]`)."""
         raise NotImplementedError
 
     def objective(self, outputs: dict, y, w: tf.Tensor) -> tf.Tensor:

@@ -24,6 +24,9 @@ set a = 1 everywhere, i.e. the plain loss on the given labels, with no teacher p
 teacher has u ~ ln 2 everywhere and would discard every label); the EMA still runs.
 The update is Adam on `(1/B) sum_i L_i + expert_weight * mean_j L_j(clean)`. Trackers:
 `mean_weight` and `kept_fraction` are the share of supervised noisy pixels.
+
+Layout: channels last, `[B,*spatial,C]`; pixel maps `[B,*spatial,1]`, image values [B]. Rank-generic:
+on volumes a "pixel" is a voxel and an image a patch.
 """
 
 from __future__ import annotations
@@ -101,16 +104,16 @@ class TeacherTrainer(PairedTrainer):
                 "tau": s.pint_tau, "warmup_steps": int(s.pint_warmup * total_steps), "seed": cfg.seed}
 
     def teacher_view(self, x) -> tuple[tf.Tensor, tf.Tensor]:
-        """`(p_bar, u)`, each `[B,H,W,1]`, from T noisy teacher passes in one batched call."""
+        """`(p_bar, u)`, each `[B,*spatial,1]`, from T noisy teacher passes in one batched call."""
         b = tf.shape(x)[0]
-        tiled = tf.tile(x, [self.passes, 1, 1, 1])
+        tiled = tf.tile(x, [self.passes] + [1] * (len(x.shape) - 1))  # the batch T times, pass-major
         tiled += self.noise * keras.random.normal(tf.shape(tiled), seed=self.seed_generator)
         p = tf.cast(self.teacher(tiled, training=False)["main"], tf.float32)
         p_bar = tf.reduce_mean(tf.reshape(p, tf.concat([[self.passes, b], tf.shape(p)[1:]], 0)), axis=0)
         return p_bar, binary_entropy(p_bar)
 
     def masks(self, u: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Pixel mask `[B,H,W,1]` and image mask [B] (1 = supervised by the given label)."""
+        """Pixel mask `[B,*spatial,1]` and image mask [B] (1 = supervised by the given label)."""
         pixel = tf.cast(u < self.tau, tf.float32)
         image = below_median(tf.reduce_mean(u, axis=item_axes(u)))
         return pixel, image
@@ -150,8 +153,8 @@ class TeacherTrainer(PairedTrainer):
         return image * seg + (1.0 - image) * other
 
     def supervised_share(self, pixel, image) -> tf.Tensor:
-        """Per-pixel 1 where the given label supervises the pixel `[B,H,W,1]` (for the trackers)."""
-        img = image[:, None, None, None]
+        """Per-pixel 1 where the given label supervises the pixel `[B,*spatial,1]` (for the trackers)."""
+        img = tf.reshape(image, [-1] + [1] * (len(pixel.shape) - 1))
         if self.mode == "pixel":
             return pixel
         if self.mode == "image":

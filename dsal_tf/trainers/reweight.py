@@ -7,15 +7,16 @@ Noisy sample i gets a weight `w_i` from two scores:
   `grad L_clean` (about one extra forward pass), so no per-sample backward pass is needed. The
   JVP runs up to each head's logits z; the per-pixel path z -> L_i is closed by reverse mode
   (see `directional_derivatives`);
-- informativeness `g_i = mean |dL_i / dW|` for the 1x1 `main_logits` kernel W (RGM), in closed
-  form: `dL_i/dW[c] = sum_pixels features[i, ..., c] * dL_i/dlogit[i, ...]`.
+- informativeness `g_i = mean |dL_i / dW|` for the 1x1 (1x1x1) `main_logits` kernel W (RGM), in
+  closed form: `dL_i/dW[c] = sum_pixels features[i, ..., c] * dL_i/dlogit[i, ...]`.
 
 The update is Adam on `sum_i w_i L_i(noisy) + expert_weight * mean L(clean)`.
 `L_i = sum_k ds_weight_k * loss(y_i, p_k,i)` over the heads `main, side_1, side_2`, where `loss` is
 per-sample BCE + Dice whatever `LOSS` says (docs/methods.md#noisy-teacher-re-weighting); `REWEIGHT_LOSS` overrides it
 ("run" = `LOSS`). The `uniform` control inherits the same loss.
 
-Layout: NHWC images `[N,H,W,C]`, masks `[N,H,W,1]`, every score and weight `[N]`.
+Layout: channels last, images `[N,*spatial,C]` (NHWC or NDHWC), masks `[N,*spatial,1]`, every score
+and weight `[N]`; every sum over pixels runs over all spatial axes, so volumes work unchanged.
 """
 
 from __future__ import annotations
@@ -101,11 +102,16 @@ def directional_derivatives(
 def kernel_gradient_magnitude(features: tf.Tensor, logit_grads: tf.Tensor) -> tf.Tensor:
     """`g_i = mean_{c,o} |sum_pixels features[i,..,c] * logit_grads[i,..,o]|`, shape [N].
 
-    This is `mean |dL_i/dW|` for a 1x1 conv kernel W `[1,1,C,O]` without any per-sample backward.
+    This is `mean |dL_i/dW|` for a 1x1 conv kernel W `[1,1,C,O]` (1x1x1 in 3D) without any per-sample
+    backward. Any rank: the pixels are flattened to one axis `[N,P,C]`, so a volume gives what the
+    same voxels laid out as an image give.
     """
     features = tf.cast(tf.stop_gradient(features), tf.float32)
     logit_grads = tf.cast(logit_grads, tf.float32)
-    per_sample_kernel = tf.einsum("nhwc,nhwo->nco", features, logit_grads)
+    n = tf.shape(features)[0]
+    features = tf.reshape(features, [n, -1, tf.shape(features)[-1]])
+    logit_grads = tf.reshape(logit_grads, [n, -1, tf.shape(logit_grads)[-1]])
+    per_sample_kernel = tf.einsum("npc,npo->nco", features, logit_grads)
     return tf.reduce_mean(tf.abs(per_sample_kernel), axis=[1, 2])
 
 
