@@ -276,10 +276,12 @@ def round_option(fn):
 @cli.command()
 @common_options
 @round_option
-@click.option("-i", "--input", "in_dir", required=True, type=click.Path(path_type=Path), help="Folder of images.")
+@click.option("-i", "--input", "in_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder of images (a volume run: of .nii.gz/.nii volumes).")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Where <name>.png masks (original size) and predictions.csv go.")
-@click.option("--probabilities", is_flag=True, help="Also write probabilities/<name>.png (p x 255).")
+              help="Where <name>.png masks (original size; volumes: <file> on the input's grid and affine) and "
+                   "predictions.csv go.")
+@click.option("--probabilities", is_flag=True, help="Also write probabilities/<name>.png (p x 255; volumes: NIfTI).")
 @click.option("--overlays", is_flag=True, help="Also write overlays/<name>.jpg (prediction contour in red).")
 @click.option("--flag-below", type=float, default=0.8, show_default=True,
               help="Flag images whose side-head agreement is below this in predictions.csv.")
@@ -288,7 +290,7 @@ def round_option(fn):
 @user_errors
 def predict(constants, set_pairs, which, in_dir, out_dir, probabilities, overlays, flag_below, batch_size,
             **options) -> None:
-    """Segment a folder of new images with a trained run; masks keep each image's name and size."""
+    """Segment a folder of new images (or NIfTI volumes) with a trained run; masks keep each input's name and size."""
     cfg = build_config(constants, set_pairs, **options)
     from .predict import predict_folder
 
@@ -303,7 +305,8 @@ def predict(constants, set_pairs, which, in_dir, out_dir, probabilities, overlay
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path))
 @user_errors
 def export(constants, set_pairs, which, fmt, out_dir, **options) -> None:
-    """Export a round's main head with resizing and normalization inside (uint8 images in)."""
+    """Export a round's main head with resizing and normalization inside (uint8 images in; a volume run: windows of
+    the preprocessed volume in, every preprocessing setting in dsal_export.json)."""
     cfg = build_config(constants, set_pairs, **options)
     from .export import export_model
 

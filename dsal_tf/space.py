@@ -29,7 +29,7 @@ from .errors import DsalError
 from .files import atomic_dir
 from .model import float32_copy
 from .settings import Settings
-from .volume_space import VolumeSpace
+from .volume_space import VolumeNormalizer, VolumeSpace
 from .volumes import dataset_rank
 
 THRESHOLD = 0.5
@@ -251,4 +251,13 @@ def space_for(cfg):
     return ImageSpace(cfg)
 
 
-__all__ = ["ImageSpace", "VolumeSpace", "Rows", "disk_array", "item_axes", "original_size", "space_for", "to_original"]
+def run_space(cfg, normalizer):
+    """The space a trained run works in, from what the run recorded (a volume run's normalizer.json
+    says "volume"), not from its data folder, which may have moved or gone since it trained."""
+    if isinstance(normalizer, VolumeNormalizer):
+        return VolumeSpace.from_config(cfg)
+    return ImageSpace(cfg)
+
+
+__all__ = ["ImageSpace", "VolumeSpace", "Rows", "disk_array", "item_axes", "original_size", "run_space", "space_for",
+           "to_original"]

@@ -386,19 +386,43 @@ def smoothed_dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def predict_file(model, image_path: Path, out_path: Path, normalizer: VolumeNormalizer,
-                 batch_size: int = 2) -> dict[str, float]:
+                 batch_size: int = 2, probabilities_path: Path | None = None) -> dict:
     """Predict one NIfTI volume that was never cached (`dsal predict`): read, normalise and resample
     it as the run's volumes were (`normalizer` records how), slide the windows over it, write the
-    main head's mask on the input's grid with its affine and header, and return its DSAL agreement
-    (on the network's grid) and the mask's foreground in voxels."""
+    main head's mask on the input's grid with its affine and header (and its probabilities at
+    `probabilities_path`), and return its DSAL agreement (on the network's grid), the mask's
+    foreground in voxels and its shape."""
     window = normalizer.ct_window if normalizer.normalization == "ct" else None
     case = load_case(image_path, None, normalizer.spacing or None, normalizer.normalization, window)
     heads = SlidingInferer(model, normalizer.patch_size, batch_size).volume(case.image[..., None])
     b0, b1, b2 = (heads[h][..., 0] > THRESHOLD for h in ("main", "side_1", "side_2"))
-    mask = (resize(heads["main"][..., 0], case.source.shape, 1) > THRESHOLD).astype(np.uint8)
+    prob = resize(heads["main"][..., 0], case.source.shape, 1)
+    mask = (prob > THRESHOLD).astype(np.uint8)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     write_mask(out_path, mask, case.source)
-    return {"agreement": 0.5 * (smoothed_dice(b0, b1) + smoothed_dice(b0, b2)), "foreground": int(mask.sum())}
+    if probabilities_path is not None:
+        write_probabilities(probabilities_path, prob, case.source)
+    return {"agreement": 0.5 * (smoothed_dice(b0, b1) + smoothed_dice(b0, b2)), "foreground": int(mask.sum()),
+            "shape": case.source.shape}
+
+
+def write_probabilities(path: Path, prob: np.ndarray, reference) -> None:
+    """Probabilities `[D,H,W]` on `reference`'s grid as NIfTI with its affine: uint8 p x 255 with
+    scl_slope 1/255, so viewers and nibabel's `get_fdata()` read p (to 1/255) at a quarter of float32's size."""
+    import gzip
+
+    import nibabel as nib
+
+    from .files import atomic_write
+
+    header = reference.header.copy()
+    header.set_data_dtype(np.uint8)
+    img = nib.Nifti1Image(np.round(np.clip(prob, 0.0, 1.0) * 255).astype(np.uint8), reference.affine, header=header)
+    img.header.set_slope_inter(1.0 / 255, 0.0)
+    data = img.to_bytes()
+    if Path(path).name.lower().endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 # ------------------------------------------------------------------ the space
@@ -798,4 +822,5 @@ class VolumeSpace:
 
 
 __all__ = ["Geometry", "Layout", "PatchDraw", "SlidingInferer", "VolumeNormalizer", "VolumeSettings", "VolumeSpace",
-           "area_downsample", "content_box", "crop_item", "predict_file", "rotation_plane", "stored_boxes"]
+           "area_downsample", "content_box", "crop_item", "predict_file", "rotation_plane", "stored_boxes",
+           "write_probabilities"]
