@@ -20,7 +20,7 @@ from .errors import DsalError
 class Pool:
     labelled_map: np.ndarray  # int32 [N]
     pseudo_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    pseudo_masks: np.ndarray | None = None  # uint8 [P,H,W,1] in {0,1}
+    pseudo_masks: np.ndarray | None = None  # uint8 [P,*spatial,1] in {0,1} (images or volumes)
 
     @classmethod
     def initial(cls, size: int, n_labelled: int, seed: int) -> Pool:
@@ -84,4 +84,4 @@ class Pool:
         with np.load(path) as z:
             masks = z["pseudo_masks"]
             return cls(z["labelled_map"].astype(np.int32), z["pseudo_idx"].astype(np.int64),
-                       masks if masks.ndim == 4 else None)
+                       masks if masks.ndim > 1 else None)  # [P,*spatial,1]; the placeholder is 1-D

@@ -85,3 +85,15 @@ def test_round_selection_reads_only_the_chosen_images_of_a_memmapped_pool(tmp_pa
     assert len(x) == cfg.nb_labeled + cfg.nb_next_sample + cfg.nb_pseudo(r) and flag.sum() == len(pseudo_idx)
     assert len(list((ctx.round_dir / "pseudo").glob("*.png"))) == len(pseudo_idx)
     assert peak < pool_data.images.nbytes / 4, (peak, pool_data.images.nbytes)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 3, 1), (2, 3, 4, 2, 1)])
+def test_pseudo_masks_of_images_and_volumes_survive_a_round_trip(tmp_path, shape):
+    pool = Pool.initial(8, 2, seed=0)
+    masks = (np.arange(np.prod(shape)).reshape(shape) % 2).astype(np.uint8)
+    pool.set_pseudo(pool.unlabelled[:2], masks)
+    pool.save(tmp_path / "pool.npz")
+    assert np.array_equal(Pool.load(tmp_path / "pool.npz").pseudo_masks, masks)  # volumes were dropped before
+    empty = Pool.initial(8, 2, seed=0)
+    empty.save(tmp_path / "empty.npz")
+    assert Pool.load(tmp_path / "empty.npz").pseudo_masks is None
