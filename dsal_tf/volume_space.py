@@ -81,7 +81,7 @@ from .volumes import (
 CACHE_VERSION = 1
 STORE_DTYPE = np.float16
 THRESHOLD = 0.5
-SCORE_VOLUMES = 2  # volumes per `score_batch` call (each one goes through its own sliding windows)
+SCORE_VOLUMES = 1  # volumes per `score_batch` call: one, cropped to its box inside the padding
 EVAL_VOLUMES = 1  # volumes per validation batch: a whole padded volume is a large input
 THUMBNAIL_SIDE = 8
 ANISOTROPY = 2.0  # a target spacing whose largest axis is this much coarser has a slice axis
@@ -706,8 +706,9 @@ class VolumeSpace:
 
     def score_pool(self, query, model, images, masks, normalizer, progress: bool = False,
                    with_features=None) -> dict[str, np.ndarray]:
-        """`query.score_batch` over `images` (`Rows` of the pool), `SCORE_VOLUMES` volumes a call,
-        each through sliding windows of every head: per-volume arrays, and `pred` (uint8
+        """`query.score_batch` over `images` (`Rows` of the pool), one volume a call cropped to its
+        box inside the padding, through sliding windows of every head: per-volume arrays (reduced
+        over the volume's own voxels), and `pred` (uint8
         [N,D,H,W,1], kept on disk). Eager (the windows are a Python loop); the model's forward
         pass on a window batch is one traced graph."""
         import tensorflow as tf
@@ -719,16 +720,21 @@ class VolumeSpace:
         infer = self.inferer(with_features(model) if with_features is not None else model)
         parts: dict[str, list] = {}
         pred = None
-        for start in tqdm(range(0, len(images), SCORE_VOLUMES), desc=f"scoring ({query.name})",
-                          disable=not progress, leave=False):
-            stop = min(start + SCORE_VOLUMES, len(images))
-            x = normalizer(np.asarray(images[start:stop]))
-            y = tf.cast(np.asarray(masks[start:stop]), tf.float32)
+        for i in tqdm(range(len(images)), desc=f"scoring ({query.name})", disable=not progress, leave=False):
+            # one volume a call, cropped to its box inside the padding (the windows cover only that box):
+            # a per-volume mean is then over the volume's own voxels, not over a padded grid that would
+            # shrink the scores of small volumes by their share of the grid
+            volume = np.asarray(images[i])
+            low, high = content_box(volume)
+            box = tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+            x = normalizer(volume[box][None])
+            y = tf.cast(np.asarray(masks[i])[box][None], tf.float32)
             out = {k: np.asarray(v) for k, v in query.score_batch(infer, x, y).items()}
-            batch = out.pop("pred")
+            mask = out.pop("pred")
             if pred is None:
-                pred = disk_array((len(images), *batch.shape[1:]), batch.dtype)
-            pred[start:stop] = batch
+                pred = disk_array((len(images), *volume.shape), mask.dtype)
+            pred[i] = 0
+            pred[i][box] = mask[0]
             for k, v in out.items():
                 parts.setdefault(k, []).append(v)
         return {**{k: np.concatenate(v) for k, v in parts.items()}, "pred": pred}

@@ -471,3 +471,30 @@ def test_the_active_learning_loop_runs_on_a_volume_folder(volume_data, tmp_path,
     per_volume = pd.read_csv(run.test_metrics(2))
     assert list(per_volume["name"]) == [n for n, _, _ in TEST] and per_volume["dice"].between(0, 1).all()
     assert len(table) == 1
+
+
+def test_a_volume_scores_the_same_whatever_the_padding_around_it(tiny_unet):
+    """Per-volume scores are means over the volume's own voxels: the same volume padded into a larger
+    grid (a pool with a larger volume in it) keeps its score, so small volumes are not ranked lower."""
+    from dsal_tf.strategies.dsal import DSALQuery
+    from dsal_tf.strategies.entropy import EntropyQuery
+    from dsal_tf.volume_space import VolumeNormalizer
+
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=(12, 14, 10, 1)).astype(np.float16)
+    mask = (rng.random((12, 14, 10, 1)) > 0.7).astype(np.uint8)
+
+    def padded(grid):
+        x, y = np.zeros((1, *grid, 1), np.float16), np.zeros((1, *grid, 1), np.uint8)
+        x[0, 2:14, 3:17, 1:11], y[0, 2:14, 3:17, 1:11] = volume, mask
+        return x, y
+
+    space = VolumeSpace(resolve({"depth": 3, "batch_size": 2}), VolumeSettings(patch_size=(8, 8, 8)))
+    norm = VolumeNormalizer(patch_size=(8, 8, 8))
+    for query in (EntropyQuery(), DSALQuery()):
+        small = space.score_pool(query, tiny_unet, *padded((16, 24, 16)), norm)
+        large = space.score_pool(query, tiny_unet, *padded((32, 40, 24)), norm)
+        for key in ("uncertainty", "confidence"):
+            np.testing.assert_allclose(small[key], large[key], rtol=1e-5)
+        assert small["pred"].shape == (1, 16, 24, 16, 1) and large["pred"].shape == (1, 32, 40, 24, 1)
+        assert not large["pred"][0, 16:].any()  # nothing predicted in the padding
