@@ -604,6 +604,15 @@ class VolumeSpace:
                                  offset=geo.offset, affine=np.asarray(case.source.affine).tolist()))
         return meta
 
+    def decode(self, pairs) -> tuple[np.ndarray, np.ndarray]:
+        """(images, masks) of a few `(image, label)` pairs in memory, on the run's padded grid exactly as
+        `load_split` caches them (float16 [n,D,H,W,1], uint8 {0,1}): what `dsal plan` times and probes on,
+        without caching a split."""
+        shape = (len(pairs), *self.layout.shape, 1)
+        images, masks = np.zeros(shape, STORE_DTYPE), np.zeros(shape, np.uint8)
+        self._decode_into(pairs, images, masks)
+        return images, masks
+
     # ------------------------------------------------------------------ normalizer
     def fit_normalizer(self, images=None) -> VolumeNormalizer:
         """The run's normalizer (nothing to fit: each volume was normalised when cached)."""
