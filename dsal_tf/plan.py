@@ -1202,11 +1202,11 @@ def measure_volume_steps(cfg: Config, images: np.ndarray, masks: np.ndarray, ste
                          seed: int = 0, keep: dict | None = None) -> dict[str, float]:
     """Seconds per training step of the real U-Net on random patches of decoded pool volumes (the space's
     `train_stream`), per validation volume (one whole padded volume, as `fit` validates) and per scoring call
-    (`SCORE_VOLUMES` volumes through the space's sliding-window `inferer` and the strategy's `score_batch`, as
-    `score_pool` calls it), each after one warm-up call; `round_trace_s`: the warm-up's extra time of scoring,
-    which every round's pass spends again (its inferer traces its windows anew). `keep`: where the trained model
-    is left under `cfg.to_json()`, for the learning probe to continue (a 3D U-Net's first step traces for
-    seconds)."""
+    (a volume cropped to its box inside the padding, through the space's sliding-window `inferer` and the
+    strategy's `score_batch`, as `score_pool` calls it), each after one warm-up call; `round_trace_s`: the
+    warm-up's extra time of scoring, which every round's pass spends again (its inferer traces its windows
+    anew). `keep`: where the trained model is left under `cfg.to_json()`, for the learning probe to continue
+    (a 3D U-Net's first step traces for seconds)."""
     import tempfile
 
     import tensorflow as tf
@@ -1214,7 +1214,7 @@ def measure_volume_steps(cfg: Config, images: np.ndarray, masks: np.ndarray, ste
     from . import determinism, train
     from .model import HEADS, float32_copy
     from .strategies import QUERY_STRATEGIES
-    from .volume_space import SCORE_VOLUMES, VolumeSpace
+    from .volume_space import VolumeSpace, content_box
 
     space = VolumeSpace.from_config(cfg)
     norm = space.fit_normalizer()
@@ -1231,10 +1231,10 @@ def measure_volume_steps(cfg: Config, images: np.ndarray, masks: np.ndarray, ste
     query = QUERY_STRATEGIES[cfg.query_strategy].from_config(cfg)
     scored = float32_copy(model) if getattr(query, "score_dtype", None) == "float32" else model
     infer = space.inferer(scored)
-    n = min(len(images), SCORE_VOLUMES)
-    x, y = norm(np.asarray(images[:n])), tf.cast(np.asarray(masks[:n]), tf.float32)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(*content_box(images[0])))
+    x, y = norm(np.asarray(images[0])[box][None]), tf.cast(np.asarray(masks[0])[box][None], tf.float32)
     first_score = _timed(lambda: query.score_batch(infer, x, y))
-    score_s = _timed(lambda: query.score_batch(infer, x, y)) * SCORE_VOLUMES / n
+    score_s = _timed(lambda: query.score_batch(infer, x, y))
     with tempfile.TemporaryDirectory() as tmp:
         save_s = _timed(lambda: model.save(Path(tmp) / "m.keras"))
     trace = max(0.0, first_fit - train_s) + max(0.0, first_eval - eval_s)
@@ -1242,7 +1242,7 @@ def measure_volume_steps(cfg: Config, images: np.ndarray, masks: np.ndarray, ste
         keep[cfg.to_json()] = model
     return dict(train_step_s=round(train_s, 4), eval_step_s=round(eval_s, 4), score_step_s=round(score_s, 4),
                 epoch_overhead_s=round(save_s, 4), trace_s=round(trace, 2),
-                round_trace_s=round(max(0.0, first_score - score_s * n / SCORE_VOLUMES), 2))
+                round_trace_s=round(max(0.0, first_score - score_s), 2))
 
 
 def probe_volume_learning(cfg: Config, images: np.ndarray, masks: np.ndarray, steps: int = PROBE_STEPS,

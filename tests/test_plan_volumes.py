@@ -29,6 +29,7 @@ from dsal_tf.plan import (
     volume_fingerprint,
     write_plan,
 )
+from dsal_tf.volume_space import SCORE_VOLUMES
 
 ISO, THICK = (1.0, 1.0, 3.0), (1.5, 1.5, 4.0)
 # (split, name, shape, spacing, boxes): a box is (start, size) in voxels; labels are the union of their boxes.
@@ -189,16 +190,19 @@ def test_volume_batches_and_predicted_time_by_hand():
     cfg = resolve(dict(depth=3, batch_size=2, patch_size=(16, 24, 8), steps_per_epoch=0, nb_labeled=2,
                        nb_iterations=2, nb_next_sample=1, nb_initial_epochs=3, nb_active_epochs=2,
                        pseudo_policy="none"))
-    # one expected pass: 20480 / 3072 -> 7 patches a volume; 3 volumes -> 21 patches -> 11 steps of 2
-    assert count(cfg, "train", 3) == 11 and count(cfg, "val", 3) == 3 and count(cfg, "score", 3) == 2
+    # one expected pass: 20480 / 3072 -> 7 patches a volume; 3 volumes -> 21 patches -> 11 steps of 2;
+    # validation: one whole volume a batch; scoring: SCORE_VOLUMES volumes a call (score_pool's)
+    assert count(cfg, "train", 3) == 11 and count(cfg, "val", 3) == 3
+    assert count(cfg, "score", 3) == math.ceil(3 / SCORE_VOLUMES)
     assert count(cfg.replace(steps_per_epoch=10), "train", 3) == 10
     timing = dict(train_step_s=1.0, eval_step_s=0.5, score_step_s=0.25, epoch_overhead_s=0.1, trace_s=2.0,
                   round_trace_s=1.0)
     p = predict_seconds(cfg.replace(steps_per_epoch=10), timing, n_pool=5, n_val=2, load_s=3.0, batches=count)
     # initial: 3 x (10 + 2 x 0.5 + 0.1); rounds 1, 2: 2 x (10 + 1 + 0.1) each; scoring 3 then 2 unlabelled
-    # volumes: 2 + 1 calls of 0.25 s and 1 s of tracing each
+    # volumes: their calls of 0.25 s (3 + 2 at one volume a call) and 1 s of tracing each round
     assert p["train_s"] == pytest.approx(3 * 11.1 + 2 * 2 * 11.1)
-    assert p["score_s"] == pytest.approx(3 * 0.25 + 2 * 1.0)
+    calls = math.ceil(3 / SCORE_VOLUMES) + math.ceil(2 / SCORE_VOLUMES)
+    assert p["score_s"] == pytest.approx(calls * 0.25 + 2 * 1.0)
     assert p["total_s"] == pytest.approx(3.0 + 2.0 + p["train_s"] + p["score_s"])
 
 
