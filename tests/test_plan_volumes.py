@@ -31,20 +31,20 @@ from dsal_tf.plan import (
 )
 from dsal_tf.volume_space import SCORE_VOLUMES
 
-ISO, THICK = (1.0, 1.0, 3.0), (1.5, 1.5, 4.0)
+FINE, COARSE = (1.0, 1.0, 3.0), (1.5, 1.5, 4.0)  # mm; both anisotropic (3 and 4 mm slices)
 # (split, name, shape, spacing, boxes): a box is (start, size) in voxels; labels are the union of their boxes.
 # Structures (26-connected): a 6x6x2 box (72 voxels, 216 mm^3) and a 2x2x1 one (4 voxels, 12 mm^3); 32 voxels
 # at 1x1x3 mm (96 mm^3) and at 1.5x1.5x4 mm (288 mm^3); none; 6x6x3 (108, 324 mm^3) with a 1-voxel speck
 # (under 1% of 108); val: 3x3x1 (9 voxels, 27 mm^3) and 5x5x2 (50, 150 mm^3); test: one voxel (never read).
 VOLUMES = [
-    ("train", "a", (24, 32, 8), ISO, [((4, 4, 2), (6, 6, 2)), ((15, 20, 6), (2, 2, 1))]),
-    ("train", "b", (20, 28, 10), ISO, [((6, 8, 3), (4, 4, 2))]),
-    ("train", "c", (16, 24, 6), THICK, [((5, 9, 2), (4, 4, 2))]),
-    ("train", "d", (22, 30, 8), ISO, []),
-    ("train", "e", (26, 34, 9), ISO, [((8, 10, 3), (6, 6, 3)), ((22, 30, 0), (1, 1, 1))]),
-    ("val", "v0", (24, 32, 8), ISO, [((9, 12, 4), (3, 3, 1))]),
-    ("val", "v1", (20, 28, 8), ISO, [((6, 8, 3), (5, 5, 2))]),
-    ("test", "t0", (24, 32, 8), ISO, [((1, 1, 1), (1, 1, 1))]),
+    ("train", "a", (24, 32, 8), FINE, [((4, 4, 2), (6, 6, 2)), ((15, 20, 6), (2, 2, 1))]),
+    ("train", "b", (20, 28, 10), FINE, [((6, 8, 3), (4, 4, 2))]),
+    ("train", "c", (16, 24, 6), COARSE, [((5, 9, 2), (4, 4, 2))]),
+    ("train", "d", (22, 30, 8), FINE, []),
+    ("train", "e", (26, 34, 9), FINE, [((8, 10, 3), (6, 6, 3)), ((22, 30, 0), (1, 1, 1))]),
+    ("val", "v0", (24, 32, 8), FINE, [((9, 12, 4), (3, 3, 1))]),
+    ("val", "v1", (20, 28, 8), FINE, [((6, 8, 3), (5, 5, 2))]),
+    ("test", "t0", (24, 32, 8), FINE, [((1, 1, 1), (1, 1, 1))]),
 ]
 TARGET = (1.0, 1.0, 3.0)  # the median training spacing per axis: (1, 1, 1.5, 1, 1) and (3, 3, 4, 3, 3)
 # at 1x1x3 mm: a, b, d, e keep their shapes, c becomes (16 x 1.5, 24 x 1.5, 6 x 4 / 3) = (24, 36, 8)
