@@ -268,6 +268,37 @@ def import_labels(constants, set_pairs, masks_dir, label_studio, **options) -> N
         import_masks(cfg, masks_dir, log=_echo)
 
 
+@cli.command()
+@common_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=9090, show_default=True)
+@click.option("--connect", "studio_url", default=None, metavar="URL",
+              help="A Label Studio server: create or reuse the project, import the round's tasks, register this "
+                   "backend (docs/label-studio.md).")
+@click.option("--token", envvar="LABEL_STUDIO_API_KEY", default=None,
+              help="Label Studio API token (personal access or legacy) for --connect [env LABEL_STUDIO_API_KEY].")
+@click.option("--project", "project_id", type=int, default=None, help="Use this Label Studio project id.")
+@click.option("--document-root", default="/", show_default=True,
+              help="Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (the run must be below it).")
+@click.option("--backend-url", default=None, help="How Label Studio reaches this server (default http://HOST:PORT).")
+@click.option("--label", default=None, help="The foreground's BrushLabels label (default: the config's only one).")
+@user_errors
+def serve(constants, set_pairs, host, port, studio_url, token, project_id, document_root, backend_url, label,
+          **options) -> None:
+    """Serve a run with ORACLE = files as a Label Studio ML backend: prelabels, ranking, annotations in."""
+    cfg = build_config(constants, set_pairs, **options)
+    from .serve import serve as serve_run
+    from .serve.studio import Studio
+
+    studio = None
+    if studio_url is not None:
+        if not token:
+            raise DsalError("--connect needs --token TOKEN (or LABEL_STUDIO_API_KEY): Label Studio's account "
+                            "settings show it")
+        studio = Studio(studio_url, token, backend_url or f"http://{host}:{port}", document_root, project_id)
+    serve_run(cfg, host, port, studio, label, log=_echo)
+
+
 def round_option(fn):
     return click.option("--round", "which", default="best", show_default=True,
                         help="best (highest validation Dice), last, or a round number.")(fn)
