@@ -81,6 +81,7 @@ class ImageSpace:
     original size of their image."""
 
     rank = 2
+    reduced_precision_by_default = True  # MIXED_PRECISION = "auto" may pick bf16/fp16 (issue 24's measurements)
     mask_suffix = ".png"
 
     def __init__(self, cfg):

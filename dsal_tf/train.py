@@ -61,9 +61,12 @@ def resolve_precision(cfg: Config) -> str:
     """`MIXED_PRECISION` as a concrete choice: "off", "float16" or "bfloat16".
 
     "auto": bf16 on GPUs of compute capability >= 8.0, fp16 on older GPUs, bf16 on CPUs with
-    AVX512-BF16 or AMX, fp32 elsewhere."""
+    AVX512-BF16 or AMX, fp32 elsewhere; fp32 where the space says reduced precision is not safe
+    by default (volumes, see `VolumeSpace.reduced_precision_by_default`)."""
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
+    if not space_for(cfg).reduced_precision_by_default:
+        return "off"
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         cc = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))

@@ -498,3 +498,12 @@ def test_a_volume_scores_the_same_whatever_the_padding_around_it(tiny_unet):
             np.testing.assert_allclose(small[key], large[key], rtol=1e-5)
         assert small["pred"].shape == (1, 16, 24, 16, 1) and large["pred"].shape == (1, 32, 40, 24, 1)
         assert not large["pred"][0, 16:].any()  # nothing predicted in the padding
+
+
+def test_auto_precision_trains_volumes_in_float32(volume_data):
+    """bf16 stalled the 3D U-Net on the hippocampus (docs/gpus.md#precision): `auto` is fp32 on volumes,
+    whatever the hardware; an explicit choice is kept."""
+    from dsal_tf.train import resolve_precision
+
+    assert resolve_precision(resolve({"data_path": str(volume_data)})) == "off"
+    assert resolve_precision(resolve({"data_path": str(volume_data), "mixed_precision": "bfloat16"})) == "bfloat16"
