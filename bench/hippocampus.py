@@ -28,10 +28,10 @@ RESULTS = Path(os.environ.get("RESULTS_DIR") or ROOT / "bench" / "results")
 NAME = "compare-hippocampus"
 ROWS = ("dsal", "random", "entropy", "dsal+diverse")
 NNUNET_DICE = 0.895  # nnU-Net on all the data, nnActive's hippocampus split (foreground Dice)
-# Chosen by hand from timings on this machine (bf16, batch 2, 32x48x32 patches: 0.14 s a step with
-# 16 filters, about 28 s to score the 140 pool volumes) so the table fits in about two hours.
+# Chosen by hand from probes on this machine (batch 2, 32x48x32 patches, 16 filters, fp32: the default on
+# volumes; 300 steps on 10 volumes reached validation Dice 0.67) so that a seed takes under an hour.
 SETTINGS = {"BASE_FILTERS": 16, "BATCH_SIZE": 2, "NB_LABELED": 10, "NB_NEXT_SAMPLE": 10, "STEPS_PER_EPOCH": 50,
-            "NB_INITIAL_EPOCHS": 8, "NB_ACTIVE_EPOCHS": 4, "NB_PSEUDO_INITIAL": 5, "PSEUDO_RATE": 5}
+            "NB_INITIAL_EPOCHS": 10, "NB_ACTIVE_EPOCHS": 4, "NB_PSEUDO_INITIAL": 5, "PSEUDO_RATE": 5}
 ITERATIONS = 5
 
 
@@ -85,7 +85,8 @@ def table(exp_dir: Path) -> str:
              "`python bench/results_queue.py --list` prints each command). Data: `../shared/data/hippocampus` "
              "(140 pool, 20 val, 40 test volumes, 1 mm isotropic). 10 random expert volumes, then 10 per round "
              f"for {ITERATIONS} rounds (60 labels at the end); settings {sets}, `--iterations {ITERATIONS}`, "
-             "precision by default (bf16 on this CPU). Test Dice and HD95 (mm, a missed structure scored as the "
+             "precision `auto` (fp32 on volumes, docs/gpus.md#precision). Test Dice and HD95 (mm, a missed "
+             "structure scored as the "
              "volume's diagonal: `hd95p`) per volume; AULC over the labels; differences against random paired per "
              "test volume with the bootstrap 95% interval over seeds and volumes. Only finished runs count.", ""]
     done = {job: rec for job, rec in records.items()}
