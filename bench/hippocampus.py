@@ -15,15 +15,16 @@ labelled set. The table (bench/results/hippocampus.md) reads `compare`'s summary
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from compare_table import differences, md, queue_records, runs_grid, summary  # noqa: E402
+
 RESULTS = Path(os.environ.get("RESULTS_DIR") or ROOT / "bench" / "results")
 NAME = "compare-hippocampus"
 ROWS = ("dsal", "random", "entropy", "dsal+diverse")
@@ -43,42 +44,9 @@ def compare_argv(data: str, row: str, seed: int) -> tuple[str, ...]:
             "--full-supervision" if row == "full" else "--no-full-supervision", *sets)
 
 
-def md(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    fmt = {c: (lambda v: f"{v:.4f}") if pd.api.types.is_float_dtype(df[c]) else str for c in cols}
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt[c](df[c].iloc[i]) for c in cols) + " |" for i in range(len(df))]
-    return "\n".join(lines)
-
-
-def queue_records(exp_dir: Path) -> dict[str, dict]:
-    """The results queue's record of each finished hippocampus job (minutes, peak memory, commit)."""
-    records = {}
-    for path in sorted((exp_dir / "queue").glob("hippocampus__*.json")):
-        rec = json.loads(path.read_text())
-        records[rec["job"]] = rec
-    return records
-
-
-def per_round_seconds(exp_dir: Path) -> pd.DataFrame:
-    """Mean training and scoring seconds per round after round 0, per row (from the learning curves)."""
-    rows = []
-    for curve in sorted((exp_dir / NAME).glob("*-s*/learning_curve.csv")):
-        row, _, seed = curve.parent.name.rpartition("-s")
-        if row == "init":
-            continue
-        c = pd.read_csv(curve)
-        later = c[c["round"] > 0] if (c["round"] > 0).any() else c
-        rows.append({"strategy": row, "train_s_per_round": later["train_s"].mean(),
-                     "score_s_per_round": later["score_s"].mean()})
-    if not rows:
-        return pd.DataFrame()
-    return pd.DataFrame(rows).groupby("strategy", as_index=False).mean()
-
-
 def table(exp_dir: Path) -> str:
     folder = exp_dir / NAME
-    records = queue_records(exp_dir)
+    records = queue_records(exp_dir, "hippocampus/")
     sets = ", ".join(f"{k}={v}" for k, v in SETTINGS.items())
     lines = ["# Active learning on 3D volumes: hippocampus MRI (MSD Task04)", "",
              "`python bench/results_queue.py run --only hippocampus/` (one `dsal compare` per row and seed; "
@@ -86,31 +54,14 @@ def table(exp_dir: Path) -> str:
              "(140 pool, 20 val, 40 test volumes, 1 mm isotropic). 10 random expert volumes, then 10 per round "
              f"for {ITERATIONS} rounds (60 labels at the end); settings {sets}, `--iterations {ITERATIONS}`, "
              "precision `auto` (fp32 on volumes, docs/gpus.md#precision). Test Dice and HD95 (mm, a missed "
-             "structure scored as the "
-             "volume's diagonal: `hd95p`) per volume; AULC over the labels; differences against random paired per "
-             "test volume with the bootstrap 95% interval over seeds and volumes. Only finished runs count.", ""]
-    done = {job: rec for job, rec in records.items()}
-    lines += ["## Runs (row x seed: minutes, peak memory of the job's process, commit)", "",
-              "| row | seed 0 | seed 1 | seed 2 |", "|---|---|---|---|"]
-    for row in (*ROWS, "full"):
-        cells = []
-        for seed in (0, 1, 2):
-            rec = done.get(f"hippocampus/{row}/s{seed}")
-            if rec is None:
-                cells.append("pending")
-                continue
-            peak = f", {rec['peak_rss_mb'] / 1024:.1f} GiB" if "peak_rss_mb" in rec else ""
-            cells.append(f"{rec['minutes']:.1f} min{peak} ({rec['commit']})")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("The first job of a seed also trains the seed's initial model (shared by every row).")
-    summary = folder / "summary.csv"
-    if summary.is_file():
-        s = pd.read_csv(summary)
-        keep = [c for c in ("strategy", "pseudo", "selection", "final_dice_mean", "final_dice_std",
-                            "final_hd95p_mean", "n_oracle", "aulc_mean", "aulc_std", "seeds") if c in s]
-        timing = per_round_seconds(exp_dir)
-        s = s[keep].merge(timing, on="strategy", how="left") if not timing.empty else s[keep]
+             "structure scored as the volume's diagonal: `hd95p`) per volume; AULC over the labels; differences "
+             "against random paired per test volume with the bootstrap 95% interval over seeds and volumes. "
+             "Only finished runs count.", "",
+             "## Runs (row x seed: minutes, peak memory of the job's process, commit)", ""]
+    lines += runs_grid(records, lambda row, seed: f"hippocampus/{row}/s{seed}", (*ROWS, "full"))
+    lines += ["", "The first job of a seed also trains the seed's initial model (shared by every row)."]
+    s = summary(folder)
+    if s is not None:
         lines += ["", "## Summary (final round; seconds per round after round 0)", "", md(s)]
         full = s[s["strategy"] == "full"]
         if len(full):
@@ -120,9 +71,8 @@ def table(exp_dir: Path) -> str:
             lines += ["", f"Full supervision reaches {dice:.4f} test Dice ({dice - NNUNET_DICE:+.4f} against nnU-Net's "
                       f"{NNUNET_DICE} on nnActive's split, with nnU-Net's own network and its default 1000 epochs of "
                       f"250 steps; ours trains {steps} steps)."]
-    diffs = folder / "differences.csv"
-    if diffs.is_file():
-        d = pd.read_csv(diffs)
+    d = differences(folder)
+    if d is not None:
         lines += ["", "## Paired differences (bootstrap 95% interval over test volumes and seeds)", "", md(d)]
     return "\n".join(lines) + "\n"
 

@@ -129,6 +129,11 @@ def plan() -> list[Job]:
     semisup = [Job("semisup/step-time", "none", (sys.executable, "bench/semisup_isic.py", "step-time"))]
     semisup += [Job(f"semisup/isic-s{seed}", "none", (sys.executable, "bench/semisup_isic.py", "--data", ISIC,
                                                       "--seeds", str(seed), "--full")) for seed in SEEDS]
+    sys.path.insert(0, str(ROOT / "bench"))
+    from semisup_isic import AL_ROWS, al_argv
+
+    semisup += [Job(f"semisup/al/{spec}/s{seed}", "semisup-al", dsal(*al_argv(ISIC, spec, seed)))
+                for seed in SEEDS for spec in AL_ROWS]
     rows = lambda *specs, seeds=SEEDS: [isic[(s, seed)] for s in specs for seed in seeds]  # noqa: E731
     return (rows("dsal", "random", "full", "dsal+power")
             + [noisy[(200, seed)] for seed in SEEDS] + methods + covid[:9]
@@ -146,7 +151,8 @@ def collect(table: str, exp_dir: Path, results: Path) -> None:
     env = {**os.environ, "EXP_DIR": str(exp_dir), "RESULTS_DIR": str(results)}
     argv = {"isic2017": ["bench/collect_results.py"],
             "precision": ["bench/bench_precision.py", "dice", "--exp-dir", str(exp_dir)],
-            "hippocampus": ["bench/hippocampus.py", "--exp-dir", str(exp_dir)]}.get(table)
+            "hippocampus": ["bench/hippocampus.py", "--exp-dir", str(exp_dir)],
+            "semisup-al": ["bench/semisup_isic.py", "al-table", "--exp-dir", str(exp_dir)]}.get(table)
     if argv:  # "none": the job's own script writes its table
         subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, check=False)
 
