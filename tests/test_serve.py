@@ -272,12 +272,48 @@ def test_http_server_routes_and_refuses_bad_bodies(cold):
         assert call("/metrics")[1]["prelabel_dice"] == []
         assert call("/predict", b"not json")[0] == 400
         assert call("/predict", b"[1, 2]")[0] == 400
+        for body, match in (({"action": "ANNOTATION_CREATED", "annotation": "x"}, "list of objects"),
+                            ({"action": "ANNOTATIONS_DELETED", "annotations": [{"id": "seven"}]}, "no integer id"),
+                            ({"action": "ANNOTATION_CREATED", "annotation": {"task": 1}}, "no integer id")):
+            status, answer = call("/webhook", json.dumps(body).encode())
+            assert status == 400 and match in answer["error"], answer
         status, body = call("/setup", json.dumps({"schema": "<View/>"}).encode())
         assert status == 400 and "no an Image and a BrushLabels" in body["error"]
         assert call("/nowhere")[0] == 404
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_the_worker_writes_what_the_handlers_queue(cold):
+    backend, tiny_data, _ = cold
+    a = backend.store.requested(0)[0]["name"]
+    backend.start()
+    try:
+        assert backend.webhook(annotation(backend, a, truth(tiny_data, a), aid=3))[0] == 200
+        assert backend._thread.is_alive() and list(backend.store.live(0)) == [a]
+        assert backend.webhook({"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 3}]})[1]["names"] == [a]
+        backend.state = "scoring"  # a job the worker refuses: its answer reaches the handler
+        with pytest.raises(BadRequest, match="scoring"):
+            backend.submit(lambda: backend._delete([3]))
+    finally:
+        backend.stop()
+    assert not backend._thread.is_alive() and backend.store.live(0) == {}
+
+
+def test_serve_needs_a_run_with_the_human_oracle(tiny_data, tmp_path):
+    from dsal_tf.run import Run
+    from dsal_tf.serve import serve
+
+    cfg = resolve(tiny_values(tiny_data, tmp_path, exp_name="sim"))
+    with pytest.raises(DsalError, match="no run at"):
+        serve(cfg)
+    Run.create(cfg)
+    with pytest.raises(DsalError, match="ORACLE = 'simulated'.*dsal run --oracle files"):
+        serve(cfg)
+    Run.create(cfg.replace(exp_name="people", oracle="files"))
+    with pytest.raises(DsalError, match="no round .* has asked for masks"):
+        serve(cfg.replace(exp_name="people"))
 
 
 def test_one_server_per_run(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -119,7 +120,7 @@ def make_handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
 
 def serve(cfg, host: str = "127.0.0.1", port: int = 9090, studio=None, label: str | None = None,
           log: Callable[[str], None] = print) -> None:
-    """Serve the run of `cfg` (its saved config; ORACLE = "files") until interrupted. With `studio`
+    """Serve the run of `cfg` (its saved config; ORACLE = "files") until interrupted (Ctrl-C, SIGTERM). With `studio`
     (`studio.Studio`), connect the project first; a failed connection stops the server with its reason."""
     from ..evaluate import saved_config
 
@@ -145,6 +146,8 @@ def serve(cfg, host: str = "127.0.0.1", port: int = 9090, studio=None, label: st
             failure.append(str(exc))
             threading.Thread(target=httpd.shutdown, daemon=True).start()
 
+    if threading.current_thread() is threading.main_thread():  # `kill PID` stops it like Ctrl-C
+        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown, daemon=True).start())
     backend.start([connect] if studio is not None else [])
     log(f"serving {cfg.name} at {url} (round {backend.round}, {backend.model_version()}); Ctrl-C stops it")
     try:

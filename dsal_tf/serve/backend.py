@@ -21,6 +21,7 @@ from ..errors import DsalError
 from ..oracle import AwaitingAnnotation
 from .datastore import Datastore
 from .labels import (
+    LABEL,
     BadRequest,
     LabelConfig,
     check_results,
@@ -43,7 +44,7 @@ class Backend:
         self.store = Datastore(cfg)
         self.state = "waiting"  # waiting (for masks), training, scoring, finished, error
         self.problem: str | None = None  # why the last round could not go on, for /health and /info
-        self.label_config = parse_label_config(label_config_xml(), label)
+        self.label_config = parse_label_config(label_config_xml(label or LABEL), label)  # until /setup says
         self._configs: dict[str, LabelConfig] = {}
         self._cache: dict[tuple[int, str, str], dict] = {}
         self.jobs: queue.Queue = queue.Queue()
@@ -101,7 +102,7 @@ class Backend:
         if action in ANNOTATION_EVENTS:
             return self._annotations(body, self.config((body.get("project") or {}).get("label_config")))
         if action == "ANNOTATIONS_DELETED":
-            ids = [int(a["id"]) for a in body.get("annotations") or [] if "id" in a]
+            ids = [_id(a, "a deleted annotation") for a in _objects(body.get("annotations"), "annotations")]
             gone = self.submit(lambda: self._delete(ids))
             return 200, {"status": "deleted", "names": gone}
         if action == "START_TRAINING":
@@ -128,29 +129,29 @@ class Backend:
     def _annotations(self, body: dict, cfg: LabelConfig) -> tuple[int, dict]:
         annotations, tasks = body.get("annotation"), body.get("task")
         if isinstance(annotations, dict):
-            annotations, tasks = [annotations], [tasks]
-        by_id = {t.get("id"): t for t in tasks or [] if isinstance(t, dict)}
+            annotations, tasks = [annotations], [tasks] if isinstance(tasks, dict) else []
+        annotations, tasks = _objects(annotations, "annotation"), _objects(tasks or [], "task")
+        by_id = {t.get("id"): t for t in tasks}
         accepted, refused, status = [], [], 200
-        for ann in annotations or []:
-            task = by_id.get(ann.get("task")) or (tasks[0] if len(tasks or []) == 1 else {})
+        for ann in annotations:
+            task = by_id.get(ann.get("task")) or (tasks[0] if len(tasks) == 1 else {})
             try:
                 accepted.append(self._annotation(ann, task, cfg))
             except BadRequest as exc:
                 self.log(f"refused annotation {ann.get('id')}: {exc}")
                 refused.append({"annotation": ann.get("id"), "error": str(exc)})
                 status = exc.status if status == 200 else status
-        body = {"accepted": accepted, "refused": refused, "round": self.round, "missing": len(self.store.missing(
-            self.round))}
+        answer = {"accepted": accepted, "refused": refused, "round": self.round,
+                  "missing": len(self.store.missing(self.round))}
         if refused:
-            body["error"] = refused[0]["error"]
-        return status, body
+            answer["error"] = refused[0]["error"]
+        return status, answer
 
     def _annotation(self, ann: dict, task: dict, cfg: LabelConfig) -> dict:
         """Check one annotation against the pending round (no decoding), then have the worker keep it."""
         r, where = self.round, f"annotation {ann.get('id')} of task {ann.get('task')}"
         name = task_name((task or {}).get("data") or {}, cfg.image_key)
-        if "id" not in ann:
-            raise BadRequest(f"{where} has no id", 400)
+        aid = _id(ann, "an annotation")
         if self.state not in ("waiting", "error"):
             raise BadRequest(f"{where} ({name!r}) came while round {r} is {self.state} with the masks it had; "
                              "a trained round's masks cannot change (start a new run to train on corrections)", 409)
@@ -161,7 +162,7 @@ class Backend:
             raise BadRequest(f"{where} ({name!r}) was skipped; round {r} needs a mask for it (an empty one is fine)")
         size = self.store.size(r, name)
         check_results(ann.get("result") or [], cfg, size, where)
-        meta = {"annotation": int(ann["id"]), "task": ann.get("task"), "name": name,
+        meta = {"annotation": aid, "task": ann.get("task"), "name": name,
                 "who": ann.get("completed_by"), "when": ann.get("updated_at") or ann.get("created_at")}
         changed = self.submit(lambda: self._keep(r, meta, ann.get("result") or [], cfg, size))
         return {"annotation": meta["annotation"], "name": name, "changed": changed}
@@ -276,3 +277,17 @@ class Backend:
         elif "training on" in message:
             self.state = "training"
         self.log(message)
+
+
+def _objects(value, key: str) -> list[dict]:
+    """A webhook field that must be a list of JSON objects."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise BadRequest(f"the webhook's {key!r} must be a list of objects (Label Studio's payload)", 400)
+    return value
+
+
+def _id(obj: dict, what: str) -> int:
+    try:
+        return int(obj["id"])
+    except (KeyError, TypeError, ValueError):
+        raise BadRequest(f"{what} has no integer id: {str(obj)[:200]}", 400) from None

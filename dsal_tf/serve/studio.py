@@ -57,9 +57,13 @@ class Studio:
 
     def _call(self, what: str, fn, *args, **kwargs):
         """An SDK call whose failure becomes one line naming the step and the server's answer."""
+        import httpx
+
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:  # the SDK's HTTP errors, a refused connection
+        except httpx.TransportError as exc:
+            raise DsalError(f"cannot reach Label Studio at {self.url} ({exc}); start it, or fix --connect") from None
+        except Exception as exc:  # the SDK's HTTP errors
             body = _get(exc, "body") or exc
             raise DsalError(f"Label Studio at {self.url} refused to {what}: {body}") from None
 
