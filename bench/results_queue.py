@@ -59,8 +59,10 @@ def compare_job(spec: str, seed: int, full: bool = False) -> Job:
 
 
 # The strategy table's rows, in the order they run: the headline difference first (DSAL vs. random
-# and full supervision on every seed), then the new and the older alternatives, then ablations.
-STRATEGY_ROWS = ("dsal", "random", "", "dsal+power", "dsal+diverse", "entropy", "ceal", "dsal@minfg", "dsal@pre8")
+# and full supervision on every seed), then the new and the older alternatives, then ablations; issue 27
+# added the last two (DSAL with the reference code's data settings, ClaSP PE).
+STRATEGY_ROWS = ("dsal", "random", "", "dsal+power", "dsal+diverse", "entropy", "ceal", "dsal@minfg", "dsal@pre8",
+                 "dsal@reference", "claspe")
 NOISY_EXPERTS = (200, 400)
 # bench/covid_ct.py rows: the fixed preset to beat, the old plan's collapse, each fix alone, the new plan
 COVID_ROWS = ("isic-128", "old-plan-128", "+batch-dice", "only-bce-dice", "only-norm", "auto",
@@ -141,7 +143,7 @@ def plan() -> list[Job]:
             + precision[:2] + walltime + walltime_after + rows("ceal", "entropy") + precision[2:5]
             + rows("dsal@minfg", "dsal@pre8", seeds=SEEDS[1:])
             + covid[9:] + [noisy[(400, seed)] for seed in SEEDS] + precision[5:]
-            + hippocampus_jobs() + semisup + robust_and_boostmis_jobs()
+            + hippocampus_jobs() + semisup + robust_and_boostmis_jobs() + rows("dsal@reference", "claspe")
             + [Job("speed/scale", "none", (sys.executable, "bench/bench_scale.py", "--sizes", "500,4000,10000,30000",
                                           "--fresh-cache"))])
 

@@ -3,8 +3,9 @@
 Rows are strategy specs: a query strategy name, optionally `+<selection>` (`dsal+diverse` is DSAL
 with SELECTION = "diverse"; also `+rank`, `+histogram`, `+power`) and `@<variant>`, a named set of
 settings from `VARIANTS` (`dsal@minfg`: PSEUDO_MIN_FOREGROUND = 0.01; `dsal@pre8`: the pre-issue-8
-U-Net). A variant that changes the model gets its own initial model per seed
-(`init@<variant>-s<seed>`); every other row starts from the shared one. Each row runs with its strategy's own
+U-Net; `dsal@reference`: the DSAL reference code's data settings). A variant that changes the model or the
+data round 0 trains on (`INIT_FIELDS`: greyscale input is a one-channel model) gets its own initial model per
+seed (`init@<variant>-s<seed>`); every other row starts from the shared one. Each row runs with its strategy's own
 weak labeler (PSEUDO_POLICY = "auto": CEAL's bins for `ceal`, DSAL's confidence rule otherwise)
 unless `pseudo` names one policy for every row.
 
@@ -44,8 +45,13 @@ VARIANTS: dict[str, dict] = {
     "minfg": {"pseudo_min_foreground": 0.01},  # the weak labeler skips (near-)empty predictions
     "pre8": {"side_upsampling": "bilinear", "dropout_at": "bottleneck+deepest"},  # the pre-issue-8 U-Net
     "boostmis-trainer": {"trainer": "boostmis"},  # adaptive pixel pseudo labels over the unlabelled pool
+    # the DSAL reference code's data settings (the isic2017 preset's): greyscale, /255, no augmentation, batch Dice
+    "reference": {"color": "gray", "normalization": "unit", "augment": False, "batch_dice": True},
 }
-MODEL_FIELDS = ("base_filters", "depth", "dropout", "side_upsampling", "dropout_at", "norm")
+# settings that change the network itself; COLOR sets its input channels (3 for rgb, 1 for gray)
+MODEL_FIELDS = ("base_filters", "depth", "dropout", "side_upsampling", "dropout_at", "norm", "color")
+# ... and those that change what round 0 trains on: a row changing any of them cannot share the initial model
+INIT_FIELDS = (*MODEL_FIELDS, "img_rows", "img_cols", "normalization", "augment", "loss", "batch_dice", "ds_weights")
 BOOTSTRAP_REPS = 2000
 
 
@@ -66,6 +72,12 @@ def parse_strategy_spec(spec: str) -> dict:
                         f"use one of {sorted(SELECTIONS)}, e.g. dsal+diverse")
     return {"query_strategy": name, **({"selection": selection} if selection else {}),
             **VARIANTS.get(variant, {})}
+
+
+def initial_changes(cfg: Config, overrides: dict) -> dict:
+    """The settings of a row (`parse_strategy_spec`) that its initial model must be trained with, as they
+    differ from the comparison's `cfg`; empty when the row can start from the shared initial model."""
+    return {k: v for k, v in overrides.items() if k in INIT_FIELDS and getattr(cfg, k) != v}
 
 
 def parse_strategy_list(text: str) -> list[str]:
@@ -144,10 +156,10 @@ def run_comparison(
         run_active_learning(init, log=log)
         for spec, overrides in specs.items():
             start = init
-            model_changes = {k: v for k, v in overrides.items() if k in MODEL_FIELDS}
-            if model_changes:  # another architecture cannot start from the shared initial model
+            changes = initial_changes(init, overrides)
+            if changes:  # another network, or other inputs, cannot start from the shared initial model
                 variant = spec.partition("@")[2]
-                start = init.replace(exp_name=f"{name}/init@{variant}-s{seed}", **model_changes)
+                start = init.replace(exp_name=f"{name}/init@{variant}-s{seed}", **changes)
                 run_active_learning(start, log=log)
             scfg = base.replace(seed=seed, exp_name=f"{name}/{spec}-s{seed}", **overrides)
             log(f"== {spec}, seed {seed}")

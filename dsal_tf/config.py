@@ -131,12 +131,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     # Planned from the data on first use (`dsal plan`, dsal_tf/plan.py), stored in the run folder.
     "auto": {},
-    # The paper's ISIC 2017 protocol (docs/methods.md#dsal).
+    # The DSAL reference code's ISIC 2017 protocol (its src/constants.py, docs/methods.md#dsal): greyscale
+    # inputs divided by 255 (its z_score = False), no augmentation, one soft Dice over the whole batch.
+    # Settings it shares with our defaults (4 levels, bottleneck dropout 0.5, nearest side heads, no norm,
+    # DS_WEIGHTS 0.6/0.3/0.1, no LR schedule or early stop, CONF_THRES, 20 MC passes) are not repeated.
+    # A saved run keeps the values in its config.json; runs made before 2026-12-01 (c5c42df) lack
+    # BATCH_DICE and would take True from here on resume.
     "isic2017": dict(
-        img_rows=192, img_cols=240, color="rgb", base_filters=32, dropout=0.5, loss="dice",
+        img_rows=192, img_cols=240, color="gray", base_filters=32, dropout=0.5, loss="dice",
+        batch_dice=True, augment=False, normalization="unit",
         learning_rate=1e-5, batch_size=32, nb_initial_epochs=15, nb_active_epochs=10,
         nb_labeled=600, nb_iterations=10, nb_next_sample=35, pseudo_epoch=5,
-        nb_pseudo_initial=20, pseudo_rate=20, pool_size=1600, normalization="zscore",
+        nb_pseudo_initial=20, pseudo_rate=20, pool_size=1600,
     ),
     # A reduced ISIC protocol that finishes in about 15 minutes on 2 CPU cores.
     "isic2017-cpu": dict(
