@@ -82,11 +82,13 @@ class RoundContext:
     def epochs(self) -> int:
         return self.cfg.nb_initial_epochs if self.round == 0 else self.cfg.nb_active_epochs
 
-    def fit_job(self, model, training_set: tuple, out_dir: Path, epochs: int, seed: int) -> train.FitJob:
-        """A fit of `model` on `training_set` (x, y, is_pseudo) with this round's pool, validation and space."""
+    def fit_job(self, model, training_set: tuple, out_dir: Path, epochs: int, seed: int,
+                from_scratch: bool) -> train.FitJob:
+        """A fit of `model` on `training_set` (x, y, is_pseudo) with this round's pool, validation and
+        space; `from_scratch`: `model` is new, not the previous round's (see `train.FitJob`)."""
         x, y, is_pseudo = training_set
         return train.FitJob(model, self.cfg, x, y, is_pseudo, self.val, self.normalizer, out_dir, epochs, seed,
-                            unlabelled=self.unlabelled_rows()[0], space=self.parts.space)
+                            unlabelled=self.unlabelled_rows()[0], space=self.parts.space, from_scratch=from_scratch)
 
     def unlabelled_rows(self, idx: np.ndarray | None = None) -> tuple[Rows, Rows]:
         """Pool images and masks `idx` (default: the unlabelled ones), read lazily from the memory map."""
@@ -246,7 +248,8 @@ def train_round(ctx: RoundContext) -> None:
             f"{int(is_pseudo.sum())} pseudo labels for {ctx.epochs} epochs")
     with stage(rd) as st:
         t1 = time.perf_counter()
-        history = train.fit(ctx.fit_job(ctx.model, (x, y, is_pseudo), rd, ctx.epochs, ctx.seed))
+        # round 0 trains the new model of `first_labels`; later rounds go on from the previous round's
+        history = train.fit(ctx.fit_job(ctx.model, (x, y, is_pseudo), rd, ctx.epochs, ctx.seed, from_scratch=r == 0))
         train_s = time.perf_counter() - t1
         val_dice = max(history.get("val_main_dice", [float("nan")]) or [float("nan")])
         row = dict(round=r, n_oracle=len(ctx.pool.labelled), n_pseudo=int(is_pseudo.sum()),
@@ -286,7 +289,7 @@ def score_round(ctx: RoundContext, idx: np.ndarray) -> dict[str, np.ndarray]:
         x, y, is_pseudo = ctx.pool.training_set(ctx.pool_data.images, ctx.pool_data.masks)
         m = train.load_model(start, cfg) if start is not None else train.new_model(cfg, seed)
         epochs = cfg.nb_active_epochs if start is not None else cfg.nb_initial_epochs
-        train.fit(ctx.fit_job(m, (x, y, is_pseudo), out_dir, epochs, seed))
+        train.fit(ctx.fit_job(m, (x, y, is_pseudo), out_dir, epochs, seed, from_scratch=start is None))
         return m
 
     reset_seed_generators(ctx.model, ctx.seed)  # MC-dropout scores do not depend on the history

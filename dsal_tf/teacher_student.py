@@ -136,7 +136,7 @@ def run_noisy_teacher(
                                                                         compile=False), vcfg)
                     log(f"seed {seed}: student {variant} on {len(expert)} expert + {len(machine)} machine labels")
                     history = train.fit(train.FitJob(model, vcfg, x, y, is_machine, val, normalizer, vd,
-                                                     cfg.nb_active_epochs, seed))
+                                                     cfg.nb_active_epochs, seed, from_scratch=False))
                     (vd / "history.json").write_text(json.dumps(history, default=float))
 
                 _train_once(vd, train_student, loss, cfg.loss)

@@ -313,7 +313,9 @@ class FitJob:
     `is_pseudo`: which rows carry machine labels (the noisy stream of the weighting trainers).
     `unlabelled`: the pool images nobody has labelled yet, `Rows` of the memory map read lazily
     (`unlabelled_stream`), for trainers that learn from the whole pool every step; None where a fit
-    has no pool (a teacher on expert labels). `space`: the run's space (streams and axes)."""
+    has no pool (a teacher on expert labels). `space`: the run's space (streams and axes).
+    `from_scratch`: `model` is new (untrained), not a trained model that goes on (the loop's rounds
+    after the first, a student that starts as its teacher): trainers run their warm-ups only then."""
 
     model: keras.Model
     cfg: Config
@@ -329,6 +331,7 @@ class FitJob:
     space: Any = None
     callbacks: list = field(default_factory=list)
     verbose: int | str = "auto"
+    from_scratch: bool = True
 
     def __post_init__(self):
         if self.space is None:

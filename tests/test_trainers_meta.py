@@ -1,7 +1,8 @@
 """MW-Net and MCPM (trainers/meta.py): the bi-level step on a tiny U-Net.
 
 The meta gradient must be non-zero and match a finite-difference estimate of the clean loss after
-the virtual step; the real step must be the weighted gradient the docstring states.
+the virtual step; the real step must be the weighted gradient the docstring states, taken by the
+authors' SGD (momentum 0.9, L2 5e-4, META_STEP_LR) or by Adam at LEARNING_RATE (META_STEP = "adam").
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import pytest
 import tensorflow as tf
 
 from dsal_tf import trainers
+from dsal_tf.config import resolve
+from dsal_tf.errors import DsalError
 from dsal_tf.model import build_unet
 from dsal_tf.trainers.base import pixel_weighted_loss
 
@@ -84,6 +87,87 @@ def test_real_step_is_the_weighted_gradient(name):
     step = [b - a for a, b in zip(before, _snapshot(model))]
     np.testing.assert_allclose(-_flat(step), _flat(expected), rtol=1e-4, atol=1e-6)
     assert history["mean_weight"][0] == pytest.approx(float(tf.reduce_mean(w)), rel=1e-5)
+
+
+def _real_gradient(trainer, model, xn, yn, xc, yc) -> list[np.ndarray]:
+    """`grad_theta [O(theta, stop_gradient(V)) + mean L_clean]` with a plain tape."""
+    with tf.GradientTape() as tape:
+        out = model(xn)
+        w = tf.stop_gradient(trainer.meta_weights(out, yn))
+        target = trainer.objective(out, yn, w) + tf.reduce_mean(trainer.losses_of(model(xc), yc))
+    return [g.numpy() for g in tape.gradient(target, model.trainable_variables)]
+
+
+@pytest.mark.parametrize("name", ["mwnet", "mcpm"])
+def test_real_step_optimizer_is_a_setting(name):
+    """Default META_STEP = "sgd": SGD at META_STEP_LR 0.1, momentum 0.9, no Nesterov, L2 5e-4, and the
+    virtual step at the same rate. "adam": Adam at LEARNING_RATE, no L2, the virtual step at
+    LEARNING_RATE (the behaviour before the setting)."""
+    cls = trainers.get_trainer(name)
+    cfg = resolve({"trainer": name, "learning_rate": 3e-4})
+    opt = cls.optimizer_for(cfg)
+    assert isinstance(opt, keras.optimizers.SGD) and not opt.nesterov
+    assert float(opt.learning_rate) == pytest.approx(0.1) and opt.momentum == pytest.approx(0.9)
+    trainer = cls.for_run(_unet(), cfg, total_steps=10)
+    trainer.compile(opt)
+    assert trainer.weight_decay == pytest.approx(5e-4) and float(trainer.alpha) == pytest.approx(0.1)
+
+    adam_cfg = resolve({"trainer": name, "learning_rate": 3e-4, "meta_step": "adam"})
+    opt = cls.optimizer_for(adam_cfg)
+    assert isinstance(opt, keras.optimizers.Adam) and float(opt.learning_rate) == pytest.approx(3e-4)
+    trainer = cls.for_run(_unet(), adam_cfg, total_steps=10)
+    trainer.compile(opt)
+    assert trainer.weight_decay == 0.0 and float(trainer.alpha) == pytest.approx(3e-4)
+
+
+def test_real_step_setting_errors_say_what_to_do():
+    with pytest.raises(DsalError, match="did you mean 'sgd'"):
+        trainers.get_trainer("mwnet").Settings.from_config(resolve({"meta_step": "sdg"}))
+    with pytest.raises(DsalError, match="META_STEP = \"adam\""):  # the schedules set rates from LEARNING_RATE
+        trainers.get_trainer("mcpm").optimizer_for(resolve({"lr_schedule": "cosine"}))
+
+
+@pytest.mark.slow  # two fits of the bi-level step: ~10 s each
+@pytest.mark.parametrize("name", ["mwnet", "mcpm"])
+def test_sgd_real_step_by_hand(name):
+    """META_STEP = "sgd" (at 0.5 here), the meta net held still: two steps of the authors' SGD,
+    `v_1 = -lr (g_0 + wd theta_0)`, `v_2 = 0.9 v_1 - lr (g_1 + wd theta_1)`, `theta_t+1 = theta_t + v_t+1`,
+    with g_t the real step's gradient at theta_t and wd = 5e-4."""
+    cfg = resolve({"trainer": name, "meta_step_lr": 0.5, "loss": "bce_dice"})
+    model = _unet()
+    trainer = trainers.get_trainer(name).for_run(model, cfg, total_steps=2)
+    trainer.meta_optimizer.learning_rate = 0.0
+    trainer.compile(trainer.optimizer_for(cfg))
+    (xn, yn), (xc, yc) = _batch(4, 1), _batch(4, 2)
+    data = tf.data.Dataset.from_tensors(((xn, yn), (xc, yc)))
+    velocity = None
+    for step in range(2):
+        theta, g = _snapshot(model), _real_gradient(trainer, model, xn, yn, xc, yc)
+        expected = [-0.5 * (gi + 5e-4 * t) for gi, t in zip(g, theta)]
+        if velocity is not None:
+            expected = [0.9 * v + e for v, e in zip(velocity, expected)]
+        trainer.fit(data, epochs=1, verbose=0)
+        got = [b - a for a, b in zip(theta, _snapshot(model))]
+        np.testing.assert_allclose(_flat(got), _flat(expected), rtol=1e-4, atol=1e-6, err_msg=f"step {step}")
+        velocity = expected
+
+
+@pytest.mark.slow  # one fit of the bi-level step: ~5 s
+def test_adam_real_step_is_the_former_behaviour():
+    """META_STEP = "adam": Adam's first step at LEARNING_RATE, `-lr g / (|g| + eps / sqrt(1 - beta_2))`, no L2."""
+    cfg = resolve({"trainer": "mwnet", "meta_step": "adam", "learning_rate": 1e-2})
+    model = _unet()
+    trainer = trainers.get_trainer("mwnet").for_run(model, cfg, total_steps=1)
+    trainer.meta_optimizer.learning_rate = 0.0
+    opt = trainer.optimizer_for(cfg)
+    trainer.compile(opt)
+    (xn, yn), (xc, yc) = _batch(4, 1), _batch(4, 2)
+    theta, g = _snapshot(model), _real_gradient(trainer, model, xn, yn, xc, yc)
+    eps = opt.epsilon / np.sqrt(1.0 - opt.beta_2)
+    expected = [-1e-2 * gi / (np.abs(gi) + eps) for gi in g]
+    trainer.fit(tf.data.Dataset.from_tensors(((xn, yn), (xc, yc))), epochs=1, verbose=0)
+    got = [b - a for a, b in zip(theta, _snapshot(model))]
+    np.testing.assert_allclose(_flat(got), _flat(expected), rtol=1e-3, atol=1e-7)
 
 
 def test_mwnet_objective_and_weight_net_by_hand():

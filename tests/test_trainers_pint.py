@@ -1,5 +1,6 @@
-"""PNT, INT and PINT (trainers/pint.py): the constant threshold, masks and mixed losses by hand, the
-supervised warm-up, and the EMA teacher with Mean Teacher's decay warm-up."""
+"""PNT, INT and PINT (trainers/pint.py): the constant threshold, masks and mixed losses by hand (per-pixel
+cross-entropy and squared error on one scale, whatever LOSS is), the supervised warm-up and the EMA
+teacher with Mean Teacher's decay warm-up, both only for a model that starts from scratch."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dsal_tf import trainers
 from dsal_tf.config import resolve
 from dsal_tf.model import build_unet
 from dsal_tf.trainers.base import mean_teacher_decay
-from dsal_tf.trainers.pint import below_median, binary_entropy
+from dsal_tf.trainers.pint import PINT, below_median, binary_entropy, pint_loss
 
 SHAPE = (16, 16, 3)
 LN2 = np.log(2.0)
@@ -55,6 +56,8 @@ def test_config_gives_tau_and_warmup_steps():
     assert trainer.tau == pytest.approx(0.3) and trainer.warmup_steps == 10 and trainer.loss_name == "dice"
     default = trainers.get_trainer("pnt").for_run(_unet(), resolve({}), total_steps=40)
     assert default.tau == pytest.approx(0.5 * LN2) and default.warmup_steps == 8  # 20% of the steps
+    trained = trainers.get_trainer("pint").for_run(_unet(), cfg, total_steps=40, from_scratch=False)
+    assert trained.warmup_steps == 0 and not trained.from_scratch  # a trained model needs no warm-up
 
 
 @pytest.mark.parametrize("name", ["pnt", "int", "pint"])
@@ -72,7 +75,7 @@ def test_no_gating_during_the_warm_up(name):
         assert np.all(pixel.numpy() == 1) and np.all(image.numpy() == 1), f"step {step}"
         np.testing.assert_allclose(trainer.sample_losses(outputs, y, p_bar, pixel, image),
                                    trainer.losses_of(outputs, y), rtol=1e-5)
-        assert float(tf.reduce_mean(trainer.supervised_share(pixel, image))) == 1.0
+        assert float(tf.reduce_mean(trainer.label_mask(pixel, image))) == 1.0
     _, pixel, _ = _at_step(trainer, 3).gates(x)
     assert np.all(pixel.numpy() == 0)  # tau = 0: the teacher now gates every pixel
 
@@ -141,11 +144,101 @@ def test_teacher_of_a_compiled_unet_is_a_plain_copy(tiny_cfg):
         np.testing.assert_array_equal(t, s)
 
 
-def test_callable_loss_is_refused():
-    from dsal_tf.errors import DsalError
+def test_loss_is_only_the_expert_terms():
+    """LOSS (here a callable) is the expert term's; the noisy term is the method's CE and squared error."""
+    trainer = trainers.make_trainer("pnt", _unet(), loss=lambda y, p: tf.reduce_mean(p, axis=[1, 2, 3]),
+                                    ds_weights=(1.0, 0.0, 0.0))
+    np.testing.assert_allclose(trainer.sample_losses({"main": P}, Y, P_BAR, A, tf.constant([0.0])), [PIXEL_RULE],
+                               rtol=1e-5)
 
-    with pytest.raises(DsalError, match="named LOSS"):
-        trainers.make_trainer("pint", _unet(), loss=lambda y, p: tf.reduce_mean(p, axis=[1, 2, 3]))
+
+# one 2x2 image: label y, student p, teacher p_bar, pixel mask a (the lower row uncertain)
+Y4 = tf.constant([[[[1.0], [0.0]], [[1.0], [0.0]]]])
+P4 = tf.constant([[[[0.8], [0.3]], [[0.6], [0.1]]]])
+P_BAR4 = tf.constant([[[[0.9], [0.2]], [[0.4], [0.5]]]])
+A4 = tf.constant([[[[1.0], [1.0]], [[0.0], [0.0]]]])
+CE4 = [-np.log(0.8), -np.log(0.7), -np.log(0.6), -np.log(0.9)]  # per pixel, against y
+SQ4 = [0.1**2, 0.1**2, 0.2**2, 0.4**2]  # per pixel, (p - p_bar)^2
+GATED4 = (CE4[0] + CE4[1] + SQ4[2] + SQ4[3]) / 4  # CE above, squared error below, both over the 4 pixels
+
+
+def test_pint_loss_by_hand():
+    """Both terms per pixel, averaged over the same 4 pixels: 0.1950 (CE 0.580 + squared error 0.200, / 4)."""
+    assert GATED4 == pytest.approx(0.19495, abs=1e-4)
+    np.testing.assert_allclose(pint_loss(Y4, P4, P_BAR4, A4), [GATED4], rtol=1e-5)
+    np.testing.assert_allclose(pint_loss(Y4, P4, P_BAR4, tf.ones_like(A4)), [np.mean(CE4)], rtol=1e-5)
+    np.testing.assert_allclose(pint_loss(Y4, P4, P_BAR4, tf.zeros_like(A4)), [np.mean(SQ4)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, image, expected", [
+    ("pnt", 0.0, GATED4), ("pnt", 1.0, GATED4),
+    ("int", 1.0, np.mean(CE4)), ("int", 0.0, np.mean(SQ4)),  # a clean image: CE everywhere; else the teacher
+    ("pint", 1.0, np.mean(CE4)), ("pint", 0.0, GATED4),
+])
+@pytest.mark.parametrize("loss", ["dice", "bce_dice"])
+def test_noisy_term_is_cross_entropy_and_squared_error_whatever_loss_is(name, image, expected, loss):
+    """With LOSS = soft Dice (the ISIC runs) the label term is still the per-pixel CE beside the per-pixel
+    squared error (the former masked soft Dice gave PNT 0.161 + 0.050 here, INT's clean image 0.208)."""
+    trainer = trainers.make_trainer(name, _unet(), loss=loss, ds_weights=(1.0, 0.0, 0.0))
+    got = trainer.sample_losses({"main": P4}, Y4, P_BAR4, A4, tf.constant([image]))
+    np.testing.assert_allclose(got, [expected], rtol=1e-5)
+    heads = trainers.make_trainer(name, _unet(), loss=loss)  # deep supervision: sum_k ds_k L_i(head k)
+    got = heads.sample_losses({"main": P4, "side_1": P4, "side_2": P4}, Y4, P_BAR4, A4, tf.constant([image]))
+    np.testing.assert_allclose(got, [expected], rtol=1e-5)
+
+
+def test_warm_ups_only_from_scratch():
+    """From scratch: no gating for `warmup_steps` steps and the EMA decay warms up (0 after step 0).
+    Continuing a trained model: gated from step 0 and the EMA decay is gamma from the first step."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(2, *SHAPE)).astype("float32"))
+    for from_scratch in (True, False):
+        trainer = trainers.make_trainer("pint", _unet(), loss="bce", tau=0.0, warmup_steps=3, ema=0.99,
+                                        from_scratch=from_scratch)
+        trainer.compile(keras.optimizers.Adam(1e-3))
+        _, pixel, _ = _at_step(trainer, 0).gates(x)
+        assert np.all(pixel.numpy() == (1.0 if from_scratch else 0.0)), from_scratch  # tau = 0 gates every pixel
+        student, teacher = trainer.segmenter, trainer.teacher
+        start = teacher.get_weights()
+        theta = [w + 1.0 for w in student.get_weights()]
+        student.set_weights(theta)
+        _at_step(trainer, 1).update_teacher()  # after step 0
+        d = 0.0 if from_scratch else 0.99
+        for t, a, b in zip(teacher.get_weights(), start, theta):
+            np.testing.assert_allclose(t, d * a + (1 - d) * b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_loop_says_when_the_model_starts_from_scratch(tiny_cfg, monkeypatch):
+    """Round 0 trains a new model (from scratch); round 1 goes on from round 0's; and `fit_paired` hands
+    the job's answer to the trainer."""
+    from dsal_tf import active, train
+    from dsal_tf.pool import Pool
+
+    cfg = tiny_cfg.replace(trainer="pint")
+    ctx = active.open_run(cfg, log=lambda m: None)
+    jobs = []
+    monkeypatch.setattr(active.train, "fit", lambda job: jobs.append(job) or {"val_main_dice": [0.5]})
+    ctx.model = train.new_model(ctx.cfg, 0)
+    ctx.pool = Pool.initial(len(ctx.pool_data), cfg.nb_labeled, seed=0)
+    for r in (0, 1):
+        ctx.round = r
+        active.train_round(ctx)
+    assert [job.from_scratch for job in jobs] == [True, False]
+
+    class Built(Exception):
+        pass
+
+    def for_run(cls, segmenter, cfg, total_steps, from_scratch=True):
+        raise Built(from_scratch)
+
+    monkeypatch.setattr(PINT, "for_run", classmethod(for_run))
+    job = jobs[1]
+    job.is_pseudo = np.arange(len(job.y)) % 2 == 0  # something to weigh
+    for from_scratch in (True, False):
+        job.from_scratch = from_scratch
+        with pytest.raises(Built) as built:
+            PINT.fit_job(job)
+        assert built.value.args == (from_scratch,)
 
 
 @pytest.mark.slow

@@ -124,7 +124,7 @@ def test_rgs_and_rgm_scores_on_a_3d_unet_match_per_sample_gradients():
 
 def test_pint_teacher_view_and_shares_on_volumes():
     """Without input noise every teacher pass is the teacher's own prediction: p_bar = p, u = H(p); the
-    supervised share broadcasts the image mask over every voxel."""
+    label mask broadcasts the image mask over every voxel."""
     from dsal_tf.strategies.entropy import binary_entropy
 
     trainer = trainers.make_trainer("pint", _unet3d(), loss="bce", passes=3, noise=0.0)
@@ -138,8 +138,8 @@ def test_pint_teacher_view_and_shares_on_volumes():
     pixel, image = trainer.masks(u)
     np.testing.assert_array_equal(image, [0.0, 1.0])  # the more certain half of the batch
     np.testing.assert_array_equal(pixel.numpy().reshape(2, -1).mean(axis=1), [0.0, 1.0])  # u < tau = 0.347
-    np.testing.assert_array_equal(trainer.supervised_share(pixel, tf.constant([0.0, 0.0])), pixel)
-    np.testing.assert_array_equal(trainer.supervised_share(pixel, tf.constant([1.0, 0.0])), tf.ones_like(pixel))
+    np.testing.assert_array_equal(trainer.label_mask(pixel, tf.constant([0.0, 0.0])), pixel)
+    np.testing.assert_array_equal(trainer.label_mask(pixel, tf.constant([1.0, 0.0])), tf.ones_like(pixel))
 
 
 def test_mcpm_mask_net_has_the_segmenters_rank():

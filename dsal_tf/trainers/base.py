@@ -5,7 +5,7 @@ Every trainer here sees the same data: each step one batch of B "noisy" images (
 pseudo labels or corrupted masks) and one batch of B "clean" images (expert labels, the meta set),
 from `paired_dataset` over the run's space (`job.space.train_stream`: whole images in 2D, random
 patches of volumes in 3D; `make_paired_dataset` is the same over in-memory 2D arrays). Its update
-is Adam on
+is a step of `PairedTrainer.optimizer_for` (Adam at LEARNING_RATE; MW-Net and MCPM: their authors' SGD) on
 
     noisy_objective(weights) + expert_weight * mean_j L_j(clean),
 
@@ -231,6 +231,11 @@ class PairedTrainer(keras.Model):
     `trainer.segmenter`, a plain U-Net, never the trainer (`train.BestCheckpoint` does).
     Trackers: `loss`, `clean_loss`, `main_dice` (on the clean batch), `mean_weight` and
     `kept_fraction` (the share of noisy samples or pixels with a non-zero weight).
+
+    `from_scratch`: whether the segmenter starts untrained (a new model) or continues a trained one
+    (the loop's rounds after the first, a student that starts as its teacher); warm-ups that exist
+    because a fresh network is useless (PINT's teacher) run only from scratch. `FitJob.from_scratch`
+    says which.
     """
 
     name: str = "paired"  # the registry name, set by `register_trainer`
@@ -242,6 +247,7 @@ class PairedTrainer(keras.Model):
         loss: str | LossFn = "bce_dice",
         ds_weights: Sequence[float] = DS_WEIGHTS,
         expert_weight: float = 1.0,
+        from_scratch: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -252,6 +258,7 @@ class PairedTrainer(keras.Model):
         self.loss_fn = resolve_loss(loss)
         self.ds_weights = tuple(float(w) for w in ds_weights)
         self.expert_weight = float(expert_weight)
+        self.from_scratch = bool(from_scratch)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.clean_loss_tracker = keras.metrics.Mean(name="clean_loss")
         self.dice_tracker = keras.metrics.Mean(name="main_dice")
@@ -271,9 +278,14 @@ class PairedTrainer(keras.Model):
         return cfg.loss
 
     @classmethod
-    def for_run(cls, segmenter: keras.Model, cfg, total_steps: int) -> PairedTrainer:
+    def optimizer_for(cls, cfg) -> keras.optimizers.Optimizer:
+        """The optimizer of the real step in a run: Adam at `LEARNING_RATE` unless the method says otherwise."""
+        return keras.optimizers.Adam(cfg.learning_rate)
+
+    @classmethod
+    def for_run(cls, segmenter: keras.Model, cfg, total_steps: int, from_scratch: bool = True) -> PairedTrainer:
         """The trainer a run's config asks for; `total_steps` = optimizer steps of the whole fit."""
-        return cls(segmenter, loss=cls.loss_for(cfg), ds_weights=cfg.ds_weights,
+        return cls(segmenter, loss=cls.loss_for(cfg), ds_weights=cfg.ds_weights, from_scratch=from_scratch,
                    **cls.config_kwargs(cfg, total_steps))
 
     @classmethod
@@ -297,12 +309,6 @@ class PairedTrainer(keras.Model):
 
     def losses_of(self, outputs: dict, y) -> tf.Tensor:
         return per_sample_loss(outputs, y, self.loss_fn, self.ds_weights)
-
-    def need_loss_name(self) -> str:
-        if self.loss_name is None:
-            raise DsalError(f"trainer {self.name!r} weighs pixels and needs a named LOSS "
-                            f"({sorted(losses_lib.LOSSES)}), not a callable")
-        return self.loss_name
 
     def track(self, objective, clean_loss, clean_out, y_clean, weights) -> dict:
         """Update the trackers; `weights` are the noisy batch's sample or pixel weights."""
@@ -346,8 +352,8 @@ def fit_paired(trainer_cls: type[PairedTrainer], job, val_ds: tf.data.Dataset) -
     if len(noisy) == 0 or len(clean) == 0:
         return None
     steps = steps_per_epoch(len(noisy), len(clean), cfg.batch_size, job.space)
-    trainer = trainer_cls.for_run(job.model, cfg, steps * max(job.epochs, 1))
-    trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+    trainer = trainer_cls.for_run(job.model, cfg, steps * max(job.epochs, 1), from_scratch=job.from_scratch)
+    trainer.compile(optimizer=trainer_cls.optimizer_for(cfg))
     ds = paired_dataset(space_stream(job.space, job.normalizer), (x[noisy], y[noisy]), (x[clean], y[clean]),
                         seed=seed, repeat=True)
     return trainer.fit(ds.take(steps), validation_data=val_ds, epochs=job.epochs, callbacks=job.callbacks,

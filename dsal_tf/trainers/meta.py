@@ -7,11 +7,15 @@ w. One step:
    (nested `GradientTape`), where O is the trainer's weighted noisy objective;
 2. clean meta loss `M(theta_hat) = mean_j L_j(clean)` on the clean batch;
 3. Adam step on phi with `dM/dphi`;
-4. the real step: Adam on theta with
+4. the real step on theta with the gradient of
    `O(theta, stop_gradient(w_phi')) + expert_weight * mean_j L_j(clean)`, the weights recomputed
    by the updated meta net.
 
-`alpha` is the segmenter's learning rate (MW-Net's virtual step uses the main net's rate).
+The real step (`META_STEP`) is the MW-Net authors' by default: SGD with momentum 0.9 and an L2
+penalty of 5e-4 added to the gradient (PyTorch's `weight_decay`), at `META_STEP_LR`; or Adam at
+`LEARNING_RATE` ("adam", the former behaviour). `alpha` is the real step's current learning rate,
+as in the authors' code (its virtual step is plain SGD at the main optimizer's rate): with SGD
+both steps then move theta by the same rule, up to the momentum.
 theta does not change between steps 1 and 4, so the real step reuses step 1's forward passes
 (same dropout masks): a persistent tape gives `grad_theta O` through `output_gradients`, so
 no second forward pass over the noisy or clean batch is needed.
@@ -24,9 +28,15 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
+from ..errors import DsalError
 from ..model import HEADS
-from ..settings import positive
+from ..settings import positive, suggest
 from .base import PairedSettings, PairedTrainer, tf_variables
+
+META_STEPS = ("sgd", "adam")
+META_STEP_LR = 0.1  # the authors' rate; on synthetic lesions it trains our U-Net nearly as fast as Adam 1e-3
+SGD_MOMENTUM = 0.9  # MW-Net's code: SGD(lr, momentum=0.9, weight_decay=5e-4) on the classifier
+SGD_WEIGHT_DECAY = 5e-4
 
 
 class MetaTrainer(PairedTrainer):
@@ -35,22 +45,50 @@ class MetaTrainer(PairedTrainer):
     @dataclass(frozen=True)
     class Settings(PairedSettings):
         meta_lr: float = 1e-3  # Adam on the meta net (weight decay 1e-4)
+        meta_step: str = "sgd"  # real step on the segmenter: "sgd" (the authors': momentum 0.9, L2 5e-4) or "adam"
+        meta_step_lr: float = META_STEP_LR  # SGD real step and virtual step rate (adam: LEARNING_RATE)
 
         def check(self):
             super().check()
             positive("meta_lr", self.meta_lr)
+            if self.meta_step not in META_STEPS:
+                raise DsalError(f"META_STEP = {self.meta_step!r} is not one of {list(META_STEPS)}"
+                                + suggest(self.meta_step, META_STEPS))
+            positive("meta_step_lr", self.meta_step_lr)
 
-    def __init__(self, segmenter: keras.Model, virtual_lr: float = 1e-3, meta_lr: float = 1e-3,
-                 meta_weight_decay: float = 1e-4, **kwargs) -> None:
+    def __init__(self, segmenter: keras.Model, virtual_lr: float | None = None, meta_lr: float = 1e-3,
+                 meta_weight_decay: float = 1e-4, weight_decay: float = 0.0, **kwargs) -> None:
+        """`virtual_lr`: alpha; None = the real step's current learning rate. `weight_decay`: an L2
+        term `weight_decay * theta` added to the real step's gradient (the SGD real step's 5e-4)."""
         super().__init__(segmenter, **kwargs)
-        self.virtual_lr = float(virtual_lr)
+        self.virtual_lr = None if virtual_lr is None else float(virtual_lr)
+        self.weight_decay = float(weight_decay)
         self.meta_net = self.build_meta_net()
         self.meta_optimizer = keras.optimizers.Adam(meta_lr, weight_decay=meta_weight_decay)
         self.meta_optimizer.build(self.meta_net.trainable_variables)
 
     @classmethod
     def config_kwargs(cls, cfg, total_steps: int) -> dict:
-        return {"virtual_lr": cfg.learning_rate, "meta_lr": cls.Settings.from_config(cfg).meta_lr}
+        s = cls.Settings.from_config(cfg)
+        return {"meta_lr": s.meta_lr, "weight_decay": SGD_WEIGHT_DECAY if s.meta_step == "sgd" else 0.0}
+
+    @classmethod
+    def optimizer_for(cls, cfg) -> keras.optimizers.Optimizer:
+        """`META_STEP`: SGD with momentum at `META_STEP_LR` (the L2 term is the trainer's), or Adam at
+        `LEARNING_RATE`."""
+        s = cls.Settings.from_config(cfg)
+        if s.meta_step == "adam":
+            return super().optimizer_for(cfg)
+        if cfg.lr_schedule == "cosine" or cfg.lr_warmup_epochs:
+            raise DsalError(f"TRAINER = {cls.name!r} with META_STEP = \"sgd\" trains at META_STEP_LR = "
+                            f"{s.meta_step_lr:g}, but LR_SCHEDULE = \"cosine\" and LR_WARMUP_EPOCHS set rates from "
+                            "LEARNING_RATE: turn them off, or set META_STEP = \"adam\"")
+        return keras.optimizers.SGD(s.meta_step_lr, momentum=SGD_MOMENTUM)
+
+    @property
+    def alpha(self):
+        """The virtual step's rate: `virtual_lr`, or the real step's learning rate now (schedules included)."""
+        return self.virtual_lr if self.virtual_lr is not None else tf.cast(self.optimizer.learning_rate, tf.float32)
 
     # ---- what a subclass defines
     def build_meta_net(self) -> keras.Model:
@@ -82,7 +120,8 @@ class MetaTrainer(PairedTrainer):
                 virtual = self.objective(out_noisy, y_noisy, self.meta_weights(out_noisy, y_noisy))
             grads = inner.gradient(virtual, tf_variables(theta),
                                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            theta_hat = [t - self.virtual_lr * g for t, g in zip(tf_variables(theta), grads)]
+            alpha = self.alpha
+            theta_hat = [t - alpha * g for t, g in zip(tf_variables(theta), grads)]
             non_trainable = tf_variables(self.segmenter.non_trainable_variables)
             out_hat, _ = self.segmenter.stateless_call(theta_hat, non_trainable, x_clean, training=training)
             meta_loss = tf.reduce_mean(self.losses_of(out_hat, y_clean))
@@ -111,5 +150,7 @@ class MetaTrainer(PairedTrainer):
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
         del tape
+        if self.weight_decay:  # L2 on the real step only, as the authors' optimizer adds it
+            grads = [g + self.weight_decay * scale * t for g, t in zip(grads, tf_variables(theta))]
         self.optimizer.apply_gradients(zip(grads, theta))
         return self.track(noisy_objective + self.expert_weight * clean_loss, clean_loss, out_clean, y_clean, w)
