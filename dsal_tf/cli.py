@@ -161,7 +161,12 @@ def run(constants, set_pairs, full_supervision, **options) -> None:
         from .compare import full_supervision_config
 
         cfg = full_supervision_config(cfg, options.get("exp_name"))
+    from .serve import served_by
 
+    holder = served_by(cfg.run_dir)
+    if holder:  # the server's worker owns the run folder: a second writer would race it
+        raise DsalError(f"{cfg.run_dir} is driven by dsal serve ({holder}); it runs the rounds itself: stop "
+                        "that server first to run the loop from the command line")
     run_dir = run_active_learning(cfg, constants_path=constants)
     _echo(f"done: {run_dir} (evaluate with: python test.py --exp {cfg.name})")
 

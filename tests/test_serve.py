@@ -324,6 +324,27 @@ def test_one_server_per_run(tmp_path):
     RunLock(tmp_path, "http://127.0.0.1:2").release()
 
 
+def test_dsal_run_refuses_a_run_that_a_server_drives(tiny_data, tmp_path):
+    """The server's worker owns the run folder: `dsal run` on it stops with one line (exit 2), and runs once
+    the server is gone."""
+    from click.testing import CliRunner
+
+    from dsal_tf.cli import cli
+    from dsal_tf.serve import served_by
+
+    run = tmp_path / "exp" / "served"
+    run.mkdir(parents=True)
+    assert served_by(run) is None
+    lock = RunLock(run, "http://127.0.0.1:9")
+    assert served_by(run) == f"pid {os.getpid()}, http://127.0.0.1:9"
+    args = ["run", "--data", str(tiny_data), "--exp-dir", str(tmp_path / "exp"), "--exp", "served", "--no-progress"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "is driven by dsal serve (pid" in result.output
+    assert result.output.count("\n") == 1 and not (run / "config.json").exists()
+    lock.release()
+    assert served_by(run) is None
+
+
 # ------------------------------------------------------------------ end to end: Label Studio, dsal serve, Chromium
 LS_VENV = Path(os.environ.get("DSAL_LABEL_STUDIO_VENV", Path.home() / ".cache" / "dsal-tf" / "label-studio"))
 LS_USER, LS_PASSWORD, LS_TOKEN = "annotator@example.com", "dsal-e2e-password", "dsal0e2e0legacy0token0123"

@@ -60,6 +60,22 @@ class RunLock:
         self.file.close()
 
 
+def served_by(run: Path) -> str | None:
+    """Who holds `run`'s serve lock ("pid N, URL"), or None when no `dsal serve` drives it. Probes with a
+    non-blocking lock on a new descriptor, so the serving process itself must not call it."""
+    path = Path(run) / LOCK
+    if not path.is_file():
+        return None
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 def make_handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
     """A request handler that routes to `backend`'s methods and answers JSON."""
 
