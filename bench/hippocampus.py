@@ -27,7 +27,7 @@ from compare_table import differences, md, queue_records, runs_grid, summary  # 
 
 RESULTS = Path(os.environ.get("RESULTS_DIR") or ROOT / "bench" / "results")
 NAME = "compare-hippocampus"
-ROWS = ("dsal", "random", "entropy", "dsal+diverse")
+ROWS = ("dsal", "random", "entropy", "dsal+diverse", "claspe")  # claspe: issue 27, after the first four
 NNUNET_DICE = 0.895  # nnU-Net on all the data, nnActive's hippocampus split (foreground Dice)
 # Chosen by hand from probes on this machine (batch 2, 32x48x32 patches, 16 filters, fp32: the default on
 # volumes; 300 steps on 10 volumes reached validation Dice 0.67) so that a seed takes under an hour.
@@ -59,7 +59,10 @@ def table(exp_dir: Path) -> str:
              "Only finished runs count.", "",
              "## Runs (row x seed: minutes, peak memory of the job's process, commit)", ""]
     lines += runs_grid(records, lambda row, seed: f"hippocampus/{row}/s{seed}", (*ROWS, "full"))
-    lines += ["", "The first job of a seed also trains the seed's initial model (shared by every row)."]
+    lines += ["", "The first job of a seed also trains the seed's initial model (shared by every row). Minutes and "
+              "seconds per round are wall time on the 2-core machine while development work (tests) ran beside the "
+              "queue; `random` seed 0 was paused for 8.7 min (SIGSTOP) while the test suite ran alone. Dice does "
+              "not depend on either."]
     s = summary(folder)
     if s is not None:
         lines += ["", "## Summary (final round; seconds per round after round 0)", "", md(s)]
