@@ -507,3 +507,48 @@ def test_auto_precision_trains_volumes_in_float32(volume_data):
 
     assert resolve_precision(resolve({"data_path": str(volume_data)})) == "off"
     assert resolve_precision(resolve({"data_path": str(volume_data), "mixed_precision": "bfloat16"})) == "bfloat16"
+
+
+@pytest.mark.slow
+def test_a_volume_round_killed_after_its_pseudo_labels_resumes_bit_for_bit(volume_data, tmp_path, monkeypatch):
+    """Round 2 of a volume run dies in its fit, after the pool (with its whole-volume pseudo labels) is saved;
+    the next `dsal run` redoes round 2 and ends where an uninterrupted run ends: the same labelled map, the
+    same pseudo-labelled volumes and masks, the same weights (a 5D pseudo mask was dropped on load before)."""
+    import keras
+
+    from dsal_tf import train
+    from dsal_tf.active import run_active_learning
+    from dsal_tf.pool import Pool
+    from dsal_tf.run import Run
+
+    settings = dict(nb_labeled=2, nb_iterations=2, nb_next_sample=1, pseudo_epoch=1, nb_pseudo_initial=1,
+                    pseudo_rate=0, nb_initial_epochs=1, nb_active_epochs=1, query_strategy="dsal",
+                    mixed_precision="off", steps_per_epoch=2)
+    ref = _cfg(volume_data, tmp_path / "ref", **settings)
+    run_active_learning(ref, log=lambda m: None)
+    cfg = _cfg(volume_data, tmp_path / "killed", **settings)
+    real_fit = train.fit
+
+    def dies_in_round_2(job):
+        if job.out_dir.name == "round_02":
+            raise KeyboardInterrupt("killed in round 2's fit")
+        return real_fit(job)
+
+    monkeypatch.setattr(train, "fit", dies_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_active_learning(cfg, log=lambda m: None)
+    monkeypatch.setattr(train, "fit", real_fit)
+    assert Run(cfg.run_dir).completed() == [0, 1]
+    run_active_learning(cfg, log=lambda m: None)
+    a, b = Run(ref.run_dir), Run(cfg.run_dir)
+    assert b.completed() == [0, 1, 2]
+    for r in range(3):
+        pa, pb = Pool.load(a.pool_file(r)), Pool.load(b.pool_file(r))
+        assert np.array_equal(pa.labelled_map, pb.labelled_map) and np.array_equal(pa.pseudo_idx, pb.pseudo_idx)
+        assert (pa.pseudo_masks is None) == (pb.pseudo_masks is None)
+        if pa.pseudo_masks is not None:
+            assert pa.pseudo_masks.ndim == 5 and np.array_equal(pa.pseudo_masks, pb.pseudo_masks)
+        wa, wb = (keras.models.load_model(run.round_dir(r) / "best.keras", compile=False).get_weights()
+                  for run in (a, b))
+        assert all(x.tobytes() == y.tobytes() for x, y in zip(wa, wb)), f"round {r}: other weights"
+    assert len(Pool.load(b.pool_file(2)).pseudo_idx) == 1  # round 2 trained with a pseudo-labelled volume
