@@ -103,3 +103,65 @@ def copy_run(cfg, tmp_path, keep_rounds=None, **changes):
         curve.write_text("".join([lines[0], *(x for x in lines[1:] if int(x.split(",")[0]) < keep_rounds)]))
     return new
 
+
+
+# The longest tests (seconds of one worker in the two-worker suite, `--durations`), by node id or id prefix.
+# pytest-xdist's worksteal gives each worker one half of the collection in order and lets an idle worker
+# steal the tail of the other's queue: a long test late in a half makes the other worker wait for it at the
+# end. Started first instead (longest first, each to the half with less such work so far), the halves end
+# together and the tails that move are short tests. A `.py` entry is one unit: its tests share a fixture
+# built once per worker (keep them in one worker). Approximate costs are enough; unknown tests keep their
+# place after these.
+LONG_TESTS = {
+    "tests/test_serve.py::test_label_studio_end_to_end": 76,
+    "tests/test_teacher_student.py::test_noisy_teacher_workflow_resumes": 24,
+    "tests/test_reliability.py::test_sigkill_at_random_moments_then_resume": 24,
+    "tests/test_plan.py::test_preset_auto_plans_once_and_stores_the_plan": 24,
+    "tests/test_compare.py::test_tiny_comparison_shares_the_initial_model": 23,
+    "tests/test_volume_space.py::test_a_volume_round_killed_after_its_pseudo_labels_resumes_bit_for_bit": 21,
+    "tests/test_volume_space.py::test_the_active_learning_loop_runs_on_a_volume_folder": 16,
+    "tests/test_devices.py": 20,
+    "tests/test_speed.py::test_bf16_loop_is_deterministic_and_resumes_bit_for_bit": 17,
+    "tests/test_boostmis.py::test_boostmis_query_and_trainer_run_the_loop": 16,
+    "tests/test_presets.py::test_tiny_reference_row_trains_its_own_greyscale_initial_model": 15,
+    "tests/test_volume_trainers.py::test_the_loop_runs_rgs_on_a_volume_folder": 15,
+    "tests/test_determinism.py::test_two_processes_give_the_same_weights": 14,
+    "tests/test_determinism.py::test_two_runs_in_one_process_are_bit_identical": 14,
+    "tests/test_noisy_teacher.py::test_fit_and_evaluate": 14,
+    "tests/test_oracle.py::test_files_oracle_labels_what_the_simulated_oracle_labels": 14,
+    "tests/test_volume_trainers.py::test_every_trainer_takes_steps_on_volumes": 7,
+}
+
+
+def _long_test_cost(nodeid: str) -> tuple[str, float] | None:
+    for key, cost in LONG_TESTS.items():
+        if nodeid == key or nodeid.startswith(key + "[") or (key.endswith(".py") and nodeid.startswith(key + "::")):
+            return key, cost
+    return None
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: the halves are those of the items that run
+def pytest_collection_modifyitems(config, items):
+    """Long tests first in each xdist half (see LONG_TESTS); every worker computes the same order."""
+    units: dict[str, list] = {}
+    costs: dict[str, float] = {}
+    for item in items:
+        found = _long_test_cost(item.nodeid)
+        if found is None:
+            continue
+        key, cost = found
+        unit = key if key.endswith(".py") else item.nodeid
+        units.setdefault(unit, []).append(item)
+        costs[unit] = cost
+    if not units:
+        return
+    heads: list[list] = [[], []]
+    load = [0.0, 0.0]
+    for unit in sorted(units, key=lambda u: -costs[u]):  # stable: ties keep the collection order
+        side = 0 if load[0] <= load[1] else 1
+        heads[side] += units[unit]
+        load[side] += costs[unit] * len(units[unit])
+    moved = {id(item) for head in heads for item in head}
+    rest = [item for item in items if id(item) not in moved]
+    fill = max(0, len(items) // 2 - len(heads[0]))
+    items[:] = heads[0] + rest[:fill] + heads[1] + rest[fill:]
