@@ -110,8 +110,8 @@ def copy_run(cfg, tmp_path, keep_rounds=None, **changes):
 # steal the tail of the other's queue: a long test late in a half makes the other worker wait for it at the
 # end. Started first instead (longest first, each to the half with less such work so far), the halves end
 # together and the tails that move are short tests. A `.py` entry is one unit: its tests share a fixture
-# built once per worker (keep them in one worker). Approximate costs are enough; unknown tests keep their
-# place after these.
+# built once per worker (keep them in one worker), its cost is the whole module's; any other entry's cost is
+# each matching test's. Approximate costs are enough; unknown tests keep their place after these.
 LONG_TESTS = {
     "tests/test_serve.py::test_label_studio_end_to_end": 76,
     "tests/test_teacher_student.py::test_noisy_teacher_workflow_resumes": 24,
@@ -129,6 +129,9 @@ LONG_TESTS = {
     "tests/test_determinism.py::test_two_runs_in_one_process_are_bit_identical": 14,
     "tests/test_noisy_teacher.py::test_fit_and_evaluate": 14,
     "tests/test_oracle.py::test_files_oracle_labels_what_the_simulated_oracle_labels": 14,
+    "tests/test_plan_volumes.py::test_dsal_plan_on_volumes_writes_a_plan_the_run_accepts": 19,
+    "tests/test_volume_predict.py": 24,
+    "tests/test_volume_oracle.py::test_the_loop_goes_on_after_each_import": 11,
     "tests/test_volume_trainers.py::test_every_trainer_takes_steps_on_volumes": 7,
 }
 
@@ -160,7 +163,7 @@ def pytest_collection_modifyitems(config, items):
     for unit in sorted(units, key=lambda u: -costs[u]):  # stable: ties keep the collection order
         side = 0 if load[0] <= load[1] else 1
         heads[side] += units[unit]
-        load[side] += costs[unit] * len(units[unit])
+        load[side] += costs[unit]
     moved = {id(item) for head in heads for item in head}
     rest = [item for item in items if id(item) not in moved]
     fill = max(0, len(items) // 2 - len(heads[0]))
