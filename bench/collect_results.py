@@ -92,6 +92,52 @@ def run_grid(cmp_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+SIZE_NOTE = ("`spearman`: Spearman(uncertainty, 1 - true Dice) on the scored pool; "
+             "`spearman_fg`: Spearman(uncertainty, predicted foreground fraction); "
+             "`partial_spearman_fg`: the partial Spearman of uncertainty and 1 - true Dice given the foreground "
+             "(does the score find errors beyond lesion size); "
+             "`picks_fg` / `pool_fg`: the mean predicted foreground of the oracle's picks / of the pool "
+             "(docs/methods.md#dsal-and-lesion-size).\n")
+
+
+def score_sections(rho: pd.DataFrame, heading: str = "## ") -> list[str]:
+    """spearman.csv as the table's sections: the mean over seeds per strategy and round, then every seed.
+    A spearman.csv written before the per-seed columns (mean and std of `spearman` only) shows as it is."""
+    if "seed" not in rho:
+        return [f"{heading}Spearman(uncertainty, 1 - true Dice) on the pool\n", md(rho), ""]
+    measures = [c for c in rho.columns if c not in ("strategy", "round", "seed")]
+    mean = rho.groupby(["strategy", "round"])[measures].mean().reset_index()
+    mean.insert(2, "seeds", rho.groupby(["strategy", "round"]).size().to_numpy())
+    return [f"{heading}The score against the real error and against lesion size, mean over seeds\n", SIZE_NOTE,
+            md(mean), "", f"{heading}The same, per round and seed\n", md(rho), ""]
+
+
+def resolution_sections(exp: Path) -> list[str]:
+    """DSAL against random at 128x128 (issue 27.5), a table of its own: at 64x64 the first side head is a
+    16x16 map and DSAL's score mostly ranks lesion size; at 128x128 it is 32x32."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from compare_table import differences, queue_records, runs_grid, summary
+    from results_queue import COMPARE_128, SEEDS
+
+    folder = exp / COMPARE_128
+    records = queue_records(exp, "isic128/")
+    parts = [f"## DSAL against random at 128x128 (`{folder.name}`, issue 27.5; "
+             f"{precision_of(folder.glob('*-s*/config.json'))})\n",
+             "`isic2017-cpu` with `IMG_ROWS = IMG_COLS = 128` (its own initial models, no full supervision); "
+             "one queue job per seed runs both rows.\n",
+             *runs_grid(records, lambda row, seed: f"isic128/s{seed}", ["dsal,random"], SEEDS), ""]
+    table = summary(folder)
+    if table is not None:
+        parts += ["Summary (final round, AULC, seconds per round):\n", md(table), ""]
+    diffs = differences(folder)
+    if diffs is not None:
+        parts += ["Paired differences against random (bootstrap 95% interval over test images and seeds):\n",
+                  md(diffs), ""]
+    if (folder / "spearman.csv").is_file():
+        parts += score_sections(pd.read_csv(folder / "spearman.csv"), heading="### 128x128: ")
+    return parts
+
+
 def main() -> None:
     parts = ["# ISIC 2017 results (isic2017-cpu preset: 64x64 RGB, 16 base filters)\n",
              "Produced by `python bench/results_queue.py run` (one job at a time; "
@@ -114,16 +160,18 @@ def main() -> None:
                         ("differences.csv", "Paired differences (strategy - baseline): final test Dice and AULC, "
                          "bootstrap 95% interval over test images and seeds; `outside_noise` = the interval "
                          "excludes 0"),
-                        ("comparison.csv", "Per round, mean and std over seeds"),
-                        ("spearman.csv", "Spearman(uncertainty, 1 - true Dice) on the pool")):
+                        ("comparison.csv", "Per round, mean and std over seeds")):
         if (cmp_dir / name).is_file():
             parts += [f"## {title}\n", md(pd.read_csv(cmp_dir / name)), ""]
+    if (cmp_dir / "spearman.csv").is_file():
+        parts += score_sections(pd.read_csv(cmp_dir / "spearman.csv"))
     vs_dsal = differences_against(cmp_dir, "dsal")
     if len(vs_dsal):
         parts += ["## Paired differences against DSAL (same bootstrap)\n", md(vs_dsal), ""]
     if (cmp_dir / "learning_curves.png").is_file():
         shutil.copyfile(cmp_dir / "learning_curves.png", OUT.parent / "learning_curves.png")
         parts += ["![learning curves](learning_curves.png)\n"]
+    parts += resolution_sections(EXP)
     for nt in sorted(EXP.glob("noisy-teacher-isic2017-cpu-e*/summary.csv")):
         parts += [f"## Noisy teacher, {nt.parent.name} ({precision_of([nt.parent / 'config.json'])})\n",
                   "Students train on BCE + Dice (`loss` column); the teacher on the preset's LOSS.\n",

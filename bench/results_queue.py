@@ -60,9 +60,22 @@ def compare_job(spec: str, seed: int, full: bool = False) -> Job:
 
 # The strategy table's rows, in the order they run: the headline difference first (DSAL vs. random
 # and full supervision on every seed), then the new and the older alternatives, then ablations; issue 27
-# added the last two (DSAL with the reference code's data settings, ClaSP PE).
+# added the last three (DSAL with the reference code's data settings, ClaSP PE, DSAL ranked within
+# predicted-lesion-size strata).
 STRATEGY_ROWS = ("dsal", "random", "", "dsal+power", "dsal+diverse", "entropy", "ceal", "dsal@minfg", "dsal@pre8",
-                 "dsal@reference", "claspe")
+                 "dsal@reference", "claspe", "dsal+size_strata")
+# issue 27.5: DSAL against random at 128x128 (the first side head 32x32 instead of 16x16), its own table
+COMPARE_128 = "compare-isic2017-cpu-128"
+
+
+def compare_128_job(seed: int) -> Job:
+    """DSAL and random at 128x128 for one seed, in fp32 like the 64x64 table, without full supervision."""
+    return Job(f"isic128/s{seed}", "isic2017", dsal(
+        "compare", "--preset", "isic2017-cpu", "--data", ISIC, "--no-progress", "--name", COMPARE_128,
+        "--strategies", "dsal,random", "--seeds", str(seed), "--baseline", "random", "--no-full-supervision",
+        "--set", "IMG_ROWS=128", "--set", "IMG_COLS=128", *AS_BEFORE))
+
+
 NOISY_EXPERTS = (200, 400)
 # bench/covid_ct.py rows: the fixed preset to beat, the old plan's collapse, each fix alone, the new plan
 COVID_ROWS = ("isic-128", "old-plan-128", "+batch-dice", "only-bce-dice", "only-norm", "auto",
@@ -144,6 +157,7 @@ def plan() -> list[Job]:
             + rows("dsal@minfg", "dsal@pre8", seeds=SEEDS[1:])
             + covid[9:] + [noisy[(400, seed)] for seed in SEEDS] + precision[5:]
             + hippocampus_jobs() + semisup + robust_and_boostmis_jobs() + rows("dsal@reference", "claspe")
+            + rows("dsal+size_strata") + [compare_128_job(seed) for seed in SEEDS]
             + [Job("speed/scale", "none", (sys.executable, "bench/bench_scale.py", "--sizes", "500,4000,10000,30000",
                                           "--fresh-cache"))])
 

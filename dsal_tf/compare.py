@@ -19,7 +19,10 @@ Layout (`exp/<name>/`):
     differences.csv        paired differences against the baseline (final Dice, AULC) and against
                            full supervision (final Dice): per seed and pooled, with bootstrap 95%
                            intervals over test images and seeds; `outside_noise` = 0 not inside
-    spearman.csv           per strategy and round: Spearman(uncertainty, 1 - true Dice) on the pool
+    spearman.csv           per strategy, round and seed, on the scored pool (`score_table`): Spearman(uncertainty,
+                           1 - true Dice); Spearman(uncertainty, predicted foreground); the partial Spearman
+                           of uncertainty and 1 - true Dice given the foreground; the oracle picks' mean
+                           predicted foreground and the pool's (docs/methods.md#dsal-and-lesion-size)
     learning_curves.png    test Dice against expert labels, a line and a std band per strategy
 """
 
@@ -112,18 +115,76 @@ def _evaluated(cfg: Config, log) -> pd.DataFrame:
 
 def spearman_table(run: Path) -> list[dict]:
     """Per round: how well the uncertainty predicts the real error (1 - true Dice) on the pool."""
-    from scipy.stats import spearmanr
+    return [{"round": row["round"], "spearman": row["spearman"]} for row in score_table(run)]
 
-    rows = []
+
+def score_table(run: Path) -> list[dict]:
+    """Per round of a run, from its scores.csv: `spearman` (uncertainty against 1 - true Dice) and
+    `size_bias`'s columns (NaN where a scores.csv predates the `foreground` column)."""
     folder = Run(run)
+    rows = []
     for r in folder.rounds_with(SCORES):
         s = pd.read_csv(folder.scores_file(r))
         if s["uncertainty"].nunique() < 2:
             rho = float("nan")  # random has no uncertainty to rank by
         else:
-            rho = float(spearmanr(s["uncertainty"], 1.0 - s["true_dice"]).statistic)
-        rows.append({"round": r, "spearman": rho})
+            rho = _spearman(s["uncertainty"], 1.0 - s["true_dice"])
+        rows.append({"round": r, "spearman": rho, **size_bias(s)})
     return rows
+
+
+def size_bias(scores: pd.DataFrame) -> dict:
+    """Does a round's score follow the predicted lesion size? From one scores.csv frame:
+
+    - `spearman_fg`: Spearman(uncertainty, predicted foreground fraction);
+    - `partial_spearman_fg`: `partial_spearman`(uncertainty, 1 - true Dice | foreground), how well the
+      score predicts the error beyond size (over the rows where all three are known);
+    - `picks_fg`, `pool_fg`: the mean predicted foreground of the oracle's picks and of the scored pool.
+
+    All NaN without a `foreground` column (scores.csv written before it existed)."""
+    nan = float("nan")
+    if "foreground" not in scores:
+        return {"spearman_fg": nan, "partial_spearman_fg": nan, "picks_fg": nan, "pool_fg": nan}
+    fg, u = scores["foreground"].to_numpy(float), scores["uncertainty"].to_numpy(float)
+    err = 1.0 - scores["true_dice"].to_numpy(float)
+    known = np.isfinite(u) & np.isfinite(err) & np.isfinite(fg)
+    picks = (scores["chosen"] == "oracle").to_numpy() if "chosen" in scores else np.zeros(len(scores), bool)
+    return {"spearman_fg": _spearman(u, fg),
+            "partial_spearman_fg": partial_spearman(u[known], err[known], fg[known]),
+            "picks_fg": float(fg[picks].mean()) if picks.any() else nan,
+            "pool_fg": float(fg.mean()) if len(fg) else nan}
+
+
+def _spearman(x, y) -> float:
+    """Spearman's rho with average ranks for ties; NaN when either side is constant or empty."""
+    r = _rank_correlations(np.asarray(x, float), np.asarray(y, float))
+    return float(r[0, 1])
+
+
+def _rank_correlations(*columns: np.ndarray) -> np.ndarray:
+    """The Pearson correlations of the columns' average ranks (Spearman's rho), NaN where undefined."""
+    from scipy.stats import rankdata
+
+    if len(columns[0]) < 2:
+        return np.full((len(columns), len(columns)), np.nan)
+    ranks = np.stack([rankdata(c) for c in columns])
+    centred = ranks - ranks.mean(axis=1, keepdims=True)
+    scale = np.outer(*2 * [np.sqrt((centred ** 2).sum(axis=1))])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(scale > 0, (centred @ centred.T) / scale, np.nan)
+
+
+def partial_spearman(x, y, z) -> float:
+    """The Spearman correlation of `x` and `y` with `z` held fixed: the partial-correlation formula on the
+    three Spearman coefficients, (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2)). It is the same number
+    as the Pearson correlation of the residuals of rank(x) and rank(y) after a straight-line fit on rank(z).
+    NaN when undefined: a constant column, or x or y ranked exactly like z."""
+    r = _rank_correlations(np.asarray(x, float), np.asarray(y, float), np.asarray(z, float))
+    rxy, rxz, ryz = r[0, 1], r[0, 2], r[1, 2]
+    denominator = (1.0 - rxz ** 2) * (1.0 - ryz ** 2)
+    if not np.isfinite(denominator) or denominator <= 1e-12:
+        return float("nan")
+    return float(np.clip((rxy - rxz * ryz) / np.sqrt(denominator), -1.0, 1.0))
 
 
 def aulc(n_labels: np.ndarray, dice: np.ndarray) -> float:
@@ -278,7 +339,7 @@ def aggregate(out: Path, log, baseline: str = "random") -> pd.DataFrame:
             "train_s": float(active["train_s"].sum()), "score_s": float(active["score_s"].sum()),
         })
         if scfg.query_strategy != "random":  # random's scores only rank its pseudo labels
-            rho_rows += [{"strategy": strategy, "seed": seed, **r} for r in spearman_table(scfg.run_dir)]
+            rho_rows += [{"strategy": strategy, "seed": seed, **r} for r in score_table(scfg.run_dir)]
     for seed, fcfg in full_runs:
         table = _evaluated(fcfg, log)
         curves[("full", seed)] = per_image_dice(fcfg.run_dir)
@@ -310,7 +371,8 @@ def aggregate(out: Path, log, baseline: str = "random") -> pd.DataFrame:
                                                    "ci_high", "outside_noise"])
     differences.to_csv(out / "differences.csv", index=False, float_format="%.4f")
     if rho_rows:
-        rho = pd.DataFrame(rho_rows).groupby(["strategy", "round"])["spearman"].agg(["mean", "std"]).reset_index()
+        rho = pd.DataFrame(rho_rows)[["strategy", "round", "seed", "spearman", "spearman_fg", "partial_spearman_fg",
+                                      "picks_fg", "pool_fg"]].sort_values(["strategy", "round", "seed"])
         rho.to_csv(out / "spearman.csv", index=False, float_format="%.4f")
     full = summary[summary["strategy"] == "full"]
     plot_comparison(comparison, full, out / "learning_curves.png")

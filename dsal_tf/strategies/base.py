@@ -55,6 +55,14 @@ def mean_over_pixels(pixel_map):
     return tf.reduce_mean(pixel_map, axis=item_axes(pixel_map))
 
 
+def foreground_fraction(pred):
+    """The share of each item a binary prediction marks foreground: [N,H,W,1] or [N,D,H,W,1] -> [N].
+
+    The `foreground` column of scores.csv. DSAL's score follows lesion size at low resolution
+    (docs/methods.md#dsal-and-lesion-size), so the analysis and `SELECTION = "size_strata"` read it."""
+    return mean_over_pixels(tf.cast(pred, tf.float32))
+
+
 class QueryStrategy:
     """Ranks the unlabelled pool. Subclasses override `batch_scores` (and declare `Settings`).
 
@@ -103,7 +111,7 @@ class QueryStrategy:
         prob = out.pop("prob")
         pred = prob > 0.5
         out["confidence"] = mean_over_pixels(tf.abs(prob - 0.5))
-        out["foreground"] = mean_over_pixels(tf.cast(pred, tf.float32))  # predicted share of the image
+        out["foreground"] = foreground_fraction(pred)  # predicted share of the image (volume)
         out["true_dice"] = binary_dice(y > 0.5, pred)
         out["pred"] = tf.cast(pred, tf.uint8)
         return out
@@ -114,7 +122,7 @@ class QueryStrategy:
 
     def pick(self, scores: dict[str, np.ndarray], n: int, rng: np.random.Generator, round_: int = 1) -> np.ndarray:
         """The strategy's own pick of `n` positions, in priority order."""
-        return self.base_selection.choose(self.query_score(scores), n, rng, round_)
+        return self.base_selection.choose_from(self.query_score(scores), scores, n, rng, round_)
 
     def select(self, scores: dict[str, np.ndarray], n: int, rng: np.random.Generator, round_: int = 1) -> np.ndarray:
         """Positions (into the scored arrays) of the `n` images for the oracle, in round `round_`.

@@ -1,6 +1,6 @@
 """Pure ranking rules over per-image scores (numpy only): top-n, CEAL's histogram, scheduled power
-sampling (on the rank, and ClaSP PE's on the score itself) and k-center greedy. `selection.py` wraps
-them as named, configurable rules."""
+sampling (on the rank, and ClaSP PE's on the score itself), top-n within foreground-size strata and
+k-center greedy. `selection.py` wraps them as named, configurable rules."""
 
 from __future__ import annotations
 
@@ -116,3 +116,47 @@ def histogram_select(scores: np.ndarray, n: int, rng: np.random.Generator, bins:
         take(in_bin[np.argsort(-scores[in_bin], kind="stable")], room)
     take(np.argsort(-scores, kind="stable"), n - len(chosen))
     return np.array(chosen[:n], np.int64)
+
+
+def size_strata(fg: np.ndarray, bins: int) -> np.ndarray:
+    """The stratum (0 = smallest predicted foreground) of each item: quantile bins of its foreground
+    fraction `fg`. The `bins - 1` edges are numpy's default (linear) quantiles at 1/bins, ..., (bins-1)/bins;
+    an item lies in stratum i when edge[i-1] < fg <= edge[i], so an fg equal to an edge goes to the lower
+    stratum and equal fractions always share one. Tied edges leave strata empty."""
+    fg = np.asarray(fg, np.float64)
+    if len(fg) == 0:
+        return np.zeros(0, np.int64)
+    edges = np.quantile(fg, np.arange(1, bins) / bins)
+    return np.searchsorted(edges, fg, side="left").astype(np.int64)
+
+
+def proportional_quota(sizes: np.ndarray, n: int) -> np.ndarray:
+    """`n` split over strata in proportion to their `sizes`, summing to exactly `n` (n <= sum of sizes) by
+    largest remainders: each stratum gets floor(n * size / N), then the strata with the largest remainders
+    (n * size mod N; ties to the lower stratum) get one more each. No stratum gets more than its size."""
+    sizes = np.asarray(sizes, np.int64)
+    total = int(sizes.sum())
+    if total == 0:
+        return np.zeros(len(sizes), np.int64)
+    quota, remainder = np.divmod(n * sizes, total)
+    quota[np.argsort(-remainder, kind="stable")[:n - int(quota.sum())]] += 1
+    return quota
+
+
+def size_strata_select(scores: np.ndarray, fg: np.ndarray, n: int, bins: int) -> np.ndarray:
+    """`n` positions: the highest `scores` within each foreground-size stratum (`size_strata`), each
+    stratum taking `proportional_quota` of the picks, so the query cannot fill up from one lesion size.
+    Ties in score go to the lower index; returned in priority order (highest score first), no duplicates."""
+    scores = np.asarray(scores, np.float64)
+    n = min(n, len(scores))
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    stratum = size_strata(fg, bins)
+    sizes = np.bincount(stratum, minlength=bins)
+    quota = proportional_quota(sizes, n)
+    order = np.argsort(-scores, kind="stable")
+    s = stratum[order]
+    by_stratum = np.argsort(s, kind="stable")  # priority order kept inside each stratum
+    within = np.empty(len(s), np.int64)
+    within[by_stratum] = np.arange(len(s)) - np.concatenate([[0], np.cumsum(sizes)[:-1]])[s[by_stratum]]
+    return order[within < quota[s]]

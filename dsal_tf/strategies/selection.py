@@ -9,6 +9,7 @@ Picked by name (`SELECTION`; "auto" = the query strategy's own `default_selectio
 | `power` | a seeded draw with p ~ (rank / N) ** beta, beta scheduled over the rounds (`power_select`) |
 | `score_power` | ClaSP PE's draw with p ~ score ** beta, beta geometric over the rounds (`score_power_select`) |
 | `diverse` | the strategy's own `DIVERSE_FACTOR * n` candidates, thinned by k-center greedy on features |
+| `size_strata` | the top keys within each predicted-foreground stratum, picks split by stratum size |
 
 Formulas: docs/methods.md#selection-rules.
 """
@@ -22,7 +23,15 @@ import numpy as np
 from ..errors import DsalError
 from ..registry import registrar
 from ..settings import Settings, positive
-from .ranking import geometric_beta, histogram_select, k_center_greedy, power_beta, power_select, score_power_select
+from .ranking import (
+    geometric_beta,
+    histogram_select,
+    k_center_greedy,
+    power_beta,
+    power_select,
+    score_power_select,
+    size_strata_select,
+)
 
 SELECTIONS: dict[str, type[Selection]] = {}
 register_selection = registrar(SELECTIONS)
@@ -45,6 +54,11 @@ class Selection:
 
     def choose(self, key: np.ndarray, n: int, rng: np.random.Generator | None, round_: int = 1) -> np.ndarray:
         raise NotImplementedError
+
+    def choose_from(self, key: np.ndarray, scores: dict[str, np.ndarray], n: int, rng: np.random.Generator | None,
+                    round_: int = 1) -> np.ndarray:
+        """`choose`, for a rule that needs more of the round's per-item `scores` than the key (size strata)."""
+        return self.choose(key, n, rng, round_)
 
 
 @register_selection("rank")
@@ -102,6 +116,31 @@ class ScorePower(Selection):
                             "use SELECTION = 'power' (it draws on the rank)") from None
 
 
+@register_selection("size_strata")
+class SizeStrata(Selection):
+    """The top keys within each stratum of predicted lesion size, picks split by stratum size.
+
+    DSAL's score at 64x64 mostly ranks the smallest lesions first (docs/methods.md#dsal-and-lesion-size);
+    here each size stratum gets its share of the query (`size_strata_select`)."""
+
+    @dataclass(frozen=True)
+    class Settings(Settings):
+        size_strata_bins: int = 4  # quantile bins of the predicted foreground fraction; picks split by bin size
+
+        def check(self):
+            positive("size_strata_bins", self.size_strata_bins)
+
+    def choose_from(self, key, scores, n, rng, round_=1):
+        if "foreground" not in scores:
+            raise DsalError("SELECTION = 'size_strata' needs the scores' `foreground` column (every "
+                            "strategy's scoring pass writes it); rescore the round, or use SELECTION = 'rank'")
+        return size_strata_select(key, scores["foreground"], n, self.settings.size_strata_bins)
+
+    def choose(self, key, n, rng, round_=1):
+        raise DsalError("SELECTION = 'size_strata' needs each image's predicted foreground, and this strategy "
+                        "picks from its keys alone (ClaSP PE splits its query); use SELECTION = 'rank' or 'auto'")
+
+
 @register_selection("diverse")
 class Diverse(Selection):
     """Thins the strategy's own candidates; `choose` is the k-center step over their features."""
@@ -122,4 +161,5 @@ class Diverse(Selection):
         return candidates[k_center_greedy(features[candidates], n)]
 
 
-__all__ = ["SELECTIONS", "Selection", "Rank", "Histogram", "Power", "ScorePower", "Diverse", "register_selection"]
+__all__ = ["SELECTIONS", "Selection", "Rank", "Histogram", "Power", "ScorePower", "SizeStrata", "Diverse",
+           "register_selection"]
