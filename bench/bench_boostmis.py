@@ -11,6 +11,17 @@ The adaptive variants use the `--threshold` cutoff rule (`global`, the default, 
 Each run starts afresh in exp/bench_boostmis/ (a stale run there is deleted); the table goes to
 `--out` (default bench/results/boostmis_issue16.md; bench/results/boostmis.md is the table from
 before issue 16's fixes).
+
+    python bench/bench_boostmis.py --ablation [--seeds 0,1,2] [--iterations 5] [--steps 300] [--rows a,b]
+
+Issue 27.2's discriminating benchmark: which difference from the authors' code makes the pseudo
+labels collapse. Random queries throughout (the pseudo labels are the question); rows `ABLATION`:
+today's configuration, each `Booster.Settings` change alone, and the authors' code's configuration;
+each against the no-pseudo-label run with the same first labels, optimizer and EMA (`baseline_of`),
+paired per test item over seeds (`compare.bootstrap_ci`). The unlabelled targets are known, so the
+Booster tallies its kept pseudo labels per class: accuracy (right / kept) and share (kept / all kept),
+per round. Finished runs (exp/bench_boostmis_ablation/<row>-s<seed>/result.json) are skipped; the table
+(`--out`, default bench/results/boostmis_ablation.md) is rebuilt over every finished seed.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from bench_boostmis_ablation import run_ablation  # noqa: E402
 
 from dsal_tf.classify import run_classify  # noqa: E402
 from dsal_tf.strategies.boostmis import THRESHOLDS  # noqa: E402
@@ -63,7 +75,13 @@ def main() -> None:
     results = Path(os.environ.get("RESULTS_DIR") or "bench/results")
     ap.add_argument("--out", default=str(results / "boostmis_issue16.md"))
     ap.add_argument("--exp-dir", default="exp")
+    ap.add_argument("--ablation", action="store_true", help="issue 27.2's ablation (bench_boostmis_ablation.py)")
+    ap.add_argument("--rows", default="", help="--ablation: only these rows (comma-separated keys)")
     args = ap.parse_args()
+    if args.ablation:
+        out = args.out if args.out != str(results / "boostmis_issue16.md") else str(results / "boostmis_ablation.md")
+        run_ablation(make_features(Path(args.exp_dir) / "bench_boostmis" / "features"), args, out)
+        return
     root = Path(args.exp_dir) / "bench_boostmis"
     feats = make_features(root / "features")
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -133,6 +133,11 @@ def plan() -> list[Job]:
                Job("robust/reduced-dilate-r0.4", "none", (sys.executable, "bench/robust_isic.py", "--data", ISIC,
                                                           "--seeds", "0", "--pool", "400", "--epochs", "5",
                                                           *AS_BEFORE))]
+    # issue 27.2: which BoostMIS change causes the collapse; ~4 min a seed on 2 cores, the table over seeds so far
+    methods += [Job(f"boostmis/ablation/s{seed}", "none", (sys.executable, "bench/bench_boostmis.py", "--ablation",
+                                                          "--seeds", ",".join(map(str, SEEDS[:i + 1])),
+                                                          "--iterations", "5", "--steps", "300"))
+                for i, seed in enumerate(SEEDS)]
     precision = precision_jobs()
     covid = [Job(f"covid/{row}", "none", (sys.executable, "bench/covid_ct.py", "--rows", row, "--budget", "6",
                                           *AS_BEFORE)) for row in COVID_ROWS]

@@ -9,7 +9,8 @@ and `classify.py` (the same loop on feature vectors):
   itself made eps flip between ~0.1 and ~0.9 from step to step);
 - `eps_t = a min(1, Count_t / Count_{t-1}) + b N_A / (2K)`, a = 0.9, b = 0.05, Count = sum_c count(c),
   N_A = samples the last active round added (not all labels so far), K = queries per round;
-  clipped to [0, 0.99];
+  clipped to [0, 0.99]; or, with `cutoff="constant"` (BOOSTMIS_CUTOFF), the constant `a + b` = 0.95
+  the authors' code runs (its count ratio is always 1 and its N_A = 2K);
 - the cutoff, a rule from `THRESHOLDS` (BOOSTMIS_THRESHOLD): `global`, every class at eps_t (the
   authors' code, the default), or `per_class` (FlexMatch-style), `tau(c) = eps_t sigma / (2 - sigma)`,
   `sigma(c) = count(c) / max_c count`, floored at eps_t / 2 and never below 1/C + 0.05;
@@ -19,7 +20,9 @@ and `classify.py` (the same loop on feature vectors):
   other samples in the model's feature space (the global-average-pooled bottleneck);
 - the query: top-K by VAT and the class-balanced top-K by density-aware entropy (classes taken
   in turn, each its best remaining sample), merged by alternating the two rankings, among the
-  samples the pseudo labeller does not take (those first ranked after all others).
+  samples the pseudo labeller does not take (those first ranked after all others);
+- distribution alignment (ReMixMatch, the authors' option, off by default): `p <- normalise(p
+  p_target / p_model)`, p_model the running mean of the unlabelled predictions.
 
 Segmentation: pixels are the samples; a pixel's class is its binary prediction; VAT KL and the
 entropy are means over the image, and the class-balanced score of an image for class c is its
@@ -65,6 +68,14 @@ def global_threshold(count_now, count_prev, n_active, k: int, a: float = A, b: f
     return tf.clip_by_value(eps, 0.0, MAX_THRESHOLD)
 
 
+def constant_threshold(a: float = A, b: float = B) -> float:
+    """The authors' code's cutoff: `global_threshold` at ratio 1 and N_A = 2K, `a + b` (0.95)."""
+    return a + b
+
+
+CUTOFFS = ("adaptive", "constant")  # BOOSTMIS_CUTOFF: the paper's eps_t, or the authors' code's constant
+
+
 THRESHOLDS: dict = {}
 register_threshold = registrar(THRESHOLDS)  # @register_threshold("name"): BOOSTMIS_THRESHOLD = name
 
@@ -96,12 +107,17 @@ def confident(confidence, pred_class, tau):
 class LearningStatus:
     """Per-class counts of confident samples (confidence >= `base_tau`, fixed), averaged over steps
     (`momentum`), and the global threshold: the state a trainer keeps between its steps. `n_active` is
-    N_A, the samples the last active round added; `rule` a `THRESHOLDS` name."""
+    N_A, the samples the last active round added; `rule` a `THRESHOLDS` name; `cutoff` one of `CUTOFFS`
+    (`constant`: eps = `constant_threshold()` whatever the counts; the counts still feed `per_class`).
+    Usable as a pseudo-label rule itself (`cutoffs`)."""
 
     def __init__(self, n_classes: int, base_tau: float, n_active: int, queries: int, momentum: float = 0.9,
-                 rule: str = "global"):
+                 rule: str = "global", cutoff: str = "adaptive"):
         if rule not in THRESHOLDS:
             raise DsalError(f"BOOSTMIS_THRESHOLD = {rule!r} is not one of {sorted(THRESHOLDS)}")
+        if cutoff not in CUTOFFS:
+            raise DsalError(f"BOOSTMIS_CUTOFF = {cutoff!r} is not one of {list(CUTOFFS)}")
+        self.constant = cutoff == "constant"
         self.n_classes, self.base_tau, self.momentum = n_classes, float(base_tau), float(momentum)
         self.n_active, self.queries, self.rule = n_active, queries, THRESHOLDS[rule]
         self.counts = tf.Variable(tf.zeros([n_classes]), trainable=False, name="status_counts")
@@ -115,12 +131,22 @@ class LearningStatus:
         counts = tf.where(first, now, self.momentum * self.counts + (1.0 - self.momentum) * now)
         total = tf.reduce_sum(counts)
         prev = tf.where(first, total, tf.reduce_sum(self.counts))
-        eps = global_threshold(total, prev, self.n_active, self.queries)
+        eps = constant_threshold() if self.constant else global_threshold(total, prev, self.n_active, self.queries)
         if update:
             self.counts.assign(counts)
             self.steps.assign_add(1.0)
             self.threshold.assign(eps)
         return self.rule(counts, eps)
+
+    def cutoffs(self, confidence, pred_class, update: bool = True):
+        """`thresholds` under the name a `Booster` calls its rule by."""
+        return self.thresholds(confidence, pred_class, update)
+
+
+def align_distribution(p, p_model, p_target):
+    """Distribution alignment (ReMixMatch): rows of `p` [N,C] times `p_target / p_model` [C], renormalised."""
+    q = tf.cast(p, tf.float32) * tf.cast(p_target, tf.float32) / tf.maximum(tf.cast(p_model, tf.float32), EPS)
+    return q / tf.maximum(tf.reduce_sum(q, axis=-1, keepdims=True), EPS)
 
 
 # ------------------------------------------------------------------ VAT

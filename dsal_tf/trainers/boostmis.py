@@ -1,15 +1,18 @@
 """`boostmis`: BoostMIS's adaptive pseudo labels (docs/methods.md#adaptive-pseudo-labels) on the paired sampler.
 
 The noisy stream (the pseudo-labelled images) is treated as unlabelled: its given masks are not
-used. Each step the online model (`online`, the one Adam trains) looks at the weak view (the batch
-as sampled, with the loader's flips where AUGMENT is on) and gives hard per-pixel labels
+used. Each step the online model (`online`, the one the optimizer trains; with BOOSTMIS_LABELLER =
+"ema" the EMA copy) looks at the weak view (the batch as sampled, with the loader's flips where
+AUGMENT is on) and gives hard per-pixel labels
 `y = 1[p > 0.5]`, kept where the confidence `max(p, 1-p)` reaches the cutoff of the pixel's class
 (`strategies.boostmis`: learning status from the counts of confident pixels and their change since
 the previous step, eps_t with N_A = the expert images the last round added, and the
-BOOSTMIS_THRESHOLD rule, one global eps_t by default). The online model sees a strong view of the
+BOOSTMIS_THRESHOLD rule, one global eps_t by default; BOOSTMIS_CUTOFF = "constant": the authors' code's
+0.95; none before update BOOSTMIS_WARMUP of the round). The online model sees a strong view of the
 same images (photometric only, so the labels stay aligned: per-image contrast x U(0.6, 1.4),
 offset U(-0.4, 0.4), Gaussian noise sigma 0.2, in normalised units) and learns the kept labels by
-masked BCE on every head (`base.pixel_weighted_loss`). The update is Adam on
+masked BCE on every head (`base.pixel_weighted_loss`). The update is Adam (BOOSTMIS_OPTIMIZER = "sgd":
+the authors' SGD 0.03, momentum 0.9, coupled weight decay 5e-4 on kernels, `booster.l2_gradients`) on
 `(1/B) sum_i L_i(strong, kept) + expert_weight * mean_j L_j(clean)`, then the EMA copy moves,
 `theta_e = g theta_e + (1 - g) theta_o` with Mean Teacher's warm-up `g = min(1 - 1/(step+1), EMA_DECAY)`.
 The EMA copy is the wrapped `segmenter`: validation, the checkpoint and the next round (whose
@@ -26,8 +29,8 @@ import numpy as np
 import tensorflow as tf
 
 from ..errors import DsalError
-from ..settings import in_range, suggest
-from ..strategies.boostmis import THRESHOLDS, LearningStatus, confident
+from ..settings import in_range, positive, suggest
+from ..strategies.boostmis import CUTOFFS, THRESHOLDS, LearningStatus, confident
 from .base import (
     PairedSettings,
     PairedTrainer,
@@ -40,6 +43,36 @@ from .base import (
     register_trainer,
     tf_variables,
 )
+
+LABELLERS = ("online", "ema")  # BOOSTMIS_LABELLER: which model's weak view gives the pseudo labels
+OPTIMIZERS = {  # BOOSTMIS_OPTIMIZER: (learning rate, momentum, coupled weight decay)
+    "adam": (1e-3, None, 0.0),  # ours
+    "sgd": (0.03, 0.9, 5e-4),  # the authors' code
+}
+
+
+def choice(name: str, value: str, options) -> None:
+    if value not in options:
+        raise DsalError(f"{name.upper()} = {value!r} is not one of {sorted(options)}" + suggest(value, options))
+
+
+def make_optimizer(name: str, learning_rate: float | None = None) -> tuple[keras.optimizers.Optimizer, float]:
+    """The `OPTIMIZERS` entry as a Keras optimizer (momentum SGD: `m = 0.9 m - lr g`, `w += m`, PyTorch's
+    update at a constant rate) and its coupled weight decay, for `l2_gradients`."""
+    lr, momentum, wd = OPTIMIZERS[name]
+    lr = lr if learning_rate is None else learning_rate
+    if momentum is None:
+        return keras.optimizers.Adam(lr), wd
+    return keras.optimizers.SGD(lr, momentum=momentum), wd
+
+
+def l2_gradients(grads, variables, weight_decay: float) -> list:
+    """`g + wd w` for kernels (variables of rank >= 2), biases unchanged: PyTorch's `weight_decay`,
+    which the authors apply to everything but biases and batch norm."""
+    if not weight_decay:
+        return list(grads)
+    return [g + weight_decay * tf.convert_to_tensor(v) if len(v.shape) >= 2 and g is not None else g
+            for g, v in zip(grads, variables)]
 
 
 def strong_view(x, seed_generator, contrast=0.4, offset=0.4, noise=0.2):
@@ -58,33 +91,53 @@ class BoostMISTrainer(PairedTrainer):
 
     @dataclass(frozen=True)
     class Settings(PairedSettings):
-        ema_decay: float = 0.99  # EMA teacher (the evaluated, saved model)
+        """Defaults: today's (the paper's adaptive rule, Adam, online labels, no warm-up); the authors' code
+        runs `constant`, `sgd` and EMA 0.999 (docs/methods.md#boostmis-deviations); `dsal classify`'s
+        `Booster.Settings` adds the first labels and distribution alignment."""
+
+        ema_decay: float = 0.99  # EMA teacher (the evaluated, saved model); the authors' code: 0.999
         boostmis_tau: float = 0.95  # the fixed confidence cutoff that counts the learning status
         boostmis_threshold: str = "global"  # pseudo-label cutoff: "global" eps_t (authors' code) or "per_class"
+        boostmis_cutoff: str = "adaptive"  # eps_t: "adaptive" (the paper) or "constant" 0.95 (the authors' code)
+        boostmis_labeller: str = "online"  # pseudo labels from the "online" model's weak view or the "ema" one
+        boostmis_warmup: int = 0  # updates without pseudo labels first (a round's; classify: through the rounds)
+        boostmis_optimizer: str = "adam"  # "adam" (ours) or "sgd": 0.03, momentum 0.9, weight decay 5e-4 (authors')
 
         def check(self):
             super().check()
             in_range("ema_decay", self.ema_decay, 0.0, 1.0)
             in_range("boostmis_tau", self.boostmis_tau, 0.5, 1.0)
-            if self.boostmis_threshold not in THRESHOLDS:
-                raise DsalError(f"BOOSTMIS_THRESHOLD = {self.boostmis_threshold!r} is not one of "
-                                f"{sorted(THRESHOLDS)}" + suggest(self.boostmis_threshold, THRESHOLDS))
+            choice("boostmis_threshold", self.boostmis_threshold, THRESHOLDS)
+            choice("boostmis_cutoff", self.boostmis_cutoff, CUTOFFS)
+            choice("boostmis_labeller", self.boostmis_labeller, LABELLERS)
+            positive("boostmis_warmup", self.boostmis_warmup, strict=False)
+            choice("boostmis_optimizer", self.boostmis_optimizer, OPTIMIZERS)
 
     def __init__(self, segmenter: keras.Model, ema: float = 0.99, queries: int = 20, n_active: int | None = None,
-                 seed: int = 0, base_tau: float = 0.95, threshold: str = "global", **kwargs) -> None:
+                 seed: int = 0, base_tau: float = 0.95, threshold: str = "global", cutoff: str = "adaptive",
+                 labeller: str = "online", warmup: int = 0, weight_decay: float = 0.0, **kwargs) -> None:
         super().__init__(segmenter, **kwargs)  # `segmenter` is the EMA copy
         self.online = keras.Model.from_config(segmenter.get_config())  # the graph without its compile state
         self.online.set_weights(segmenter.get_weights())
         self.ema, self.queries = float(ema), int(queries)
+        self.use_ema_labels = labeller == "ema"
+        self.warmup, self.weight_decay = int(warmup), float(weight_decay)
         self.n_active_labels = int(self.n_active if n_active is None else n_active)
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.status = LearningStatus(2, base_tau, self.n_active_labels, self.queries, rule=threshold)
+        self.status = LearningStatus(2, base_tau, self.n_active_labels, self.queries, rule=threshold, cutoff=cutoff)
 
     @classmethod
     def config_kwargs(cls, cfg, total_steps: int) -> dict:
         s = cls.Settings.from_config(cfg)
         return {"ema": s.ema_decay, "queries": cfg.nb_next_sample, "seed": cfg.seed, "base_tau": s.boostmis_tau,
-                "threshold": s.boostmis_threshold}
+                "threshold": s.boostmis_threshold, "cutoff": s.boostmis_cutoff, "labeller": s.boostmis_labeller,
+                "warmup": s.boostmis_warmup, "weight_decay": make_optimizer(s.boostmis_optimizer)[1]}
+
+    @classmethod
+    def optimizer_for(cls, cfg) -> keras.optimizers.Optimizer:
+        """Adam at LEARNING_RATE, or with BOOSTMIS_OPTIMIZER = "sgd" the authors' SGD (0.03, momentum 0.9)."""
+        name = cls.Settings.from_config(cfg).boostmis_optimizer
+        return make_optimizer(name, cfg.learning_rate if name == "adam" else None)[0]
 
     @classmethod
     def fit_job(cls, job) -> dict:
@@ -98,8 +151,9 @@ class BoostMISTrainer(PairedTrainer):
         return history if history is not None else fit_plain(job)
 
     def pseudo_labels(self, x_weak) -> tuple[tf.Tensor, tf.Tensor]:
-        """Hard labels `[B,*spatial,1]` and their keep mask from the online model's weak view; updates the status."""
-        p = tf.stop_gradient(self.online(x_weak, training=False)["main"])
+        """Hard labels `[B,*spatial,1]` and their keep mask from the labeller's weak view; updates the status."""
+        labeller = self.segmenter if self.use_ema_labels else self.online
+        p = tf.stop_gradient(labeller(x_weak, training=False)["main"])
         conf = tf.maximum(p, 1.0 - p)
         cls = tf.cast(p > 0.5, tf.int32)
         return tf.cast(cls, tf.float32), confident(conf, cls, self.status.thresholds(conf, cls))
@@ -107,6 +161,7 @@ class BoostMISTrainer(PairedTrainer):
     def train_step(self, data):
         (x_noisy, _), (x_clean, y_clean) = data
         target, keep = self.pseudo_labels(x_noisy)
+        keep = keep * tf.cast(self.optimizer.iterations >= self.warmup, tf.float32)  # BOOSTMIS_WARMUP
         x_strong = strong_view(x_noisy, self.seed_generator)
         theta = self.online.trainable_variables
         with tf.GradientTape() as tape:
@@ -118,6 +173,7 @@ class BoostMISTrainer(PairedTrainer):
             total = unsup + self.expert_weight * clean_loss
             scaled = self.optimizer.scale_loss(total)
         grads = tape.gradient(scaled, tf_variables(theta), unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = l2_gradients(grads, theta, self.weight_decay)
         decay = mean_teacher_decay(self.optimizer.iterations, self.ema)  # read before this update: 0 first
         self.optimizer.apply_gradients(zip(grads, theta))
         ema_update(self.segmenter, self.online, decay)
