@@ -167,9 +167,15 @@ def plan() -> list[Job]:
                                           "--fresh-cache"))])
 
 
+def pinned_path() -> str:
+    """PYTHONPATH for a job: this checkout's package first, so a script run as `python bench/x.py` imports the
+    pinned worktree's `dsal_tf`, not whatever an editable install points at (or nothing)."""
+    return os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def collect(table: str, exp_dir: Path, results: Path) -> None:
     """Regenerate one table from the run folders (a table is never guessed: it reads what finished)."""
-    env = {**os.environ, "EXP_DIR": str(exp_dir), "RESULTS_DIR": str(results)}
+    env = {**os.environ, "EXP_DIR": str(exp_dir), "RESULTS_DIR": str(results), "PYTHONPATH": pinned_path()}
     argv = {"isic2017": ["bench/collect_results.py"],
             "precision": ["bench/bench_precision.py", "dice", "--exp-dir", str(exp_dir)],
             "hippocampus": ["bench/hippocampus.py", "--exp-dir", str(exp_dir)],
@@ -239,7 +245,7 @@ def commit_results(results: Path, job: Job) -> None:
 
 def run(exp_dir: Path, results: Path, jobs: list[Job], only: str | None, commit_each: bool = False) -> int:
     state_dir(exp_dir).mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "RESULTS_DIR": str(results)}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "RESULTS_DIR": str(results), "PYTHONPATH": pinned_path()}
     failed = 0
     for job in jobs:
         if (only and not job.id.startswith(only)) or record_path(exp_dir, job).is_file():
