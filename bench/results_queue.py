@@ -154,6 +154,11 @@ def plan() -> list[Job]:
 
     semisup += [Job(f"semisup/al/{spec}/s{seed}", "semisup-al", dsal(*al_argv(ISIC, spec, seed)))
                 for seed in SEEDS for spec in AL_ROWS]
+    # issue 26 table 3: hippocampus, 10 labelled volumes, standard vs bcp + full supervision, 1000 steps a row;
+    # about 10 + 20 + 10 min a seed (bcp ~2.3x a standard step), the table over what finished
+    semisup += [Job(f"semisup/hippocampus-s{seed}", "none", (sys.executable, "bench/semisup_isic.py", "--dataset",
+                                                             "hippocampus", "--data", HIPPOCAMPUS, "--seeds",
+                                                             str(seed), "--full")) for seed in SEEDS]
     rows = lambda *specs, seeds=SEEDS: [isic[(s, seed)] for s in specs for seed in seeds]  # noqa: E731
     return (rows("dsal", "random", "full", "dsal+power")
             + [noisy[(200, seed)] for seed in SEEDS] + methods + covid[:9]

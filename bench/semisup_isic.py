@@ -1,7 +1,8 @@
-"""Semi-supervised training on the whole pool against plain training: the label-efficiency curve.
+"""Semi-supervised training on the whole pool against plain training: the label-efficiency curves.
 
     python bench/semisup_isic.py --data /path/to/isic2017 --budgets 80,160,320,600 --seeds 0 \\
         --trainers standard,mean_teacher,bcp [--steps 1200] [--exp-dir exp]
+    python bench/semisup_isic.py --dataset hippocampus --seeds 0 --full   # issue 26 table 3 (volumes)
     python bench/semisup_isic.py step-time     # the cost of a bcp / mean_teacher step against standard
     python bench/semisup_isic.py al-table --exp-dir EXP   # the active learning + bcp table (queue: semisup/al/)
 
@@ -13,6 +14,12 @@ supervision (all 1600 labels, `standard`, the same steps) is the line to reach. 
 its `standard` row of the same budget and seed only in the trainer. Rows are resumable runs
 (`dsal run`); the table (bench/results/semisup_isic2017.md) is rewritten from what has finished,
 with paired bootstrap intervals over seeds and test images (`compare.bootstrap_ci`).
+
+`--dataset hippocampus` (`CURVES`): the same rows on the hippocampus volumes (140 pool, 40 test
+volumes) with bench/hippocampus.py's model and epoch (16 filters, batch 2 of the planned 32x48x32
+patches, STEPS_PER_EPOCH 50, fp32: the auto choice on volumes); 10 labelled volumes (7%), `standard`
+against `bcp`, full supervision on all 140, 1000 steps in every row (20 epochs of 50), table
+bench/results/semisup_hippocampus.md.
 """
 
 from __future__ import annotations
@@ -22,15 +29,69 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hippocampus import SETTINGS as HIPPOCAMPUS_SETTINGS  # noqa: E402
 
 RESULTS = Path(os.environ.get("RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 POOL, BATCH = 1600, 16
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One label-efficiency table: its data, the config every row shares, the budgets and the steps."""
+
+    dataset: str  # `--dataset`; runs are <exp-dir>/semisup-<dataset>/<trainer>-n<budget>-s<seed>
+    title: str
+    data: str  # the default data folder
+    pool: int  # labels of full supervision
+    unit: str  # what a label is: "images", "volumes"
+    budgets: tuple[int, ...]
+    trainers: tuple[str, ...]
+    steps: int  # optimizer steps of every row
+    settings: dict  # config values of every row (model, batch, epoch)
+    about: str  # the model, batch and test set, for the table's header
+
+    @property
+    def batch(self) -> int:
+        return int(self.settings["batch_size"])
+
+    def epochs(self, budget: int, steps: int) -> int:
+        """Epochs of about `steps` optimizer steps: an epoch is STEPS_PER_EPOCH steps where the settings
+        fix it (volumes), else ceil(budget / batch) (the space's epoch over images)."""
+        per_epoch = self.settings.get("steps_per_epoch") or math.ceil(budget / self.batch)
+        return math.ceil(steps / per_epoch)
+
+    @property
+    def key(self) -> str:
+        return f"semisup-{self.dataset}"
+
+    @property
+    def results(self) -> Path:
+        return RESULTS / f"semisup_{self.dataset}.md"
+
+
+VOLUME_SETTINGS = ("BASE_FILTERS", "BATCH_SIZE", "STEPS_PER_EPOCH")  # bench/hippocampus.py's model and epoch
+CURVES = {
+    "isic2017": Curve(
+        "isic2017", "ISIC 2017", "../shared/data/isic2017", POOL, "images", (80, 160, 320, 600),
+        ("standard", "mean_teacher", "bcp"), 1200, {"preset": "isic2017-cpu", "batch_size": BATCH},
+        f"`isic2017-cpu` model (64x64, 16 filters), batch {BATCH}; test Dice on the 400 test images"),
+    # issue 26, table 3: 10 labelled volumes of 140 (7%); bcp costs ~2.3 standard steps (semisup_step_time.md)
+    "hippocampus": Curve(
+        "hippocampus", "hippocampus MRI, MSD Task04", "../shared/data/hippocampus", 140, "volumes", (10,),
+        ("standard", "bcp"), 1000, {k.lower(): HIPPOCAMPUS_SETTINGS[k] for k in VOLUME_SETTINGS},
+        "3D U-Net, " + ", ".join(f"{k}={HIPPOCAMPUS_SETTINGS[k]}" for k in VOLUME_SETTINGS)
+        + " as bench/hippocampus.py (the default 32x48x32 patches; fp32, the auto choice on "
+        "volumes); test Dice on the 40 test volumes"),
+}
 # Active learning with semi-supervision (issue 26, table 2): 160 random labels, then 5 rounds of 32 (to 320),
 # every row trained by `bcp`; round 0 trains 1200 steps as the label-efficiency rows do (120 epochs of 10),
 # each later round 20 epochs; no whole-image pseudo labels (bcp uses the pool). One `dsal compare` per row.
@@ -49,7 +110,6 @@ def al_argv(data: str, spec: str, seed: int) -> tuple[str, ...]:
 
 def al_table(exp_dir: str) -> str:
     """The active learning + bcp table from the compare folder and the queue's records."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from compare_table import differences, md, queue_records, runs_grid, summary
 
     folder = Path(exp_dir) / AL_NAME
@@ -71,15 +131,16 @@ def al_table(exp_dir: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def row_config(data: str, exp_dir: str, budget: int, trainer: str, seed: int, steps: int, sets: dict):
+def row_config(data: str, exp_dir: str, budget: int, trainer: str, seed: int, steps: int, sets: dict,
+               curve: Curve = CURVES["isic2017"]):
+    """One row's config: `budget` random labels, one round of `steps` optimizer steps, from scratch."""
     from dsal_tf.components import load_config
 
-    epochs = math.ceil(steps / math.ceil(budget / BATCH))
     return load_config(None, {
-        "preset": "isic2017-cpu", "data_path": data, "exp_dir": exp_dir, "progress": False,
-        "exp_name": f"semisup-isic2017/{trainer}-n{budget}-s{seed}", "seed": seed, "trainer": trainer,
-        "nb_labeled": budget, "nb_iterations": 0, "nb_initial_epochs": epochs, "initial_selection": "random",
-        "batch_size": BATCH, **sets})
+        **curve.settings, "data_path": data, "exp_dir": exp_dir, "progress": False,
+        "exp_name": f"{curve.key}/{trainer}-n{budget}-s{seed}", "seed": seed, "trainer": trainer,
+        "nb_labeled": budget, "nb_iterations": 0, "nb_initial_epochs": curve.epochs(budget, steps),
+        "initial_selection": "random", **sets})
 
 
 def run_row(cfg, log) -> pd.Series:
@@ -97,45 +158,53 @@ def run_row(cfg, log) -> pd.Series:
     return pd.read_csv(run.test_metrics(0)).set_index("name")["dice"]
 
 
-def table(exp_dir: str, budgets, trainers, seeds, steps: int, precision: str) -> str:
+def paired_cells(found: dict, base: dict) -> list[str]:
+    """The mean paired difference and its bootstrap 95% interval over the seeds both have (per-item
+    Dice series, the same test items), or two empty cells."""
     from dsal_tf.compare import bootstrap_ci
 
-    root = Path(exp_dir) / "semisup-isic2017"
+    seeds = [s for s, d in found.items() if d is not None and base.get(s) is not None]
+    if not seeds:
+        return ["", ""]
+    diff, lo, hi = bootstrap_ci(np.stack([(found[s] - base[s]).to_numpy() for s in seeds]))
+    return [f"{diff:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]"]
+
+
+def table(exp_dir: str, budgets, trainers, seeds, steps: int, precision: str,
+          curve: Curve = CURVES["isic2017"]) -> str:
+    root = Path(exp_dir) / curve.key
 
     def dice(trainer, budget, seed):
         path = root / f"{trainer}-n{budget}-s{seed}" / "round_00" / "test_metrics.csv"
         return pd.read_csv(path).set_index("name")["dice"] if path.is_file() else None
 
-    lines = ["# Semi-supervised training on the whole pool: label efficiency (ISIC 2017)", "",
-             f"`python bench/semisup_isic.py --data /path/to/isic2017 --budgets {','.join(map(str, budgets))} "
+    mode = "" if curve.dataset == "isic2017" else f"--dataset {curve.dataset} "
+    full = {s: dice("standard", curve.pool, s) for s in seeds}
+    lines = [f"# Semi-supervised training on the whole pool: label efficiency ({curve.title})", "",
+             f"`python bench/semisup_isic.py {mode}--data /path/to/data --budgets {','.join(map(str, budgets))} "
              f"--trainers {','.join(trainers)} --seeds S --steps {steps} [--full]` for S in "
              f"{','.join(map(str, seeds))}. "
-             f"`isic2017-cpu` model (64x64, 16 filters), batch {BATCH}, {steps} optimizer steps in every row, "
-             f"random expert labels (the same images for every trainer of a seed), precision {precision}; test "
-             "Dice on the 400 test images; differences against `standard` of the same budget and seed, paired "
-             "per test image, with the bootstrap 95% interval over seeds and images.", "",
-             "| labels | share | trainer | seeds | test Dice | - standard | 95% interval |",
-             "|---:|---:|---|---|---:|---:|---|"]
+             f"{curve.about}; {steps} optimizer steps in every row, random expert labels (the same {curve.unit} for "
+             f"every trainer of a seed), precision {precision}. Differences against `standard` of the same budget "
+             f"and seed, and against full supervision (all {curve.pool} labels) of the same seed, paired per test "
+             "item, with the bootstrap 95% interval over seeds and items.", "",
+             "| labels | share | trainer | seeds | test Dice | - standard | 95% interval | - full | 95% interval |",
+             "|---:|---:|---|---|---:|---:|---|---:|---|"]
     for budget in budgets:
         for trainer in trainers:
             found = {s: dice(trainer, budget, s) for s in seeds}
             have = [s for s, d in found.items() if d is not None]
             if not have:
-                lines.append(f"| {budget} | {budget / POOL:.1%} | {trainer} | pending | | | |")
+                lines.append(f"| {budget} | {budget / curve.pool:.1%} | {trainer} | pending | | | | | |")
                 continue
             mean = np.mean([found[s].mean() for s in have])
-            base = {s: dice("standard", budget, s) for s in have}
-            paired = [s for s in have if base[s] is not None]
-            diff = lo = hi = None
-            if trainer != "standard" and paired:
-                diff, lo, hi = bootstrap_ci(np.stack([(found[s] - base[s]).to_numpy() for s in paired]))
-            cells = [f"{diff:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]"] if diff is not None else ["", ""]
-            lines.append(f"| {budget} | {budget / POOL:.1%} | {trainer} | {','.join(map(str, have))} | {mean:.4f} | "
-                         + " | ".join(cells) + " |")
-    full = [dice("standard", POOL, s) for s in seeds]
-    full = [d.mean() for d in full if d is not None]
-    lines += ["", f"Full supervision (all {POOL} labels, `standard`, {steps} steps): "
-              + (f"{np.mean(full):.4f} over {len(full)} seed(s)." if full else "pending.")]
+            base = {s: dice("standard", budget, s) for s in have} if trainer != "standard" else {}
+            cells = paired_cells(found, base) + paired_cells(found, full)
+            lines.append(f"| {budget} | {budget / curve.pool:.1%} | {trainer} | {','.join(map(str, have))} | "
+                         f"{mean:.4f} | " + " | ".join(cells) + " |")
+    done = [d.mean() for d in full.values() if d is not None]
+    lines += ["", f"Full supervision (all {curve.pool} labels, `standard`, {steps} steps): "
+              + (f"{np.mean(done):.4f} over {len(done)} seed(s)." if done else "pending.")]
     return "\n".join(lines) + "\n"
 
 
@@ -181,14 +250,16 @@ def step_time(repeats: int = 20) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("command", nargs="?", default="table", choices=("table", "step-time", "al-table"))
-    ap.add_argument("--data", default="../shared/data/isic2017")
+    ap.add_argument("--dataset", default="isic2017", choices=sorted(CURVES),
+                    help="Which label-efficiency table (its data, model, budgets, trainers and steps by default).")
+    ap.add_argument("--data", default=None, help="Data folder (default: the dataset's under ../shared/data).")
     ap.add_argument("--exp-dir", default="exp")
-    ap.add_argument("--budgets", default="80,160,320,600")
-    ap.add_argument("--trainers", default="standard,mean_teacher,bcp")
+    ap.add_argument("--budgets", default=None, help="Labels per row, comma-separated (default: the dataset's).")
+    ap.add_argument("--trainers", default=None, help="Comma-separated (default: the dataset's).")
     ap.add_argument("--seeds", default="0", help="Seeds to run now.")
     ap.add_argument("--table-seeds", default="0,1,2", help="Seeds the table reports (unfinished: pending).")
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--full", action="store_true", help="Also the full-supervision row (all 1600 labels).")
+    ap.add_argument("--steps", type=int, default=None, help="Optimizer steps of every row (default: the dataset's).")
+    ap.add_argument("--full", action="store_true", help="Also the full-supervision row (every pool label).")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -201,17 +272,19 @@ def main(argv=None) -> int:
         return 0
     from dsal_tf.config import parse_set_options
 
+    curve = CURVES[args.dataset]
     sets = parse_set_options(tuple(args.sets))
-    budgets = [int(b) for b in args.budgets.split(",")]
-    trainers, seeds = args.trainers.split(","), [int(s) for s in args.seeds.split(",")]
-    out = RESULTS / "semisup_isic2017.md"
-    jobs = [(b, t, s) for s in seeds for b in budgets for t in trainers] + ([(POOL, "standard", s) for s in seeds]
+    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else list(curve.budgets)
+    trainers = args.trainers.split(",") if args.trainers else list(curve.trainers)
+    seeds, steps, data = [int(s) for s in args.seeds.split(",")], args.steps or curve.steps, args.data or curve.data
+    out = curve.results
+    jobs = [(b, t, s) for s in seeds for b in budgets for t in trainers] + ([(curve.pool, "standard", s) for s in seeds]
                                                                           if args.full else [])
     precision = sets.get("MIXED_PRECISION", "auto")
     for budget, trainer, seed in jobs:
-        run_row(row_config(args.data, args.exp_dir, budget, trainer, seed, args.steps, sets), print)
+        run_row(row_config(data, args.exp_dir, budget, trainer, seed, steps, sets, curve), print)
         out.write_text(table(args.exp_dir, budgets, trainers, [int(s) for s in args.table_seeds.split(",")],
-                             args.steps, precision))
+                             steps, precision, curve))
     print(out.read_text())
     return 0
 

@@ -18,6 +18,7 @@ plan. The loop, the strategies and the trainers ask the space and never branch o
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -113,6 +114,11 @@ class ImageSpace:
         """How many pool items the run sees (POOL_SIZE caps it), from the file names alone."""
         n = len(find_pairs(self.cfg.data_path, "train", self.cfg.mask_naming))
         return min(n, self.cfg.pool_size) if self.cfg.pool_size else n
+
+    def steps_per_epoch(self, n_images: int) -> int:
+        """One pass over `n_images`: ceil(n / BATCH_SIZE) batches, at least one (what `train_stream`
+        gives without `repeat`; a volume space counts patch steps, `VolumeSpace.steps_per_epoch`)."""
+        return max(1, math.ceil(n_images / self.cfg.batch_size))
 
     def train_stream(self, images, masks, normalizer: Normalizer, seed: int, heads=None, repeat: bool = False,
                      foreground_oversample: float = 0.0):

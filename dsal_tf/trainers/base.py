@@ -138,10 +138,13 @@ def head_sum(fn: Callable[[str], tf.Tensor], ds_weights: Sequence[float]) -> tf.
     return sum(float(w) * fn(h) for h, w in zip(HEADS, ds_weights) if w != 0)
 
 
-def mean_teacher_decay(step, gamma: float) -> tf.Tensor:
+def mean_teacher_decay(step, gamma: float, from_scratch: bool = True) -> tf.Tensor:
     """Mean Teacher's EMA warm-up `min(1 - 1/(step + 1), gamma)`, step = 0 for the first update:
     the teacher follows the student closely while both are young, instead of staying near its
-    random start for ~1/(1 - gamma) steps."""
+    random start for ~1/(1 - gamma) steps. A model that is not `from_scratch` (a trained one going
+    on) has a useful teacher already: `gamma` from the first update (docs/methods.md#pint)."""
+    if not from_scratch:
+        return tf.constant(float(gamma), tf.float32)
     step = tf.cast(step, tf.float32)
     return tf.minimum(1.0 - 1.0 / (step + 1.0), float(gamma))
 
@@ -331,12 +334,11 @@ class PairedTrainer(keras.Model):
 
 
 def steps_per_epoch(n_noisy: int, n_clean: int, batch_size: int, space=None) -> int:
-    """One pass over the larger of the two sets (the smaller one repeats): ceil(n / B) batches of
-    images, or the space's own epoch over n items where it defines one (a volume space: its patch
-    steps, `VolumeSpace.steps_per_epoch`, as a plain fit of the same volumes takes)."""
+    """One pass over the larger of the two sets (the smaller one repeats): the space's epoch over n
+    items (`ImageSpace`: ceil(n / B) batches; `VolumeSpace`: its patch steps, as a plain fit of the
+    same volumes takes), or ceil(n / `batch_size`) without a space (arrays in tests and benchmarks)."""
     n = max(n_noisy, n_clean)
-    space_epoch = getattr(space, "steps_per_epoch", None)
-    return int(space_epoch(n)) if space_epoch is not None else max(1, math.ceil(n / batch_size))
+    return int(space.steps_per_epoch(n)) if space is not None else max(1, math.ceil(n / batch_size))
 
 
 def fit_paired(trainer_cls: type[PairedTrainer], job, val_ds: tf.data.Dataset) -> dict[str, list[float]] | None:

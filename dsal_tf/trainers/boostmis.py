@@ -14,7 +14,8 @@ offset U(-0.4, 0.4), Gaussian noise sigma 0.2, in normalised units) and learns t
 masked BCE on every head (`base.pixel_weighted_loss`). The update is Adam (BOOSTMIS_OPTIMIZER = "sgd":
 the authors' SGD 0.03, momentum 0.9, coupled weight decay 5e-4 on kernels, `booster.l2_gradients`) on
 `(1/B) sum_i L_i(strong, kept) + expert_weight * mean_j L_j(clean)`, then the EMA copy moves,
-`theta_e = g theta_e + (1 - g) theta_o` with Mean Teacher's warm-up `g = min(1 - 1/(step+1), EMA_DECAY)`.
+`theta_e = g theta_e + (1 - g) theta_o` with Mean Teacher's warm-up `g = min(1 - 1/(step+1), EMA_DECAY)`
+when the model starts from scratch, `g = EMA_DECAY` when it continues a trained one (`FitJob.from_scratch`).
 The EMA copy is the wrapped `segmenter`: validation, the checkpoint and the next round (whose
 online model starts from it) use it. Trackers: `mean_weight`/`kept_fraction` = the share of kept
 pixels; `main_dice` is the online model's, on the clean batch.
@@ -174,7 +175,8 @@ class BoostMISTrainer(PairedTrainer):
             scaled = self.optimizer.scale_loss(total)
         grads = tape.gradient(scaled, tf_variables(theta), unconnected_gradients=tf.UnconnectedGradients.ZERO)
         grads = l2_gradients(grads, theta, self.weight_decay)
-        decay = mean_teacher_decay(self.optimizer.iterations, self.ema)  # read before this update: 0 first
+        # read before this update: 0 first from scratch, EMA_DECAY throughout for a trained model
+        decay = mean_teacher_decay(self.optimizer.iterations, self.ema, self.from_scratch)
         self.optimizer.apply_gradients(zip(grads, theta))
         ema_update(self.segmenter, self.online, decay)
         return self.track(total, clean_loss, out_clean, y_clean, keep)

@@ -2,11 +2,14 @@
 
 Every step takes a labelled batch (the round's expert labels, and pseudo labels if the run asks
 for them) and a batch of unlabelled pool images (`train.FitJob.unlabelled_stream`). A student
-trains; an EMA teacher `theta_t = g theta_t + (1 - g) theta_s`, with Mean Teacher's warm-up
-`g = min(1 - 1/(step + 1), EMA_DECAY)`, follows it. The teacher is the wrapped `segmenter`: it is
-what validation measures, what the checkpoint saves, what the next round scores the pool with and
-what the next round's student starts from. An algorithm (`bcp.py`, `mean_teacher.py`) overrides
-`objective` only.
+trains; an EMA teacher `theta_t = g theta_t + (1 - g) theta_s` follows it, with Mean Teacher's warm-up
+`g = min(1 - 1/(step + 1), EMA_DECAY)` when the model starts from scratch (`FitJob.from_scratch`) and
+`g = EMA_DECAY` from the first step when it continues a trained model (a later round: its teacher
+is useful already). The teacher is the wrapped `segmenter`: it is what validation measures, what the
+checkpoint saves, what the next round scores the pool with and what the next round's student starts
+from. An epoch is the space's epoch over the labelled set (`steps_per_epoch`: ceil(n / BATCH_SIZE)
+batches of images, or a volume space's patch steps), as in a plain fit. An algorithm (`bcp.py`,
+`mean_teacher.py`) overrides `objective` only.
 
 Layout: channels last, `[B,*spatial,C]`; masks `[B,*spatial,1]`. Everything here is rank-generic:
 boxes and mixing work on 2D images and on 3D patches alike.
@@ -14,7 +17,6 @@ boxes and mixing work on 2D images and on 3D patches alike.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import keras
@@ -90,7 +92,7 @@ class PoolTeacherTrainer(keras.Model):
     Settings = TeacherSettings
 
     def __init__(self, segmenter: keras.Model, settings: Settings, ds_weights=DS_WEIGHTS, seed: int = 0,
-                 total_steps: int = 1, **kwargs) -> None:
+                 total_steps: int = 1, from_scratch: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         self.segmenter = segmenter  # the teacher
         # from the config, not clone_model: a compiled segmenter would be recompiled from its loss names
@@ -98,6 +100,7 @@ class PoolTeacherTrainer(keras.Model):
         self.student.set_weights(segmenter.get_weights())
         self.settings, self.ds_weights = settings, tuple(float(w) for w in ds_weights)
         self.total_steps = max(int(total_steps), 1)
+        self.from_scratch = bool(from_scratch)  # the EMA warm-up runs only for a new model
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.dice_tracker = keras.metrics.Mean(name="main_dice")
@@ -105,13 +108,15 @@ class PoolTeacherTrainer(keras.Model):
 
     @classmethod
     def fit_job(cls, job) -> dict:
-        """Plain `fit` where there is no unlabelled image, else the student/teacher fit over the pool."""
+        """Plain `fit` where there is no unlabelled image, else the student/teacher fit over the pool,
+        an epoch of the space's steps over the labelled set."""
         unlabelled = job.unlabelled_stream(seed=job.seed + 1)
         if unlabelled is None:
             return fit_plain(job)
         cfg = job.cfg
-        steps = max(1, math.ceil(len(job.y) / cfg.batch_size))
-        trainer = cls(job.model, cls.Settings.from_config(cfg), cfg.ds_weights, cfg.seed, steps * max(job.epochs, 1))
+        steps = job.space.steps_per_epoch(len(job.y))
+        trainer = cls(job.model, cls.Settings.from_config(cfg), cfg.ds_weights, cfg.seed, steps * max(job.epochs, 1),
+                      from_scratch=job.from_scratch)
         trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
         labelled = job.space.train_stream(job.x, job.y, job.normalizer, job.seed, repeat=True)
         ds = tf.data.Dataset.zip((labelled, unlabelled)).take(steps).prefetch(tf.data.AUTOTUNE)
@@ -147,7 +152,8 @@ class PoolTeacherTrainer(keras.Model):
             total, dice = self.objective(data)
             scaled = self.optimizer.scale_loss(total)
         grads = tape.gradient(scaled, tf_variables(theta), unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        decay = mean_teacher_decay(self.optimizer.iterations, self.settings.ema_decay)  # 0 at the first step
+        # read before this update: 0 at the first step from scratch, EMA_DECAY throughout for a trained model
+        decay = mean_teacher_decay(self.optimizer.iterations, self.settings.ema_decay, self.from_scratch)
         self.optimizer.apply_gradients(zip(grads, theta))
         ema_update(self.segmenter, self.student, decay)
         self.loss_tracker.update_state(total)
