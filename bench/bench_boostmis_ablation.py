@@ -1,29 +1,27 @@
 """Issue 27.2: BoostMIS's pseudo-label collapse on the generated features, one change at a time.
 
 Run through `python bench/bench_boostmis.py --ablation` (the features and the options are that
-script's). Each run is `dsal classify`'s loop (`classify.classify_loop`: one head through the rounds,
-a fresh optimizer and `Booster` each round, `steps` updates of batch 64, the EMA head evaluated on the
-test split) with random queries, the settings of `trainers.booster.Booster.Settings`, and the
-unlabelled targets handed to the Booster for its per-class tally (never learned). No resume inside a
-run: a run is seconds; finished runs are skipped by their result.json.
+script's). Each run is `dsal classify`'s loop itself (`classify.classify_loop`: one head through the
+rounds, a fresh optimizer and `Booster` each round, `steps` updates of batch 64, the EMA head evaluated on
+the test split) with random queries and the settings of `trainers.booster.Booster.Settings`; its `on_round`
+hands over each round's test predictions and the Booster's per-class tally of its pseudo labels. No resume
+inside a run: a run is seconds; it starts afresh in <row>-s<seed>/run, and finished runs are skipped by
+their result.json.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import keras
 import numpy as np
-import tensorflow as tf
 
-from dsal_tf.classify import NoPseudoLabels, build_head, load_feature_splits, macro_f1
+from dsal_tf.classify import ClassifySettings, booster_options, classify_loop, load_feature_splits
 from dsal_tf.compare import bootstrap_ci
-from dsal_tf.strategies.boostmis import LearningStatus
-from dsal_tf.trainers.booster import Booster, balanced_initial
-from dsal_tf.trainers.boostmis import make_optimizer
+from dsal_tf.trainers.booster import Booster
 
 WARMUP = "one round"  # (g): the first round's updates without pseudo labels (resolved to --steps)
 ABLATION = {  # key: (label, Booster.Settings changes); every row has pseudo labels
@@ -55,46 +53,27 @@ def settings_of(changes: dict, steps: int) -> Booster.Settings:
     return s
 
 
-def ablation_run(data: dict, s: Booster.Settings, pseudo: bool, seed: int, labeled: int, queries: int,
-                 iterations: int, steps: int, batch: int = 64) -> dict:
-    """One closed loop (random queries); per round accuracy, macro F1 and the pseudo-label tally per
-    class, and the final round's per-test-item correctness (for paired intervals)."""
-    (x, y), (xt, yt) = data["train"], data["test"]
-    n_classes = int(max(y.max(), data["val"][1].max(), yt.max())) + 1
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    x, xt = (x - mean) / std, (xt - mean) / std
-    rng0 = np.random.default_rng([seed, 0])
-    labelled = (balanced_initial(y, labeled, rng0) if s.boostmis_initial == "balanced"
-                else np.sort(rng0.choice(len(x), labeled, replace=False)))  # classify_loop's draw
-    keras.utils.set_random_seed(seed * 1000)
-    head = build_head(x.shape[1], n_classes)
-    ema_head = keras.Model.from_config(head.get_config())
-    ema_head.set_weights(head.get_weights())
-    ema_head.trainable = False
-    rounds, previous = [], None
-    for r in range(iterations + 1):
-        n_added = len(labelled) - len(previous) if previous is not None else 0
-        unl = np.setdiff1d(np.arange(len(x)), labelled)
-        keras.utils.set_random_seed(seed * 1000 + r)
-        rule = (LearningStatus(n_classes, s.boostmis_tau, n_added, max(queries, 1), rule=s.boostmis_threshold,
-                               cutoff=s.boostmis_cutoff) if pseudo else NoPseudoLabels(n_classes, n_added, queries))
-        optimizer, wd = make_optimizer(s.boostmis_optimizer)
-        p_target = np.bincount(y[labelled], minlength=n_classes) / len(labelled) if s.boostmis_align else None
-        booster = Booster(head, ema_head, rule, s.ema_decay, seed * 1000 + r, step0=r * steps,
-                          labeller=s.boostmis_labeller, warmup=s.boostmis_warmup, weight_decay=wd, p_target=p_target)
-        booster.compile(optimizer=optimizer)
-        lab = tf.data.Dataset.from_tensor_slices((x[labelled], y[labelled])).repeat().shuffle(4096, seed=seed)
-        ulb = tf.data.Dataset.from_tensor_slices((x[unl], y[unl])).repeat().shuffle(4096, seed=seed + 1)
-        ds = tf.data.Dataset.zip((ulb.batch(batch), lab.batch(batch))).take(steps)
-        booster.fit(ds, epochs=1, verbose=0, shuffle=False)
-        pred = ema_head(xt, training=False)["prob"].numpy().argmax(1)
-        kept, right = booster.pl_kept.numpy(), booster.pl_correct.numpy()
-        rounds.append(dict(round=r, n_labelled=len(labelled), accuracy=float(np.mean(pred == yt)),
-                           macro_f1=macro_f1(yt, pred, n_classes), pl_kept=kept.tolist(), pl_correct=right.tolist(),
-                           first_labels=np.bincount(y[labelled], minlength=n_classes).tolist()))
-        picks = np.random.default_rng([seed, r + 1]).permutation(len(unl))[:queries]  # classify's `random`
-        previous, labelled = labelled, np.sort(np.r_[labelled, unl[picks]])
-    return dict(rounds=rounds, correct=(pred == yt).astype(np.int8).tolist())
+def ablation_run(features: Path, run_dir: Path, s: Booster.Settings, pseudo: bool, seed: int, labeled: int,
+                 queries: int, iterations: int, steps: int) -> dict:
+    """One `dsal classify` loop (random queries; `adaptive` pseudo labels, or `none`) in `run_dir`, afresh;
+    per round accuracy, macro F1 and the pseudo-label tally per class, and the final round's per-test-item
+    correctness (for paired intervals)."""
+    data = load_feature_splits(features)
+    y, yt = data["train"][1], data["test"][1]
+    settings = ClassifySettings(labeled, queries, iterations, "random", "adaptive" if pseudo else "none", seed, steps,
+                                **booster_options(s))
+    rounds, preds = [], []
+
+    def keep(r: dict) -> None:
+        n_classes = len(r["pl_kept"])
+        rounds.append(dict(round=r["round"], n_labelled=r["n_labelled"], accuracy=r["accuracy"],
+                           macro_f1=r["macro_f1"], pl_kept=r["pl_kept"].tolist(), pl_correct=r["pl_correct"].tolist(),
+                           first_labels=np.bincount(y[r["labelled"]], minlength=n_classes).tolist()))
+        preds.append(r["test_pred"])
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    classify_loop(features, run_dir, settings, log=lambda m: None, on_round=keep)
+    return dict(rounds=rounds, correct=(preds[-1] == yt).astype(np.int8).tolist())
 
 
 def configs(rows: list[str]) -> dict[str, tuple[bool, dict]]:
@@ -109,7 +88,6 @@ def configs(rows: list[str]) -> dict[str, tuple[bool, dict]]:
 
 
 def run_ablation(features: Path, args, out: str) -> None:
-    data = load_feature_splits(features)
     rows = [r for r in args.rows.split(",") if r] or list(ABLATION)
     unknown = sorted(set(rows) - set(ABLATION))
     if unknown:
@@ -127,7 +105,7 @@ def run_ablation(features: Path, args, out: str) -> None:
                 results[key, seed] = json.loads(f.read_text())
                 continue
             t = time.perf_counter()
-            res = dict(record=record, **ablation_run(data, s, pseudo, seed, **shape))
+            res = dict(record=record, **ablation_run(features, f.parent / "run", s, pseudo, seed, **shape))
             res["minutes"] = (time.perf_counter() - t) / 60
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(json.dumps(res))

@@ -11,16 +11,21 @@ rule); `fixed`, FixMatch's BOOSTMIS_TAU (0.95); `none`, no pseudo labels. An EMA
 also kept across rounds) is evaluated on the test split; the online head, the pseudo labeller,
 queries the next K labels (`QUERIES`, `--strategy`): `boostmis` (VAT and class-balanced
 density-aware entropy, among samples the pseudo labeller does not take), `entropy` or `random`.
-Defaults not given are the `Config` defaults. exp/NAME/results.csv: round, n_labelled, n_pseudo
-(unlabelled samples the final cutoffs keep), accuracy, macro_f1; learning_curve.png; round_XX.npz
-(the labelled indices of round XX and the two heads' weights it starts from) makes the loop resumable.
+The settings where the authors' code differs (`Booster.Settings`: BOOSTMIS_CUTOFF, _INITIAL, _ALIGN,
+_OPTIMIZER, _LABELLER, _WARMUP, EMA_DECAY, BOOSTMIS_TAU) are `ClassifySettings` fields by their lower-case
+names (BOOSTMIS_THRESHOLD is `threshold`); their defaults are today's (the Adam 1e-3 and random first labels
+above). Defaults not given are the `Config` defaults. exp/NAME/results.csv: round, n_labelled, n_pseudo
+(unlabelled samples the final cutoffs keep), accuracy, macro_f1; learning_curve.png; round_XX.npz (the
+labelled indices of round XX and the two heads' weights it starts from) makes the loop resumable.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -32,6 +37,7 @@ from .errors import DsalError
 from .files import atomic_write, atomic_write_text
 from .registry import registrar
 from .run import round_name
+from .settings import suggest
 from .strategies.boostmis import (
     THRESHOLDS,
     BoostMISQuery,
@@ -41,11 +47,13 @@ from .strategies.boostmis import (
     knn_density,
     vat_score,
 )
-from .trainers.booster import Booster
-from .trainers.boostmis import BoostMISTrainer
+from .trainers.booster import INITIAL_SETS, Booster
+from .trainers.boostmis import make_optimizer
 
-# the BoostMIS settings of a segmentation run (tau, threshold rule, VAT xi / eps, k, EMA decay) and its seed
-QUERY, TRAINING, SEED = BoostMISQuery.Settings(), BoostMISTrainer.Settings(), Config().seed
+# the BoostMIS settings of a segmentation run (VAT xi / eps, k), the Booster's (tau, threshold rule, cutoff,
+# EMA decay, the authors' choices) and the seed
+BoosterSettings = Booster.Settings  # bound once: a test may stand a spy in for `Booster`
+QUERY, TRAINING, SEED = BoostMISQuery.Settings(), BoosterSettings(), Config().seed
 FIELDS = ["round", "n_labelled", "n_pseudo", "accuracy", "macro_f1"]
 
 
@@ -57,12 +65,13 @@ register_pseudo_rule = registrar(PSEUDO_RULES)  # @register_pseudo_rule("name"):
 class PseudoRule:
     """Which of the online head's hard labels the `Booster` learns: a cutoff per class, made once a
     round. `n_active` is N_A, the labels the last round added; `queries` K; `threshold` a
-    `strategies.boostmis.THRESHOLDS` name; `tau` the fixed confidence cutoff (BOOSTMIS_TAU)."""
+    `strategies.boostmis.THRESHOLDS` name; `tau` the fixed confidence cutoff (BOOSTMIS_TAU); `cutoff`
+    eps_t's rule (BOOSTMIS_CUTOFF, `strategies.boostmis.CUTOFFS`)."""
 
     def __init__(self, n_classes: int, n_active: int, queries: int, threshold: str = TRAINING.boostmis_threshold,
-                 tau: float = TRAINING.boostmis_tau) -> None:
+                 tau: float = TRAINING.boostmis_tau, cutoff: str = TRAINING.boostmis_cutoff) -> None:
         self.n_classes, self.n_active, self.queries = n_classes, n_active, queries
-        self.threshold, self.tau = threshold, float(tau)
+        self.threshold, self.tau, self.cutoff = threshold, float(tau), cutoff
 
     def cutoffs(self, confidence, pred_class, update: bool = True):
         """The cutoff per class [C] for this batch's confidences [N] and classes [N] (`update`: count them)."""
@@ -75,7 +84,8 @@ class AdaptiveCutoff(PseudoRule):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.status = LearningStatus(self.n_classes, self.tau, self.n_active, self.queries, rule=self.threshold)
+        self.status = LearningStatus(self.n_classes, self.tau, self.n_active, self.queries, rule=self.threshold,
+                                     cutoff=self.cutoff)
 
     def cutoffs(self, confidence, pred_class, update: bool = True):
         return self.status.thresholds(confidence, pred_class, update)
@@ -243,7 +253,8 @@ class ClassifySettings:
     `queries`: labels per round (K); `iterations`: query rounds; `strategy`: a `QUERIES` name; `pseudo`: a
     `PSEUDO_RULES` name; `steps`, `batch_size`: head updates per round and their batch; `xi`, `eps`, `knn`: the
     query's VAT and density; `threshold`: the adaptive cutoff rule, `strategies.boostmis.THRESHOLDS`
-    (BOOSTMIS_THRESHOLD). The positional order is `run_classify`'s."""
+    (BOOSTMIS_THRESHOLD); the rest: `Booster.Settings` by name (`booster`; `booster_options` makes them from
+    one). The positional order is `run_classify`'s."""
 
     labeled: int
     queries: int
@@ -257,6 +268,14 @@ class ClassifySettings:
     eps: float = QUERY.boostmis_eps
     knn: int = QUERY.boostmis_knn
     threshold: str = TRAINING.boostmis_threshold
+    boostmis_tau: float = TRAINING.boostmis_tau
+    boostmis_cutoff: str = TRAINING.boostmis_cutoff
+    boostmis_labeller: str = TRAINING.boostmis_labeller
+    boostmis_warmup: int = TRAINING.boostmis_warmup
+    boostmis_optimizer: str = TRAINING.boostmis_optimizer
+    boostmis_initial: str = TRAINING.boostmis_initial
+    boostmis_align: bool = TRAINING.boostmis_align
+    ema_decay: float = TRAINING.ema_decay
 
     def __post_init__(self) -> None:
         if self.strategy not in QUERIES or self.pseudo not in PSEUDO_RULES or self.threshold not in THRESHOLDS:
@@ -264,11 +283,51 @@ class ClassifySettings:
                             f"rule one of {sorted(THRESHOLDS)}")
         if self.labeled < 1 or self.queries < 0 or self.iterations < 0 or self.steps < 1:
             raise DsalError("--labeled >= 1, --queries >= 0, --iterations >= 0 and --steps >= 1")
+        checked = BoosterSettings.from_values(booster_values(self), "dsal classify")  # one line naming it
+        for name, value in booster_options(checked).items():
+            object.__setattr__(self, name, value)  # coerced: settings.json records what the loop ran
+
+    @property
+    def booster(self) -> BoosterSettings:
+        return BoosterSettings(**booster_values(self))
 
     def record(self, features: str | Path) -> dict:
         """What settings.json holds: a resumed run must match it (`iterations` may grow)."""
         return {"features": str(Path(features).resolve()),
                 **{k: v for k, v in asdict(self).items() if k != "iterations"}}
+
+    @classmethod
+    def recorded(cls, saved: dict) -> dict:
+        """An earlier settings.json as `record` gives it today: a setting it lacks (added since) had its default."""
+        return {**{f.name: f.default for f in fields(cls) if f.default is not MISSING and f.name != "iterations"},
+                **saved}
+
+
+# Booster.Settings fields by their ClassifySettings names (META_SIZE has no meaning here)
+BOOSTER_NAMES = {n: "threshold" if n == "boostmis_threshold" else n
+                 for n in BoosterSettings.names() if n != "meta_size"}
+
+
+def booster_values(s: ClassifySettings) -> dict:
+    """The `Booster.Settings` fields of `s`, by their constant names."""
+    return {n: getattr(s, field) for n, field in BOOSTER_NAMES.items()}
+
+
+def booster_options(settings: BoosterSettings) -> dict:
+    """`ClassifySettings` keywords for a `Booster.Settings`: `ClassifySettings(..., **booster_options(s))`."""
+    return {field: getattr(settings, n) for n, field in BOOSTER_NAMES.items()}
+
+
+def classify_options(values: Mapping[str, Any], source: str = "--set") -> dict:
+    """`ClassifySettings` keywords from `{CONSTANT: value}` (`--set BOOSTMIS_CUTOFF=constant`), coerced and
+    checked; one line for a name `dsal classify` does not take."""
+    values = {k.lower(): v for k, v in values.items()}
+    for name in values:
+        if name not in BOOSTER_NAMES:
+            options = sorted(n.upper() for n in BOOSTER_NAMES)
+            raise DsalError(f"{source} {name.upper()}: dsal classify takes {', '.join(options)}"
+                            + suggest(name.upper(), options))
+    return booster_options(BoosterSettings.from_values(values, source))
 
 
 def run_classify(features: str | Path, run_dir: str | Path, *args, settings: ClassifySettings | None = None,
@@ -284,8 +343,12 @@ def run_classify(features: str | Path, run_dir: str | Path, *args, settings: Cla
     return classify_loop(features, run_dir, settings, log)
 
 
-def classify_loop(features: str | Path, run_dir: str | Path, settings: ClassifySettings, log=print) -> Path:
-    """`run_classify` with its options in `settings`."""
+def classify_loop(features: str | Path, run_dir: str | Path, settings: ClassifySettings, log=print,
+                  on_round: Callable[[dict], None] | None = None) -> Path:
+    """`run_classify` with its options in `settings`. `on_round`, for benchmarks, gets each round run here
+    (not the resumed ones) as its results.csv row with accuracy and macro F1 unrounded, plus `labelled`
+    (indices), `test_pred` [N_test] (the EMA head's classes) and the Booster's per-class tally of the pseudo
+    labels it learned, `pl_kept` and `pl_correct` [C] (the training targets are known: a simulated oracle)."""
     import pandas as pd
 
     s = settings
@@ -300,14 +363,14 @@ def classify_loop(features: str | Path, run_dir: str | Path, settings: ClassifyS
     run.mkdir(parents=True, exist_ok=True)
     recorded = s.record(features)
     sfile = run / "settings.json"
-    if sfile.is_file() and json.loads(sfile.read_text()) != recorded:
+    if sfile.is_file() and s.recorded(json.loads(sfile.read_text())) != recorded:
         raise DsalError(f"{run} was started with other settings ({sfile}); use another --exp or delete it")
     atomic_write_text(sfile, json.dumps(recorded, indent=2))
     csv = run / "results.csv"
     rows = pd.read_csv(csv).to_dict("records") if csv.is_file() else []
     first = run / f"{round_name(0)}.npz"
     if not first.is_file():
-        start = np.sort(np.random.default_rng([s.seed, 0]).choice(len(x), s.labeled, replace=False))
+        start = INITIAL_SETS[s.boostmis_initial](y, s.labeled, np.random.default_rng([s.seed, 0]))
         atomic_write(first, lambda tmp: np.savez(tmp, labelled=start))
     query = QUERIES[s.strategy](s.xi, s.eps, s.knn, s.seed)
     keras.utils.set_random_seed(s.seed * 1000)
@@ -320,12 +383,18 @@ def classify_loop(features: str | Path, run_dir: str | Path, settings: ClassifyS
         n_added = len(labelled) - len(load_round(run / f"{round_name(r - 1)}.npz")) if r else 0  # N_A
         unl = np.setdiff1d(np.arange(len(x)), labelled)
         keras.utils.set_random_seed(s.seed * 1000 + r)
-        rule = PSEUDO_RULES[s.pseudo](n_classes, n_added, max(s.queries, 1), s.threshold)
-        booster = Booster(head, ema_head, rule, TRAINING.ema_decay, s.seed * 1000 + r, step0=r * s.steps)
-        booster.compile(optimizer=keras.optimizers.Adam(1e-3))
-        x_u = x[unl] if len(unl) else x[labelled]
+        rule = PSEUDO_RULES[s.pseudo](n_classes, n_added, max(s.queries, 1), s.threshold, s.boostmis_tau,
+                                      s.boostmis_cutoff)
+        optimizer, weight_decay = make_optimizer(s.boostmis_optimizer)
+        p_target = np.bincount(y[labelled], minlength=n_classes) / len(labelled) if s.boostmis_align else None
+        booster = Booster(head, ema_head, rule, s.ema_decay, s.seed * 1000 + r, step0=r * s.steps,
+                          labeller=s.boostmis_labeller, warmup=s.boostmis_warmup, weight_decay=weight_decay,
+                          p_target=p_target)
+        booster.compile(optimizer=optimizer)
+        u = unl if len(unl) else labelled
         lab = tf.data.Dataset.from_tensor_slices((x[labelled], y[labelled])).repeat().shuffle(4096, seed=s.seed)
-        ulb = tf.data.Dataset.from_tensor_slices((x_u,)).repeat().shuffle(4096, seed=s.seed + 1)
+        # the unlabelled targets ride along only for the Booster's tally (never learned)
+        ulb = tf.data.Dataset.from_tensor_slices((x[u], y[u])).repeat().shuffle(4096, seed=s.seed + 1)
         ds = tf.data.Dataset.zip((ulb.batch(s.batch_size), lab.batch(s.batch_size))).take(s.steps)
         booster.fit(ds, epochs=1, verbose=0, shuffle=False)  # the datasets shuffle
         pred = ema_head(xt, training=False)["prob"].numpy().argmax(1)
@@ -334,13 +403,16 @@ def classify_loop(features: str | Path, run_dir: str | Path, settings: ClassifyS
         rng = np.random.default_rng([s.seed, r + 1])
         picks = query(head, x[unl], taken, s.queries, rng) if len(unl) else unl
         save_round(run / f"{round_name(r + 1)}.npz", np.sort(np.r_[labelled, unl[picks]]), head, ema_head)
+        accuracy, f1 = float(np.mean(pred == yt)), macro_f1(yt, pred, n_classes)
         rows.append(dict(round=r, n_labelled=len(labelled), n_pseudo=int(taken.sum()),
-                         accuracy=round(float(np.mean(pred == yt)), 5),
-                         macro_f1=round(macro_f1(yt, pred, n_classes), 5)))
+                         accuracy=round(accuracy, 5), macro_f1=round(f1, 5)))
         table = pd.DataFrame(rows, columns=FIELDS)
         atomic_write(csv, lambda tmp, table=table: table.to_csv(tmp, index=False))
         log(f"round {r}: {len(labelled)} labelled, {int(taken.sum())} pseudo, accuracy {rows[-1]['accuracy']:.4f}, "
             f"macro F1 {rows[-1]['macro_f1']:.4f}")
+        if on_round is not None:
+            on_round(dict(rows[-1], accuracy=accuracy, macro_f1=f1, labelled=labelled, test_pred=pred,
+                          pl_kept=booster.pl_kept.numpy(), pl_correct=booster.pl_correct.numpy()))
     _plot(rows, run / "learning_curve.png", f"{s.strategy} / pseudo {s.pseudo}")
     return run
 

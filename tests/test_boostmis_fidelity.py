@@ -187,3 +187,106 @@ def test_defaults_are_todays_and_the_booster_shares_the_segmentation_trainers():
     opt = BoostMISTrainer.optimizer_for(cfg)
     assert type(opt).__name__ == "SGD" and float(opt.learning_rate) == pytest.approx(0.03)
     assert type(BoostMISTrainer.optimizer_for(Config())).__name__ == "Adam"
+
+
+# ------------------------------------------------------------------ dsal classify reads Booster.Settings
+def test_classify_settings_carry_every_booster_setting_with_todays_defaults():
+    from dsal_tf.classify import ClassifySettings, booster_options
+
+    s = ClassifySettings(6, 5, 1)
+    assert s.booster == Booster.Settings()  # META_SIZE aside, every field, today's values
+    authors = Booster.Settings(boostmis_cutoff="constant", boostmis_initial="balanced", boostmis_optimizer="sgd",
+                               ema_decay=0.999, boostmis_threshold="per_class")
+    t = ClassifySettings(6, 5, 1, **booster_options(authors))
+    assert t.booster == authors and t.threshold == "per_class"
+    assert t.record("f")["boostmis_cutoff"] == "constant"
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"boostmis_cutoff": "fixed"}, "BOOSTMIS_CUTOFF = 'fixed' is not one of"),
+    ({"boostmis_initial": "stratified"}, "BOOSTMIS_INITIAL"),
+    ({"boostmis_warmup": "one round"}, "BOOSTMIS_WARMUP in dsal classify"),
+    ({"ema_decay": 1.5}, "EMA_DECAY must be in"),
+])
+def test_classify_bad_booster_setting_is_one_line(values, match):
+    from dsal_tf.classify import ClassifySettings
+
+    with pytest.raises(DsalError, match=match) as err:
+        ClassifySettings(6, 5, 1, **values)
+    assert "\n" not in str(err.value)
+
+
+def test_classify_options_from_constants():
+    from dsal_tf.classify import classify_options
+
+    got = classify_options({"BOOSTMIS_CUTOFF": "constant", "EMA_DECAY": "0.999", "BOOSTMIS_ALIGN": "on",
+                            "BOOSTMIS_THRESHOLD": "per_class"})
+    assert (got["boostmis_cutoff"], got["ema_decay"], got["boostmis_align"], got["threshold"]) == (
+        "constant", 0.999, True, "per_class")
+    assert got["boostmis_optimizer"] == "adam"  # the rest: defaults
+    with pytest.raises(DsalError, match="--set BOOSTMIS_CUTOF: dsal classify takes .*BOOSTMIS_CUTOFF"):
+        classify_options({"BOOSTMIS_CUTOF": "constant"})
+    with pytest.raises(DsalError, match="META_SIZE"):  # a segmentation setting, not the head's
+        classify_options({"META_SIZE": 3})
+
+
+def test_classify_loop_hands_the_settings_to_the_booster(tmp_path, monkeypatch):
+    """The authors' configuration reaches the loop: balanced first labels, the constant cutoff, SGD with
+    coupled decay, EMA 0.999, the EMA labeller, the warm-up, distribution alignment towards the labels."""
+    import dsal_tf.classify as dc
+
+    from .test_boostmis import write_feature_splits
+
+    seen = []
+    real = dc.Booster
+
+    def spy(head, ema_head, rule, ema, seed, **kwargs):
+        booster = real(head, ema_head, rule, ema, seed, **kwargs)
+        seen.append((rule, ema, kwargs, booster))
+        return booster
+
+    monkeypatch.setattr(dc, "Booster", spy)
+    feats = write_feature_splits(tmp_path / "f", dim=8, n=(61, 20, 40))  # classes 21/20/20
+    records = []
+    s = dc.ClassifySettings(6, 5, 1, "random", "adaptive", steps=3, batch_size=8, boostmis_cutoff="constant",
+                            boostmis_initial="balanced", boostmis_optimizer="sgd", ema_decay=0.999,
+                            boostmis_labeller="ema", boostmis_warmup=3, boostmis_align=True)
+    run = dc.classify_loop(feats, tmp_path / "c", s, log=lambda m: None, on_round=records.append)
+    y = np.load(feats / "train-targets.npy")
+    np.testing.assert_array_equal(np.bincount(y[np.load(run / "round_00.npz")["labelled"]]), [2, 2, 2])
+    rule, ema, kwargs, booster = seen[0]
+    assert (rule.status.constant, ema, kwargs["labeller"], kwargs["warmup"], kwargs["weight_decay"]) == (
+        True, 0.999, "ema", 3, 5e-4)
+    np.testing.assert_allclose(kwargs["p_target"], [1 / 3] * 3)
+    assert type(booster.optimizer).__name__ == "SGD"
+    # round 0 is all warm-up (3 updates); round 1 learns pseudo labels, and on_round reports what results.csv has
+    assert [float(np.sum(r["pl_kept"])) for r in records][0] == 0.0
+    table = __import__("pandas").read_csv(run / "results.csv")
+    assert list(table["n_labelled"]) == [r["n_labelled"] for r in records] == [6, 11]
+    np.testing.assert_allclose(table["accuracy"], [r["accuracy"] for r in records], atol=5e-6)
+    yt = np.load(feats / "test-targets.npy")
+    assert records[-1]["accuracy"] == np.mean(records[-1]["test_pred"] == yt)
+    assert np.all(records[-1]["pl_correct"] <= records[-1]["pl_kept"])
+
+
+def test_classify_resumes_a_run_recorded_before_the_booster_settings(tmp_path):
+    """A settings.json without the Booster.Settings fields ran with their defaults: it resumes; a run
+    asked with another setting does not."""
+    import json
+
+    from dsal_tf.classify import ClassifySettings, classify_loop
+
+    from .test_boostmis import write_feature_splits
+
+    feats = write_feature_splits(tmp_path / "f", dim=8)
+    quiet = dict(log=lambda m: None)
+    run = classify_loop(feats, tmp_path / "c", ClassifySettings(6, 5, 0, "random", "none", steps=2, batch_size=8),
+                        **quiet)
+    saved = json.loads((run / "settings.json").read_text())
+    old = {k: v for k, v in saved.items() if not k.startswith(("boostmis_", "ema_"))}
+    (run / "settings.json").write_text(json.dumps(old))
+    classify_loop(feats, run, ClassifySettings(6, 5, 1, "random", "none", steps=2, batch_size=8), **quiet)
+    assert json.loads((run / "settings.json").read_text()) == saved
+    with pytest.raises(DsalError, match="started with other settings"):
+        classify_loop(feats, run, ClassifySettings(6, 5, 2, "random", "none", steps=2, batch_size=8,
+                                                   boostmis_optimizer="sgd"), **quiet)

@@ -33,8 +33,12 @@ from .boostmis import LABELLERS, BoostMISTrainer, choice, l2_gradients
 WEAK_NOISE = 0.05  # weak view: x + 0.05 N(0, 1)
 DROP = 0.3  # strong view: each feature zeroed with probability 0.3 (the rest scaled by 1 / 0.7) ...
 STRONG_NOISE = 0.3  # ... plus 0.3 N(0, 1)
-INITIAL_SETS = ("random", "balanced")  # BOOSTMIS_INITIAL: the first expert labels
 ALIGN_MOMENTUM = 0.999  # distribution alignment: p_model's running mean (ReMixMatch / TorchSSL)
+
+
+def random_initial(targets: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` sorted indices drawn without replacement, whatever their classes (ours)."""
+    return np.sort(rng.choice(len(targets), n, replace=False))
 
 
 def balanced_initial(targets: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -53,6 +57,9 @@ def balanced_initial(targets: np.ndarray, n: int, rng: np.random.Generator) -> n
         for i, c in enumerate(order):
             quota[c] = min(len(pools[c]), quota[c] + share + (i < extra))
     return np.sort(np.concatenate([pools[c][:quota[c]] for c in classes]).astype(np.int64))
+
+
+INITIAL_SETS = {"random": random_initial, "balanced": balanced_initial}  # BOOSTMIS_INITIAL: the first expert labels
 
 
 def pseudo_label_tally(cls, keep, targets, n_classes: int) -> tuple[tf.Tensor, tf.Tensor]:
