@@ -385,10 +385,9 @@ def classify_loop(features: str | Path, run_dir: str | Path, settings: ClassifyS
         keras.utils.set_random_seed(s.seed * 1000 + r)
         rule = PSEUDO_RULES[s.pseudo](n_classes, n_added, max(s.queries, 1), s.threshold, s.boostmis_tau,
                                       s.boostmis_cutoff)
-        optimizer, weight_decay = make_optimizer(s.boostmis_optimizer)
+        optimizer = make_optimizer(s.boostmis_optimizer)[0]
         p_target = np.bincount(y[labelled], minlength=n_classes) / len(labelled) if s.boostmis_align else None
-        booster = Booster(head, ema_head, rule, s.ema_decay, s.seed * 1000 + r, step0=r * s.steps,
-                          labeller=s.boostmis_labeller, warmup=s.boostmis_warmup, weight_decay=weight_decay,
+        booster = Booster(head, ema_head, rule, s.seed * 1000 + r, step0=r * s.steps, settings=s.booster,
                           p_target=p_target)
         booster.compile(optimizer=optimizer)
         u = unl if len(unl) else labelled

@@ -409,7 +409,7 @@ def test_booster_pseudo_labels_from_the_online_head():
     keras.utils.set_random_seed(0)
     head, ema_head = build_head(4, 3, hidden=8), build_head(4, 3, hidden=8)
     x = tf.random.stateless_normal((64, 4), seed=(2, 3))
-    booster = Booster(head, ema_head, PSEUDO_RULES["fixed"](3, n_active=0, queries=5), ema=0.99, seed=0)
+    booster = Booster(head, ema_head, PSEUDO_RULES["fixed"](3, n_active=0, queries=5), seed=0)  # EMA 0.99
     cls, keep = booster.pseudo_labels(x)
     p = head(x)["prob"].numpy()
     assert not np.array_equal(p.argmax(1), ema_head(x)["prob"].numpy().argmax(1))

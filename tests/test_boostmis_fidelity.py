@@ -138,7 +138,8 @@ def small_booster(labeller="online", warmup=0, step0=0, n=32):
     keras.utils.set_random_seed(0)
     head, ema_head = build_head(4, 3, hidden=8), build_head(4, 3, hidden=8)
     rule = PSEUDO_RULES["fixed"](3, n_active=0, queries=5, tau=0.0)  # every label kept
-    booster = Booster(head, ema_head, rule, ema=0.99, seed=0, step0=step0, labeller=labeller, warmup=warmup)
+    booster = Booster(head, ema_head, rule, seed=0, step0=step0,
+                      settings=Booster.Settings(boostmis_labeller=labeller, boostmis_warmup=warmup))
     booster.compile(optimizer=keras.optimizers.Adam(1e-3))
     x = tf.random.stateless_normal((n, 4), seed=(2, 3))
     y = tf.constant(np.arange(n) % 3)
@@ -183,7 +184,8 @@ def test_defaults_are_todays_and_the_booster_shares_the_segmentation_trainers():
     assert set(BoostMISTrainer.Settings.__dataclass_fields__) < set(Booster.Settings.__dataclass_fields__)
     cfg = Config(settings={"boostmis_optimizer": "sgd", "boostmis_cutoff": "constant", "boostmis_warmup": 7})
     kwargs = BoostMISTrainer.config_kwargs(cfg, 100)
-    assert (kwargs["cutoff"], kwargs["warmup"], kwargs["weight_decay"]) == ("constant", 7, 5e-4)
+    s = kwargs["settings"]
+    assert (s.boostmis_cutoff, s.boostmis_warmup, s.boostmis_optimizer) == ("constant", 7, "sgd")
     opt = BoostMISTrainer.optimizer_for(cfg)
     assert type(opt).__name__ == "SGD" and float(opt.learning_rate) == pytest.approx(0.03)
     assert type(BoostMISTrainer.optimizer_for(Config())).__name__ == "Adam"
@@ -240,9 +242,9 @@ def test_classify_loop_hands_the_settings_to_the_booster(tmp_path, monkeypatch):
     seen = []
     real = dc.Booster
 
-    def spy(head, ema_head, rule, ema, seed, **kwargs):
-        booster = real(head, ema_head, rule, ema, seed, **kwargs)
-        seen.append((rule, ema, kwargs, booster))
+    def spy(head, ema_head, rule, seed, **kwargs):
+        booster = real(head, ema_head, rule, seed, **kwargs)
+        seen.append((rule, kwargs, booster))
         return booster
 
     monkeypatch.setattr(dc, "Booster", spy)
@@ -254,9 +256,9 @@ def test_classify_loop_hands_the_settings_to_the_booster(tmp_path, monkeypatch):
     run = dc.classify_loop(feats, tmp_path / "c", s, log=lambda m: None, on_round=records.append)
     y = np.load(feats / "train-targets.npy")
     np.testing.assert_array_equal(np.bincount(y[np.load(run / "round_00.npz")["labelled"]]), [2, 2, 2])
-    rule, ema, kwargs, booster = seen[0]
-    assert (rule.status.constant, ema, kwargs["labeller"], kwargs["warmup"], kwargs["weight_decay"]) == (
-        True, 0.999, "ema", 3, 5e-4)
+    rule, kwargs, booster = seen[0]
+    assert (rule.status.constant, booster.ema, booster.use_ema_labels, booster.warmup, booster.weight_decay) == (
+        True, 0.999, True, 3, 5e-4)
     np.testing.assert_allclose(kwargs["p_target"], [1 / 3] * 3)
     assert type(booster.optimizer).__name__ == "SGD"
     # round 0 is all warm-up (3 updates); round 1 learns pseudo labels, and on_round reports what results.csv has

@@ -149,7 +149,7 @@ def test_the_first_update_of_a_pool_teacher(cls, from_scratch):
 @pytest.mark.parametrize("from_scratch", [True, False])
 def test_the_first_update_of_boostmis_ema_copy(from_scratch):
     ema = build_unet((16, 16, 1), base_filters=2, depth=3)
-    trainer = BoostMISTrainer(ema, ema=0.9, seed=0, from_scratch=from_scratch)
+    trainer = BoostMISTrainer(ema, BoostMISTrainer.Settings(ema_decay=0.9), seed=0, from_scratch=from_scratch)
     trainer.compile(optimizer=keras.optimizers.Adam(1e-2))
     before = ema.get_weights()[0].copy()
     x_l, y_l, x_u = _batches()

@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from ..strategies.boostmis import align_distribution, confident
 from .base import ema_update, mean_teacher_decay
-from .boostmis import LABELLERS, BoostMISTrainer, choice, l2_gradients
+from .boostmis import OPTIMIZERS, BoostMISTrainer, choice, l2_gradients
 
 WEAK_NOISE = 0.05  # weak view: x + 0.05 N(0, 1)
 DROP = 0.3  # strong view: each feature zeroed with probability 0.3 (the rest scaled by 1 / 0.7) ...
@@ -84,13 +84,17 @@ class Booster(keras.Model):
             super().check()
             choice("boostmis_initial", self.boostmis_initial, INITIAL_SETS)
 
-    def __init__(self, head: keras.Model, ema_head: keras.Model, rule, ema: float, seed: int, step0: int = 0,
-                 labeller: str = "online", warmup: int = 0, weight_decay: float = 0.0, p_target=None):
+    def __init__(self, head: keras.Model, ema_head: keras.Model, rule, seed: int, step0: int = 0,
+                 settings: Booster.Settings | None = None, p_target=None):
+        """`settings`: EMA_DECAY, BOOSTMIS_LABELLER, BOOSTMIS_WARMUP and BOOSTMIS_OPTIMIZER's weight decay (the
+        optimizer itself is `compile`'s); `step0`: updates before this round (the warm-up counts through them)."""
         super().__init__()
-        choice("boostmis_labeller", labeller, LABELLERS)
+        s = settings if settings is not None else Booster.Settings()
+        s.check()
         self.head, self.ema_head, self.rule = head, ema_head, rule
-        self.ema, self.step0, self.warmup, self.weight_decay = float(ema), int(step0), int(warmup), float(weight_decay)
-        self.use_ema_labels = labeller == "ema"
+        self.ema, self.step0, self.warmup = float(s.ema_decay), int(step0), int(s.boostmis_warmup)
+        self.weight_decay = float(OPTIMIZERS[s.boostmis_optimizer][2])
+        self.use_ema_labels = s.boostmis_labeller == "ema"
         self.gen = keras.random.SeedGenerator(seed)
         self.tracker = keras.metrics.Mean(name="loss")
         self.kept = keras.metrics.Mean(name="kept_fraction")

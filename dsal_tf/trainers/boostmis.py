@@ -114,25 +114,26 @@ class BoostMISTrainer(PairedTrainer):
             positive("boostmis_warmup", self.boostmis_warmup, strict=False)
             choice("boostmis_optimizer", self.boostmis_optimizer, OPTIMIZERS)
 
-    def __init__(self, segmenter: keras.Model, ema: float = 0.99, queries: int = 20, n_active: int | None = None,
-                 seed: int = 0, base_tau: float = 0.95, threshold: str = "global", cutoff: str = "adaptive",
-                 labeller: str = "online", warmup: int = 0, weight_decay: float = 0.0, **kwargs) -> None:
+    def __init__(self, segmenter: keras.Model, settings: Settings | None = None, queries: int = 20,
+                 n_active: int | None = None, seed: int = 0, **kwargs) -> None:
+        """`settings`: the EMA decay, the learning-status cutoff (BOOSTMIS_TAU, _THRESHOLD, _CUTOFF), the labeller,
+        the warm-up and the optimizer's weight decay; `queries`: K, `n_active`: N_A of the round."""
         super().__init__(segmenter, **kwargs)  # `segmenter` is the EMA copy
+        s = settings if settings is not None else self.Settings()
+        s.check()
         self.online = keras.Model.from_config(segmenter.get_config())  # the graph without its compile state
         self.online.set_weights(segmenter.get_weights())
-        self.ema, self.queries = float(ema), int(queries)
-        self.use_ema_labels = labeller == "ema"
-        self.warmup, self.weight_decay = int(warmup), float(weight_decay)
+        self.ema, self.queries = float(s.ema_decay), int(queries)
+        self.use_ema_labels = s.boostmis_labeller == "ema"
+        self.warmup, self.weight_decay = int(s.boostmis_warmup), float(OPTIMIZERS[s.boostmis_optimizer][2])
         self.n_active_labels = int(self.n_active if n_active is None else n_active)
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.status = LearningStatus(2, base_tau, self.n_active_labels, self.queries, rule=threshold, cutoff=cutoff)
+        self.status = LearningStatus(2, s.boostmis_tau, self.n_active_labels, self.queries,
+                                     rule=s.boostmis_threshold, cutoff=s.boostmis_cutoff)
 
     @classmethod
     def config_kwargs(cls, cfg, total_steps: int) -> dict:
-        s = cls.Settings.from_config(cfg)
-        return {"ema": s.ema_decay, "queries": cfg.nb_next_sample, "seed": cfg.seed, "base_tau": s.boostmis_tau,
-                "threshold": s.boostmis_threshold, "cutoff": s.boostmis_cutoff, "labeller": s.boostmis_labeller,
-                "warmup": s.boostmis_warmup, "weight_decay": make_optimizer(s.boostmis_optimizer)[1]}
+        return {"settings": cls.Settings.from_config(cfg), "queries": cfg.nb_next_sample, "seed": cfg.seed}
 
     @classmethod
     def optimizer_for(cls, cfg) -> keras.optimizers.Optimizer:
