@@ -415,13 +415,17 @@ def plan(data_path, budget_minutes, out, constants, set_pairs) -> None:
               help="adaptive (BoostMIS), fixed (FixMatch threshold 0.95) or none.")
 @click.option("--steps", type=int, default=200, show_default=True, help="MLP updates per round.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
+              help="A BoostMIS setting, e.g. --set BOOSTMIS_CUTOFF=constant (docs/methods.md#boostmis-deviations).")
 @user_errors
-def classify(features_dir, exp_name, exp_dir, labeled, queries, iterations, strategy, pseudo, steps, seed) -> None:
+def classify(features_dir, exp_name, exp_dir, labeled, queries, iterations, strategy, pseudo, steps, seed,
+             set_pairs) -> None:
     """BoostMIS closed loop (adaptive pseudo labels + active queries) with an MLP head on feature vectors."""
-    from .classify import run_classify
+    from .classify import classify_options, run_classify
 
+    booster = classify_options(parse_set_options(set_pairs))
     run = run_classify(features_dir, Path(exp_dir) / exp_name, labeled, queries, iterations, strategy, pseudo,
-                       seed, steps, log=_echo)
+                       seed, steps, log=_echo, **booster)
     _echo(f"wrote {run / 'results.csv'} and {run / 'learning_curve.png'}")
 
 

@@ -292,3 +292,26 @@ def test_classify_resumes_a_run_recorded_before_the_booster_settings(tmp_path):
     with pytest.raises(DsalError, match="started with other settings"):
         classify_loop(feats, run, ClassifySettings(6, 5, 2, "random", "none", steps=2, batch_size=8,
                                                    boostmis_optimizer="sgd"), **quiet)
+
+
+def test_dsal_classify_takes_the_booster_settings_on_the_command_line(tmp_path):
+    """`dsal classify --set BOOSTMIS_CUTOFF=constant` reaches the run's settings.json; a bad value or a name
+    the loop does not take is one line, exit 2, nothing written."""
+    import json
+
+    from click.testing import CliRunner
+
+    from dsal_tf.cli import cli
+
+    from .test_boostmis import write_feature_splits
+
+    feats = write_feature_splits(tmp_path / "f", dim=8, n=(30, 10, 10))
+    base = ["classify", "--features", str(feats), "--exp-dir", str(tmp_path / "exp"), "--labeled", "6",
+            "--queries", "3", "--iterations", "1", "--steps", "2"]
+    for bad, says in ((["--set", "BOOSTMIS_CUTOFF=fixed"], "BOOSTMIS_CUTOFF"), (["--set", "META_SIZE=4"], "META_SIZE")):
+        result = CliRunner().invoke(cli, [*base, "--exp", "bad", *bad])
+        assert result.exit_code == 2 and says in result.output and result.output.count("\n") == 1, result.output
+        assert not (tmp_path / "exp" / "bad").exists()
+    result = CliRunner().invoke(cli, [*base, "--exp", "good", "--set", "BOOSTMIS_CUTOFF=constant"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "exp" / "good" / "settings.json").read_text())["boostmis_cutoff"] == "constant"
