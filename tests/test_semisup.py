@@ -180,3 +180,42 @@ def test_a_bcp_round_restarted_gives_the_uninterrupted_result(bcp_run, tmp_path)
     a = keras.models.load_model(Run(bcp_run.run_dir).checkpoint(1), compile=False).get_weights()
     b = keras.models.load_model(Run(resumed.run_dir).checkpoint(1), compile=False).get_weights()
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", ["bcp", "mean_teacher"])
+def test_a_new_model_learns_the_labels_alone_first_then_the_teacher_follows_from_a_copy(name):
+    """SEMISUP_PRETRAIN = 0.5 of a 4-step fit from scratch: steps 0-1 train on the labelled batch only (the
+    unlabelled batch changes nothing) with the teacher a copy of the student; step 2 is the method's own
+    objective with the teacher at EMA_DECAY from that copy. A trained model (a later round) starts at once."""
+    import keras
+
+    from dsal_tf.model import build_unet
+    from dsal_tf.trainers import TRAINERS
+
+    cls = TRAINERS[name]
+    x_l = tf.random.stateless_normal((2, 16, 16, 1), (1, 2))
+    y_l = tf.cast(x_l > 0, tf.float32)
+
+    def trainer_after(x_u, steps, from_scratch=True):
+        keras.utils.set_random_seed(0)
+        teacher = build_unet((16, 16, 1), base_filters=2, depth=3)
+        t = cls(teacher, cls.Settings(ema_decay=0.9, semisup_pretrain=0.5), seed=0, total_steps=4,
+                from_scratch=from_scratch)
+        t.compile(optimizer=keras.optimizers.SGD(0.1))
+        for _ in range(steps):
+            t.train_step(((x_l, y_l), x_u))
+        return t
+
+    zeros, noise = tf.zeros((2, 16, 16, 1)), 50.0 * tf.random.stateless_normal((2, 16, 16, 1), (5, 6))
+    a, b = trainer_after(zeros, 2), trainer_after(noise, 2)
+    assert a.pretrain_steps == 2
+    for wa, wb, wt in zip(a.student.get_weights(), b.student.get_weights(), a.segmenter.get_weights()):
+        np.testing.assert_array_equal(wa, wb)  # the unlabelled batch did not reach the loss
+        np.testing.assert_array_equal(wt, wa)  # the teacher is the student's copy
+    t_before = a.segmenter.get_weights()[0].copy()
+    a.train_step(((x_l, y_l), zeros))  # step 2: the method, EMA 0.9 from the copy
+    np.testing.assert_allclose(a.segmenter.get_weights()[0], 0.9 * t_before + 0.1 * a.student.get_weights()[0],
+                               rtol=1e-5, atol=1e-7)
+    c, d = trainer_after(zeros, 1, from_scratch=False), trainer_after(noise, 1, from_scratch=False)
+    assert c.pretrain_steps == 0
+    assert not all(np.array_equal(wc, wd) for wc, wd in zip(c.student.get_weights(), d.student.get_weights()))

@@ -23,16 +23,28 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from .. import losses as losses_lib
 from ..settings import Settings, in_range
-from .base import DS_WEIGHTS, ema_update, fit_plain, main_mask, mean_teacher_decay, tf_variables
+from .base import (
+    DS_WEIGHTS,
+    ema_update,
+    fit_plain,
+    head_sum,
+    main_mask,
+    mean_teacher_decay,
+    pixel_weighted_loss,
+    tf_variables,
+)
 
 
 @dataclass(frozen=True)
 class TeacherSettings(Settings):
     ema_decay: float = 0.99  # EMA teacher
+    semisup_pretrain: float = 0.5  # share of a from-scratch fit trained on the labels alone (teacher = a copy)
 
     def check(self):
         in_range("ema_decay", self.ema_decay, 0.0, 1.0)
+        in_range("semisup_pretrain", self.semisup_pretrain, 0.0, 1.0)
 
 
 def box_mask(like, share: float, seed) -> tf.Tensor:
@@ -82,6 +94,11 @@ def largest_component(masks: np.ndarray) -> np.ndarray:
     return out
 
 
+def scalars(pair) -> tuple[tf.Tensor, tf.Tensor]:
+    """(loss, dice) as float32 scalars: both branches of the pre-training switch give the same structure."""
+    return tuple(tf.reshape(tf.cast(tf.reduce_mean(v), tf.float32), []) for v in pair)
+
+
 class PoolTeacherTrainer(keras.Model):
     """Wraps the round's U-Net as the EMA teacher (`segmenter`) and trains a student copy on
     `((x_l, y_l), x_u)` batches. Subclasses give `objective(data)` -> (loss, main_dice of the student
@@ -100,7 +117,9 @@ class PoolTeacherTrainer(keras.Model):
         self.student.set_weights(segmenter.get_weights())
         self.settings, self.ds_weights = settings, tuple(float(w) for w in ds_weights)
         self.total_steps = max(int(total_steps), 1)
-        self.from_scratch = bool(from_scratch)  # the EMA warm-up runs only for a new model
+        self.from_scratch = bool(from_scratch)
+        # a new model first learns the labels alone, its teacher a copy of it (BCP's pre-training; METHODS §8)
+        self.pretrain_steps = int(round(settings.semisup_pretrain * self.total_steps)) if from_scratch else 0
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.dice_tracker = keras.metrics.Mean(name="main_dice")
@@ -146,14 +165,29 @@ class PoolTeacherTrainer(keras.Model):
     def objective(self, data) -> tuple[tf.Tensor, tf.Tensor]:
         raise NotImplementedError
 
+    def supervised(self, data) -> tuple[tf.Tensor, tf.Tensor]:
+        """The labels alone (the pre-training of a new model): BCE + soft Dice per head on the labelled
+        batch, and the student's soft Dice on it; the unlabelled batch is not used."""
+        (x_l, y_l), _ = data
+        y_l = tf.cast(main_mask(y_l), tf.float32)
+        out = self.student(x_l, training=True)
+        loss = tf.reduce_mean(head_sum(lambda h: pixel_weighted_loss(y_l, out[h], tf.ones_like(y_l), "bce_dice"),
+                                       self.ds_weights))
+        return loss, tf.reduce_mean(losses_lib.dice(y_l, tf.cast(out["main"], tf.float32)))
+
     def train_step(self, data):
         theta = self.student.trainable_variables
+        step = self.optimizer.iterations
+        pretraining = step < self.pretrain_steps
         with tf.GradientTape() as tape:
-            total, dice = self.objective(data)
+            total, dice = tf.cond(pretraining, lambda: scalars(self.supervised(data)),
+                                  lambda: scalars(self.objective(data)))
             scaled = self.optimizer.scale_loss(total)
         grads = tape.gradient(scaled, tf_variables(theta), unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        # read before this update: 0 at the first step from scratch, EMA_DECAY throughout for a trained model
-        decay = mean_teacher_decay(self.optimizer.iterations, self.settings.ema_decay, self.from_scratch)
+        # read before this update: 0 while pre-training (the teacher is the student's copy), then EMA_DECAY (the
+        # teacher starts from a trained copy); without pre-training Mean Teacher's warm-up from scratch
+        warm = mean_teacher_decay(step, self.settings.ema_decay, self.from_scratch and self.pretrain_steps == 0)
+        decay = tf.where(pretraining, tf.zeros_like(warm), warm)
         self.optimizer.apply_gradients(zip(grads, theta))
         ema_update(self.segmenter, self.student, decay)
         self.loss_tracker.update_state(total)
@@ -161,8 +195,6 @@ class PoolTeacherTrainer(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
     def test_step(self, data):
-        from .. import losses as losses_lib
-
         x, y = data[0], data[1]  # validation: the teacher; `val_loss` is 1 - its soft Dice
         outputs = self.segmenter(x, training=False)
         value = losses_lib.dice(main_mask(y), outputs["main"])
