@@ -358,15 +358,21 @@ def fit_paired(trainer_cls: type[PairedTrainer], job, val_ds: tf.data.Dataset) -
     trainer.compile(optimizer=trainer_cls.optimizer_for(cfg))
     ds = paired_dataset(space_stream(job.space, job.normalizer), (x[noisy], y[noisy]), (x[clean], y[clean]),
                         seed=seed, repeat=True)
-    return trainer.fit(ds.take(steps), validation_data=val_ds, epochs=job.epochs, callbacks=job.callbacks,
+    return trainer.fit(ds, steps_per_epoch=steps, validation_data=val_ds, epochs=job.epochs, callbacks=job.callbacks,
                        verbose=job.verbose, shuffle=False, validation_freq=job.validation_freq).history
 
 
 def fit_plain(job) -> dict:
-    """Plain Keras `fit` of the compiled multi-output U-Net on all of `(job.x, job.y)`."""
+    """Plain Keras `fit` of the compiled multi-output U-Net on all of `(job.x, job.y)`.
+
+    Every fit here reads one endless stream (reshuffled each pass) with `steps_per_epoch`: Keras then
+    keeps one iterator for the whole fit. Given a finite dataset it makes a new iterator at every
+    epoch start and drops the last one, and dropping an iterator whose prefetch threads are busy
+    stalled the loop for up to 2 s, at a third of the epochs (bench/results/speed.md)."""
     space, cfg = job.space, job.cfg
-    train_ds = space.train_stream(job.x, job.y, job.normalizer, job.seed, heads=HEADS,
+    train_ds = space.train_stream(job.x, job.y, job.normalizer, job.seed, heads=HEADS, repeat=True,
                                   foreground_oversample=cfg.foreground_oversample)
     val_ds = space.eval_stream(job.val.images, job.val.masks, job.normalizer, heads=HEADS)
-    return job.model.fit(train_ds, validation_data=val_ds, epochs=job.epochs, callbacks=job.callbacks,
-                         verbose=job.verbose, shuffle=False, validation_freq=job.validation_freq).history
+    return job.model.fit(train_ds, steps_per_epoch=space.steps_per_epoch(len(job.y)), validation_data=val_ds,
+                         epochs=job.epochs, callbacks=job.callbacks, verbose=job.verbose, shuffle=False,
+                         validation_freq=job.validation_freq).history

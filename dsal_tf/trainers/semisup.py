@@ -138,10 +138,10 @@ class PoolTeacherTrainer(keras.Model):
                       from_scratch=job.from_scratch)
         trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
         labelled = job.space.train_stream(job.x, job.y, job.normalizer, job.seed, repeat=True)
-        ds = tf.data.Dataset.zip((labelled, unlabelled)).take(steps).prefetch(tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.zip((labelled, unlabelled)).prefetch(tf.data.AUTOTUNE)
         val_ds = job.space.eval_stream(job.val.images, job.val.masks, job.normalizer)
-        return trainer.fit(ds, validation_data=val_ds, epochs=job.epochs, callbacks=job.callbacks,
-                           verbose=job.verbose, shuffle=False).history
+        return trainer.fit(ds, steps_per_epoch=steps, validation_data=val_ds, epochs=job.epochs,
+                           callbacks=job.callbacks, verbose=job.verbose, shuffle=False).history
 
     @property
     def metrics(self) -> list:
