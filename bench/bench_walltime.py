@@ -102,8 +102,7 @@ def main() -> None:
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run; the decoded cache is kept (see below)
     callbacks = train._callbacks
     train._callbacks = lambda *a, **k: [StepClock(), *callbacks(*a, **k)]
-    timed(space, "load_splits", "decode and cache")
-    timed(evaluate, "load_split", "decode and cache")
+    timed(space.ImageSpace, "load_splits", "decode and cache")  # the run's splits and test.py's test split
     timed(train, "new_model", "model build / load")
     timed(train, "load_model", "model build / load")
     timed(train.BestCheckpoint, "on_epoch_end", "checkpoint writes")
