@@ -443,6 +443,18 @@ def _foreground_mixed(images, masks, batch_size: int, share: float, seed: int, r
     return ds if repeat else ds.take(len(images)).apply(tf.data.experimental.assert_cardinality(len(images)))
 
 
+def steady(ds):
+    """`ds` with tf.data's autotuner off: parallel maps then use one thread per core and prefetch a
+    fixed buffer, the same elements in the same order. With the autotuner on, dropping an iterator
+    (Keras drops one at the end of every fit and every evaluation) stalled for about 2 s on this
+    2-core machine at random; off, it never did, and a fit ran as fast (bench/results/speed.md)."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
 def make_dataset(
     images: np.ndarray,
     masks: np.ndarray,
@@ -478,4 +490,4 @@ def make_dataset(
         y = tf.cast(y, tf.float32)
         return x, ({h: y for h in heads} if heads else y)
 
-    return ds.batch(batch_size).map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return steady(ds.batch(batch_size).map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .config import Config
-from .data import IMAGE_EXTS, Normalizer, list_images, read_image
+from .data import IMAGE_EXTS, Normalizer, list_images, read_image, steady
 from .errors import DsalError
 from .evaluate import saved_config
 from .files import atomic_write
@@ -107,7 +107,7 @@ def image_dataset(files: list[Path], rows: int, cols: int, color: str, batch_siz
         return img, shape, ok
 
     ds = tf.data.Dataset.from_tensor_slices([str(f) for f in files])
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return steady(ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
 def predict_step(model, normalizer: Normalizer):

@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import SPLITS, Normalizer, Rows, Split, disk_array, forced_foreground, masks_optional
+from .data import SPLITS, Normalizer, Rows, Split, disk_array, forced_foreground, masks_optional, steady
 from .errors import DsalError
 from .files import atomic_dir, atomic_write_text
 from .settings import Settings as BaseSettings
@@ -677,7 +677,7 @@ class VolumeSpace:
             y = tf.cast(y, tf.float32)
             return normalizer(x), ({h: y for h in heads} if heads else y)
 
-        return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+        return steady(ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
 
     def image_stream(self, images, normalizer, seed: int, repeat: bool = True):
         """Random augmented patches of volumes alone (the unlabelled pool), `[B,d,h,w,1]`."""
@@ -686,7 +686,7 @@ class VolumeSpace:
         _check_normalizer(normalizer)
         draw = PatchDraw(images, None, self.patch_size, seed, self.cfg.augment, rotation_plane(self.layout.spacing))
         ds = self._patch_stream(draw, 0, seed, None if repeat else self.steps_per_epoch(len(images)))
-        return ds.map(lambda x, y: normalizer(x), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+        return steady(ds.map(lambda x, y: normalizer(x), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
 
     def eval_stream(self, images, masks, normalizer, heads=None):
         """`(x [1,D,H,W,1], y)` whole padded volumes in order: Keras' validation Dice is then the
@@ -709,7 +709,7 @@ class VolumeSpace:
             return normalizer(x), ({h: y for h in heads} if heads else y)
 
         ds = tf.data.Dataset.range(len(images)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.batch(EVAL_VOLUMES).map(finish).prefetch(tf.data.AUTOTUNE)
+        return steady(ds.batch(EVAL_VOLUMES).map(finish).prefetch(tf.data.AUTOTUNE))
 
     # ------------------------------------------------------------------ inference
     def inferer(self, model) -> SlidingInferer:
