@@ -146,3 +146,20 @@ def test_evaluation_summary_counts_undefined_surface_distances():
     assert s["asd_std"] == pytest.approx(0.5)
     all_nan = summarize(per_image.assign(hd95=np.nan, asd=np.nan))
     assert np.isnan(all_nan["hd95_mean"]) and all_nan["n_undefined"] == 3
+
+
+def test_pair_metrics_equal_each_metric_alone():
+    """`pair_metrics` shares one set of surface distances among hd95, asd and hd95_penalized: the
+    values must be those of each function alone, empty masks and anisotropic spacing included."""
+    from dsal_tf.metrics import METRICS, SURFACE_METRICS, pair_metrics
+
+    rng = np.random.default_rng(3)
+    blob = np.zeros((12, 10), bool)
+    blob[3:8, 2:6] = True
+    pairs = [(rng.random((12, 10)) > 0.6, rng.random((12, 10)) > 0.5), (blob, np.roll(blob, 2, axis=1)),
+             (blob, np.zeros_like(blob)), (np.zeros_like(blob), blob), (np.zeros_like(blob), np.zeros_like(blob))]
+    for a, b in pairs:
+        got = pair_metrics(a, b, (2.0, 0.5))
+        for name, fn in METRICS.items():
+            want = fn(a, b, (2.0, 0.5)) if name in SURFACE_METRICS else fn(a, b)
+            np.testing.assert_equal(got[name], want, err_msg=name)
