@@ -42,13 +42,15 @@ def main() -> None:
     y = (rng.random((640, 64, 64, 1)) > 0.5).astype(np.uint8)
     norm = data.Normalizer.fit(x, "zscore")
     inp = keras.Input((64, 64, 3))
-    out = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")(keras.layers.Conv2D(64, 3, padding="same")(inp))
+    hidden = keras.layers.Conv2D(64, 3, padding="same")(inp)
+    out = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")(hidden)
     model = keras.Model(inp, out)
     model.compile("adam", "bce")
     print("| autotuner | fit s | on_train_end -> return, ms |\n|---|---:|---:|")
     for on in (True, False):
         for trial in range(args.fits):
-            ds = with_autotune(data.make_dataset(x, y, norm, 16, shuffle=True, augment=True, seed=trial, repeat=True), on)
+            stream = data.make_dataset(x, y, norm, 16, shuffle=True, augment=True, seed=trial, repeat=True)
+            ds = with_autotune(stream, on)
             clock = EndClock()
             t0 = time.perf_counter()
             model.fit(ds, epochs=3, steps_per_epoch=40, verbose=0, callbacks=[clock])

@@ -686,7 +686,8 @@ class VolumeSpace:
         _check_normalizer(normalizer)
         draw = PatchDraw(images, None, self.patch_size, seed, self.cfg.augment, rotation_plane(self.layout.spacing))
         ds = self._patch_stream(draw, 0, seed, None if repeat else self.steps_per_epoch(len(images)))
-        return steady(ds.map(lambda x, y: normalizer(x), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
+        ds = ds.map(lambda x, y: normalizer(x), num_parallel_calls=tf.data.AUTOTUNE)
+        return steady(ds.prefetch(tf.data.AUTOTUNE))
 
     def eval_stream(self, images, masks, normalizer, heads=None):
         """`(x [1,D,H,W,1], y)` whole padded volumes in order: Keras' validation Dice is then the

@@ -25,6 +25,33 @@ import pytest  # noqa: E402
 from dsal_tf.config import resolve  # noqa: E402
 from dsal_tf.synthetic import make_synthetic  # noqa: E402
 
+# Tests run their tf.functions eagerly (Keras's train, test and predict steps, the traced scoring and
+# inference), except those marked `compiled`: a tiny model's step costs 4-5 s to trace and a few
+# milliseconds to run, so tracing was most of the suite (8 min 14 s traced, 4 min 7 s eager, warm,
+# bench/results/speed.md). The compiled tier runs the product's graphs as a run does: determinism and
+# bit-for-bit resume, bf16, every trainer's step, volume inference, predict, the planner's timings. Every
+# test that starts `python main.py`, `dsal` or `test.py` in a subprocess runs them compiled too.
+# DSAL_TEST_COMPILED=1 runs the whole suite compiled. tf.data functions are always traced.
+EAGER = os.environ.get("DSAL_TEST_COMPILED", "") in ("", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eager_from_the_start():
+    """Before the first session fixture (a trained tiny run) is made: autouse fixtures come first in a scope."""
+    import tensorflow as tf
+
+    tf.config.run_functions_eagerly(EAGER)
+
+
+@pytest.fixture(autouse=True)
+def _graphs_only_where_marked(request):
+    import tensorflow as tf
+
+    compiled = not EAGER or request.node.get_closest_marker("compiled") is not None
+    tf.config.run_functions_eagerly(not compiled)
+    yield
+    tf.config.run_functions_eagerly(EAGER)  # session fixtures made between tests run eagerly too
+
 
 @pytest.fixture(autouse=True)
 def _same_start_for_every_test():
@@ -112,27 +139,22 @@ def copy_run(cfg, tmp_path, keep_rounds=None, **changes):
 # together and the tails that move are short tests. A `.py` entry is one unit: its tests share a fixture
 # built once per worker (keep them in one worker), its cost is the whole module's; any other entry's cost is
 # each matching test's. Approximate costs are enough; unknown tests keep their place after these.
-LONG_TESTS = {
-    "tests/test_serve.py::test_label_studio_end_to_end": 76,
-    "tests/test_teacher_student.py::test_noisy_teacher_workflow_resumes": 24,
-    "tests/test_reliability.py::test_sigkill_at_random_moments_then_resume": 24,
+LONG_TESTS = {  # measured 2026-12-05, eager suite with its compiled tier
+    "tests/test_serve.py::test_label_studio_end_to_end": 80,
     "tests/test_plan.py::test_preset_auto_plans_once_and_stores_the_plan": 24,
-    "tests/test_compare.py::test_tiny_comparison_shares_the_initial_model": 23,
-    "tests/test_volume_space.py::test_a_volume_round_killed_after_its_pseudo_labels_resumes_bit_for_bit": 21,
-    "tests/test_volume_space.py::test_the_active_learning_loop_runs_on_a_volume_folder": 16,
+    "tests/test_reliability.py::test_sigkill_at_random_moments_then_resume": 24,
+    "tests/test_volume_space.py::test_a_volume_round_killed_after_its_pseudo_labels_resumes_bit_for_bit": 20,
     "tests/test_devices.py": 20,
     "tests/test_speed.py::test_bf16_loop_is_deterministic_and_resumes_bit_for_bit": 17,
-    "tests/test_boostmis.py::test_boostmis_query_and_trainer_run_the_loop": 16,
-    "tests/test_presets.py::test_tiny_reference_row_trains_its_own_greyscale_initial_model": 15,
-    "tests/test_volume_trainers.py::test_the_loop_runs_rgs_on_a_volume_folder": 15,
-    "tests/test_determinism.py::test_two_processes_give_the_same_weights": 14,
-    "tests/test_determinism.py::test_two_runs_in_one_process_are_bit_identical": 14,
-    "tests/test_noisy_teacher.py::test_fit_and_evaluate": 14,
-    "tests/test_oracle.py::test_files_oracle_labels_what_the_simulated_oracle_labels": 14,
-    "tests/test_plan_volumes.py::test_dsal_plan_on_volumes_writes_a_plan_the_run_accepts": 19,
-    "tests/test_volume_predict.py": 24,
-    "tests/test_volume_oracle.py::test_the_loop_goes_on_after_each_import": 11,
+    "tests/test_determinism.py::test_two_processes_give_the_same_weights": 16,
+    "tests/test_plan.py::test_plan_cli_measures_and_writes_a_usable_constants_file": 14,
+    "tests/test_determinism.py::test_two_runs_in_one_process_are_bit_identical": 12,
+    "tests/test_plan.py::test_plan_takes_the_next_recipe_when_the_planned_loss_collapses": 10,
+    "tests/test_cli.py::test_a_fresh_main_py_prints_no_tensorflow_banner": 10,
+    "tests/test_teacher_student.py::test_noisy_teacher_workflow_resumes": 10,
     "tests/test_volume_trainers.py::test_every_trainer_takes_steps_on_volumes": 7,
+    "tests/test_compare.py::test_tiny_comparison_shares_the_initial_model": 8,
+    "tests/test_plan_volumes.py::test_dsal_plan_on_volumes_writes_a_plan_the_run_accepts": 7,
 }
 
 
@@ -168,3 +190,4 @@ def pytest_collection_modifyitems(config, items):
     rest = [item for item in items if id(item) not in moved]
     fill = max(0, len(items) // 2 - len(heads[0]))
     items[:] = heads[0] + rest[:fill] + heads[1] + rest[fill:]
+

@@ -15,7 +15,7 @@ from dsal_tf.pool import Pool
 
 from .conftest import tiny_values
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.compiled]  # the product's traced graphs
 
 
 def _state(run, r=2):

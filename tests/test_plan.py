@@ -14,6 +14,9 @@ from dsal_tf.config import load_config, resolve
 from dsal_tf.errors import DsalError
 from dsal_tf.plan import choose, fingerprint, make_plan, predict_seconds, probe_verdict, schedule, size_ladder
 
+# the planner times and probes the compiled step a run takes (eager steps would mislead it)
+pytestmark = pytest.mark.compiled
+
 H, W = 48, 72  # most images; one training image is 64x96 (same aspect 1.5)
 
 

@@ -31,6 +31,9 @@ from dsal_tf.plan import (
 )
 from dsal_tf.volume_space import SCORE_VOLUMES
 
+# the planner times and probes the compiled step a run takes (eager steps would mislead it)
+pytestmark = pytest.mark.compiled
+
 FINE, COARSE = (1.0, 1.0, 3.0), (1.5, 1.5, 4.0)  # mm; both anisotropic (3 and 4 mm slices)
 # (split, name, shape, spacing, boxes): a box is (start, size) in voxels; labels are the union of their boxes.
 # Structures (26-connected): a 6x6x2 box (72 voxels, 216 mm^3) and a 2x2x1 one (4 voxels, 12 mm^3); 32 voxels

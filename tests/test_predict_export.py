@@ -34,6 +34,7 @@ def new_images(folder):
     return folder
 
 
+@pytest.mark.compiled  # predict's traced batch function
 def test_predict_keeps_names_and_sizes(trained, tmp_path):
     src = new_images(tmp_path / "in")
     table = predict_folder(trained, src, tmp_path / "out", "last", probabilities=True, overlays=True,

@@ -208,6 +208,7 @@ def test_long_fit_validates_every_k_epochs_and_keeps_the_best_validated_epoch(ti
 
 
 @pytest.mark.slow
+@pytest.mark.compiled
 def test_bf16_loop_is_deterministic_and_resumes_bit_for_bit(tiny_data, tmp_path):
     """The default precision on a bf16 CPU: two runs agree bit for bit, and a run resumed after round 0
     ends where the straight run ends (weights, pool)."""

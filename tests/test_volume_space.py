@@ -510,6 +510,7 @@ def test_auto_precision_trains_volumes_in_float32(volume_data):
 
 
 @pytest.mark.slow
+@pytest.mark.compiled  # the traced sliding-window inference and scoring of volumes
 def test_a_volume_round_killed_after_its_pseudo_labels_resumes_bit_for_bit(volume_data, tmp_path, monkeypatch):
     """Round 2 of a volume run dies in its fit, after the pool (with its whole-volume pseudo labels) is saved;
     the next `dsal run` redoes round 2 and ends where an uninterrupted run ends: the same labelled map, the

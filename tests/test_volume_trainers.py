@@ -196,6 +196,7 @@ def _fit_two_steps(name: str) -> dict:
 
 
 @pytest.mark.slow  # traces one train step per trainer: about 5-15 s each
+@pytest.mark.compiled  # every trainer's step as a run traces it
 @pytest.mark.parametrize("name", sorted(trainers.TRAINERS))
 def test_every_trainer_takes_steps_on_volumes(name):
     history = _fit_two_steps(name)
