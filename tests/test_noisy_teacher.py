@@ -75,6 +75,7 @@ def test_trust_scores_match_per_sample_gradients(setup, loss):
     assert _rel_err(e, expected) < 1e-4
 
 
+@pytest.mark.compiled  # checks the scores in graph mode, as inside `fit`
 def test_trust_scores_include_side_heads(setup):
     """The side heads' bilinear upsampling has no forward-mode rule in TF; e must still count them.
 
