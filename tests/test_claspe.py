@@ -182,3 +182,27 @@ def test_the_loop_runs_claspe_by_name(tiny_data, tmp_path):
     scores = pd.read_csv(run / "round_01" / "scores.csv")
     assert (scores["chosen"] == "oracle").sum() == 4
     assert (scores["fg_entropy"] <= scores["uncertainty"] + 1e-6).all() and (scores["fg_entropy"] >= 0).all()
+
+
+def test_under_diverse_the_own_rule_keeps_the_round_and_the_run_settings():
+    """SELECTION = "diverse" thins the strategy's own pick: claspe's score_power draw must use the round's
+    beta and the run's SCORE_POWER_BETA_END, as without "diverse" (it once drew at round 1 with the
+    default settings whatever the round)."""
+    cfg = resolve({"query_strategy": "claspe", "selection": "diverse", "nb_iterations": 5,
+                   "score_power_beta_end": 9.0, "diverse_factor": 2})
+    strategy = QUERY_STRATEGIES["claspe"].from_config(cfg)
+    assert strategy.base_selection.settings.score_power_beta_end == 9.0
+    assert strategy.base_selection.beta(5) == pytest.approx(9.0)
+    rng = np.random.default_rng(4)
+    n_pool, n = 40, 4
+    scores = {"uncertainty": rng.random(n_pool), "fg_entropy": rng.random(n_pool),
+              "features": rng.normal(size=(n_pool, 3)).astype(np.float32)}
+    picks = {}
+    for round_ in (1, 5):
+        cand = strategy.pick(scores, 2 * n, np.random.default_rng(11), round_)
+        want = strategy.selection.thin(cand, scores["features"], n)
+        picks[round_] = strategy.select(scores, n, np.random.default_rng(11), round_)
+        assert list(picks[round_]) == list(want)
+    # the same seed draws differently at beta 1 and beta 9: the round reached the draw
+    assert list(strategy.pick(scores, 2 * n, np.random.default_rng(11), 1)) != \
+        list(strategy.pick(scores, 2 * n, np.random.default_rng(11), 5))

@@ -74,22 +74,28 @@ class QueryStrategy:
     default_pseudo = "confidence"  # the weak labeler used when PSEUDO_POLICY = "auto"
     Settings = Settings
 
-    def __init__(self, settings: Settings | None = None, selection: Selection | None = None, seed: int = 0):
+    def __init__(self, settings: Settings | None = None, selection: Selection | None = None, seed: int = 0,
+                 own_selection: Selection | None = None):
         self.settings = settings if settings is not None else self.Settings()
         self.selection = selection if selection is not None else SELECTIONS[self.default_selection]()
         self.seed = seed
+        self.own_selection = own_selection  # the strategy's own rule with the run's settings (`base_selection`)
 
     @classmethod
     def from_config(cls, cfg) -> QueryStrategy:
         """The strategy with its settings and the selection rule `SELECTION` names ("auto": its own)."""
         rule = SELECTIONS[cls.default_selection if cfg.selection == "auto" else cfg.selection]
-        return cls(cls.Settings.from_config(cfg), rule.from_config(cfg), cfg.seed)
+        return cls(cls.Settings.from_config(cfg), rule.from_config(cfg), cfg.seed,
+                   own_selection=SELECTIONS[cls.default_selection].from_config(cfg))
 
     @property
     def base_selection(self) -> Selection:
-        """The rule that ranks candidates: the chosen one, or the strategy's own under "diverse"."""
+        """The rule that ranks candidates: the chosen one, or the strategy's own under "diverse" (with the
+        run's settings of that rule, e.g. SCORE_POWER_BETA_END, and its number of rounds)."""
         if not self.selection.needs_features or self.default_selection == self.selection.name:
             return self.selection
+        if self.own_selection is not None:
+            return self.own_selection
         return SELECTIONS[self.default_selection](nb_rounds=self.selection.nb_rounds)
 
     def batch_scores(self, model, x) -> dict:
@@ -133,7 +139,8 @@ class QueryStrategy:
             return self.pick(scores, n, rng, round_)
         if "features" not in scores:
             raise ValueError("SELECTION = 'diverse' needs the scores of a model with a `features` output")
-        cand = self.pick(scores, self.selection.candidates(n, len(scores["uncertainty"])), rng)
+        # the candidates are the round's own pick: a scheduled rule (power, score_power) needs the round
+        cand = self.pick(scores, self.selection.candidates(n, len(scores["uncertainty"])), rng, round_)
         return self.selection.thin(cand, scores["features"], n)
 
 
