@@ -105,7 +105,8 @@ def main() -> None:
     timed(space.ImageSpace, "load_splits", "decode and cache")  # the run's splits and test.py's test split
     timed(train, "new_model", "model build / load")
     timed(train, "load_model", "model build / load")
-    timed(train.BestCheckpoint, "on_epoch_end", "checkpoint writes")
+    timed(train.BestCheckpoint, "on_epoch_end", "checkpoint writes")  # keeping the best weights
+    timed(train.BestCheckpoint, "flush", "checkpoint writes")  # writing them, once per fit
     timed(space.ImageSpace, "score_pool", "scoring")
     timed(evaluate, "evaluate_run", "evaluation (test split, every round)")
     t = time.perf_counter()

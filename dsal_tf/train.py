@@ -149,21 +149,40 @@ def validation_freq(cfg: Config, epochs: int) -> int | list[int]:
 
 
 class BestCheckpoint(keras.callbacks.Callback):
-    """Save the U-Net whenever `val_main_dice` improves. Unlike `ModelCheckpoint`, it saves the
-    wrapped segmenter when a re-weighting trainer drives `fit`, so every checkpoint is a plain U-Net."""
+    """Keep the U-Net's weights whenever `val_main_dice` improves, and write them to `path` once, when
+    the fit ends (`flush`; `fit` also flushes when the fit stops on an error, so the last good weights
+    are kept). Unlike `ModelCheckpoint`, it saves the wrapped segmenter when a re-weighting trainer
+    drives `fit`, so every checkpoint is a plain U-Net. One write per fit, not one per improvement: a
+    round killed mid-fit is redone from its start (its folder has no DONE), so a file written before the
+    end was never read."""
 
     def __init__(self, path: Path, monitor: str = "val_main_dice"):
         super().__init__()
         self.path, self.monitor, self.best = Path(path), monitor, -float("inf")
-        self.weights = None  # the saved weights, kept so `fit` need not load the file back
+        self.weights = None  # the best weights so far, kept so `fit` need not load the file back
+        self.written = True  # nothing to write yet
+
+    def _segmenter(self):
+        return getattr(self.model, "segmenter", self.model)
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
         if value is not None and float(value) > self.best:
             self.best = float(value)
-            segmenter = getattr(self.model, "segmenter", self.model)
-            atomic_write(self.path, segmenter.save)
-            self.weights = segmenter.get_weights()
+            self.weights = self._segmenter().get_weights()
+            self.written = False
+
+    def on_train_end(self, logs=None):
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the best weights kept so far to `path` (the segmenter then holds them)."""
+        if self.written or self.weights is None:
+            return
+        segmenter = self._segmenter()
+        segmenter.set_weights(self.weights)
+        atomic_write(self.path, segmenter.save)
+        self.written = True
 
 
 class StopOnNaN(keras.callbacks.Callback):
@@ -365,7 +384,12 @@ def fit(job: FitJob) -> dict[str, list[float]]:
     reset_seed_generators(model, job.seed)  # dropout draws the same masks straight through or resumed
     fg_images = len(foreground_rows(job.y)) if cfg.collapse_patience else 0
     job.callbacks = _callbacks(cfg, out_dir, job.epochs, fg_images, len(job.y))
-    history = get_trainer(cfg.trainer).fit_job(job)
+    try:
+        history = get_trainer(cfg.trainer).fit_job(job)
+    finally:  # also on NaN, collapse or Ctrl-C: the best weights so far go to disk, as those errors say
+        for c in job.callbacks:
+            if isinstance(c, BestCheckpoint):
+                c.flush()
     best = out_dir / CHECKPOINT
     saved = next((c.weights for c in job.callbacks if isinstance(c, BestCheckpoint) and c.weights is not None), None)
     if saved is not None:  # the weights just written to `best`, without reading the file back

@@ -108,6 +108,27 @@ def test_nan_guard_reads_the_loss_once_per_epoch():
         cb.on_epoch_end(2, {"loss": np.float32("inf")})
 
 
+def test_best_checkpoint_is_written_once_with_the_best_epochs_weights(tmp_path):
+    """The best weights are kept in memory at each improvement and written once, when the fit ends or
+    stops on an error (`flush`): the file then holds the best epoch's weights, not the last epoch's."""
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.layers.Dense(1)(inp))
+    cb = train.BestCheckpoint(tmp_path / "best.keras")
+    cb.set_model(model)
+    weights = {}
+    for epoch, dice in enumerate([0.2, 0.7, 0.5]):
+        model.set_weights([np.full((4, 1), epoch, np.float32), np.zeros(1, np.float32)])
+        weights[epoch] = model.get_weights()
+        cb.on_epoch_end(epoch, {"val_main_dice": dice})
+        assert not cb.path.exists()  # nothing written during the fit
+    cb.on_train_end()
+    saved = keras.models.load_model(cb.path, compile=False).get_weights()
+    np.testing.assert_array_equal(saved[0], weights[1][0])  # epoch 2 (Dice 0.7), not the last epoch
+    mtime = cb.path.stat().st_mtime_ns
+    cb.flush()  # idempotent: `fit` flushes again after the fit returns
+    assert cb.path.stat().st_mtime_ns == mtime
+
+
 def test_eval_batch_is_larger_and_capped():
     assert train.eval_batch_size(resolve({"batch_size": 16})) == 64
     assert train.eval_batch_size(resolve({"batch_size": 100})) == 256
