@@ -106,7 +106,8 @@ def main() -> None:
     timed(train, "new_model", "model build / load")
     timed(train, "load_model", "model build / load")
     timed(train.BestCheckpoint, "on_epoch_end", "checkpoint writes")  # keeping the best weights
-    timed(train.BestCheckpoint, "flush", "checkpoint writes")  # writing them, once per fit
+    # writing them, once per fit, after StepClock's on_train_end closed "fit total": not subtracted from it
+    timed(train.BestCheckpoint, "flush", "checkpoint writes (end of fit)")
     timed(space.ImageSpace, "score_pool", "scoring")
     timed(evaluate, "evaluate_run", "evaluation (test split, every round)")
     t = time.perf_counter()
