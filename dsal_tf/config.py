@@ -42,7 +42,7 @@ class Config:
     base_filters: int = 8  # filters of the first U-Net block (doubling per level)
     depth: int = 4  # U-Net levels (>= 3: the side heads sit on the 1/4 and 1/2 blocks)
     dropout: float = 0.5  # dropout rate (also the MC-dropout of CEAL)
-    loss: str = "dice"  # "dice", "bce" or "bce_dice"
+    loss: str = "auto"  # "dice", "bce", "bce_dice"; "auto": dice on images, bce_dice on NIfTI volumes
     ds_weights: tuple = (0.6, 0.3, 0.1)  # deep-supervision loss weights of main, side_1, side_2
     side_upsampling: str = "nearest"  # side-head logits: "nearest" (reference) or "bilinear" (pre-issue-8 variant)
     dropout_at: str = "bottleneck"  # "bottleneck" (reference) or "bottleneck+deepest" (also the deepest encoder block)
@@ -166,7 +166,7 @@ _CHOICES = {
     "color": ("rgb", "gray"),
     "mask_naming": ("auto", "isic", "same"),
     "normalization": ("zscore", "unit"),
-    "loss": ("dice", "bce", "bce_dice"),
+    "loss": ("auto", "dice", "bce", "bce_dice"),
     "lr_schedule": ("none", "plateau", "cosine"),
     "distribute": ("auto", "none", "mirrored", "multiworker"),
     "side_upsampling": ("nearest", "bilinear"),
@@ -257,7 +257,17 @@ def resolve(values: dict[str, Any], source: str = "constants.py") -> Config:
         )
     cfg = Config(**{**PRESETS[preset], **merged, "settings": dict(sorted(settings.items()))})
     _check(cfg, source)
-    return cfg
+    return cfg.replace(loss=auto_loss(cfg.data_path)) if cfg.loss == "auto" else cfg
+
+
+def auto_loss(data_path: str) -> str:
+    """`LOSS = "auto"`: soft Dice on images (the reference DSAL loss, the tables' setting), Dice + BCE on
+    NIfTI volumes (nnU-Net's loss): with soft Dice alone, one of three hippocampus seeds collapsed to
+    all-background in round 0 (val Dice 0.0003), and with Dice + BCE the same seed reached 0.80
+    (bench/results/hippocampus.md). A folder with no data yet counts as images."""
+    from .volumes import dataset_rank
+
+    return "bce_dice" if dataset_rank(data_path) == 3 else "dice"
 
 
 def read_constants(path: str | Path) -> dict[str, Any]:

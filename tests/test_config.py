@@ -128,3 +128,20 @@ def test_the_configuration_reference_is_generated_from_the_code():
     assert with_table(page) == page, "docs/configuration.md is stale: regenerate it"
     for name in (*FIELDS, *owners()):
         assert f"`{name.upper()}`" in page
+
+
+def test_auto_loss_is_dice_on_images_and_dice_plus_bce_on_volumes(tmp_path):
+    """LOSS = "auto" resolves from the data: soft Dice for an image folder (or none yet), Dice + BCE for
+    NIfTI volumes (nnU-Net's loss; soft Dice alone collapsed a hippocampus seed); an explicit LOSS stays."""
+    from dsal_tf.config import resolve
+
+    images, volumes = tmp_path / "images", tmp_path / "volumes"
+    (images / "trainImg").mkdir(parents=True)
+    (images / "trainImg" / "a.png").write_bytes(b"")
+    (volumes / "trainImg").mkdir(parents=True)
+    (volumes / "trainImg" / "a.nii.gz").write_bytes(b"")
+    assert resolve({"data_path": str(images)}).loss == "dice"
+    assert resolve({"data_path": str(tmp_path / "nothing-yet")}).loss == "dice"
+    assert resolve({"data_path": str(volumes)}).loss == "bce_dice"
+    assert resolve({"data_path": str(volumes), "loss": "dice"}).loss == "dice"
+    assert resolve({"data_path": str(images), "loss": "bce"}).loss == "bce"
