@@ -265,7 +265,7 @@ def auto_loss(data_path: str) -> str:
     NIfTI volumes (nnU-Net's loss): with soft Dice alone, one of three hippocampus seeds collapsed to
     all-background in round 0 (val Dice 0.0003), and with Dice + BCE the same seed reached 0.80
     (bench/results/hippocampus.md). A folder with no data yet counts as images."""
-    from .volumes import dataset_rank
+    from .folders import dataset_rank
 
     return "bce_dice" if dataset_rank(data_path) == 3 else "dice"
 

@@ -20,9 +20,8 @@ import numpy as np
 
 from .config import Config
 from .errors import DsalError
+from .folders import IMAGE_EXTS, SPLITS, list_images  # noqa: F401 (re-exported: data.SPLITS, data.list_images)
 
-SPLITS = ("train", "val", "test")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 CACHE_VERSION = 2
 
 
@@ -55,13 +54,6 @@ def _mask_candidates(img: Path, gt_dir: Path, naming: str) -> list[Path]:
     if naming == "same":
         return same
     return [isic, *same]
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files of a folder, sorted by name (hidden files skipped); [] if it does not exist."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
 
 
 def detect_naming(data_path: str | Path, naming: str = "auto") -> str:

@@ -24,8 +24,8 @@ from scipy import ndimage
 
 from .errors import DsalError
 from .files import atomic_write
+from .folders import NIFTI_EXTS, dataset_rank, is_nifti, list_volumes  # noqa: F401 (re-exported)
 
-NIFTI_EXTS = (".nii.gz", ".nii")
 NORMALIZATIONS = ("zscore", "ct")
 DEFAULT_CT_WINDOW = (-160.0, 240.0)  # soft-tissue window (level 40, width 400 HU)
 AFFINE_TOL = 1e-3  # mm: image and label affines may differ by float rounding, not more
@@ -62,10 +62,6 @@ class Case:
     source: Volume
 
 
-def is_nifti(path: str | Path) -> bool:
-    return str(path).lower().endswith(NIFTI_EXTS)
-
-
 def volume_stem(path: str | Path) -> str:
     """The name without `.nii.gz` / `.nii`: `hippocampus_001.nii.gz` -> `hippocampus_001`."""
     name = Path(path).name
@@ -73,13 +69,6 @@ def volume_stem(path: str | Path) -> str:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return Path(name).stem
-
-
-def list_volumes(folder: Path) -> list[Path]:
-    """NIfTI files of a folder, sorted by name (hidden files skipped); [] if it does not exist."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if is_nifti(p) and not p.name.startswith("."))
 
 
 def is_volume_dataset(data_path: str | Path) -> bool:
@@ -91,23 +80,6 @@ def is_volume_dataset(data_path: str | Path) -> bool:
         if folder.is_dir():
             return bool(list_volumes(folder))
     return False
-
-
-def dataset_rank(data_path: str | Path) -> int:
-    """3 when the split folders (`trainImg`, `valImg`, `testImg`) hold NIfTI volumes, 2 otherwise
-    (images, or nothing yet: the 2D loader names what is missing). A dataset that mixes the two,
-    in one folder or across folders, is one line naming a file of each kind."""
-    from .data import SPLITS, list_images
-
-    volumes, images = [], []
-    for split in SPLITS:
-        folder = Path(data_path) / f"{split}Img"
-        volumes += list_volumes(folder)[:1]
-        images += list_images(folder)[:1]
-    if volumes and images:
-        raise DsalError(f"{images[0]} is a 2D image but {volumes[0]} is a NIfTI volume; a dataset holds one kind: "
-                        "convert the images to .nii.gz or move the volumes to their own dataset")
-    return 3 if volumes else 2
 
 
 def _label_candidates(img: Path, gt_dir: Path, naming: str) -> list[Path]:
