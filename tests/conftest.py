@@ -104,10 +104,16 @@ def tiny_run(tiny_data, tmp_path_factory):
 
     Read-only: a test that changes a run works on `copy_run(tiny_run, tmp_path)`. The session checks at
     its end that no test changed a file of it."""
+    import tensorflow as tf
+
     from dsal_tf.active import run_active_learning
 
     cfg = resolve(tiny_values(tiny_data, tmp_path_factory.mktemp("shared")))
-    run_active_learning(cfg, log=lambda m: None)
+    tf.config.run_functions_eagerly(False)  # traced, as a run is: the determinism tests compare fresh
+    try:  # interpreters (which trace) with it bit for bit
+        run_active_learning(cfg, log=lambda m: None)
+    finally:
+        tf.config.run_functions_eagerly(EAGER)
     before = _digest(cfg.run_dir)
     yield cfg
     assert _digest(cfg.run_dir) == before, "a test changed the shared tiny run; copy it with copy_run first"

@@ -71,6 +71,7 @@ def test_full_disk_is_one_line_and_keeps_complete_rounds(tiny_data, tmp_path, mo
 
 
 @pytest.mark.slow
+@pytest.mark.compiled  # the in-process resume is compared bit for bit with the traced shared run
 def test_sigkill_at_random_moments_then_resume(tiny_run, tmp_path):
     """`dsal run` SIGKILLed in round 0 (a new run folder: its first files half-written), then again in
     round 2 (a query round with pseudo labels), each at a random moment after the process says it works

@@ -194,6 +194,7 @@ def test_diverse_selection_skips_near_duplicates_among_the_top_candidates():
     assert list(got) == list(expected)
 
 
+@pytest.mark.compiled  # the strategies' scores through the traced scoring pass
 def test_diverse_scoring_returns_bottleneck_features_from_the_same_pass(tiny_cfg):
     from dsal_tf import train
     from dsal_tf.data import Normalizer

@@ -294,6 +294,7 @@ def tiny_unet():
     return build_unet((None, None, None, 1), base_filters=2, depth=3, dropout=0.5)
 
 
+@pytest.mark.compiled  # the traced scoring pass over volumes
 def test_score_pool_over_a_3d_unet(volume_data, tmp_path, tiny_unet):
     from dsal_tf.model import with_features
     from dsal_tf.strategies.base import binary_dice

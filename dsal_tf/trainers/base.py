@@ -176,7 +176,7 @@ def paired_dataset(stream: Stream, noisy: tuple, clean: tuple, seed: int = 0, re
     the noisy stream.
 
     The clean set is repeated and reshuffled (seed + 1), so a small expert set never ends an epoch;
-    with `repeat` the noisy set repeats too (then bound the epoch with `.take(steps)`).
+    with `repeat` the noisy set repeats too (then bound the epoch with `fit(steps_per_epoch=...)`).
     """
     if len(noisy[0]) == 0 or len(clean[0]) == 0:
         raise DsalError("the paired sampler needs at least one noisy and one clean image")
@@ -363,15 +363,16 @@ def fit_paired(trainer_cls: type[PairedTrainer], job, val_ds: tf.data.Dataset) -
 
 
 def fit_plain(job) -> dict:
-    """Plain Keras `fit` of the compiled multi-output U-Net on all of `(job.x, job.y)`.
+    """Plain Keras `fit` of the compiled multi-output U-Net on all of `(job.x, job.y)`. An epoch is one
+    pass of the space's stream (2D: every image once, the last batch partial), reshuffled each pass.
 
-    Every fit here reads one endless stream (reshuffled each pass) with `steps_per_epoch`: Keras then
-    keeps one iterator for the whole fit. Given a finite dataset it makes a new iterator at every
-    epoch start and drops the last one, and dropping an iterator whose prefetch threads are busy
-    stalled the loop for up to 2 s, at a third of the epochs (bench/results/speed.md)."""
+    The passes are repeated into one endless dataset with `steps_per_epoch` = one pass: Keras then keeps
+    one iterator for the whole fit. Given a finite dataset it makes a new iterator at every epoch start
+    and drops the last one, which stalled the loop for up to 2 s while tf.data's autotuner was on
+    (bench/results/speed.md). Repeating whole passes, not elements, keeps each epoch what it was."""
     space, cfg = job.space, job.cfg
-    train_ds = space.train_stream(job.x, job.y, job.normalizer, job.seed, heads=HEADS, repeat=True,
-                                  foreground_oversample=cfg.foreground_oversample)
+    train_ds = space.train_stream(job.x, job.y, job.normalizer, job.seed, heads=HEADS,
+                                  foreground_oversample=cfg.foreground_oversample).repeat()
     val_ds = space.eval_stream(job.val.images, job.val.masks, job.normalizer, heads=HEADS)
     return job.model.fit(train_ds, steps_per_epoch=space.steps_per_epoch(len(job.y)), validation_data=val_ds,
                          epochs=job.epochs, callbacks=job.callbacks, verbose=job.verbose, shuffle=False,
