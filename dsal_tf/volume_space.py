@@ -709,7 +709,9 @@ class VolumeSpace:
             y = tf.cast(y, tf.float32)
             return normalizer(x), ({h: y for h in heads} if heads else y)
 
-        ds = tf.data.Dataset.range(len(images)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        # two whole volumes in flight, not one per core: with tf.data's autotuner off (`steady`) AUTOTUNE
+        # means a thread per core, and a many-core machine would hold that many large CT volumes at once
+        ds = tf.data.Dataset.range(len(images)).map(load, num_parallel_calls=2)
         return steady(ds.batch(EVAL_VOLUMES).map(finish).prefetch(tf.data.AUTOTUNE))
 
     # ------------------------------------------------------------------ inference
