@@ -122,10 +122,16 @@ def export_model(cfg: Config, out_dir: str | Path, fmt: str = "savedmodel", whic
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / ("model.onnx" if fmt == "onnx" else "savedmodel")
+    import tensorflow as tf
+
+    eager = tf.config.functions_run_eagerly()
+    tf.config.run_functions_eagerly(False)  # an export is a traced graph, even where functions run eagerly
     try:
         model.export(str(target), format=FORMATS[fmt], verbose=False)
     except ImportError as exc:
         raise DsalError(f"ONNX export needs tf2onnx: pip install 'dsal-tf[onnx]' ({exc})") from None
+    finally:
+        tf.config.run_functions_eagerly(eager)
     sidecar = {"format": fmt, "model": target.name, **entries,
                "source": {"exp": run_cfg.name, "round": r, "config": run_cfg.to_dict()}}
     atomic_write_text(out_dir / SIDECAR, json.dumps(sidecar, indent=2))
