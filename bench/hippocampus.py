@@ -76,8 +76,8 @@ def table(exp_dir: Path) -> str:
                     for seed, why in COLLAPSED.items())]
     lines += ["", "The first job of a seed also trains the seed's initial model (shared by every row). Minutes and "
               "seconds per round are wall time on the 2-core machine while development work (tests) ran beside the "
-              "queue; `random` seed 0 was paused for 8.7 min (SIGSTOP) while the test suite ran alone. Dice does "
-              "not depend on either."]
+              "queue; `random` seed 0 (8.7 min), `claspe` seed 0 and the seed-2 rows were paused with SIGSTOP while "
+              "the test suite or a benchmark ran alone, so their minutes overstate. Dice does not depend on either."]
     s = summary(folder)
     if s is not None:
         lines += ["", "## Summary (final round; seconds per round after round 0)", "", md(s)]
