@@ -113,6 +113,7 @@ SERVING = {ImageSpace: image_serving, VolumeSpace: volume_serving}  # the run's 
 def export_model(cfg: Config, out_dir: str | Path, fmt: str = "savedmodel", which: str | int = "best",
                  log: Callable[[str], None] = print) -> Path:
     """Write the export of a finished round into `out_dir`; returns the model's path."""
+    import tensorflow as tf
     if fmt not in FORMATS:
         raise DsalError(f"--format {fmt!r} is not one of {sorted(FORMATS)}")
     run_cfg, r, unet, normalizer = load_round(cfg, which)
@@ -122,8 +123,6 @@ def export_model(cfg: Config, out_dir: str | Path, fmt: str = "savedmodel", whic
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / ("model.onnx" if fmt == "onnx" else "savedmodel")
-    import tensorflow as tf
-
     eager = tf.config.functions_run_eagerly()
     tf.config.run_functions_eagerly(False)  # an export is a traced graph, even where functions run eagerly
     try:

@@ -92,16 +92,21 @@ def hd95(a: np.ndarray, b: np.ndarray, spacing: Spacing = 1.0) -> float:
     The percentile is taken over the pooled distances of both directions (a->b and b->a),
     with numpy's linear interpolation. 0.0 if both masks are empty, nan if exactly one is.
     """
-    d = _symmetric(a, b, spacing)
-    return d if isinstance(d, float) else float(np.percentile(d, 95))
+    return _surface_summary(a, b, spacing)[0]
 
 
 def asd(a: np.ndarray, b: np.ndarray, spacing: Spacing = 1.0) -> float:
     """Average symmetric surface distance: the mean over the pooled boundary pixels of both masks,
     (sum d(a->b) + sum d(b->a)) / (|∂A| + |∂B|). 0.0 if both masks are empty, nan if exactly one is.
     """
+    return _surface_summary(a, b, spacing)[1]
+
+
+def _surface_summary(a: np.ndarray, b: np.ndarray, spacing: Spacing) -> tuple[float, float, float]:
+    """`(hd95, asd, hd95_penalized)` from one set of pooled surface distances (two distance transforms)."""
     d = _symmetric(a, b, spacing)
-    return d if isinstance(d, float) else float(np.mean(d))
+    hd, mean = (d, d) if isinstance(d, float) else (float(np.percentile(d, 95)), float(np.mean(d)))
+    return hd, mean, diagonal(np.shape(_as_bool(a)), spacing) if np.isnan(hd) else hd
 
 
 def diagonal(shape: Sequence[int], spacing: Spacing = 1.0) -> float:
@@ -112,8 +117,7 @@ def diagonal(shape: Sequence[int], spacing: Spacing = 1.0) -> float:
 
 def hd95_penalized(a: np.ndarray, b: np.ndarray, spacing: Spacing = 1.0) -> float:
     """`hd95`, but an empty-versus-nonempty pair scores the image diagonal instead of nan."""
-    d = hd95(a, b, spacing)
-    return diagonal(np.shape(_as_bool(a)), spacing) if np.isnan(d) else d
+    return _surface_summary(a, b, spacing)[2]
 
 
 METRICS = {"dice": dice, "iou": iou, "hd95": hd95, "asd": asd, "hd95_penalized": hd95_penalized}
@@ -138,12 +142,7 @@ def _three_axes(gt: np.ndarray, pred: np.ndarray, layout: str) -> tuple[np.ndarr
 def pair_metrics(gt: np.ndarray, pred: np.ndarray, spacing: Spacing = 1.0) -> dict[str, float]:
     """All of `METRICS` for one mask pair, the same values as calling each; the surface distances
     (two distance transforms) are computed once for the three surface metrics, not once each."""
-    d = _symmetric(gt, pred, spacing)
-    if isinstance(d, float):  # both empty (0.0) or one empty (nan)
-        hd, mean = d, d
-    else:
-        hd, mean = float(np.percentile(d, 95)), float(np.mean(d))
-    penalized = diagonal(np.shape(_as_bool(gt)), spacing) if np.isnan(hd) else hd
+    hd, mean, penalized = _surface_summary(gt, pred, spacing)
     return {"dice": float(dice(gt, pred)), "iou": float(iou(gt, pred)), "hd95": hd, "asd": mean,
             "hd95_penalized": penalized}
 

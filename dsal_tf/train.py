@@ -384,22 +384,19 @@ def fit(job: FitJob) -> dict[str, list[float]]:
     reset_seed_generators(model, job.seed)  # dropout draws the same masks straight through or resumed
     fg_images = len(foreground_rows(job.y)) if cfg.collapse_patience else 0
     job.callbacks = _callbacks(cfg, out_dir, job.epochs, fg_images, len(job.y))
-    checkpoints = [c for c in job.callbacks if isinstance(c, BestCheckpoint)]
+    checkpoint = next(c for c in job.callbacks if isinstance(c, BestCheckpoint))
     try:
         history = get_trainer(cfg.trainer).fit_job(job)
     except BaseException:  # NaN, collapse, Ctrl-C: the best weights so far go to disk, as those errors say
-        for c in checkpoints:
-            try:
-                c.flush()
-            except OSError:  # a full disk now: the error that stopped the fit says more
-                pass
+        try:
+            checkpoint.flush()
+        except OSError:  # a full disk now: the error that stopped the fit says more
+            pass
         raise
-    for c in checkpoints:  # written at the fit's end already; a trainer that does not end a Keras fit
-        c.flush()
+    checkpoint.flush()  # done at the fit's end already, unless a trainer ended without a Keras fit
     best = out_dir / CHECKPOINT
-    saved = next((c.weights for c in job.callbacks if isinstance(c, BestCheckpoint) and c.weights is not None), None)
-    if saved is not None:  # the weights just written to `best`, without reading the file back
-        model.set_weights(saved)
+    if checkpoint.weights is not None:  # the weights just written to `best`, without reading the file back
+        model.set_weights(checkpoint.weights)
     elif best.is_file():
         model.set_weights(keras.models.load_model(best, compile=False).get_weights())
     else:  # zero epochs: the starting weights are this round's model

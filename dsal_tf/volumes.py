@@ -71,17 +71,6 @@ def volume_stem(path: str | Path) -> str:
     return Path(name).stem
 
 
-def is_volume_dataset(data_path: str | Path) -> bool:
-    """True when the first split folder that exists holds NIfTI files: the dataset is 3D."""
-    from .data import SPLITS
-
-    for split in SPLITS:
-        folder = Path(data_path) / f"{split}Img"
-        if folder.is_dir():
-            return bool(list_volumes(folder))
-    return False
-
-
 def _label_candidates(img: Path, gt_dir: Path, naming: str) -> list[Path]:
     stem = volume_stem(img)
     isic = [gt_dir / f"{stem}_segmentation{ext}" for ext in NIFTI_EXTS]

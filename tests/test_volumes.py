@@ -102,7 +102,7 @@ def test_pairs_under_both_naming_rules(tmp_path):
         _save(root / "trainGT" / label_name, np.zeros((4, 4, 4), np.uint8))
         [(img, label)] = V.find_volume_pairs(root, "train")
         assert label.name == label_name and V.volume_stem(img) == "v1"
-        assert V.is_volume_dataset(root)
+        assert V.dataset_rank(root) == 3
     _save(tmp_path / "same" / "trainImg" / "v2.nii", np.zeros((4, 4, 4), np.float32))
     with pytest.raises(DsalError) as e:
         V.find_volume_pairs(tmp_path / "same", "train")
