@@ -42,6 +42,7 @@ ITERATIONS = 5
 # place. The table says so (COLLAPSED).
 SEEDS = (0, 2, 3)
 # rows that collapsed on their own (soft Dice from scratch), kept as findings
+COLLAPSED_ROWS = {("full", 2)}  # (row, seed) the queue no longer runs: they collapse again, deterministically
 ROW_COLLAPSES = ["Full supervision, seed 2 (140 volumes from scratch, soft Dice) collapsed the same way: val Dice "
                  "0.0003 at epoch 6, stopped by the collapse guard (70e995d); it has no row."]
 COLLAPSED = {1: "round 0 collapsed to all-background (val Dice 0.0003 at epoch 5; COLLAPSE_PATIENCE stopped it). "
