@@ -99,6 +99,14 @@ def precision_jobs() -> list[Job]:
     return jobs
 
 
+def plan_budget_jobs() -> list[Job]:
+    """Issue 25: does `--preset auto` keep its budget, planning included (bench/plan_budget.py)?"""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from plan_budget import CASES
+
+    return [Job(f"plan/{case}", "none", (sys.executable, "bench/plan_budget.py", "run", case)) for case in CASES]
+
+
 def robust_and_boostmis_jobs() -> list[Job]:
     """The full robust-trainer tables (3 noise settings, seeds 0-2) and BoostMIS on ISIC through compare."""
     jobs = [Job(f"robust/{kind}-r{rate}", "none", (sys.executable, "bench/robust_isic.py", "--data", ISIC,
@@ -111,7 +119,7 @@ def robust_and_boostmis_jobs() -> list[Job]:
 def hippocampus_jobs() -> list[Job]:
     """Issue 25's volume table (bench/hippocampus.py): every row of seed 0 first, so one seed gives a table."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from hippocampus import ROWS, compare_argv  # seed 1 collapses: see there
+    from hippocampus import ROWS, compare_argv  # seeds 1 and 3 collapse: see there
     from hippocampus import COLLAPSED_ROWS, SEEDS as HIPPOCAMPUS_SEEDS
 
     return [Job(f"hippocampus/{row}/s{seed}", "hippocampus", dsal(*compare_argv(HIPPOCAMPUS, row, seed)))
@@ -169,6 +177,7 @@ def plan() -> list[Job]:
             + covid[9:] + [noisy[(400, seed)] for seed in SEEDS] + precision[5:]
             + hippocampus_jobs() + semisup + robust_and_boostmis_jobs() + rows("dsal@reference", "claspe")
             + rows("dsal+size_strata") + [compare_128_job(seed) for seed in SEEDS]
+            + plan_budget_jobs()
             + [Job("speed/scale", "none", (sys.executable, "bench/bench_scale.py", "--sizes", "500,4000,10000,30000",
                                           "--fresh-cache"))])
 
