@@ -129,7 +129,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "settings"}
 PRESETS: dict[str, dict[str, Any]] = {
     # Embedded synthetic data; the whole loop finishes on 2 CPU cores in a few minutes.
     "demo": {},
-    # Planned from the data on first use (`dsal plan`, dsal_tf/plan.py), stored in the run folder.
+    # Planned from the data on first use (`dsal plan`, dsal_tf/plan/), stored in the run folder.
     "auto": {},
     # The DSAL reference code's ISIC 2017 protocol (its src/constants.py, docs/methods.md#dsal): greyscale
     # inputs divided by 255 (its z_score = False), no augmentation, one soft Dice over the whole batch.
