@@ -119,8 +119,8 @@ def robust_and_boostmis_jobs() -> list[Job]:
 def hippocampus_jobs() -> list[Job]:
     """Issue 25's volume table (bench/hippocampus.py): every row of seed 0 first, so one seed gives a table."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from hippocampus import ROWS, compare_argv  # seeds 1 and 3 collapse: see there
-    from hippocampus import COLLAPSED_ROWS, SEEDS as HIPPOCAMPUS_SEEDS
+    from hippocampus import COLLAPSED_ROWS, ROWS, compare_argv  # seeds 1 and 3 collapse: see there
+    from hippocampus import SEEDS as HIPPOCAMPUS_SEEDS
 
     return [Job(f"hippocampus/{row}/s{seed}", "hippocampus", dsal(*compare_argv(HIPPOCAMPUS, row, seed)))
             for seed in HIPPOCAMPUS_SEEDS for row in (*ROWS, "full") if (row, seed) not in COLLAPSED_ROWS]
@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=("run", "status"))
     ap.add_argument("--exp-dir", type=Path, default=ROOT / "exp")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--only", default=None, help="Run only the jobs whose id starts with this (or with one of a comma-separated list).")
+    ap.add_argument("--only", default=None, help="Run only the jobs whose id starts with this "
+                    "(or with one of a comma-separated list).")
     ap.add_argument("--list", action="store_true", help="Print the jobs and their commands, run nothing.")
     ap.add_argument("--commit", action="store_true", help="git-commit the results folder after every job.")
     args = ap.parse_args(argv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -148,9 +149,14 @@ def cli() -> None:
 @user_errors
 def run(constants, set_pairs, full_supervision, **options) -> None:
     """Run (or resume) the active-learning loop."""
+    started = time.perf_counter()
     cfg = build_config(constants, set_pairs, **options)
     ensure_data(cfg)
-    if cfg.preset == "auto":  # plan from the data on first use; the plan is stored in the run folder
+    from .run import Run
+
+    plan_file = Run.of(cfg).plan_file if cfg.preset == "auto" else None
+    planned_here = plan_file is not None and not plan_file.is_file()
+    if plan_file is not None:  # plan from the data on first use; the plan is stored in the run folder
         from .plan import explicit_values, plan_for_run
 
         cfg = plan_for_run(cfg, explicit_values(constants, {**parse_set_options(set_pairs), **options}), log=_echo,
@@ -168,6 +174,10 @@ def run(constants, set_pairs, full_supervision, **options) -> None:
         raise DsalError(f"{cfg.run_dir} is driven by dsal serve ({holder}); it runs the rounds itself: stop "
                         "that server first to run the loop from the command line")
     run_dir = run_active_learning(cfg, constants_path=constants)
+    if plan_file is not None:  # planned against actual minutes, in plan.json
+        from .plan import record_actual
+
+        record_actual(plan_file, run_dir, time.perf_counter() - started, planned_here, log=_echo)
     _echo(f"done: {run_dir} (evaluate with: python test.py --exp {cfg.name})")
 
 

@@ -4,6 +4,7 @@ Layout:
     constants.py        snapshot of the constants file the run started from
     config.json         the resolved configuration
     normalizer.json     training-pool statistics used for z-score
+    plan.json           `PRESET = "auto"`: the plan (`dsal_tf/plan/`), with planned against actual minutes
     learning_curve.csv  one row per round (the loop's `CURVE_FIELDS`)
     STOPPED             why the loop ended for good (a stop rule), when it did
     evaluation.csv      test-split evaluation, one row per round (`dsal evaluate`)
@@ -42,6 +43,7 @@ from .volume_space import VolumeNormalizer
 CONFIG = "config.json"
 CONSTANTS = "constants.py"
 NORMALIZER = "normalizer.json"
+PLAN = "plan.json"
 CURVE = "learning_curve.csv"
 STOPPED = "STOPPED"
 EVALUATION = "evaluation.csv"
@@ -122,6 +124,10 @@ class Run:
     @property
     def normalizer_file(self) -> Path:
         return self.path / NORMALIZER
+
+    @property
+    def plan_file(self) -> Path:
+        return self.path / PLAN
 
     @property
     def curve_file(self) -> Path:

@@ -12,7 +12,17 @@ from click.testing import CliRunner
 from dsal_tf.cli import cli
 from dsal_tf.config import load_config, resolve
 from dsal_tf.errors import DsalError
-from dsal_tf.plan import choose, fingerprint, make_plan, predict_seconds, probe_verdict, schedule, size_ladder
+from dsal_tf.plan import (
+    choose,
+    fingerprint,
+    make_plan,
+    predict_seconds,
+    probe_verdict,
+    record_actual,
+    schedule,
+    size_ladder,
+)
+from dsal_tf.plan.core import MIN_PROBE_STEPS, PROBE_SHARE, PROBE_STEPS, Planning, choose_learning, probe_target
 
 # the planner times and probes the compiled step a run takes (eager steps would mislead it)
 pytestmark = pytest.mark.compiled
@@ -171,7 +181,7 @@ def test_plan_budget_rule_with_fake_timings(tmp_path):
     assert best["meets_size_rule"]
     better = [c for c in tight["candidates"] if (c["img_rows"], c["base_filters"] >= 16)
               > (best["img_rows"], best["base_filters"] >= 16) and c["meets_size_rule"]]
-    assert better and all(c["predicted_s"] > 6 for c in better)
+    assert better and all(c["predicted_s"] > 6 - tight["plan_s"] for c in better)  # planning counts against 6 s
 
 
 def test_no_fit_cuts_epochs(tmp_path):
@@ -215,8 +225,13 @@ def test_preset_auto_plans_once_and_stores_the_plan(tiny_data, tmp_path):
     assert saved["preset"] == "auto" and saved["img_rows"] == 48 and saved["base_filters"] == 2
     assert saved["nb_iterations"] == 1 and saved["nb_labeled"] == plan["choice"]["settings"]["nb_labeled"]
     assert saved["nb_labeled"] == math.ceil(24 * 600 / 1600)
+    actual = plan["actual"]  # the finished run wrote its minutes beside the prediction
+    assert actual["rounds"] == 2 and actual["planned_in_this_command"] and actual["total_s"] >= plan["plan_s"]
+    assert actual["train_s"] > 0 and "PRESET auto: planned" in first.output
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and "using the stored plan" in again.output
+    assert "took" in again.output and "(resumed)" in again.output
+    assert not json.loads((run / "plan.json").read_text())["actual"]["planned_in_this_command"]
 
 
 @pytest.mark.parametrize("before,after,learned", [(0.03, 0.2, True), (0.03, 0.004, False), (0.03, 0.045, False),
@@ -229,10 +244,15 @@ def test_probe_verdict(before, after, learned):
         assert "fell towards all-background" in why
 
 
-def _fake_probe(learns):
-    """Soft Dice 0.03 -> 0.2 where `learns(cfg)`, else -> 0.004 (a collapse); no clock involved."""
-    return lambda cfg: dict(steps=100, soft_dice_before=0.03, soft_dice_after=0.2 if learns(cfg) else 0.004,
-                            train_step_s=None)
+def _fake_probe(learns, calls=None):
+    """Soft Dice 0.03 -> 0.2 where `learns(cfg)`, else -> 0.004 (a collapse); no clock involved. Each call's
+    (input side, base filters, steps) is appended to `calls`."""
+    def probe(cfg, steps):
+        if calls is not None:
+            calls.append((cfg.img_rows, cfg.base_filters, steps))
+        return dict(steps=steps, soft_dice_before=0.03, soft_dice_after=0.2 if learns(cfg) else 0.004,
+                    train_step_s=None)
+    return probe
 
 
 def _plan(data, learns, **kw):
@@ -274,3 +294,87 @@ def test_full_supervision_plans_the_whole_pool(tmp_path):
             if (c["img_rows"], c["base_filters"]) == (s["img_rows"], s["base_filters"])][0]
     per_epoch = math.ceil(16 / s["batch_size"]) * best["train_step_s"] + best["eval_step_s"]  # 4 val images: 1 batch
     assert pred["train_s"] == pytest.approx(s["nb_initial_epochs"] * per_epoch, abs=0.02) and pred["score_s"] == 0
+
+
+# ------------------------------------------------------------------ planning inside its budget (issue 25)
+def _row(side, filters, step_s, predicted_s, trace_s=0.0, rule=True):
+    return dict(img_rows=side, img_cols=side, base_filters=filters, batch_size=16, train_step_s=step_s,
+                trace_s=trace_s, predicted_s=predicted_s, meets_size_rule=rule)
+
+
+def test_probe_target_by_hand():
+    big, small, other = _row(256, 32, 7.0, 100, trace_s=10), _row(256, 16, 0.5, 50, trace_s=5), _row(64, 16, 0.1, 9,
+                                                                                                    rule=False)
+    # 45 s: 0.8 x (45 - 10) / 7 = 4 steps at the choice; 0.8 x (45 - 5) / 0.5 = 64 at the cheaper 256 (not at the
+    # faster 64x64, which is on the other side of the size rule)
+    assert probe_target(big, [big, small, other], 45.0) == (small, 64)
+    assert probe_target(big, [big, small, other], 10_000.0) == (big, PROBE_STEPS)  # capped
+    assert probe_target(big, [big, small, other], 20.0) is None  # 0.8 x 15 / 0.5 = 24 < MIN_PROBE_STEPS
+    assert MIN_PROBE_STEPS == 30
+
+
+def _planning(budget_s, planned_s_ago=0.0):
+    import time
+
+    return Planning(fp={}, fixed={}, base={}, n_pool=10, n_val=2, memory=2**30, load_s=0.0, budget_s=budget_s,
+                    started=time.perf_counter() - planned_s_ago)
+
+
+def test_planning_time_counts_against_the_budget():
+    rows = [_row(128, 16, 0.1, 70), _row(64, 16, 0.05, 30)]
+    best, *_ = choose_learning(_planning(120.0), rows, {}, None, [])
+    assert best["img_rows"] == 128  # 70 s fits 120
+    best, why, *_ = choose_learning(_planning(120.0, planned_s_ago=60.0), rows, {}, None, [])
+    assert best["img_rows"] == 64 and "minutes the budget leaves after planning" in why  # 60 s left
+
+
+def test_a_probe_takes_a_share_of_the_budget_and_a_stand_in_when_short():
+    calls = []
+    big, small = _row(256, 32, 7.0, 100, trace_s=10), _row(256, 16, 0.5, 50, trace_s=5)
+    configs = {(256, 256, 32, 16): resolve(dict(img_rows=256, img_cols=256, base_filters=32)),
+               (256, 256, 16, 16): resolve(dict(img_rows=256, img_cols=256, base_filters=16))}
+    plan = _planning(900.0)  # a 15-minute budget: the probes may take 90 s, the first half of it
+    best, _, recipe, learned = choose_learning(plan, [big, small], configs, _fake_probe(lambda c: True, calls),
+                                               [{}], reserve=PROBE_SHARE * 900.0)
+    assert best is big and recipe == {} and learned["probed_at"] == "256x256 f16"
+    assert calls == [(256, 16, int(0.8 * (45 - 5) / 0.5))]  # 64 steps of the 0.5-s candidate, never 100 of 7 s
+    calls.clear()
+    big2, small2 = dict(big), _row(256, 16, 2.0, 50, trace_s=5)  # even the stand-in has no room for 30 steps
+    best, _, _, learned = choose_learning(_planning(900.0), [big2, small2], configs,
+                                          _fake_probe(lambda c: True, calls), [{}], reserve=90.0)
+    assert calls == [] and learned is None and "leaves no room" in best["not_probed"]
+
+
+def test_the_probe_step_time_corrects_the_prediction(tmp_path):
+    """The probe's warm step time, as a ratio to the measured one, scales the choice's training step."""
+    data = _small_structures(tmp_path)
+
+    def probe(cfg, steps):
+        measured = _fake_measure(cfg)["train_step_s"]
+        return dict(steps=steps, soft_dice_before=0.03, soft_dice_after=0.2, train_step_s=1.5 * measured)
+
+    plain = make_plan(data, budget_minutes=1000, measure=_fake_measure, log=lambda m: None)
+    slower = make_plan(data, budget_minutes=1000, measure=_fake_measure, log=lambda m: None, probe=probe)
+    assert slower["probe"]["chosen"]["step_margin"] == pytest.approx(1.5)
+    assert slower["probe"]["train_step_s_from"] == "probe"
+    assert slower["choice"]["predicted"]["train_s"] > 1.3 * plain["choice"]["predicted"]["train_s"]
+
+
+def test_record_actual_writes_planned_against_actual(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    plan = {"budget_minutes": 12, "plan_s": 90.0,
+            "choice": {"predicted": {"load_s": 5.0, "trace_s": 5.0, "train_s": 400.0, "score_s": 100.0,
+                                     "total_s": 510.0}}}
+    (run / "plan.json").write_text(json.dumps(plan))
+    (run / "learning_curve.csv").write_text("round,n_oracle,n_pseudo,val_dice,train_s,score_s,stop\n"
+                                            "0,10,0,0.5,300.5,0,\n1,20,0,0.6,150.0,60.25,\n")
+    lines = []
+    actual = record_actual(run / "plan.json", run, 700.0, True, log=lines.append)
+    assert actual == {"rounds": 2, "train_s": 450.5, "score_s": 60.2, "command_s": 700.0,
+                      "planned_in_this_command": True, "total_s": 700.0, "planned_total_s": 600.0,
+                      "within_budget": True}
+    assert json.loads((run / "plan.json").read_text())["actual"] == actual
+    assert "planned 10.0 min of 12 (planning 1.5), took 11.7 min" in lines[0]
+    resumed = record_actual(run / "plan.json", run, 800.0, False, log=lines.append)
+    assert "total_s" not in resumed and "(resumed)" in lines[1]

@@ -20,7 +20,12 @@ nnU-Net's self-configuration, for this product and for the machine at hand:
 5. **Learning probe** (`probe_learning`, `probe_verdict`): the would-be choice trains
    `PROBE_STEPS` steps on the pool; if its training soft Dice does not rise, the next recipe
    (`RECIPES`: nnU-Net's Dice + cross-entropy over the batch), then the next candidate, is tried.
-   Refusals and their reasons stay in `plan.json`; the probe's step time replaces the 3-step one.
+   Refusals and their reasons stay in `plan.json`; the probe's warm step time corrects the 3-step one.
+   Planning counts against the budget (`Planning.left_s`), and the probes take at most `PROBE_SHARE` of it
+   (`probe_target`: fewer steps, or a cheaper stand-in, or no probe and a warning).
+
+When a `PRESET = "auto"` run ends, `record_actual` writes its actual minutes into `plan.json` beside the
+prediction.
 
 `make_plan` runs all five, as named steps over one `Planning` (see its docstring), and returns a
 JSON-able dict; `write_plan` saves `plan.json` and a ready constants file. `PRESET = "auto"` runs the
@@ -88,13 +93,13 @@ def make_plan(
     log: Callable[[str], None] = print,
     sample: int = INTENSITY_SAMPLE,
     full_supervision: bool = False,
-    probe: Callable[[Config], dict] | None = None,
+    probe: Callable[[Config, int], dict] | None = None,
 ) -> dict[str, Any]:
     """Fingerprint `data_path`, measure candidates, probe the choice, and choose the settings (a JSON-able dict).
 
     `fixed`: settings the user set (constants file, command line); they hold in every candidate.
     `full_supervision`: plan the run `--full-supervision` makes (the whole pool labelled, no rounds).
-    `measure(cfg) -> timing dict` defaults to `measure_steps`, `probe(cfg) -> probe dict` to
+    `measure(cfg) -> timing dict` defaults to `measure_steps`, `probe(cfg, steps) -> probe dict` to
     `probe_learning`; with injected timings and no probe, nothing is probed (tests).
 
     A folder of NIfTI volumes goes to `make_volume_plan` (volumes.py), images to `make_image_plan` (images.py),
@@ -183,7 +188,9 @@ def plan_for_run(cfg: Config, user: dict[str, Any], log: Callable[[str], None] =
     """`PRESET = "auto"`: plan on first use, store `plan.json` in the run folder, and resolve
     planned settings < constants file < command line. A resumed run reuses its stored plan.
     `full_supervision`: the run is `--full-supervision`; the plan predicts and fits that protocol."""
-    path = cfg.run_dir / "plan.json"
+    from ..run import Run
+
+    path = Run.of(cfg).plan_file
     if path.is_file():
         plan = json.loads(path.read_text())
         log(f"PRESET auto: using the stored plan {path}")
@@ -197,7 +204,39 @@ def plan_for_run(cfg: Config, user: dict[str, Any], log: Callable[[str], None] =
     return resolve({**settings, "preset": "auto"}, source=f"the plan {path} and your settings")
 
 
+def record_actual(plan_file: str | Path, run_dir: str | Path, command_s: float, planned_here: bool,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write the finished run's actual minutes beside the plan's prediction (`plan.json`'s `actual`) and log the
+    two: training and scoring summed over the rounds of `run_dir`'s learning curve, and the command's wall time
+    `command_s`, which is the whole job when the plan was made by the same command (`planned_here`; a resumed
+    run's earlier commands are not counted)."""
+    import pandas as pd
+
+    from ..files import atomic_write_text
+    from ..run import Run
+
+    plan_file = Path(plan_file)
+    plan = json.loads(plan_file.read_text())
+    curve = pd.read_csv(Run(run_dir).curve_file)
+    predicted = plan["choice"]["predicted"]
+    actual = {"rounds": int(len(curve)), "train_s": round(float(pd.to_numeric(curve["train_s"]).sum()), 1),
+              "score_s": round(float(pd.to_numeric(curve["score_s"]).sum()), 1), "command_s": round(command_s, 1),
+              "planned_in_this_command": planned_here}
+    planned_s = plan["plan_s"] + predicted["total_s"]
+    if planned_here:
+        actual.update(total_s=round(command_s, 1), planned_total_s=round(planned_s, 1),
+                      within_budget=command_s <= 60.0 * plan["budget_minutes"])
+    plan["actual"] = actual
+    atomic_write_text(plan_file, json.dumps(plan, indent=2, default=float))
+    took = f"took {command_s / 60:.1f} min" + ("" if planned_here else " in this command (resumed)")
+    log(f"PRESET auto: planned {planned_s / 60:.1f} min of {plan['budget_minutes']:g} (planning "
+        f"{plan['plan_s'] / 60:.1f}), {took}; training {predicted['train_s'] / 60:.1f} planned / "
+        f"{actual['train_s'] / 60:.1f} actual, scoring {predicted['score_s'] / 60:.1f} / {actual['score_s'] / 60:.1f} "
+        f"min ({plan_file})")
+    return actual
+
+
 __all__ = ["fingerprint", "component_areas", "size_ladder", "schedule", "predict_seconds", "choose",
            "choose_learning", "probe_learning", "probe_verdict", "measure_steps", "make_plan", "write_plan",
            "plan_for_run", "table", "explicit_values", "volume_fingerprint", "component_voxels", "patch_ladder",
-           "make_volume_plan", "measure_volume_steps", "probe_volume_learning", "volume_table"]
+           "make_volume_plan", "measure_volume_steps", "probe_volume_learning", "volume_table", "record_actual"]

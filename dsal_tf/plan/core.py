@@ -10,6 +10,7 @@ planners plan alike. Imports neither planner: each hands its own candidates in (
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -37,6 +38,13 @@ INITIAL_STEPS, ROUND_STEPS = 450, 200  # optimizer steps of the initial model an
 PROBE_STEPS = 100  # optimizer steps of the learning probe
 PROBE_MIN_RISE = 0.02  # the probe's training soft Dice must rise by this much, or the candidate is refused
 MAX_PROBES = 4  # probes per plan; none of them learning is an error
+# Planning counts against the budget, and the probes together take at most PROBE_SHARE of it: each probe gets half
+# of what is left of that share. Fewer than MIN_PROBE_STEPS steps say little about learning (and the step time
+# needs 10 steps of warm-up), so a probe that short moves to the cheapest candidate on the same side of the size
+# rule, and when that is short too the plan is not probed (a warning says so). Before (issue 25), a 15-minute plan
+# probed 100 steps of a 7-s step on 80 small images and was still planning after 10 minutes.
+PROBE_SHARE = 0.1
+MIN_PROBE_STEPS = 30
 # Tried in order on the would-be choice (a recipe touching a setting the user fixed is skipped); the second is
 # nnU-Net's. Probe on covid_ct (issue 20), 128x128, 8 filters, 60 steps: per-image soft Dice 0.023 -> 0.0001
 # (all-background), bce_dice + batch Dice 0.023 -> 0.106; on the demo set the first learns.
@@ -128,14 +136,15 @@ def choose(candidates: list[dict], budget_s: float) -> tuple[dict, str]:
     if fits:
         best = max(fits, key=preference)
         why = (f"largest candidate whose predicted run time ({best['predicted_s'] / 60:.1f} min) fits the "
-               f"{budget_s / 60:.0f}-minute budget (preferring the size rule, >= 16 base filters, then more "
-               "pixels, then more filters)")
+               f"{budget_s / 60:.1f} minutes the budget leaves after planning (preferring the size rule, >= 16 base "
+               "filters, then more pixels, then more filters)")
         if not best["meets_size_rule"]:
             why += "; WARNING: no candidate meeting the size rule fits, structures may vanish"
         return best, why
     pool = [c for c in measured if c["meets_size_rule"]] or measured
     best = min(pool, key=lambda c: c["predicted_s"])
-    return best, (f"no candidate fits the {budget_s / 60:.0f}-minute budget; the fastest one"
+    return best, (f"no candidate fits the {budget_s / 60:.1f} minutes the budget leaves after planning; the "
+                  "fastest one"
                   f"{' meeting the size rule' if best['meets_size_rule'] else ''} "
                   f"({best['predicted_s'] / 60:.1f} min) with epochs cut to fit")
 
@@ -254,8 +263,9 @@ class Planning:
     """What the steps of `make_plan` share: the fingerprint, the settings the user fixed (lower-case keys),
     the settings from the fingerprint alone, the pool and validation sizes, the memory planned against,
     the predicted data-loading seconds, the budget in seconds, whether the run is full supervision, how many
-    batches each pass has (`predict_seconds`; None: images) and how a ladder size becomes a candidate
-    (`images.candidate`, or `volumes.volume_candidate`: each planner sets its own)."""
+    batches each pass has (`predict_seconds`; None: images), how a ladder size becomes a candidate
+    (`images.candidate`, or `volumes.volume_candidate`: each planner sets its own) and when planning started
+    (`time.perf_counter()`: planning counts against the budget, `left_s`)."""
 
     fp: dict
     fixed: dict[str, Any]
@@ -268,6 +278,11 @@ class Planning:
     full_supervision: bool = False
     batches: Batches | None = None
     make: Callable[..., tuple[Config, dict]] | None = None
+    started: float = 0.0
+
+    def left_s(self, reserve: float = 0.0) -> float:
+        """Seconds of the budget left for the run: the budget less the planning so far and `reserve`."""
+        return self.budget_s - (time.perf_counter() - self.started) - reserve
 
 
 def pool_counts(data_path: str | Path, fp: dict, fixed: dict[str, Any], items: str) -> tuple[int, int]:
@@ -314,11 +329,12 @@ def measure_candidate(plan: Planning, cfg: Config, row: dict, measure: Callable[
 
 
 def search_candidates(plan: Planning, ladder: list[dict], measure: Callable[[Config], dict],
-                      log: Callable[[str], None] = print) -> tuple[list[dict], dict[tuple, Config]]:
+                      log: Callable[[str], None] = print,
+                      reserve: float = 0.0) -> tuple[list[dict], dict[tuple, Config]]:
     """Measure candidates: the size ladder upwards (from the smallest size meeting the size rule) at each
-    filter count, stopping at the first size over budget; costs grow with size and filters, so nothing
-    skipped could fit. 32 filters only at sizes where 16 fit; 8 only if no 16 fits. Returns the candidate
-    rows in the order measured and their settings by `candidate_key`."""
+    filter count, stopping at the first size over what is left of the budget (`plan.left_s(reserve)`); costs
+    grow with size and filters, so nothing skipped could fit. 32 filters only at sizes where 16 fit; 8 only if
+    no 16 fits. Returns the candidate rows in the order measured and their settings by `candidate_key`."""
     rows: dict[tuple, dict] = {}
     configs: dict[tuple, Config] = {}
     make = plan.make
@@ -333,7 +349,7 @@ def search_candidates(plan: Planning, ladder: list[dict], measure: Callable[[Con
             key = candidate_key(row)
             if key not in rows:
                 rows[key], configs[key] = measure_candidate(plan, cfg, row, measure, log), cfg
-            if rows[key]["predicted_s"] > plan.budget_s:
+            if rows[key]["predicted_s"] > plan.left_s(reserve):
                 break
             if filters == 16:
                 fit16.append(size)
@@ -341,14 +357,17 @@ def search_candidates(plan: Planning, ladder: list[dict], measure: Callable[[Con
 
 
 def fit_choice(plan: Planning, cfg: Config, best: dict, learned: dict | None) -> tuple[Config, dict[str, float]]:
-    """The chosen settings with epochs cut to the budget where needed (unless the user fixed them), and their
-    predicted run time; the learning probe's step time, when it has one, replaces the measured one."""
+    """The chosen settings with epochs cut to what planning left of the budget where needed (unless the user fixed
+    them), and their predicted run time. The learning probe's warm step time corrects the measured one: the
+    choice's training step is scaled by the probed candidate's ratio of probed to measured step time (the choice's
+    own probe time when it was probed itself)."""
     timing = dict(best)
-    if learned is not None and learned.get("train_step_s"):
-        timing["train_step_s"] = learned["train_step_s"]  # 100 real steps beat 3 synthetic ones
-    over = predict_seconds(cfg, timing, plan.n_pool, plan.n_val, plan.load_s, plan.batches)["total_s"] > plan.budget_s
+    if learned is not None and learned.get("step_margin"):
+        timing["train_step_s"] = best["train_step_s"] * learned["step_margin"]
+    budget_s = plan.left_s()
+    over = predict_seconds(cfg, timing, plan.n_pool, plan.n_val, plan.load_s, plan.batches)["total_s"] > budget_s
     if over and not {"nb_initial_epochs", "nb_active_epochs"} & set(plan.fixed):
-        cfg = fit_epochs(cfg, timing, plan.n_pool, plan.n_val, plan.load_s, plan.budget_s, plan.batches)
+        cfg = fit_epochs(cfg, timing, plan.n_pool, plan.n_val, plan.load_s, budget_s, plan.batches)
     return cfg, predict_seconds(cfg, timing, plan.n_pool, plan.n_val, plan.load_s, plan.batches)
 
 
@@ -360,6 +379,8 @@ def protocol_reasons(plan: Planning, reasons: dict[str, str], best: dict, recipe
         reasons.update(nb_labeled="full supervision: the whole pool",
                        nb_initial_epochs=reasons["nb_initial_epochs"] + "; full supervision trains the initial "
                        "epochs plus every round's on the whole pool, as `--full-supervision` does")
+    if best.get("not_probed"):
+        reasons["loss"] += f"; not probed: {best['not_probed']}"
     if learned is not None:
         verdict = best["probes"][0]["reason"]
         reasons["loss"] = reasons["batch_dice"] = (
@@ -392,42 +413,97 @@ class Decision:
         """The plan's `probe` entry (None when nothing was probed)."""
         if not probed:
             return None
-        return {"steps": PROBE_STEPS, "min_rise": PROBE_MIN_RISE, "recipes": self.recipes, "chosen": self.learned,
-                "train_step_s_from": "probe" if self.learned and self.learned.get("train_step_s") else "measured steps"}
+        return {"max_steps": PROBE_STEPS, "min_steps": MIN_PROBE_STEPS, "budget_share": PROBE_SHARE,
+                "min_rise": PROBE_MIN_RISE, "recipes": self.recipes, "chosen": self.learned,
+                "not_probed": self.best.get("not_probed"),
+                "train_step_s_from": "probe" if self.learned and self.learned.get("step_margin") else "measured steps"}
+
+    def warnings(self, plan: Planning, budget_minutes: float) -> list[str]:
+        """What the user should know about the budget and the probe."""
+        out = []
+        if self.predicted["total_s"] > plan.left_s():
+            out.append(f"nothing fits the {budget_minutes:g}-minute budget on this machine now: the run needs "
+                       f"{self.predicted['total_s'] / 60:.1f} min after {(plan.budget_s - plan.left_s()) / 60:.1f} min "
+                       "of planning; raise --budget-minutes (or PLAN_BUDGET_MINUTES)")
+        if self.best.get("not_probed"):
+            out.append(f"the learning probe did not run ({self.best['not_probed']}): the loss is not checked; a larger "
+                       "budget checks it")
+        return out
 
 
 def decide(plan: Planning, ladder: list[dict], measure: Callable[[Config], dict], probe: Callable | None,
            log: Callable[[str], None] = print) -> Decision:
     """The steps images and volumes share: `search_candidates` over the ladder, `choose_learning` with the
     recipes the user's settings allow, and `fit_choice`."""
-    rows, configs = search_candidates(plan, ladder, measure, log)
+    reserve = PROBE_SHARE * plan.budget_s if probe is not None else 0.0
+    rows, configs = search_candidates(plan, ladder, measure, log, reserve)
     recipes = [r for r in RECIPES if not set(r) & set(plan.fixed)]
-    best, reason, recipe, learned = choose_learning(rows, configs, plan.budget_s, probe, recipes, log)
+    best, reason, recipe, learned = choose_learning(plan, rows, configs, probe, recipes, log, reserve)
     cfg, predicted = fit_choice(plan, configs[candidate_key(best)].replace(**recipe), best, learned)
     return Decision(rows, configs, recipes, best, reason, recipe, learned, cfg, predicted)
 
 
-def choose_learning(rows: list[dict], configs: dict[tuple, Config], budget_s: float, probe: Callable | None,
-                    recipes: list[dict], log: Callable[[str], None] = print) -> tuple[dict, str, dict, dict | None]:
-    """`choose`, then the learning probe on the choice, recipe by recipe, until one learns: returns
-    (candidate, reason, recipe, probe result). A candidate none of whose recipes learns is marked
-    `refused` with the reasons and the next preferred one is probed; `MAX_PROBES` in all.
-    Without a probe: `choose` alone."""
+def probe_steps(row: dict, allowance_s: float) -> int:
+    """Training steps of a probe of the measured candidate `row` that fit `allowance_s` seconds: its warm-up
+    (`trace_s`), then steps at its measured step time, with a fifth of the allowance kept for the probe's two
+    scoring passes; `PROBE_STEPS` at most."""
+    return max(0, min(PROBE_STEPS, int(0.8 * (allowance_s - row.get("trace_s", 0.0)) / row["train_step_s"])))
+
+
+def probe_target(best: dict, rows: list[dict], allowance_s: float) -> tuple[dict, int] | None:
+    """Where to probe `best` within `allowance_s`, and for how many steps: `best` itself if `MIN_PROBE_STEPS` fit,
+    else the cheapest unrefused candidate on the same side of the size rule if they fit there, else None."""
+    steps = probe_steps(best, allowance_s)
+    if steps >= MIN_PROBE_STEPS:
+        return best, steps
+    same = [c for c in rows if "refused" not in c and c["meets_size_rule"] == best["meets_size_rule"]]
+    cheap = min(same, key=lambda c: c["train_step_s"])
+    steps = probe_steps(cheap, allowance_s)
+    return (cheap, steps) if steps >= MIN_PROBE_STEPS else None
+
+
+def choose_learning(plan: Planning, rows: list[dict], configs: dict[tuple, Config], probe: Callable | None,
+                    recipes: list[dict], log: Callable[[str], None] = print,
+                    reserve: float = 0.0) -> tuple[dict, str, dict, dict | None]:
+    """`choose` within what is left of the budget after planning so far and the probes' `reserve`, then the
+    learning probe `probe(cfg, steps)` on the choice, recipe by recipe, until one learns: returns (candidate,
+    reason, recipe, probe result). A candidate none of whose recipes learns is marked `refused` with the reasons
+    and the next preferred one is probed; `MAX_PROBES` in all. Each probe gets half of what is left of `reserve`
+    (`probe_target`: the choice, or a cheaper stand-in; a stand-in's verdict on a recipe is reused, not probed
+    again); when none fits, the choice stays unprobed (`not_probed`). Without a probe: `choose` alone."""
     done: list[str] = []
+    verdicts: dict[tuple, dict] = {}  # (probed candidate, recipe) -> probe result
+    spent = 0.0
     while True:
         left = [c for c in rows if "refused" not in c]
         if not left or len(done) >= MAX_PROBES:
             raise DsalError(f"no planned candidate learned in the probe ({'; '.join(done)}); set LOSS=\"bce_dice\", "
                             "BATCH_DICE=True or NORM=\"instance\" with --set, or check the masks")
-        best, reason = choose(left, budget_s)
+        best, reason = choose(left, plan.left_s(max(0.0, reserve - spent)))
         if probe is None:
             return best, reason, {}, None
-        key = candidate_key(best)
         for recipe in recipes[:MAX_PROBES - len(done)]:
-            result = probe(configs[key].replace(**recipe))
+            target = probe_target(best, left, (reserve - spent) / 2)
+            if target is None:
+                best["not_probed"] = (f"{PROBE_SHARE:.0%} of the budget, {reserve / 60:.1f} min, leaves no room for "
+                                      f"{MIN_PROBE_STEPS} probe steps")
+                log(f"  probe skipped: {best['not_probed']}")
+                return best, reason, {}, None
+            at, steps = target
+            memo = (candidate_key(at), json.dumps(recipe, sort_keys=True))
+            if memo not in verdicts:
+                t = time.perf_counter()
+                verdicts[memo] = probe(configs[candidate_key(at)].replace(**recipe), steps)
+                spent += time.perf_counter() - t
+            result = dict(verdicts[memo])
+            if at is not best:
+                result["probed_at"] = key_label(candidate_key(at))
+            if result.get("train_step_s"):
+                result["step_margin"] = round(result["train_step_s"] / at["train_step_s"], 4)
             ok, why = probe_verdict(result["soft_dice_before"], result["soft_dice_after"], result["steps"])
             best.setdefault("probes", []).append({"recipe": recipe, **result, "learned": ok, "reason": why})
-            done.append(f"{key_label(key)} {recipe or 'as planned'}: {why}")
+            done.append(f"{key_label(candidate_key(best))} {recipe or 'as planned'}"
+                        + (f" (probed at {result['probed_at']})" if "probed_at" in result else "") + f": {why}")
             log(f"  probe {done[-1]}")
             if ok:
                 return best, reason, recipe, {**result, "reason": why}

@@ -322,15 +322,16 @@ def base_settings(fp: dict) -> dict[str, tuple[Any, str]]:
 
 
 def planning(data_path: str | Path, fp: dict, fixed: dict[str, Any], budget_minutes: float,
-             full_supervision: bool = False, memory: int | None = None) -> Planning:
-    """The `Planning` of `data_path` from its fingerprint; `memory` defaults to this machine's (`memory_bytes`)."""
+             full_supervision: bool = False, memory: int | None = None, started: float | None = None) -> Planning:
+    """The `Planning` of `data_path` from its fingerprint; `memory` defaults to this machine's (`memory_bytes`),
+    `started` (when planning began, `time.perf_counter()`) to now."""
     memory = memory_bytes() if memory is None else memory
     n_pool, n_val = pool_counts(data_path, fp, fixed, "images")
     base = {k: v for k, (v, _) in base_settings(fp).items()}
     workers = min(8, os.cpu_count() or 1)
     load_s = fp["decode_s_per_image"] * (n_pool + n_val) / workers
     return Planning(fp, fixed, base, n_pool, n_val, memory, load_s, 60.0 * budget_minutes, full_supervision,
-                    make=candidate)
+                    make=candidate, started=time.perf_counter() if started is None else started)
 
 
 def candidate(plan: Planning, size: dict, filters: int) -> tuple[Config, dict]:
@@ -370,8 +371,8 @@ def plan_reasons(plan: Planning, cfg: Config, best: dict, reason: str, recipe: d
     return protocol_reasons(plan, reasons, best, recipe, learned, PLANNED)
 
 
-def plan_warnings(plan: Planning, predicted: dict[str, float], budget_minutes: float) -> list[str]:
-    """What the user should know about the data or the budget."""
+def plan_warnings(plan: Planning) -> list[str]:
+    """What the user should know about the data (the budget's warnings are `Decision.warnings`)."""
     fp = plan.fp
     warnings = []
     if fp["intensity"]["looks_like_ct_hu"]:
@@ -379,9 +380,6 @@ def plan_warnings(plan: Planning, predicted: dict[str, float], budget_minutes: f
                         "(e.g. lung -1000..400 HU) into 8-bit PNGs first")
     if fp["intensity"]["grey_stored_as_rgb"]:
         warnings.append("the images are grey stored as RGB: COLOR = gray uses a third of the input")
-    if predicted["total_s"] > plan.budget_s:
-        warnings.append(f"nothing fits the {budget_minutes:g}-minute budget on this machine now: the plan needs "
-                        f"{predicted['total_s'] / 60:.1f} min; raise --budget-minutes (or PLAN_BUDGET_MINUTES)")
     if fp["masks"]["masks_read"] == 0:
         warnings.append("no masks found: the size rule could not be applied")
     return warnings
@@ -390,7 +388,7 @@ def plan_warnings(plan: Planning, predicted: dict[str, float], budget_minutes: f
 def make_image_plan(data_path: str | Path, budget_minutes: float, fixed: dict[str, Any],
                     measure: Callable[[Config], dict] | None = None, log: Callable[[str], None] = print,
                     sample: int = INTENSITY_SAMPLE, full_supervision: bool = False,
-                    probe: Callable[[Config], dict] | None = None) -> dict[str, Any]:
+                    probe: Callable[[Config, int], dict] | None = None) -> dict[str, Any]:
     """`make_plan` for a folder of 2-D images (`fixed` already lower-case, with DATA_PATH). The steps, in order:
     `fingerprint`, `planning`, `size_ladder`, then the shared `search_candidates`, `choose_learning` and
     `fit_choice` (`decide`), `plan_reasons`, `plan_warnings`."""
@@ -399,7 +397,7 @@ def make_image_plan(data_path: str | Path, budget_minutes: float, fixed: dict[st
     probe = probe or (probe_learning if measure is None else None)
     measure = measure or measure_steps
     plan = planning(data_path, fp, fixed, budget_minutes, full_supervision,
-                    memory=None if measure is measure_steps else 64 * 2**30)
+                    memory=None if measure is measure_steps else 64 * 2**30, started=t0)
     ladder = size_ladder(fp, int(fixed.get("depth", Config.depth)))
     d = decide(plan, ladder, measure, probe, log)
     return {
@@ -412,7 +410,7 @@ def make_image_plan(data_path: str | Path, budget_minutes: float, fixed: dict[st
         "probe": d.probe_summary(probe is not None),
         "choice": {"settings": {k: getattr(d.cfg, k) for k in PLANNED}, "predicted": d.predicted,
                    "reasons": plan_reasons(plan, d.cfg, d.best, d.reason, d.recipe, d.learned)},
-        "warnings": plan_warnings(plan, d.predicted, budget_minutes),
+        "warnings": plan_warnings(plan) + d.warnings(plan, budget_minutes),
         "plan_s": round(time.perf_counter() - t0, 1),
     }
 

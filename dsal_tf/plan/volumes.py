@@ -314,7 +314,8 @@ def volume_batches(grid) -> Batches:
 
 
 def volume_planning(data_path: str | Path, fp: dict, fixed: dict[str, Any], budget_minutes: float,
-                    full_supervision: bool = False, memory: int | None = None) -> Planning:
+                    full_supervision: bool = False, memory: int | None = None,
+                    started: float | None = None) -> Planning:
     """The `Planning` of a volume folder: as `planning`, with the volume space's batch counts and candidates and
     the load time of every split (a volume run caches all three at its start, two volumes at a time)."""
     memory = memory_bytes() if memory is None else memory
@@ -323,7 +324,8 @@ def volume_planning(data_path: str | Path, fp: dict, fixed: dict[str, Any], budg
     base = {k: v for k, (v, _) in volume_base_settings(fp, depth).items()}
     load_s = fp["load_s_per_volume"] * sum(fp["counts"].values()) / min(2, os.cpu_count() or 1)
     return Planning(fp, fixed, base, n_pool, n_val, memory, load_s, 60.0 * budget_minutes, full_supervision,
-                    batches=volume_batches(fp["grid"]), make=volume_candidate)
+                    batches=volume_batches(fp["grid"]), make=volume_candidate,
+                    started=time.perf_counter() if started is None else started)
 
 
 def pick_volume_batch(cfg: Config, patch: tuple[int, ...], memory: int, pool_voxels: int) -> int:
@@ -488,8 +490,8 @@ def _x(values) -> str:
     return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
-def volume_warnings(plan: Planning, predicted: dict[str, float], budget_minutes: float) -> list[str]:
-    """What the user should know about the volumes or the budget."""
+def volume_warnings(plan: Planning) -> list[str]:
+    """What the user should know about the volumes (the budget's warnings are `Decision.warnings`)."""
     fp, m = plan.fp, plan.fp["masks"]
     warnings = []
     small = m["component_target_voxels_min"]
@@ -497,9 +499,6 @@ def volume_warnings(plan: Planning, predicted: dict[str, float], budget_minutes:
         warnings.append(f"the smallest structure ({m['component_mm3_min']:g} mm^3) is {small:g} voxels at the target "
                         f"spacing {fp['spacing']['target']} mm, under {MIN_STRUCTURE_VOXELS}: set a finer SPACING "
                         "if such structures matter")
-    if predicted["total_s"] > plan.budget_s:
-        warnings.append(f"nothing fits the {budget_minutes:g}-minute budget on this machine now: the plan needs "
-                        f"{predicted['total_s'] / 60:.1f} min; raise --budget-minutes (or PLAN_BUDGET_MINUTES)")
     if m["masks_read"] == 0:
         warnings.append("no labels found: the size rule could not be applied")
     return warnings
@@ -507,7 +506,8 @@ def volume_warnings(plan: Planning, predicted: dict[str, float], budget_minutes:
 
 def make_volume_plan(data_path: str | Path, budget_minutes: float, fixed: dict[str, Any],
                      measure: Callable[[Config], dict] | None = None, log: Callable[[str], None] = print,
-                     full_supervision: bool = False, probe: Callable[[Config], dict] | None = None) -> dict[str, Any]:
+                     full_supervision: bool = False,
+                     probe: Callable[[Config, int], dict] | None = None) -> dict[str, Any]:
     """`make_plan` for a folder of NIfTI volumes (`fixed` already lower-case, with DATA_PATH): `volume_fingerprint`,
     `volume_planning`, `patch_ladder`, then the shared `search_candidates`, `choose_learning` and `fit_choice`
     over the volume candidates, timed (`measure_volume_steps`) and probed (`probe_volume_learning`) on a seeded
@@ -519,13 +519,13 @@ def make_volume_plan(data_path: str | Path, budget_minutes: float, fixed: dict[s
     fp = volume_fingerprint(data_path, fixed, seed=seed, log=log)
     if measure is None:
         sample, models = probe_sample(data_path, seed), {}
-        probe = probe or (lambda cfg: probe_volume_learning(cfg, *sample(cfg), seed=seed,
-                                                           model=models.pop(cfg.to_json(), None)))
+        probe = probe or (lambda cfg, steps: probe_volume_learning(cfg, *sample(cfg), steps=steps, seed=seed,
+                                                                  model=models.pop(cfg.to_json(), None)))
         measure = lambda cfg: measure_volume_steps(cfg, *sample(cfg), seed=seed, keep=models)  # noqa: E731
         memory = None
     else:
         memory = 64 * 2**30
-    plan = volume_planning(data_path, fp, fixed, budget_minutes, full_supervision, memory)
+    plan = volume_planning(data_path, fp, fixed, budget_minutes, full_supervision, memory, started=t0)
     ladder = patch_ladder(fp["resampled_shape"]["median"], fp["spacing"]["target"],
                           int(fixed.get("depth", Config.depth)), fp["masks"]["box_target_voxels"])
     d = decide(plan, ladder, measure, probe, log)
@@ -542,7 +542,7 @@ def make_volume_plan(data_path: str | Path, budget_minutes: float, fixed: dict[s
         "choice": {"settings": settings, "predicted": d.predicted,
                    "reasons": volume_reasons(plan, d.cfg, d.best, d.reason.replace("pixels", "voxels"), d.recipe,
                                              d.learned)},
-        "warnings": volume_warnings(plan, d.predicted, budget_minutes),
+        "warnings": volume_warnings(plan) + d.warnings(plan, budget_minutes),
         "plan_s": round(time.perf_counter() - t0, 1),
     }
 
