@@ -262,8 +262,8 @@ def resolve(values: dict[str, Any], source: str = "constants.py") -> Config:
 
 def auto_loss(data_path: str) -> str:
     """`LOSS = "auto"`: soft Dice on images (the reference DSAL loss, the tables' setting), Dice + BCE on
-    NIfTI volumes (nnU-Net's loss): with soft Dice alone, one of three hippocampus seeds collapsed to
-    all-background in round 0 (val Dice 0.0003), and with Dice + BCE the same seed reached 0.80
+    NIfTI volumes (nnU-Net's loss): with soft Dice alone, two of four hippocampus seeds collapsed to
+    all-background in round 0 (val Dice 0.0003), and with Dice + BCE seed 1 reached 0.80
     (bench/results/hippocampus.md). A folder with no data yet counts as images."""
     from .folders import dataset_rank
 

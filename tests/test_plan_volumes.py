@@ -230,7 +230,7 @@ def test_volume_plan_with_fake_timings(volumes):
     assert plan["space"] == "volume"
     assert (s["patch_size"], s["base_filters"]) == ((24, 32, 8), 32)  # everything fits: the median shape, 32 filters
     assert s["spacing"] == TARGET and s["volume_normalization"] == "zscore" and "ct_window" not in s
-    assert s["depth"] == DEPTH and s["loss"] == "dice" and s["foreground_oversample"] == 0.33
+    assert s["depth"] == DEPTH and s["loss"] == "bce_dice" and s["foreground_oversample"] == 0.33
     # a batch of two 16x16x8 patches already covers 4096 of the pool's 31892 voxels (> 5%): the smallest batch
     assert s["batch_size"] == 2
     # 2 initial labels (5 x 600 / 1600); one pass over them: 2 x ceil(20480 / 6144) / 2 = 4 steps -> at least 10

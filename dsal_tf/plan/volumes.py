@@ -293,6 +293,9 @@ def volume_base_settings(fp: dict, depth: int) -> dict[str, tuple[Any, str]]:
         out["volume_normalization"] = ("zscore", f"MRI (darkest voxel {it['min']:g}): no fixed scale, z-score per "
                                                  "volume")
     shared = training_settings(fp["masks"]["foreground_fraction_mean"])
+    shared["loss"] = ("bce_dice", "Dice + cross-entropy, nnU-Net's loss and the default on volumes (LOSS = \"auto\"): "
+                      "soft Dice alone collapsed to all-background in round 0 on 2 of 4 hippocampus seeds "
+                      "(bench/results/hippocampus.md)")
     return {**out, "depth": (depth, "the U-Net's depth: every patch side divides by 2**DEPTH"),
             "foreground_oversample": (VOLUME_FOREGROUND_OVERSAMPLE, "nnU-Net's share of each batch's patches centred "
                                       "on a foreground voxel"), **shared}
