@@ -54,7 +54,9 @@ CURVE_FIELDS = ["round", "n_oracle", "n_pseudo", "val_dice", "train_s", "score_s
 @dataclass
 class RoundContext:
     """What a round reads and changes (MONAI's engine state): the resolved config, the run folder,
-    the components, the pool's data and state, the validation split, the normalizer and the model."""
+    the components, the pool's data and state, the validation split, the normalizer and the model.
+    `on_phase(name)` hears when a round starts "scoring" the pool and "training" (MONAI's events: `dsal
+    serve` shows them)."""
 
     cfg: Config
     run: Run
@@ -68,6 +70,7 @@ class RoundContext:
     model: Any = None
     started: float = 0.0
     score_s: float = 0.0
+    on_phase: Callable[[str], None] = lambda name: None
 
     @property
     def round_dir(self) -> Path:
@@ -133,13 +136,16 @@ def open_run(cfg: Config, constants_path: str | Path | None = None, log: Callabl
 
 
 def run_active_learning(cfg: Config, constants_path: str | Path | None = None, log: Callable[[str], None] = print,
-                        initial_model: Path | None = None) -> Path:
+                        initial_model: Path | None = None, on_phase: Callable[[str], None] | None = None) -> Path:
     """Run (or resume) the whole loop; returns the run folder.
 
     `initial_model`: a finished round-0 folder to reuse (strategy comparisons share it per seed).
+    `on_phase(name)`: called when a round starts "scoring" and "training" (`RoundContext.on_phase`).
     Raises `AwaitingAnnotation` when a human oracle (`ORACLE = "files"`) has masks to draw; running
     again after they are imported goes on from there."""
     ctx = open_run(cfg, constants_path, log)
+    if on_phase is not None:
+        ctx.on_phase = on_phase
     info = ctx.run.stopped()
     if info is not None:
         log(f"{ctx.run.path} stopped after round {info['round']}: {info['reason']} "
@@ -244,6 +250,7 @@ def train_round(ctx: RoundContext) -> None:
     """Train on the round's oracle and pseudo labels; the round's row and DONE are written last."""
     r, rd = ctx.round, ctx.round_dir
     x, y, is_pseudo = ctx.pool.training_set(ctx.pool_data.images, ctx.pool_data.masks)
+    ctx.on_phase("training")
     ctx.log(f"round {r}/{ctx.cfg.nb_iterations}: training on {len(ctx.pool.labelled)} oracle + "
             f"{int(is_pseudo.sum())} pseudo labels for {ctx.epochs} epochs")
     with stage(rd) as st:
@@ -263,6 +270,7 @@ def query_round(ctx: RoundContext) -> str | None:
     """Score the unlabelled pool (or merge its shards), pick oracle and pseudo labels, save them and
     ask the oracle; or a stop rule's reason once the scores are known (nothing chosen then)."""
     unl = ctx.pool.unlabelled
+    ctx.on_phase("scoring")
     t = time.perf_counter()
     scores = _merged_parts(ctx.round_dir, unl, ctx.parts.space.eval_batch_size, ctx.log)
     if scores is None:

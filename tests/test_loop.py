@@ -44,7 +44,9 @@ def test_two_rounds_end_to_end_then_resume_and_evaluate(tiny_run, tmp_path):
     (run / "round_02" / "best.keras").unlink()
     before = (run / "round_01" / "best.keras").stat().st_mtime_ns
     logs.clear()
-    run_active_learning(tiny_cfg.replace(nb_iterations=3), log=logs.append)
+    phases = []  # round 2 reuses its selection and trains; round 3 scores, then trains (dsal serve's states)
+    run_active_learning(tiny_cfg.replace(nb_iterations=3), log=logs.append, on_phase=phases.append)
+    assert phases == ["training", "scoring", "training"]
     assert any("resuming" in m for m in logs) and any("reusing the saved selection" in m for m in logs)
     assert completed_rounds(run) == [0, 1, 2, 3]
     logs.clear()

@@ -257,7 +257,7 @@ class Backend:
         self.state, self.problem = "training", None
         try:
             self.store.import_round(r, self.log)
-            run_active_learning(self.cfg, log=self._progress)
+            run_active_learning(self.cfg, log=self.log, on_phase=self._phase)
             self.state = "finished"
         except AwaitingAnnotation as wait:
             self.log(str(wait))
@@ -270,13 +270,9 @@ class Backend:
         if self.studio is not None and self.state == "waiting":
             self.studio.publish(self)
 
-    def _progress(self, message: str) -> None:
-        """The loop's log lines; they also say when training ends and scoring starts."""
-        if ": val Dice" in message:
-            self.state = "scoring"
-        elif "training on" in message:
-            self.state = "training"
-        self.log(message)
+    def _phase(self, name: str) -> None:
+        """The loop's phases ("scoring", "training") are the server's state while it runs."""
+        self.state = name
 
 
 def _objects(value, key: str) -> list[dict]:
