@@ -127,12 +127,13 @@ def build(cfg: Config) -> Components:
     """The run's components, checked (nothing is written here)."""
     check_names(cfg)
     pseudo = PSEUDO_POLICIES[pseudo_name(cfg)]
+    space = space_for(cfg)
     return Components(
         query=QUERY_STRATEGIES[cfg.query_strategy].from_config(cfg),
         pseudo=pseudo.from_config(cfg),
         trainer=TRAINERS[cfg.trainer],
-        oracle=ORACLES[cfg.oracle].from_config(cfg),
-        space=space_for(cfg),
+        oracle=ORACLES[cfg.oracle].from_config(cfg, space),
+        space=space,
         stop_rules=tuple(rule.from_config(cfg) for rule in STOP_RULES.values()),
     )
 

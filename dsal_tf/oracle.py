@@ -83,7 +83,8 @@ class Oracle:
         self.settings = settings if settings is not None else self.Settings()
 
     @classmethod
-    def from_config(cls, cfg) -> Oracle:
+    def from_config(cls, cfg, space=None) -> Oracle:
+        """The oracle of `cfg`; `space`: the run's space (`space_for(cfg)`), where the oracle writes files."""
         return cls(cls.Settings.from_config(cfg))
 
     def first_labels(self, features, known: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -126,10 +127,12 @@ class FileOracle(Oracle):
         self.space = space  # the run's space (`space_for`): writes the request's masks
 
     @classmethod
-    def from_config(cls, cfg) -> FileOracle:
-        from .space import space_for
+    def from_config(cls, cfg, space=None) -> FileOracle:
+        if space is None:
+            from .space import space_for
 
-        return cls(cls.Settings.from_config(cfg), space_for(cfg))
+            space = space_for(cfg)
+        return cls(cls.Settings.from_config(cfg), space)
 
     def known(self, pool: Split) -> np.ndarray:
         return pool.has_mask.copy()
