@@ -6,7 +6,8 @@ Writes into the run folder:
                               one of prediction and ground truth empty), left out of those means
     round_XX/test_metrics.csv per test image
     learning_curve.png        test Dice against the number of expert labels
-    overlays/round_XX.png     image with ground-truth (green) and prediction (red) contours
+    overlays/round_XX.png     first and last round: NB_OVERLAYS test items with ground-truth (green) and
+                              prediction (red) contours (a volume: three planes, `overlays.py`)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .data import Normalizer, Split
 from .errors import DsalError
 from .files import atomic_write
 from .metrics import batch_metrics
+from .overlays import write_grid
 from .run import Run, round_name
 from .space import eval_batch_size, predict_main, space_for  # noqa: F401 (predict_main re-exported)
 
@@ -54,26 +56,6 @@ def evaluate_model(model, test: Split, normalizer: Normalizer, batch_size: int) 
     pred = (prob > 0.5).astype(np.uint8)
     per_image = pd.DataFrame({"name": test.names, **batch_metrics(test.masks, pred)})
     return per_image, pred
-
-
-def overlay_grid(images: np.ndarray, gt: np.ndarray, pred: np.ndarray, path: Path, n: int) -> None:
-    """Side-by-side tiles with ground-truth (green) and predicted (red) contours."""
-    import cv2
-
-    tiles = []
-    scale = max(1, 192 // images.shape[1])  # small model inputs are shown enlarged
-    for img, g, p in zip(images[:n], gt[:n], pred[:n]):
-        tile = img if img.shape[-1] == 3 else np.repeat(img, 3, axis=-1)
-        size = (tile.shape[1] * scale, tile.shape[0] * scale)
-        tile = np.ascontiguousarray(cv2.resize(tile, size, interpolation=cv2.INTER_CUBIC))
-        for mask, color in ((g, (0, 255, 0)), (p, (255, 0, 0))):
-            mask = cv2.resize(mask[..., 0].astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-            cv2.drawContours(tile, contours, -1, color, 1)
-        tiles.append(tile)
-    if tiles:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(tiles, axis=1), cv2.COLOR_RGB2BGR))
 
 
 def plot_curve(table: pd.DataFrame, path: Path, title: str) -> None:
@@ -119,8 +101,8 @@ def evaluate_run(cfg: Config, rounds: list[int] | None = None, log: Callable[[st
         atomic_write(folder.test_metrics(r), lambda tmp: per_image.to_csv(tmp, index=False))
         rows.append({"round": r, "n_oracle": int(curve.loc[r, "n_oracle"]),
                      "n_pseudo": int(curve.loc[r, "n_pseudo"]), **summarize(per_image)})
-        if r in (rounds[0], rounds[-1]) and cfg.nb_overlays and space.rank == 2:
-            overlay_grid(test.images, test.masks, pred, run / "overlays" / f"{round_name(r)}.png", cfg.nb_overlays)
+        if r in (rounds[0], rounds[-1]) and cfg.nb_overlays:
+            write_grid(space.overlay_rows(test, pred, cfg.nb_overlays), run / "overlays" / f"{round_name(r)}.png")
     table = pd.DataFrame(rows)
     atomic_write(folder.evaluation_file, lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"))
     if table["n_undefined"].any():

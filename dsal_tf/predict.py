@@ -227,8 +227,8 @@ def predict_image_files(space: ImageSpace, model, normalizer: Normalizer, files:
 # ------------------------------------------------------------------ 3D volumes
 def checked_volumes(space: VolumeSpace, folder: Path, settings: PredictSettings) -> list[Path]:
     """The NIfTI volumes of `folder` for a volume run, checked from their headers before any is
-    predicted: a 2D image or a 2D NIfTI (the run is 3D), a 4D or unreadable file, two files of one
-    name, or `--overlays` (drawn on 2D images): one line naming the file or option and the fix."""
+    predicted: a 2D image or a 2D NIfTI (the run is 3D), a 4D or unreadable file, or two files of one
+    name: one line naming the file and the fix."""
     name = space.cfg.name
     images = list_images(folder)
     if images:
@@ -237,9 +237,6 @@ def checked_volumes(space: VolumeSpace, folder: Path, settings: PredictSettings)
     files = list_volumes(folder)
     if not files:
         raise DsalError(f"input folder {folder} has no volumes ({', '.join(NIFTI_EXTS)})")
-    if settings.overlays:
-        raise DsalError("--overlays draws on 2D images; drop it and open each mask over its volume in "
-                        "ITK-SNAP or 3D Slicer")
     names: dict[str, Path] = {}
     for f in files:
         stem = volume_stem(f)
@@ -269,18 +266,22 @@ def _flat_shape(path: Path) -> tuple | None:
 def predict_volume_files(space: VolumeSpace, model, normalizer, files: list[Path], out_dir: Path,
                          settings: PredictSettings, done=lambda n: None) -> tuple[list[dict], list[Path]]:
     """One mask per volume, named as its file (`.nii.gz` or `.nii`), on its grid with its affine and
-    header (`volume_space.predict_file`), and `probabilities/<file>` on request: one row per written
+    header (`volume_space.predict_file`), and on request `probabilities/<file>` and `overlays/<name>.jpg`
+    (the mask's contour in red on three planes through its largest cross-sections): one row per written
     mask, and the files whose voxels could not be read (the others are written)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     probabilities = out_dir / "probabilities" if settings.probabilities else None
-    if probabilities is not None:
-        probabilities.mkdir(exist_ok=True)
+    overlays = out_dir / "overlays" if settings.overlays else None
+    for folder in (probabilities, overlays):
+        if folder is not None:
+            folder.mkdir(exist_ok=True)
     batch_size = settings.batch_size or space.cfg.batch_size
     rows, failed = [], []
     for f in files:
         try:
             got = predict_file(model, f, out_dir / f.name, normalizer, batch_size,
-                               None if probabilities is None else probabilities / f.name)
+                               None if probabilities is None else probabilities / f.name,
+                               None if overlays is None else overlays / f"{volume_stem(f)}.jpg")
         except DsalError:  # the headers were checked: the voxels are truncated or corrupt
             failed.append(f)
         else:

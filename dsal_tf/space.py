@@ -201,6 +201,13 @@ class ImageSpace:
         pred = (self.predict(model, split.images, normalizer) > THRESHOLD).astype(np.uint8)
         return pd.DataFrame({"name": split.names, **batch_metrics(split.masks, pred)}), pred
 
+    def overlay_rows(self, split: Split, pred: np.ndarray, n: int) -> list[list[np.ndarray]]:
+        """`test.py`'s picture of the first `n` items of `split` and their predicted masks `pred`: one row of
+        tiles, ground truth green and prediction red (`overlays.tile`)."""
+        from .overlays import tile
+
+        return [[tile(split.images[i], split.masks[i], pred[i]) for i in range(min(n, len(split.names)))]]
+
     # ------------------------------------------------------------------ masks on disk
     def masks_at_original_size(self, model, images, files: list[Path], normalizer: Normalizer) -> list[np.ndarray]:
         """The model's {0,1} uint8 masks for model-size `images`, each at the original size of its file."""

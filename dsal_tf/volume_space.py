@@ -386,12 +386,12 @@ def smoothed_dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def predict_file(model, image_path: Path, out_path: Path, normalizer: VolumeNormalizer,
-                 batch_size: int = 2, probabilities_path: Path | None = None) -> dict:
+                 batch_size: int = 2, probabilities_path: Path | None = None, overlay_path: Path | None = None) -> dict:
     """Predict one NIfTI volume that was never cached (`dsal predict`): read, normalise and resample
     it as the run's volumes were (`normalizer` records how), slide the windows over it, write the
     main head's mask on the input's grid with its affine and header (and its probabilities at
-    `probabilities_path`), and return its DSAL agreement (on the network's grid), the mask's
-    foreground in voxels and its shape."""
+    `probabilities_path`, a picture of three planes at `overlay_path`), and return its DSAL agreement
+    (on the network's grid), the mask's foreground in voxels and its shape."""
     window = normalizer.ct_window if normalizer.normalization == "ct" else None
     case = load_case(image_path, None, normalizer.spacing or None, normalizer.normalization, window)
     heads = SlidingInferer(model, normalizer.patch_size, batch_size).volume(case.image[..., None])
@@ -402,6 +402,10 @@ def predict_file(model, image_path: Path, out_path: Path, normalizer: VolumeNorm
     write_mask(out_path, mask, case.source)
     if probabilities_path is not None:
         write_probabilities(probabilities_path, prob, case.source)
+    if overlay_path is not None:
+        from .overlays import volume_tiles, write_grid
+
+        write_grid([volume_tiles(case.source.array, None, mask, case.source.spacing)], overlay_path)
     return {"agreement": 0.5 * (smoothed_dice(b0, b1) + smoothed_dice(b0, b2)), "foreground": int(mask.sum()),
             "shape": case.source.shape}
 
@@ -787,6 +791,18 @@ class VolumeSpace:
             truth = self.to_original(split.masks[i], path, 0)
             rows.append({"name": split.names[i], **volume_metrics(truth, mine, read_header(path).spacing)})
         return pd.DataFrame(rows), pred
+
+    def overlay_rows(self, split: Split, pred: np.ndarray, n: int) -> list[list[np.ndarray]]:
+        """`test.py`'s picture of the first `n` volumes of `split` and their predicted masks `pred` (padded grid):
+        one row a volume, its three planes through the ground truth's largest cross-sections, each volume cropped
+        to its own box (`overlays.volume_tiles`)."""
+        from .overlays import volume_tiles
+
+        rows = []
+        for i in range(min(n, len(split.names))):
+            box = (*self.geometry(split.files[i]).box, 0)
+            rows.append(volume_tiles(split.images[i][box], split.masks[i][box], pred[i][box], self.layout.spacing))
+        return rows
 
     def masks_at_original_size(self, model, images, files: list[Path], normalizer) -> list[np.ndarray]:
         """The model's {0,1} uint8 masks `[D,H,W]` of padded `images`, each on its file's grid."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import cv2
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -472,6 +473,8 @@ def test_the_active_learning_loop_runs_on_a_volume_folder(volume_data, tmp_path,
     per_volume = pd.read_csv(run.test_metrics(2))
     assert list(per_volume["name"]) == [n for n, _, _ in TEST] and per_volume["dice"].between(0, 1).all()
     assert len(table) == 1
+    picture = cv2.imread(str(run.path / "overlays" / "round_02.png"))  # a row of three planes per test volume
+    assert picture is not None and picture.shape[0] == 192 * min(cfg.nb_overlays, len(TEST))
 
 
 def test_a_volume_scores_the_same_whatever_the_padding_around_it(tiny_unet):
