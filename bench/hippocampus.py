@@ -61,6 +61,17 @@ def compare_argv(data: str, row: str, seed: int) -> tuple[str, ...]:
             "--full-supervision" if row == "full" else "--no-full-supervision", *sets)
 
 
+def full_supervision_line(s, steps: int) -> list[str]:
+    """The summary's full-supervision row against nnU-Net's Dice (nothing while that row has not run)."""
+    full = s[s["strategy"] == "full"]
+    if not len(full):
+        return []
+    dice = float(full["final_dice_mean"].iloc[0])
+    return ["", f"Full supervision reaches {dice:.4f} test Dice ({dice - NNUNET_DICE:+.4f} against nnU-Net's "
+            f"{NNUNET_DICE} on nnActive's split, with nnU-Net's own network and its default 1000 epochs of 250 steps; "
+            f"ours trains {steps} steps)."]
+
+
 def table(exp_dir: Path) -> str:
     folder = exp_dir / NAME
     records = queue_records(exp_dir, "hippocampus/")
@@ -87,14 +98,8 @@ def table(exp_dir: Path) -> str:
     s = summary(folder)
     if s is not None:
         lines += ["", "## Summary (final round; seconds per round after round 0)", "", md(s)]
-        full = s[s["strategy"] == "full"]
-        if len(full):
-            dice = float(full["final_dice_mean"].iloc[0])
-            epochs = SETTINGS["NB_INITIAL_EPOCHS"] + ITERATIONS * SETTINGS["NB_ACTIVE_EPOCHS"]
-            steps = epochs * SETTINGS["STEPS_PER_EPOCH"]
-            lines += ["", f"Full supervision reaches {dice:.4f} test Dice ({dice - NNUNET_DICE:+.4f} against nnU-Net's "
-                      f"{NNUNET_DICE} on nnActive's split, with nnU-Net's own network and its default 1000 epochs of "
-                      f"250 steps; ours trains {steps} steps)."]
+        epochs = SETTINGS["NB_INITIAL_EPOCHS"] + ITERATIONS * SETTINGS["NB_ACTIVE_EPOCHS"]
+        lines += full_supervision_line(s, epochs * SETTINGS["STEPS_PER_EPOCH"])
     d = differences(folder)
     if d is not None:
         lines += ["", "## Paired differences (bootstrap 95% interval over test volumes and seeds)", "", md(d)]

@@ -99,6 +99,17 @@ def precision_jobs() -> list[Job]:
     return jobs
 
 
+def hippocampus_planned_jobs() -> list[Job]:
+    """Issue 25's volume table on planned settings (bench/hippocampus_planned.py), every row of a seed first."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from hippocampus_planned import PREFIX, ROWS
+    from hippocampus_planned import SEEDS as PLANNED_SEEDS
+
+    return [Job(f"{PREFIX}{row}/s{seed}", "hippocampus-planned",
+                (sys.executable, "bench/hippocampus_planned.py", "row", row, str(seed), "--data", HIPPOCAMPUS))
+            for seed in PLANNED_SEEDS for row in (*ROWS, "full")]
+
+
 def plan_budget_jobs() -> list[Job]:
     """Issue 25: does `--preset auto` keep its budget, planning included (bench/plan_budget.py)?"""
     sys.path.insert(0, str(ROOT / "bench"))
@@ -177,7 +188,7 @@ def plan() -> list[Job]:
             + covid[9:] + [noisy[(400, seed)] for seed in SEEDS] + precision[5:]
             + hippocampus_jobs() + semisup + robust_and_boostmis_jobs() + rows("dsal@reference", "claspe")
             + rows("dsal+size_strata") + [compare_128_job(seed) for seed in SEEDS]
-            + plan_budget_jobs()
+            + plan_budget_jobs() + hippocampus_planned_jobs()
             + [Job("speed/scale", "none", (sys.executable, "bench/bench_scale.py", "--sizes", "500,4000,10000,30000",
                                           "--fresh-cache"))])
 
@@ -194,6 +205,7 @@ def collect(table: str, exp_dir: Path, results: Path) -> None:
     argv = {"isic2017": ["bench/collect_results.py"],
             "precision": ["bench/bench_precision.py", "dice", "--exp-dir", str(exp_dir)],
             "hippocampus": ["bench/hippocampus.py", "--exp-dir", str(exp_dir)],
+            "hippocampus-planned": ["bench/hippocampus_planned.py", "table", "--exp-dir", str(exp_dir)],
             "semisup-al": ["bench/semisup_isic.py", "al-table", "--exp-dir", str(exp_dir)]}.get(table)
     if argv:  # "none": the job's own script writes its table
         subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, check=False)
