@@ -61,6 +61,20 @@ def compare_argv(data: str, row: str, seed: int) -> tuple[str, ...]:
             "--full-supervision" if row == "full" else "--no-full-supervision", *sets)
 
 
+def result_sections(folder: Path, steps: int | None) -> list[str]:
+    """The summary (with full supervision against nnU-Net, `steps` a row's optimizer steps) and the paired
+    differences of a compare folder, as far as its runs have finished."""
+    lines = []
+    s = summary(folder)
+    if s is not None:
+        lines += ["", "## Summary (final round; seconds per round after round 0)", "", md(s)]
+        lines += full_supervision_line(s, steps) if steps is not None else []
+    d = differences(folder)
+    if d is not None:
+        lines += ["", "## Paired differences (bootstrap 95% interval over test volumes and seeds)", "", md(d)]
+    return lines
+
+
 def full_supervision_line(s, steps: int) -> list[str]:
     """The summary's full-supervision row against nnU-Net's Dice (nothing while that row has not run)."""
     full = s[s["strategy"] == "full"]
@@ -95,15 +109,8 @@ def table(exp_dir: Path) -> str:
               "seconds per round are wall time on the 2-core machine while development work (tests) ran beside the "
               "queue; `random` seed 0 (8.7 min), `claspe` seed 0 and the seed-2 rows were paused with SIGSTOP while "
               "the test suite or a benchmark ran alone, so their minutes overstate. Dice does not depend on either."]
-    s = summary(folder)
-    if s is not None:
-        lines += ["", "## Summary (final round; seconds per round after round 0)", "", md(s)]
-        epochs = SETTINGS["NB_INITIAL_EPOCHS"] + ITERATIONS * SETTINGS["NB_ACTIVE_EPOCHS"]
-        lines += full_supervision_line(s, epochs * SETTINGS["STEPS_PER_EPOCH"])
-    d = differences(folder)
-    if d is not None:
-        lines += ["", "## Paired differences (bootstrap 95% interval over test volumes and seeds)", "", md(d)]
-    return "\n".join(lines) + "\n"
+    epochs = SETTINGS["NB_INITIAL_EPOCHS"] + ITERATIONS * SETTINGS["NB_ACTIVE_EPOCHS"]
+    return "\n".join(lines + result_sections(folder, epochs * SETTINGS["STEPS_PER_EPOCH"])) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

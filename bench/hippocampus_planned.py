@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from compare_table import differences, md, queue_records, runs_grid, summary  # noqa: E402
-from hippocampus import ITERATIONS, ROWS, full_supervision_line  # noqa: E402
+from compare_table import queue_records, runs_grid  # noqa: E402
+from hippocampus import ITERATIONS, ROWS, result_sections  # noqa: E402
 
 RESULTS = Path(os.environ.get("RESULTS_DIR") or ROOT / "bench" / "results")
 NAME = "compare-hippocampus-planned"
@@ -84,19 +84,11 @@ def table(exp_dir: Path) -> str:
     lines += ["", "## Runs (row x seed: minutes, peak memory of the job's process, commit)", ""]
     lines += runs_grid(queue_records(exp_dir, PREFIX), lambda row, seed: f"{PREFIX}{row}/s{seed}", (*ROWS, "full"),
                        seeds=SEEDS)
-    folder = exp_dir / NAME
-    s = summary(folder)
-    if s is not None:
-        lines += ["", "## Summary (final round; seconds per round after round 0)", "", md(s)]
-        if plan is not None:
-            settings = plan["choice"]["settings"]
-            steps = (settings["nb_initial_epochs"] + ITERATIONS * settings["nb_active_epochs"]) \
-                * settings["steps_per_epoch"]
-            lines += full_supervision_line(s, steps)
-    d = differences(folder)
-    if d is not None:
-        lines += ["", "## Paired differences (bootstrap 95% interval over test volumes and seeds)", "", md(d)]
-    return "\n".join(lines) + "\n"
+    steps = None
+    if plan is not None:
+        c = plan["choice"]["settings"]
+        steps = (c["nb_initial_epochs"] + ITERATIONS * c["nb_active_epochs"]) * c["steps_per_epoch"]
+    return "\n".join(lines + result_sections(exp_dir / NAME, steps)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
