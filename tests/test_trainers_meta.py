@@ -214,3 +214,18 @@ def test_mcpm_weighted_loss_halves_when_r_halves(loss):
                       axis=(1, 2, 3)) for h, o in ((h, np.asarray(v)) for h, v in outputs.items())}
     expected = np.mean(sum(w * bce[h] for h, w in zip(("main", "side_1", "side_2"), DS)))
     assert full == pytest.approx(expected, rel=1e-5)
+
+
+def test_pixel_bce_keeps_its_gradient_where_a_head_saturates():
+    """The per-pixel BCE the re-weighting trainers use: by hand where p is ordinary, and still pulling a
+    saturated wrong pixel back (a clip at 1e-7 gave it zero gradient)."""
+    from dsal_tf.trainers.base import pixel_bce
+
+    y = tf.constant([[1.0], [0.0], [1.0]])
+    p = tf.Variable([[0.25], [0.25], [1e-9]])
+    with tf.GradientTape() as tape:
+        loss = pixel_bce(y, p)
+    np.testing.assert_allclose(loss.numpy()[:2, 0], [-np.log(0.25), -np.log(0.75)], rtol=1e-6)
+    assert loss.numpy()[2, 0] == pytest.approx(-np.log(1e-9), rel=1e-4)
+    grad = tape.gradient(loss, p).numpy()[:, 0]
+    assert grad[2] == pytest.approx(-1e9, rel=1e-3)  # d(-log p)/dp = -1/p: the wrong pixel is pushed up

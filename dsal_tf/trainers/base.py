@@ -35,7 +35,6 @@ from ..space import item_axes
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 DS_WEIGHTS = (0.6, 0.3, 0.1)
-EPS = 1e-7
 
 
 TRAINERS: dict[str, type] = {}
@@ -104,10 +103,12 @@ def per_sample_loss(outputs: dict, y, loss_fn: LossFn, ds_weights: Sequence[floa
 
 
 def pixel_bce(y, p) -> tf.Tensor:
-    """Per-pixel (per-voxel) binary cross-entropy `[N,*spatial,1]` (the loss map MCPM's meta net reads)."""
+    """Per-pixel (per-voxel) binary cross-entropy `[N,*spatial,1]` (the loss map MCPM's meta net reads), with
+    `losses.bce_loss`'s safe log: a clip at 1e-7 had no gradient where a head saturated (issue 20)."""
     y = tf.cast(y, tf.float32)
-    p = tf.clip_by_value(tf.cast(p, tf.float32), EPS, 1.0 - EPS)
-    return -(y * tf.math.log(p) + (1.0 - y) * tf.math.log(1.0 - p))
+    p = tf.cast(p, tf.float32)
+    tiny = losses_lib.TINY
+    return -(y * tf.math.log(tf.maximum(p, tiny)) + (1.0 - y) * tf.math.log(tf.maximum(1.0 - p, tiny)))
 
 
 def pixel_weighted_loss(y, p, r, loss: str) -> tf.Tensor:
