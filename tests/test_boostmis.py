@@ -163,7 +163,9 @@ def test_boostmis_query_and_trainer_run_the_loop(tiny_data, tmp_path):
     curve = pd.read_csv(run / "learning_curve.csv")
     assert list(curve["round"]) == [0, 1]
     assert list(curve["n_oracle"]) == [8, 12]
-    assert curve["n_pseudo"].iloc[-1] > 0  # the boostmis trainer had a noisy stream
+    assert (curve["n_pseudo"] == 0).all()  # its unlabelled stream is the pool: no whole-image pseudo labels
+    history = pd.read_csv(run / "round_01" / "history.csv")
+    assert (history["kept_fraction"] > 0).any()  # pseudo labels kept on the pool's pixels
     scores = pd.read_csv(run / "round_01" / "scores.csv")
     assert scores["uncertainty"].notna().all() and (scores["uncertainty"] >= 0).all()
 
@@ -207,15 +209,12 @@ def test_boostmis_trainer_n_active_is_the_last_rounds_labels(monkeypatch):
     import dsal_tf.trainers.boostmis as tb
 
     seen = []
-    monkeypatch.setattr(tb, "fit_paired", lambda cls, *a, **k: seen.append(cls.n_active) or {})
+    monkeypatch.setattr(tb, "fit_on_pool", lambda cls, job, unlabelled: seen.append((cls.n_active, unlabelled)) or {})
     cfg = SimpleNamespace(nb_labeled=4, nb_next_sample=3, batch_size=2)
-    val = SimpleNamespace(images=None, masks=None)
-    space = SimpleNamespace(eval_stream=lambda *a, **k: None)
     for n_expert in (4, 7, 10):
-        is_noisy = np.r_[np.zeros(n_expert, bool), np.ones(5, bool)]
-        tb.BoostMISTrainer.fit_job(SimpleNamespace(cfg=cfg, is_pseudo=is_noisy, val=val, normalizer=None,
-                                                   space=space))
-    assert seen == [0, 3, 3]
+        tb.BoostMISTrainer.fit_job(SimpleNamespace(cfg=cfg, is_pseudo=np.zeros(n_expert, bool), seed=1,
+                                                   unlabelled_stream=lambda seed: f"pool batches, seed {seed}"))
+    assert seen == [(0, "pool batches, seed 2"), (3, "pool batches, seed 2"), (3, "pool batches, seed 2")]
 
 
 # ------------------------------------------------------------------ classification on feature vectors

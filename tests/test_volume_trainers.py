@@ -175,9 +175,11 @@ def _fit_two_steps(name: str) -> dict:
     model = _unet3d()
     (xn, yn), (xc, yc) = _volumes(2, 1), _volumes(2, 2)
     cls = trainers.get_trainer(name)
-    if issubclass(cls, base.PairedTrainer):
-        kwargs = {"n_active": 1, "queries": 2} if name == "boostmis" else {}
-        trainer = trainers.make_trainer(name, model, loss="bce_dice", **kwargs)
+    if name == "boostmis":  # a paired trainer on (unlabelled pool batch, expert batch)
+        trainer = trainers.make_trainer(name, model, loss="bce_dice", n_active=1, queries=2)
+        data = (xn, (xc, yc))
+    elif issubclass(cls, base.PairedTrainer):
+        trainer = trainers.make_trainer(name, model, loss="bce_dice")
         data = ((xn, yn), (xc, yc))
     elif getattr(cls, "uses_pool", False):  # the semi-supervised pool trainers: (labelled, unlabelled)
         trainer = cls(model, cls.Settings.from_config(resolve({})), DS, seed=0, total_steps=2)

@@ -1,7 +1,10 @@
-"""`boostmis`: BoostMIS's adaptive pseudo labels (docs/methods.md#adaptive-pseudo-labels) on the paired sampler.
+"""`boostmis`: BoostMIS's adaptive pseudo labels (docs/methods.md#adaptive-pseudo-labels) on the whole unlabelled pool.
 
-The noisy stream (the pseudo-labelled images) is treated as unlabelled: its given masks are not
-used. Each step the online model (`online`, the one the optimizer trains; with BOOSTMIS_LABELLER =
+Each step takes a batch of the expert images (the run's training stream) and a batch of the whole
+unlabelled pool (`FitJob.unlabelled_stream`, as the semi-supervised trainers; before issue 27 it was only
+the few images the weak labeler had picked, whose masks it then ignored). Under it the round's whole-image
+pseudo labels default to none (`uses_pool`); any that a run asks for stay out of the expert stream. Each
+step the online model (`online`, the one the optimizer trains; with BOOSTMIS_LABELLER =
 "ema" the EMA copy) looks at the weak view (the batch as sampled, with the loader's flips where
 AUGMENT is on) and gives hard per-pixel labels
 `y = 1[p > 0.5]`, kept where the confidence `max(p, 1-p)` reaches the cutoff of the pixel's class
@@ -36,7 +39,6 @@ from .base import (
     PairedSettings,
     PairedTrainer,
     ema_update,
-    fit_paired,
     fit_plain,
     head_sum,
     mean_teacher_decay,
@@ -89,6 +91,7 @@ def strong_view(x, seed_generator, contrast=0.4, offset=0.4, noise=0.2):
 @register_trainer("boostmis")
 class BoostMISTrainer(PairedTrainer):
     n_active = 0  # N_A: expert images the last round added; `fit_job` binds it per round
+    uses_pool = True  # its unlabelled stream is the pool: whole-image pseudo labels default to none
 
     @dataclass(frozen=True)
     class Settings(PairedSettings):
@@ -143,14 +146,15 @@ class BoostMISTrainer(PairedTrainer):
 
     @classmethod
     def fit_job(cls, job) -> dict:
-        # the arrays do not say which round labelled what: expert images beyond NB_LABELED, at most one round's K
+        """Plain `fit` where the pool has no unlabelled image left, else `fit_on_pool` with N_A bound: the arrays do
+        not say which round labelled what, so N_A is the expert images beyond NB_LABELED, at most one round's K."""
         cfg = job.cfg
         n_expert = int((~np.asarray(job.is_pseudo, bool)).sum())
         n_added = min(max(n_expert - cfg.nb_labeled, 0), cfg.nb_next_sample)
-        bound = type(cls.__name__, (cls,), {"n_active": n_added})
-        val_ds = job.space.eval_stream(job.val.images, job.val.masks, job.normalizer)
-        history = fit_paired(bound, job, val_ds)
-        return history if history is not None else fit_plain(job)
+        unlabelled = job.unlabelled_stream(seed=job.seed + 1)
+        if unlabelled is None:
+            return fit_plain(job)
+        return fit_on_pool(type(cls.__name__, (cls,), {"n_active": n_added}), job, unlabelled)
 
     def pseudo_labels(self, x_weak) -> tuple[tf.Tensor, tf.Tensor]:
         """Hard labels `[B,*spatial,1]` and their keep mask from the labeller's weak view; updates the status."""
@@ -161,10 +165,10 @@ class BoostMISTrainer(PairedTrainer):
         return tf.cast(cls, tf.float32), confident(conf, cls, self.status.thresholds(conf, cls))
 
     def train_step(self, data):
-        (x_noisy, _), (x_clean, y_clean) = data
-        target, keep = self.pseudo_labels(x_noisy)
+        x_unlabelled, (x_clean, y_clean) = data
+        target, keep = self.pseudo_labels(x_unlabelled)
         keep = keep * tf.cast(self.optimizer.iterations >= self.warmup, tf.float32)  # BOOSTMIS_WARMUP
-        x_strong = strong_view(x_noisy, self.seed_generator)
+        x_strong = strong_view(x_unlabelled, self.seed_generator)
         theta = self.online.trainable_variables
         with tf.GradientTape() as tape:
             out_strong = self.online(x_strong, training=True)
@@ -181,3 +185,20 @@ class BoostMISTrainer(PairedTrainer):
         self.optimizer.apply_gradients(zip(grads, theta))
         ema_update(self.segmenter, self.online, decay)
         return self.track(total, clean_loss, out_clean, y_clean, keep)
+
+
+def fit_on_pool(trainer_cls: type[BoostMISTrainer], job, unlabelled) -> dict[str, list[float]]:
+    """Train `job.model` with `trainer_cls` on `(unlabelled pool batch, expert batch)` pairs: an epoch is the
+    space's steps over the expert items (pseudo-labelled ones, if any, are left out: the pool holds them)."""
+    cfg = job.cfg
+    expert = np.flatnonzero(~np.asarray(job.is_pseudo, bool))
+    x, y = (job.x, job.y) if len(expert) == len(job.y) else (job.x[expert], job.y[expert])
+    steps = job.space.steps_per_epoch(len(expert))
+    trainer = trainer_cls.for_run(job.model, cfg, steps * max(job.epochs, 1), from_scratch=job.from_scratch)
+    trainer.compile(optimizer=trainer_cls.optimizer_for(cfg))
+    labelled = job.space.train_stream(x, y, job.normalizer, job.seed, repeat=True,
+                                      foreground_oversample=cfg.foreground_oversample)
+    ds = tf.data.Dataset.zip((unlabelled, labelled)).prefetch(tf.data.AUTOTUNE)
+    val_ds = job.space.eval_stream(job.val.images, job.val.masks, job.normalizer)
+    return trainer.fit(ds, steps_per_epoch=steps, validation_data=val_ds, epochs=job.epochs, callbacks=job.callbacks,
+                       verbose=job.verbose, shuffle=False, validation_freq=job.validation_freq).history
