@@ -7,6 +7,8 @@ Layout:
     plan.json           `PRESET = "auto"`: the plan (`dsal_tf/plan/`), with planned against actual minutes
     learning_curve.csv  one row per round (the loop's `CURVE_FIELDS`)
     STOPPED             why the loop ended for good (a stop rule), when it did
+    serve.lock          `dsal serve`: held while a server drives the run
+    label_studio.json   `dsal serve --connect`: the Label Studio project the run is connected to
     evaluation.csv      test-split evaluation, one row per round (`dsal evaluate`)
     round_XX/           round XX:
         pool.npz            the pool state the round trains on (labelled map + pseudo labels)
@@ -15,6 +17,7 @@ Layout:
         DONE                written last: the round is complete
         pseudo/             the pseudo masks as PNGs, for a person to inspect or delete
         to_annotate/        the request to a human oracle
+        label_studio/       `dsal serve`: the round's received annotations and their journal
         score_parts/        `dsal score --shard` parts of the round's scores
         member_k/           ensemble member k (best.keras, DONE)
         test_metrics.csv    per test image (`dsal evaluate`)
@@ -44,6 +47,9 @@ CONFIG = "config.json"
 CONSTANTS = "constants.py"
 NORMALIZER = "normalizer.json"
 PLAN = "plan.json"
+SERVE_LOCK = "serve.lock"
+LABEL_STUDIO = "label_studio.json"
+LABEL_STUDIO_DIR = "label_studio"
 CURVE = "learning_curve.csv"
 STOPPED = "STOPPED"
 EVALUATION = "evaluation.csv"
@@ -128,6 +134,17 @@ class Run:
     @property
     def plan_file(self) -> Path:
         return self.path / PLAN
+
+    @property
+    def serve_lock(self) -> Path:
+        return self.path / SERVE_LOCK
+
+    @property
+    def label_studio_file(self) -> Path:
+        return self.path / LABEL_STUDIO
+
+    def label_studio_dir(self, r: int) -> Path:
+        return self.round_dir(r) / LABEL_STUDIO_DIR
 
     @property
     def curve_file(self) -> Path:

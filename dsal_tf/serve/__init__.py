@@ -27,10 +27,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import DsalError
+from ..run import Run
 from .backend import Backend
 from .labels import BadRequest
 
-LOCK = "serve.lock"
 MAX_BODY = 256 * 2**20  # a bulk webhook of many large masks
 GET_ROUTES = {"/": "health", "/health": "health", "/info": "info", "/metrics": "metrics"}
 POST_ROUTES = {"/setup": "setup", "/predict": "predict", "/webhook": "webhook"}
@@ -40,7 +40,7 @@ class RunLock:
     """An exclusive lock on `exp/<name>/serve.lock` (released by the kernel when the process dies)."""
 
     def __init__(self, run: Path, url: str):
-        self.path = Path(run) / LOCK
+        self.path = Run(run).serve_lock
         self.file = self.path.open("a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -63,7 +63,7 @@ class RunLock:
 def served_by(run: Path) -> str | None:
     """Who holds `run`'s serve lock ("pid N, URL"), or None when no `dsal serve` drives it. Probes with a
     non-blocking lock on a new descriptor, so the serving process itself must not call it."""
-    path = Path(run) / LOCK
+    path = Run(run).serve_lock
     if not path.is_file():
         return None
     with path.open("a+") as f:

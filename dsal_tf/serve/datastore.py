@@ -37,7 +37,6 @@ from ..pool import Pool
 from ..run import TO_ANNOTATE, Run, round_of
 from ..space import original_size
 
-FOLDER = "label_studio"
 JOURNAL = "journal.json"
 MASKS = "masks"
 
@@ -104,7 +103,7 @@ class Datastore:
 
     # ------------------------------------------------------------------ the annotations
     def folder(self, r: int) -> Path:
-        return self.run.round_dir(r) / FOLDER
+        return self.run.label_studio_dir(r)
 
     def journal(self, r: int) -> list[dict]:
         path = self.folder(r) / JOURNAL

@@ -19,7 +19,6 @@ from ..errors import DsalError
 from ..files import atomic_write_text
 from .labels import BadRequest, label_config_xml, parse_label_config
 
-CONNECTION = "label_studio.json"
 WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
 SERVER_SETTINGS = ("start Label Studio with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true, "
                    "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=<a folder above the run>, ML_BLOCK_LOCAL_IP=false and "
@@ -80,14 +79,14 @@ class Studio:
         self._webhook()
         self.sync(backend)
         self.connected = True
-        atomic_write_text(backend.store.run.path / CONNECTION, json.dumps(self.describe(), indent=1))
+        atomic_write_text(backend.store.run.label_studio_file, json.dumps(self.describe(), indent=1))
         backend.log(f"connected {backend.cfg.name} to project {self.project} of {self.url} "
                     f"({self.url}/projects/{self.project}/data)")
 
     def _project(self, backend):
         """The project given, or the one this run used before, or the one named after it, or a new one."""
         title = f"dsal {backend.cfg.name}"
-        saved = backend.store.run.path / CONNECTION
+        saved = backend.store.run.label_studio_file
         if self.project is None and saved.is_file():
             old = json.loads(saved.read_text())
             self.project = old.get("project") if old.get("url") == self.url else None
