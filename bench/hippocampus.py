@@ -108,7 +108,8 @@ def table(exp_dir: Path) -> str:
     lines += ["", "The first job of a seed also trains the seed's initial model (shared by every row). Minutes and "
               "seconds per round are wall time on the 2-core machine while development work (tests) ran beside the "
               "queue; `random` seed 0 (8.7 min), `claspe` seed 0 and the seed-2 rows were paused with SIGSTOP while "
-              "the test suite or a benchmark ran alone, so their minutes overstate. Dice does not depend on either."]
+              "the test suite or a benchmark ran alone, so their minutes overstate; the seed-4 rows were paused three "
+              "times, about 3 min in all, for `dsal plan` checks. Dice does not depend on either."]
     epochs = SETTINGS["NB_INITIAL_EPOCHS"] + ITERATIONS * SETTINGS["NB_ACTIVE_EPOCHS"]
     return "\n".join(lines + result_sections(folder, epochs * SETTINGS["STEPS_PER_EPOCH"])) + "\n"
 
