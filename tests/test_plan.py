@@ -343,6 +343,21 @@ def test_a_probe_takes_a_share_of_the_budget_and_a_stand_in_when_short():
     best, _, _, learned = choose_learning(_planning(900.0), [big2, small2], configs,
                                           _fake_probe(lambda c: True, calls), [{}], reserve=90.0)
     assert calls == [] and learned is None and "leaves no room" in best["not_probed"]
+    # the planned loss refused at the stand-in, and no room left for nnU-Net's recipe: that one is taken unprobed
+    nnunet = {"loss": "bce_dice", "batch_dice": True}
+    big3, small3 = _row(256, 32, 7.0, 100, trace_s=10), _row(256, 16, 0.5, 50, trace_s=5)
+    refuse = _fake_probe(lambda c: c.loss == "bce_dice")
+
+    def slow_refusal(cfg, steps):  # a probe that takes 1 s: of 48 s, 24 gave 30 steps, (48 - 1) / 2 gives 29
+        import time
+
+        time.sleep(1.0)
+        return refuse(cfg, steps)
+
+    best, _, recipe, learned = choose_learning(_planning(900.0), [big3, small3], configs, slow_refusal, [{}, nnunet],
+                                               reserve=48.0)
+    assert recipe == nnunet and learned is None and "taken unprobed" in best["not_probed"]
+    assert [p["learned"] for p in best["probes"]] == [False]
 
 
 def test_the_probe_step_time_corrects_the_prediction(tmp_path):

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -278,7 +278,7 @@ class Planning:
     full_supervision: bool = False
     batches: Batches | None = None
     make: Callable[..., tuple[Config, dict]] | None = None
-    started: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
 
     def left_s(self, reserve: float = 0.0) -> float:
         """Seconds of the budget left for the run: the budget less the planning so far and `reserve`."""
@@ -470,7 +470,8 @@ def choose_learning(plan: Planning, rows: list[dict], configs: dict[tuple, Confi
     reason, recipe, probe result). A candidate none of whose recipes learns is marked `refused` with the reasons
     and the next preferred one is probed; `MAX_PROBES` in all. Each probe gets half of what is left of `reserve`
     (`probe_target`: the choice, or a cheaper stand-in; a stand-in's verdict on a recipe is reused, not probed
-    again); when none fits, the choice stays unprobed (`not_probed`). Without a probe: `choose` alone."""
+    again); when none fits, the choice and its first recipe not yet refused stay unprobed (`not_probed`). Without
+    a probe: `choose` alone."""
     done: list[str] = []
     verdicts: dict[tuple, dict] = {}  # (probed candidate, recipe) -> probe result
     spent = 0.0
@@ -484,11 +485,13 @@ def choose_learning(plan: Planning, rows: list[dict], configs: dict[tuple, Confi
             return best, reason, {}, None
         for recipe in recipes[:MAX_PROBES - len(done)]:
             target = probe_target(best, left, (reserve - spent) / 2)
-            if target is None:
+            if target is None:  # the recipe not yet refused is taken unprobed
                 best["not_probed"] = (f"{PROBE_SHARE:.0%} of the budget, {reserve / 60:.1f} min, leaves no room for "
-                                      f"{MIN_PROBE_STEPS} probe steps")
+                                      f"{MIN_PROBE_STEPS} probe steps"
+                                      + (f"; {recipe} taken unprobed after the planned loss was refused"
+                                         if best.get("probes") else ""))
                 log(f"  probe skipped: {best['not_probed']}")
-                return best, reason, {}, None
+                return best, reason, recipe, None
             at, steps = target
             memo = (candidate_key(at), json.dumps(recipe, sort_keys=True))
             if memo not in verdicts:
