@@ -153,7 +153,7 @@ def test_the_first_update_of_boostmis_ema_copy(from_scratch):
     trainer.compile(optimizer=keras.optimizers.Adam(1e-2))
     before = ema.get_weights()[0].copy()
     x_l, y_l, x_u = _batches()
-    trainer.train_step(((x_u, tf.zeros_like(y_l)), (x_l, y_l)))
+    trainer.train_step(((x_l, y_l), x_u))  # (an expert batch, a batch of the unlabelled pool)
     online = trainer.online.get_weights()[0]
     expected = online if from_scratch else 0.9 * before + 0.1 * online
     np.testing.assert_allclose(ema.get_weights()[0], expected, rtol=1e-5, atol=1e-7)

@@ -175,9 +175,9 @@ def _fit_two_steps(name: str) -> dict:
     model = _unet3d()
     (xn, yn), (xc, yc) = _volumes(2, 1), _volumes(2, 2)
     cls = trainers.get_trainer(name)
-    if name == "boostmis":  # a paired trainer on (unlabelled pool batch, expert batch)
+    if name == "boostmis":  # a paired trainer on (expert batch, unlabelled pool batch), as the pool trainers
         trainer = trainers.make_trainer(name, model, loss="bce_dice", n_active=1, queries=2)
-        data = (xn, (xc, yc))
+        data = ((xc, yc), xn)
     elif issubclass(cls, base.PairedTrainer):
         trainer = trainers.make_trainer(name, model, loss="bce_dice")
         data = ((xn, yn), (xc, yc))

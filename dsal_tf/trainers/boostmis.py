@@ -165,7 +165,7 @@ class BoostMISTrainer(PairedTrainer):
         return tf.cast(cls, tf.float32), confident(conf, cls, self.status.thresholds(conf, cls))
 
     def train_step(self, data):
-        x_unlabelled, (x_clean, y_clean) = data
+        (x_clean, y_clean), x_unlabelled = data  # the pool trainers' order: (labelled batch, unlabelled batch)
         target, keep = self.pseudo_labels(x_unlabelled)
         keep = keep * tf.cast(self.optimizer.iterations >= self.warmup, tf.float32)  # BOOSTMIS_WARMUP
         x_strong = strong_view(x_unlabelled, self.seed_generator)
@@ -188,7 +188,7 @@ class BoostMISTrainer(PairedTrainer):
 
 
 def fit_on_pool(trainer_cls: type[BoostMISTrainer], job, unlabelled) -> dict[str, list[float]]:
-    """Train `job.model` with `trainer_cls` on `(unlabelled pool batch, expert batch)` pairs: an epoch is the
+    """Train `job.model` with `trainer_cls` on `(expert batch, unlabelled pool batch)` pairs: an epoch is the
     space's steps over the expert items (pseudo-labelled ones, if any, are left out: the pool holds them)."""
     cfg = job.cfg
     expert = np.flatnonzero(~np.asarray(job.is_pseudo, bool))
@@ -198,7 +198,7 @@ def fit_on_pool(trainer_cls: type[BoostMISTrainer], job, unlabelled) -> dict[str
     trainer.compile(optimizer=trainer_cls.optimizer_for(cfg))
     labelled = job.space.train_stream(x, y, job.normalizer, job.seed, repeat=True,
                                       foreground_oversample=cfg.foreground_oversample)
-    ds = tf.data.Dataset.zip((unlabelled, labelled)).prefetch(tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.zip((labelled, unlabelled)).prefetch(tf.data.AUTOTUNE)
     val_ds = job.space.eval_stream(job.val.images, job.val.masks, job.normalizer)
     return trainer.fit(ds, steps_per_epoch=steps, validation_data=val_ds, epochs=job.epochs, callbacks=job.callbacks,
                        verbose=job.verbose, shuffle=False, validation_freq=job.validation_freq).history
