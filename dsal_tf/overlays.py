@@ -48,13 +48,15 @@ def planes(volume: np.ndarray, masks: Sequence[np.ndarray | None], spacing: Sequ
 
 
 def tile(image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray | None,
-         pixel: tuple[float, float] = (1.0, 1.0), height: int = TILE_HEIGHT) -> np.ndarray:
-    """One RGB uint8 tile `height` pixels high: a 2D image (grey `[H,W]`/`[H,W,1]` or RGB) with the contours of
-    `gt` (green) and `pred` (red) drawn after resizing, its width following the pixel spacing `pixel`."""
+         pixel: tuple[float, float] = (1.0, 1.0), height: int | None = TILE_HEIGHT, thickness: int = 1) -> np.ndarray:
+    """One RGB uint8 tile `height` pixels high (None: the image's own size): a 2D image (grey `[H,W]`/`[H,W,1]` or
+    RGB) with the contours of `gt` (green) and `pred` (red) drawn after resizing, `thickness` pixels wide, its
+    width following the pixel spacing `pixel`."""
     img = to_uint8(np.asarray(image))
     img = img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
     img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB) if img.ndim == 2 else img[..., :3]
     rows, cols = img.shape[:2]
+    height = rows if height is None else height
     size = (max(1, round(height * cols * pixel[1] / (rows * pixel[0]))), height)
     out = np.ascontiguousarray(cv2.resize(img, size, interpolation=cv2.INTER_CUBIC if height >= rows else
                                           cv2.INTER_AREA))
@@ -64,7 +66,7 @@ def tile(image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray | None,
         m = np.asarray(mask).reshape(rows, cols)
         m = cv2.resize((m > 0).astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(out, contours, -1, color, 1)
+        cv2.drawContours(out, contours, -1, color, thickness)
     return out
 
 

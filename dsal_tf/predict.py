@@ -309,9 +309,8 @@ PREDICTORS = {ImageSpace: Predictor("image", checked_images, predict_image_files
 
 
 def _write_overlay(path: Path, mask: np.ndarray, out: Path, color: str) -> None:
+    """The mask's contour in red over its image at the image's own size (`overlays.tile`)."""
+    from .overlays import tile, write_grid
+
     img = read_image(path, color)
-    img = img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    img = np.ascontiguousarray(img)
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(img, contours, -1, (255, 0, 0), max(1, round(max(img.shape[:2]) / 300)))
-    cv2.imwrite(str(out), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    write_grid([[tile(img, None, mask, height=None, thickness=max(1, round(max(img.shape[:2]) / 300)))]], out)
