@@ -1,4 +1,8 @@
-"""Collect the ISIC benchmark folders under exp/ into bench/results/isic2017.md (partial results too)."""
+"""Collect the ISIC benchmark folders under exp/ into bench/results/isic2017_v3.md (partial results too):
+the issue-27 strategy table (`compare-isic2017-cpu-v3`), DSAL against random at 128x128 and the noisy teacher.
+
+bench/results/isic2017.md, the issue-8 table (`compare-isic2017-cpu-v2`, fp32), is complete and no longer
+rewritten: its run folders are not on this machine any more, and its command is in bench/results/README.md."""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 EXP = Path(os.environ.get("EXP_DIR") or ROOT / "exp").resolve()
-OUT = Path(os.environ.get("RESULTS_DIR") or ROOT / "bench" / "results").resolve() / "isic2017.md"
+OUT = Path(os.environ.get("RESULTS_DIR") or ROOT / "bench" / "results").resolve() / "isic2017_v3.md"
 
 
 def md(df: pd.DataFrame) -> str:
@@ -57,39 +62,6 @@ def precision_of(configs) -> str:
     if len(found) == 1:
         return f"precision: {next(iter(found))}"
     return "precision MIXED: " + ", ".join(f"{k} x{n}" for k, n in sorted(found.items()))
-
-
-# runs made by bench/isic_queue.sh at 91b3470 before the queue existed (same code path for these rows)
-EARLY_RUNS = {f"{s}-s{seed}" for s in ("dsal", "random", "full") for seed in (0, 1, 2)}
-
-
-def run_grid(cmp_dir: Path) -> pd.DataFrame:
-    """Every planned row and seed of the strategy table: done (with the commit that ran it) or pending."""
-    import json
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from results_queue import SEEDS, STRATEGY_ROWS, compare_job, record_path
-
-    from dsal_tf.compare import finished_runs
-
-    runs, full_runs = finished_runs(cmp_dir) if cmp_dir.is_dir() else ([], [])
-    finished = {f"{s}-s{seed}" for s, seed, _ in runs} | {f"full-s{seed}" for seed, _ in full_runs}
-    rows = []
-    for spec in STRATEGY_ROWS:
-        row = {"row": spec or "full"}
-        for seed in SEEDS:
-            rec = record_path(EXP, compare_job(spec, seed))
-            name = f"{spec or 'full'}-s{seed}"
-            if name in finished and name in EARLY_RUNS:  # the queue's record there is only a resume
-                row[f"seed {seed}"] = "done (91b3470)"
-            elif rec.is_file():
-                row[f"seed {seed}"] = f"done ({json.loads(rec.read_text())['commit']})"
-            elif name in finished:
-                row[f"seed {seed}"] = "done"
-            else:
-                row[f"seed {seed}"] = "pending"
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 SIZE_NOTE = ("`spearman`: Spearman(uncertainty, 1 - true Dice) on the scored pool; "
@@ -139,25 +111,28 @@ def resolution_sections(exp: Path) -> list[str]:
 
 
 def main() -> None:
-    parts = ["# ISIC 2017 results (isic2017-cpu preset: 64x64 RGB, 16 base filters)\n",
-             "Produced by `python bench/results_queue.py run` (one job at a time; "
-             "`python bench/results_queue.py status`); "
-             "test split (400 images); tuned on nothing but valImg. Rows not yet run are pending below and "
-             "absent from the tables; `hd95p` is HD95 with a missed lesion scored as the image diagonal.\n"]
-    single = EXP / "isic2017-cpu-dsal-s0" / "evaluation.csv"
-    if single.is_file():
-        parts += ["## DSAL through `python main.py --preset isic2017-cpu` / `python test.py` (seed 0)\n",
-                  md(pd.read_csv(single)), ""]
-    cmp_dir = EXP / "compare-isic2017-cpu-v2"
-    parts += ["## Runs (row x seed; the commit that ran each)\n", md(run_grid(cmp_dir)), ""]
-    if (cmp_dir / "summary.csv").is_file():
-        parts += [f"## Strategy comparison (`{cmp_dir.name}`, issue 8; "
-                  f"{precision_of(cmp_dir.glob('*-s*/config.json'))})\n",
-                  "Every row runs with its own weak labeler (`pseudo` column; CEAL with `ceal`), random ranks "
-                  "its pseudo labels by agreement, the U-Net matches the reference (bottleneck dropout, nearest "
-                  "side heads), `DETERMINISTIC = True`. Only finished runs are counted (`seeds` column).\n"]
-    for name, title in (("summary.csv", "Strategy summary (final round, AULC, wall time in s)"),
-                        ("differences.csv", "Paired differences (strategy - baseline): final test Dice and AULC, "
+    sys.path.insert(0, str(ROOT / "bench"))
+    from compare_table import queue_records, runs_grid, summary
+    from results_queue import COMPARE_V3, SEEDS, STRATEGY_ROWS
+
+    cmp_dir = EXP / COMPARE_V3
+    parts = [f"# ISIC 2017 strategy table v3 (`{cmp_dir.name}`, issue 27; isic2017-cpu preset: 64x64 RGB, 16 base "
+             "filters)\n",
+             "`python bench/results_queue.py run --only isic3/` (one `dsal compare` per row and seed, every row of a "
+             "seed first; `--list` prints each command): 600 random initial labels of the 1600-image pool, 5 rounds "
+             "of 70, test split (400 images), tuned on nothing but valImg, precision and validation at their "
+             "defaults. Each row runs with its own weak labeler (`pseudo` column); rows whose data settings differ "
+             "(`@reference`) train their own initial model, the others share the seed's. Rows not yet run are pending "
+             "below and absent from the tables; `hd95p` is HD95 with a missed lesion scored as the image diagonal. "
+             "The issue-8 table of the same preset, fp32, is [isic2017.md](isic2017.md).\n",
+             "## Runs (row x seed: minutes, peak memory, commit)\n",
+             *runs_grid(queue_records(EXP, "isic3/"), lambda row, seed: f"isic3/{row}/s{seed}",
+                        [spec or "full" for spec in STRATEGY_ROWS], SEEDS), ""]
+    table = summary(cmp_dir)
+    if table is not None:
+        parts += [f"## Strategy summary (final round, AULC, seconds per round; "
+                  f"{precision_of(cmp_dir.glob('*-s*/config.json'))})\n", md(table), ""]
+    for name, title in (("differences.csv", "Paired differences (strategy - random): final test Dice and AULC, "
                          "bootstrap 95% interval over test images and seeds; `outside_noise` = the interval "
                          "excludes 0"),
                         ("comparison.csv", "Per round, mean and std over seeds")):
@@ -169,8 +144,8 @@ def main() -> None:
     if len(vs_dsal):
         parts += ["## Paired differences against DSAL (same bootstrap)\n", md(vs_dsal), ""]
     if (cmp_dir / "learning_curves.png").is_file():
-        shutil.copyfile(cmp_dir / "learning_curves.png", OUT.parent / "learning_curves.png")
-        parts += ["![learning curves](learning_curves.png)\n"]
+        shutil.copyfile(cmp_dir / "learning_curves.png", OUT.parent / "learning_curves_v3.png")
+        parts += ["![learning curves](learning_curves_v3.png)\n"]
     parts += resolution_sections(EXP)
     for nt in sorted(EXP.glob("noisy-teacher-isic2017-cpu-e*/summary.csv")):
         parts += [f"## Noisy teacher, {nt.parent.name} ({precision_of([nt.parent / 'config.json'])})\n",

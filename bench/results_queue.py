@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 ISIC = os.environ.get("ISIC_DATA", str((ROOT.parent / "shared" / "data" / "isic2017").resolve()))
 HIPPOCAMPUS = os.environ.get("HIPPOCAMPUS_DATA", str((ROOT.parent / "shared" / "data" / "hippocampus").resolve()))
 SEEDS = (0, 1, 2)
-COMPARE = "compare-isic2017-cpu-v2"
+COMPARE = "compare-isic2017-cpu-v2"  # the issue-8 strategy table (bench/results/isic2017.md), complete, frozen
 # Tables that already hold fp32 rows, validated every epoch at the training batch's summation order, keep
 # that protocol for the rows still to come (issue 24 made bf16 and sparser validation the defaults):
-# the isic strategy table, the noisy teacher, covid and robust. New tables take the defaults.
+# the noisy teacher, covid and robust. New tables take the defaults.
 AS_BEFORE = ("--set", "MIXED_PRECISION=off", "--set", "VALIDATION_FREQ=1")
 
 
@@ -50,30 +50,35 @@ def dsal(*args: str) -> tuple[str, ...]:
     return (sys.executable, "-m", "dsal_tf.cli", *args)
 
 
-def compare_job(spec: str, seed: int, full: bool = False) -> Job:
-    """One row of the strategy table for one seed (`spec` "" = full supervision only)."""
-    return Job(f"isic/{spec or 'full'}/s{seed}", "isic2017", dsal(
-        "compare", "--preset", "isic2017-cpu", "--data", ISIC, "--no-progress", "--name", COMPARE,
+# The strategy table of issue 27 (bench/results/isic2017_v3.md): every row at one commit, by default
+# precision (bf16). The v2 table's run folders are gone from this machine, so its new rows (ClaSP PE, the
+# reference settings, size strata, BoostMIS) could not be paired with its random rows; v3 runs its
+# baselines again beside them. Order: DSAL, random and full supervision first, then issue 27's rows, then
+# the v2 rows that beat random there.
+COMPARE_V3 = "compare-isic2017-cpu-v3"
+STRATEGY_ROWS = ("dsal", "random", "", "claspe", "dsal@reference", "dsal+size_strata", "boostmis",
+                 "dsal@boostmis-trainer", "boostmis@boostmis-trainer", "entropy", "dsal+diverse")
+
+
+def compare_job(spec: str, seed: int) -> Job:
+    """One row of the v3 strategy table for one seed (`spec` "" = full supervision only)."""
+    return Job(f"isic3/{spec or 'full'}/s{seed}", "isic2017-v3", dsal(
+        "compare", "--preset", "isic2017-cpu", "--data", ISIC, "--no-progress", "--name", COMPARE_V3,
         "--strategies", spec, "--seeds", str(seed), "--baseline", "random",
-        "--full-supervision" if full else "--no-full-supervision", *AS_BEFORE))
+        "--full-supervision" if spec == "" else "--no-full-supervision"))
 
 
-# The strategy table's rows, in the order they run: the headline difference first (DSAL vs. random
-# and full supervision on every seed), then the new and the older alternatives, then ablations; issue 27
-# added the last three (DSAL with the reference code's data settings, ClaSP PE, DSAL ranked within
-# predicted-lesion-size strata).
-STRATEGY_ROWS = ("dsal", "random", "", "dsal+power", "dsal+diverse", "entropy", "ceal", "dsal@minfg", "dsal@pre8",
-                 "dsal@reference", "claspe", "dsal+size_strata")
 # issue 27.5: DSAL against random at 128x128 (the first side head 32x32 instead of 16x16), its own table
 COMPARE_128 = "compare-isic2017-cpu-128"
 
 
 def compare_128_job(seed: int) -> Job:
-    """DSAL and random at 128x128 for one seed, in fp32 like the 64x64 table, without full supervision."""
-    return Job(f"isic128/s{seed}", "isic2017", dsal(
+    """DSAL and random at 128x128 for one seed, by default precision like the v3 table, without full
+    supervision."""
+    return Job(f"isic128/s{seed}", "isic2017-v3", dsal(
         "compare", "--preset", "isic2017-cpu", "--data", ISIC, "--no-progress", "--name", COMPARE_128,
         "--strategies", "dsal,random", "--seeds", str(seed), "--baseline", "random", "--no-full-supervision",
-        "--set", "IMG_ROWS=128", "--set", "IMG_COLS=128", *AS_BEFORE))
+        "--set", "IMG_ROWS=128", "--set", "IMG_COLS=128"))
 
 
 NOISY_EXPERTS = (200, 400)
@@ -118,12 +123,11 @@ def plan_budget_jobs() -> list[Job]:
     return [Job(f"plan/{case}", "none", (sys.executable, "bench/plan_budget.py", "run", case)) for case in CASES]
 
 
-def robust_and_boostmis_jobs() -> list[Job]:
-    """The full robust-trainer tables (3 noise settings, seeds 0-2) and BoostMIS on ISIC through compare."""
+def robust_jobs() -> list[Job]:
+    """The full robust-trainer tables (3 noise settings, seeds 0-2)."""
     jobs = [Job(f"robust/{kind}-r{rate}", "none", (sys.executable, "bench/robust_isic.py", "--data", ISIC,
                                                    "--kind", kind, "--rate", rate, "--seeds", "0,1,2", *AS_BEFORE))
             for kind, rate in (("dilate", "0.4"), ("dilate", "0.8"), ("elastic", "0.4"))]
-    jobs += [compare_job(spec, seed) for spec in ("boostmis", "dsal@boostmis-trainer") for seed in SEEDS]
     return jobs
 
 
@@ -139,13 +143,11 @@ def hippocampus_jobs() -> list[Job]:
 
 def plan() -> list[Job]:
     """Every job, in the order they run: what the open issues need first, ablations and extras last."""
-    isic = {(spec or "full", seed): compare_job(spec, seed, full=spec == "") for spec in STRATEGY_ROWS
-            for seed in SEEDS}
     noisy = {}
     for experts in NOISY_EXPERTS:
         # seeds so far, not one: the summary and differences are rebuilt over every finished seed
         for i, seed in enumerate(SEEDS):
-            noisy[(experts, seed)] = Job(f"noisy/e{experts}/s{seed}", "isic2017", dsal(
+            noisy[(experts, seed)] = Job(f"noisy/e{experts}/s{seed}", "isic2017-v3", dsal(
                 "noisy-teacher", "--preset", "isic2017-cpu", "--data", ISIC, "--no-progress",
                 "--experts", str(experts), "--seeds", ",".join(map(str, SEEDS[:i + 1])), *AS_BEFORE))
     methods = [Job("boostmis/generated", "none", (sys.executable, "bench/bench_boostmis.py", "--seeds", "0,1,2",
@@ -154,10 +156,10 @@ def plan() -> list[Job]:
                                                           "--seeds", "0", "--pool", "400", "--epochs", "5",
                                                           *AS_BEFORE))]
     # issue 27.2: which BoostMIS change causes the collapse; ~4 min a seed on 2 cores, the table over seeds so far
-    methods += [Job(f"boostmis/ablation/s{seed}", "none", (sys.executable, "bench/bench_boostmis.py", "--ablation",
-                                                          "--seeds", ",".join(map(str, SEEDS[:i + 1])),
-                                                          "--iterations", "5", "--steps", "300"))
-                for i, seed in enumerate(SEEDS)]
+    # (before the v3 table: its BoostMIS rows run on the defaults this ablation picks)
+    boostmis_ablation = [Job(f"boostmis/ablation/s{seed}", "none", (
+        sys.executable, "bench/bench_boostmis.py", "--ablation", "--seeds", ",".join(map(str, SEEDS[:i + 1])),
+        "--iterations", "5", "--steps", "300")) for i, seed in enumerate(SEEDS)]
     precision = precision_jobs()
     covid = [Job(f"covid/{row}", "none", (sys.executable, "bench/covid_ct.py", "--rows", row, "--budget", "6",
                                           *AS_BEFORE)) for row in COVID_ROWS]
@@ -179,15 +181,11 @@ def plan() -> list[Job]:
     semisup += [Job(f"semisup/hippocampus-s{seed}", "none", (sys.executable, "bench/semisup_isic.py", "--dataset",
                                                              "hippocampus", "--data", HIPPOCAMPUS, "--seeds",
                                                              str(seed), "--full")) for seed in SEEDS]
-    rows = lambda *specs, seeds=SEEDS: [isic[(s, seed)] for s in specs for seed in seeds]  # noqa: E731
-    return (rows("dsal", "random", "full", "dsal+power")
-            + [noisy[(200, seed)] for seed in SEEDS] + methods + covid[:9]
-            + rows("dsal+diverse") + rows("dsal@minfg", "dsal@pre8", seeds=(0,))
-            + precision[:2] + walltime + walltime_after + rows("ceal", "entropy") + precision[2:5]
-            + rows("dsal@minfg", "dsal@pre8", seeds=SEEDS[1:])
-            + covid[9:] + [noisy[(400, seed)] for seed in SEEDS] + precision[5:]
-            + hippocampus_jobs() + semisup + robust_and_boostmis_jobs() + rows("dsal@reference", "claspe")
-            + rows("dsal+size_strata") + [compare_128_job(seed) for seed in SEEDS]
+    isic = [compare_job(spec, seed) for seed in SEEDS for spec in STRATEGY_ROWS]  # every row of a seed first
+    return ([noisy[(200, seed)] for seed in SEEDS] + methods + covid[:9] + precision[:2] + walltime
+            + walltime_after + precision[2:5] + covid[9:] + precision[5:] + hippocampus_jobs()
+            + semisup + boostmis_ablation + isic + [compare_128_job(seed) for seed in SEEDS]
+            + robust_jobs() + [noisy[(400, seed)] for seed in SEEDS]
             + plan_budget_jobs() + hippocampus_planned_jobs()
             + [Job("speed/scale", "none", (sys.executable, "bench/bench_scale.py", "--sizes", "500,4000,10000,30000",
                                           "--fresh-cache"))])
@@ -202,7 +200,7 @@ def pinned_path() -> str:
 def collect(table: str, exp_dir: Path, results: Path) -> None:
     """Regenerate one table from the run folders (a table is never guessed: it reads what finished)."""
     env = {**os.environ, "EXP_DIR": str(exp_dir), "RESULTS_DIR": str(results), "PYTHONPATH": pinned_path()}
-    argv = {"isic2017": ["bench/collect_results.py"],
+    argv = {"isic2017-v3": ["bench/collect_results.py"],
             "precision": ["bench/bench_precision.py", "dice", "--exp-dir", str(exp_dir)],
             "hippocampus": ["bench/hippocampus.py", "--exp-dir", str(exp_dir)],
             "hippocampus-planned": ["bench/hippocampus_planned.py", "table", "--exp-dir", str(exp_dir)],
