@@ -158,16 +158,55 @@ def run_row(cfg, log) -> pd.Series:
     return pd.read_csv(run.test_metrics(0)).set_index("name")["dice"]
 
 
-def paired_cells(found: dict, base: dict) -> list[str]:
+def paired(found: dict, base: dict) -> tuple[float, float, float] | None:
     """The mean paired difference and its bootstrap 95% interval over the seeds both have (per-item
-    Dice series, the same test items), or two empty cells."""
+    Dice series, the same test items), or None."""
     from dsal_tf.compare import bootstrap_ci
 
     seeds = [s for s, d in found.items() if d is not None and base.get(s) is not None]
     if not seeds:
-        return ["", ""]
-    diff, lo, hi = bootstrap_ci(np.stack([(found[s] - base[s]).to_numpy() for s in seeds]))
-    return [f"{diff:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]"]
+        return None
+    return bootstrap_ci(np.stack([(found[s] - base[s]).to_numpy() for s in seeds]))
+
+
+def paired_cells(found: dict, base: dict) -> list[str]:
+    """`paired` as two table cells, or two empty cells."""
+    d = paired(found, base)
+    return ["", ""] if d is None else [f"{d[0]:+.4f}", f"[{d[1]:+.4f}, {d[2]:+.4f}]"]
+
+
+def aims(dice, budgets, seeds, pool: int) -> list[str]:
+    """Issue 26's aims for `bcp`, met or missed with their numbers, over the seeds every row involved has:
+    within 1.0 Dice point of full supervision with 20% of the labels (stretch: 0.5 with 20%, or 1.0 with
+    10%), and above `standard` at every budget up to 20% with an interval excluding 0. `dice(trainer,
+    budget, seed)` is a row's per-item Dice or None."""
+    def diff(trainer, budget, base_trainer, base_budget):
+        return paired({s: dice(trainer, budget, s) for s in seeds},
+                      {s: dice(base_trainer, base_budget, s) for s in seeds})
+
+    def fmt(d):
+        return f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]"
+
+    lines = []
+    at = {round(b / pool, 3): b for b in budgets}
+    b20, b10 = at.get(0.2), at.get(0.1)
+    if b20 and (d := diff("bcp", b20, "standard", pool)) is not None:
+        verdict = "met" if d[0] >= -0.010 else "missed"
+        lines.append(f"- `bcp` with 20% of the labels within 1.0 Dice point of full supervision: **{verdict}**, "
+                     f"{fmt(d)}.")
+        d10 = diff("bcp", b10, "standard", pool) if b10 else None
+        stretch = d[0] >= -0.005 or (d10 is not None and d10[0] >= -0.010)
+        lines.append(f"- Stretch (within 0.5 with 20%, or within 1.0 with 10%): **{'met' if stretch else 'missed'}**; "
+                     + (f"10%: {fmt(d10)}." if d10 is not None else "10%: pending."))
+    upto = [b for b in budgets if b / pool <= 0.2 + 1e-9]
+    found = {b: diff("bcp", b, "standard", b) for b in upto}
+    if upto and all(d is not None for d in found.values()):
+        above = all(d[1] > 0 for d in found.values())
+        lines.append(f"- `bcp` above `standard` at every budget up to 20% with an interval excluding 0: "
+                     f"**{'met' if above else 'missed'}**; " + ", ".join(f"{b}: {fmt(d)}" for b, d in found.items())
+                     + ".")
+    return (["", f"Aims (issue 26), over seeds {','.join(map(str, seeds))} (point estimates decide; intervals "
+             "are paired over seeds and test images):", ""] + lines) if lines else []
 
 
 def table(exp_dir: str, budgets, trainers, seeds, steps: int, precision: str,
@@ -205,6 +244,8 @@ def table(exp_dir: str, budgets, trainers, seeds, steps: int, precision: str,
     done = [d.mean() for d in full.values() if d is not None]
     lines += ["", f"Full supervision (all {curve.pool} labels, `standard`, {steps} steps): "
               + (f"{np.mean(done):.4f} over {len(done)} seed(s)." if done else "pending.")]
+    if curve.dataset == "isic2017":
+        lines += aims(dice, budgets, [s for s in seeds if full[s] is not None], curve.pool)
     return "\n".join(lines) + "\n"
 
 
