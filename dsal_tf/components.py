@@ -154,13 +154,15 @@ def _settings_rows(settings: type[Settings]) -> list[str]:
     import inspect
 
     comments = {}
-    try:
-        for line in inspect.getsource(settings).splitlines():
+    for cls in reversed(settings.__mro__):  # inherited fields keep their comments; a subclass's own win
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
             if ":" in line and "#" in line and "=" in line:
                 name = line.split(":")[0].strip()
                 comments[name] = line.split("#", 1)[1].strip().replace("|", "/")
-    except (OSError, TypeError):
-        pass
     return [f"| `{f.name.upper()}` | `{f.default!r}` | {comments.get(f.name, '')} |"
             for f in dataclasses.fields(settings)]
 

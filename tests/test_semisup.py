@@ -1,6 +1,8 @@
 """Semi-supervised trainers on the whole pool: BCP's box and copy-paste math on hand-made arrays,
 the EMA teacher, and both trainers through the loop."""
 
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -28,6 +30,37 @@ def test_copy_paste_mixes_both_ways_with_the_matching_targets_and_weights():
     np.testing.assert_array_equal(x, [[10, 2, 3, 40], [1, 20, 30, 4]])  # labelled in the box / unlabelled in it
     np.testing.assert_array_equal(t, [[0, 1, 0, 1], [1, 0, 1, 0]])
     np.testing.assert_array_equal(w, [[0.5, 1, 1, 0.5], [1, 0.5, 0.5, 1]])  # expert pixels 1, teacher's 0.5
+
+
+def test_the_out_mix_pastes_each_unlabelled_image_into_another_labelled_one():
+    """Batch of 2 (1x4 'images', box = pixels 1-2): the in-mix pairs (l0, u0), (l1, u1); the out-mix
+    pastes u0 into l1 and u1 into l0 (the labelled batch rolled by one), so x_in + x_out != x_l + x_u."""
+    m = tf.constant([[[[0.0], [1.0], [1.0], [0.0]]]] * 2)
+    x_l = tf.constant([[[[1.0], [2.0], [3.0], [4.0]]], [[[5.0], [6.0], [7.0], [8.0]]]])
+    y_l = tf.constant([[[[1.0], [1.0], [1.0], [1.0]]], [[[0.0], [0.0], [0.0], [0.0]]]])
+    x_u = tf.constant([[[[10.0], [20.0], [30.0], [40.0]]], [[[50.0], [60.0], [70.0], [80.0]]]])
+    y_u = tf.constant([[[[0.0], [1.0], [0.0], [1.0]]], [[[1.0], [0.0], [1.0], [0.0]]]])
+    x, t, w = (v.numpy()[:, 0, :, 0] for v in copy_paste(x_l, y_l, x_u, y_u, m, 0.5))
+    np.testing.assert_array_equal(x, [[10, 2, 3, 40], [50, 6, 7, 80],    # in: l_i in the box of u_i
+                                      [5, 20, 30, 8], [1, 60, 70, 4]])   # out: u_0 in l_1, u_1 in l_0
+    np.testing.assert_array_equal(t, [[0, 1, 1, 1], [1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 1]])
+    np.testing.assert_array_equal(w[2:], [[1, 0.5, 0.5, 1]] * 2)
+
+
+@pytest.mark.parametrize("from_scratch, step, expected", [
+    (True, 0, math.exp(-5)), (True, 49, math.exp(-5)),  # pre-training (50 of 100 steps): the ramp waits
+    (True, 50, math.exp(-5)), (True, 50 + 7.5, math.exp(-5 * 0.25)), (True, 65, 1.0), (True, 99, 1.0),
+    (False, 0, math.exp(-5)), (False, 15, math.exp(-5 * 0.25)), (False, 30, 1.0)])
+def test_the_mean_teacher_ramp_starts_after_the_pre_training(from_scratch, step, expected):
+    """MT_RAMPUP = 0.3 of the steps that use the pool: of the 50 after pre-training from scratch (a ramp
+    of 15 steps from step 50), of all 100 for a model that goes on (30 steps from step 0)."""
+    from dsal_tf.model import build_unet
+    from dsal_tf.trainers.mean_teacher import MeanTeacher
+
+    t = MeanTeacher(build_unet((16, 16, 1), base_filters=2, depth=3),
+                    MeanTeacher.Settings(semisup_pretrain=0.5, mt_rampup=0.3, mt_consistency=2.0), seed=0,
+                    total_steps=100, from_scratch=from_scratch)
+    np.testing.assert_allclose(t.consistency_weight(step).numpy(), 2.0 * expected, rtol=1e-5)
 
 
 def test_largest_component_keeps_the_biggest_blob_per_item():

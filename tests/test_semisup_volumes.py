@@ -81,6 +81,31 @@ def test_pool_trainers_on_images_take_ceil_n_over_the_batch_steps(trainer, tmp_p
     assert _fit_steps(job).steps == [3] == [job.space.steps_per_epoch(5)]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", POOL_TRAINERS)
+def test_pool_trainers_validate_and_sample_as_a_plain_fit(trainer, tmp_path):
+    """VALIDATION_FREQ = 2 over 4 epochs: validation after epochs 2 and 4 only, as `standard` (the pool
+    trainers validated every epoch, so their best epoch was picked among more); the labelled stream gets
+    the run's FOREGROUND_OVERSAMPLE (it was dropped)."""
+    import dataclasses
+
+    job = _image_job(trainer, 5, tmp_path)
+    job.cfg = dataclasses.replace(job.cfg, validation_freq=2, foreground_oversample=0.5)
+    job.epochs = 4
+    seen = []  # (has masks, FOREGROUND_OVERSAMPLE) of each train_stream: the pool's, then the labelled one
+
+    class Recording(ImageSpace):
+        def train_stream(self, images, masks, *args, **kwargs):
+            seen.append((masks is job.y, kwargs.get("foreground_oversample", 0.0)))
+            return super().train_stream(images, masks, *args, **kwargs)
+
+    job.space = Recording(job.cfg)
+    job.callbacks, job.verbose = [], 0
+    history = get_trainer(trainer).fit_job(job)
+    assert len(history["main_dice"]) == 4 and len(history["val_main_dice"]) == 2
+    assert (True, 0.5) in seen
+
+
 # ------------------------------------------------------------------ 3D: the space's patch epoch
 @pytest.fixture(scope="module")
 def volume_data(tmp_path_factory):

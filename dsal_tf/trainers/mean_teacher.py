@@ -5,7 +5,8 @@ labelled batch (BCE + soft Dice per head, deep-supervision weights) plus a consi
 mean squared difference between its main-head probabilities and the teacher's on two differently
 perturbed views of the unlabelled batch (Gaussian input noise `TEACHER_NOISE`), weighted by
 `MT_CONSISTENCY` times Mean Teacher's ramp-up `exp(-5 (1 - t)^2)` over the first `MT_RAMPUP` of
-the steps. What `bcp` gains over it is what the mixing adds.
+the steps that use the pool (after a new model's pre-training on the labels). What `bcp` gains over
+it is what the mixing adds.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ class MeanTeacher(PoolTeacherTrainer):
             positive("mt_consistency", self.mt_consistency, strict=False)
             in_range("mt_rampup", self.mt_rampup, 0.0, 1.0, high_open=False)
 
+    def consistency_weight(self, step) -> tf.Tensor:
+        """`MT_CONSISTENCY` times the ramp-up over the first `MT_RAMPUP` of the steps that use the pool:
+        those after a new model's pre-training on the labels (the ramp would otherwise be over before
+        the consistency term starts)."""
+        after = tf.maximum(tf.cast(step, tf.float32) - self.pretrain_steps, 0.0)
+        return self.settings.mt_consistency * rampup(after, self.total_steps - self.pretrain_steps,
+                                                     self.settings.mt_rampup)
+
     def objective(self, data):
         (x_l, y_l), x_u = data
         y_l = tf.cast(main_mask(y_l), tf.float32)
@@ -56,8 +65,7 @@ class MeanTeacher(PoolTeacherTrainer):
         sup = tf.reduce_mean(head_sum(lambda h: pixel_weighted_loss(y_l, out[h][:n], ones, "bce_dice"),
                                       self.ds_weights))
         cons = tf.reduce_mean(tf.square(tf.cast(out["main"][n:], tf.float32) - p_t))
-        weight = self.settings.mt_consistency * rampup(self.optimizer.iterations, self.total_steps,
-                                                       self.settings.mt_rampup)
+        weight = self.consistency_weight(self.optimizer.iterations)
         p = tf.cast(out["main"][:n], tf.float32)
         dice = (2 * tf.reduce_sum(p * y_l) + 1) / (tf.reduce_sum(p) + tf.reduce_sum(y_l) + 1)
         return sup + weight * cons, dice

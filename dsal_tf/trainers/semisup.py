@@ -2,13 +2,16 @@
 
 Every step takes a labelled batch (the round's expert labels, and pseudo labels if the run asks
 for them) and a batch of unlabelled pool images (`train.FitJob.unlabelled_stream`). A student
-trains; an EMA teacher `theta_t = g theta_t + (1 - g) theta_s` follows it, with Mean Teacher's warm-up
-`g = min(1 - 1/(step + 1), EMA_DECAY)` when the model starts from scratch (`FitJob.from_scratch`) and
-`g = EMA_DECAY` from the first step when it continues a trained model (a later round: its teacher
-is useful already). The teacher is the wrapped `segmenter`: it is what validation measures, what the
+trains; an EMA teacher `theta_t = g theta_t + (1 - g) theta_s` follows it. A model that starts from
+scratch (`FitJob.from_scratch`) first learns the labels alone for `SEMISUP_PRETRAIN` of its steps with
+g = 0 (the teacher a copy), then g = EMA_DECAY; with `SEMISUP_PRETRAIN = 0` it uses Mean Teacher's
+warm-up `g = min(1 - 1/(step + 1), EMA_DECAY)`. A model that continues a trained one (a later round:
+its teacher is useful already) runs the method with g = EMA_DECAY from its first step. The teacher is the wrapped `segmenter`: it is what validation measures, what the
 checkpoint saves, what the next round scores the pool with and what the next round's student starts
 from. An epoch is the space's epoch over the labelled set (`steps_per_epoch`: ceil(n / BATCH_SIZE)
-batches of images, or a volume space's patch steps), as in a plain fit. An algorithm (`bcp.py`,
+batches of images, or a volume space's patch steps), as in a plain fit, with the same labelled
+stream (`FOREGROUND_OVERSAMPLE` included) and the same validation epochs (`VALIDATION_FREQ`), so
+the best epoch is chosen among as many as a plain fit's. An algorithm (`bcp.py`,
 `mean_teacher.py`) overrides `objective` only.
 
 Layout: channels last, `[B,*spatial,C]`; masks `[B,*spatial,1]`. Everything here is rank-generic:
@@ -68,15 +71,19 @@ def box_mask(like, share: float, seed) -> tf.Tensor:
 def copy_paste(x_l, y_l, x_u, y_u, m, unlabelled_weight: float):
     """Bidirectional copy-paste (BCP): `m` = 1 inside the box.
 
-    in  = x_l m + x_u (1 - m)  (labelled pasted into unlabelled), target y_l m + y_u (1 - m)
-    out = x_u m + x_l (1 - m)  (unlabelled pasted into labelled), target y_u m + y_l (1 - m)
-    Pixel weights: 1 where the target is an expert mask, `unlabelled_weight` where it is the
-    teacher's. Returns (images, targets, weights), the two mixes stacked on the batch axis."""
+    in  = x_l m + x_u (1 - m)   (labelled pasted into unlabelled), target y_l m + y_u (1 - m)
+    out = x_u m + x_l' (1 - m)  (unlabelled pasted into labelled), target y_u m + y_l' (1 - m)
+    where `x_l'` is the labelled batch rolled by one item (item i takes labelled item i - 1), so the
+    two mixes pair each unlabelled image with two different labelled ones, as BCP's four-image
+    pairing does (with a batch of one, the same one). Pixel weights: 1 where the target is an expert
+    mask, `unlabelled_weight` where it is the teacher's. Returns (images, targets, weights), the two
+    mixes stacked on the batch axis."""
     m = tf.cast(m, x_l.dtype)
     mt = tf.cast(m, tf.float32)
     a = float(unlabelled_weight)
-    x_in, x_out = x_l * m + x_u * (1 - m), x_u * m + x_l * (1 - m)
-    t_in, t_out = y_l * mt + y_u * (1 - mt), y_u * mt + y_l * (1 - mt)
+    x_l2, y_l2 = tf.roll(x_l, 1, axis=0), tf.roll(y_l, 1, axis=0)
+    x_in, x_out = x_l * m + x_u * (1 - m), x_u * m + x_l2 * (1 - m)
+    t_in, t_out = y_l * mt + y_u * (1 - mt), y_u * mt + y_l2 * (1 - mt)
     w_in, w_out = mt + a * (1 - mt), a * mt + (1 - mt)
     return tf.concat([x_in, x_out], 0), tf.concat([t_in, t_out], 0), tf.concat([w_in, w_out], 0)
 
@@ -134,14 +141,18 @@ class PoolTeacherTrainer(keras.Model):
             return fit_plain(job)
         cfg = job.cfg
         steps = job.space.steps_per_epoch(len(job.y))
-        trainer = cls(job.model, cls.Settings.from_config(cfg), cfg.ds_weights, cfg.seed, steps * max(job.epochs, 1),
+        # the fit's seed (the round's), as a plain fit's: each round draws its own boxes and noise
+        trainer = cls(job.model, cls.Settings.from_config(cfg), cfg.ds_weights, job.seed, steps * max(job.epochs, 1),
                       from_scratch=job.from_scratch)
         trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-        labelled = job.space.train_stream(job.x, job.y, job.normalizer, job.seed, repeat=True)
+        labelled = job.space.train_stream(job.x, job.y, job.normalizer, job.seed, repeat=True,
+                                          foreground_oversample=cfg.foreground_oversample)
         ds = tf.data.Dataset.zip((labelled, unlabelled)).prefetch(tf.data.AUTOTUNE)
         val_ds = job.space.eval_stream(job.val.images, job.val.masks, job.normalizer)
+        # validated as often as a plain fit (VALIDATION_FREQ): the best epoch is chosen among as many
         return trainer.fit(ds, steps_per_epoch=steps, validation_data=val_ds, epochs=job.epochs,
-                           callbacks=job.callbacks, verbose=job.verbose, shuffle=False).history
+                           callbacks=job.callbacks, verbose=job.verbose, shuffle=False,
+                           validation_freq=job.validation_freq).history
 
     @property
     def metrics(self) -> list:
@@ -195,7 +206,7 @@ class PoolTeacherTrainer(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
     def test_step(self, data):
-        x, y = data[0], data[1]  # validation: the teacher; `val_loss` is 1 - its soft Dice
+        x, y = data[0], data[1]  # validation: the teacher; `val_loss` is 1 - its Dice (`losses.dice`)
         outputs = self.segmenter(x, training=False)
         value = losses_lib.dice(main_mask(y), outputs["main"])
         self.dice_tracker.update_state(value)
