@@ -36,6 +36,14 @@ ABLATION = {  # key: (label, Booster.Settings changes); every row has pseudo lab
     "authors": ("authors' code: constant 0.95, balanced, SGD + wd, EMA 0.999 (online labels)",
                 {"boostmis_cutoff": "constant", "boostmis_initial": "balanced", "boostmis_optimizer": "sgd",
                  "ema_decay": 0.999}),
+    # the combinations of the changes that lost least alone (b, e, f): added after the first table
+    "per_class+sgd": ("(b) + (e): per-class thresholds, SGD + wd",
+                      {"boostmis_threshold": "per_class", "boostmis_optimizer": "sgd"}),
+    "per_class+ema": ("(b) + (f): per-class thresholds, EMA 0.999 labels",
+                      {"boostmis_threshold": "per_class", "ema_decay": 0.999, "boostmis_labeller": "ema"}),
+    "authors+per_class": ("authors' code + (b) per-class thresholds",
+                          {"boostmis_cutoff": "constant", "boostmis_initial": "balanced", "boostmis_optimizer": "sgd",
+                           "ema_decay": 0.999, "boostmis_threshold": "per_class"}),
 }
 BASELINE_FIELDS = ("boostmis_initial", "boostmis_optimizer", "ema_decay")  # what a no-pseudo-label run shares
 

@@ -160,6 +160,10 @@ def plan() -> list[Job]:
     boostmis_ablation = [Job(f"boostmis/ablation/s{seed}", "none", (
         sys.executable, "bench/bench_boostmis.py", "--ablation", "--seeds", ",".join(map(str, SEEDS[:i + 1])),
         "--iterations", "5", "--steps", "300")) for i, seed in enumerate(SEEDS)]
+    # the combinations added after the first table (finished runs are skipped; about 1 min)
+    boostmis_ablation += [Job("boostmis/ablation-combos", "none", (
+        sys.executable, "bench/bench_boostmis.py", "--ablation", "--seeds", "0,1,2", "--iterations", "5",
+        "--steps", "300"))]
     precision = precision_jobs()
     covid = [Job(f"covid/{row}", "none", (sys.executable, "bench/covid_ct.py", "--rows", row, "--budget", "6",
                                           *AS_BEFORE)) for row in COVID_ROWS]
