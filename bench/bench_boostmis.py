@@ -5,12 +5,13 @@ random queries + adaptive pseudo labels, random queries + FixMatch's fixed thres
 random queries without pseudo labels. Data: 3 imbalanced classes (60/30/10 %), each a mixture of
 two Gaussian clusters in D = 128, train 2000 / val 300 / test 1000 (the seed's file format).
 
-    python bench/bench_boostmis.py [--seeds 0,1,2] [--iterations 5] [--steps 300] [--threshold global]
+    python bench/bench_boostmis.py [--seeds 0,1,2] [--iterations 5] [--steps 300] [--threshold T] [--optimizer O]
 
-The adaptive variants use the `--threshold` cutoff rule (`global`, the default, or `per_class`).
-Each run starts afresh in exp/bench_boostmis/ (a stale run there is deleted); the table goes to
-`--out` (default bench/results/boostmis_issue16.md; bench/results/boostmis.md is the table from
-before issue 16's fixes).
+The adaptive variants use the `--threshold` cutoff rule (`global` or `per_class`) and every variant the
+`--optimizer` (`adam` or `sgd`); both default to `dsal classify`'s defaults (per_class and sgd since issue
+27.2's ablation). Each run starts afresh in exp/bench_boostmis/ (a stale run there is deleted); the
+table goes to `--out` (default bench/results/boostmis_issue27.md). Earlier tables: boostmis.md (before
+issue 16's fixes) and boostmis_issue16.md (after them: `--threshold global --optimizer adam`).
 
     python bench/bench_boostmis.py --ablation [--seeds 0,1,2] [--iterations 5] [--steps 300] [--rows a,b]
 
@@ -40,7 +41,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from bench_boostmis_ablation import run_ablation  # noqa: E402
 
-from dsal_tf.classify import run_classify  # noqa: E402
+from dsal_tf.classify import TRAINING, run_classify  # noqa: E402
+from dsal_tf.trainers.boostmis import OPTIMIZERS  # noqa: E402
 from dsal_tf.strategies.boostmis import THRESHOLDS  # noqa: E402
 
 VARIANTS = {
@@ -71,15 +73,18 @@ def main() -> None:
     ap.add_argument("--labeled", type=int, default=30)
     ap.add_argument("--queries", type=int, default=30)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--threshold", default="global", choices=sorted(THRESHOLDS))
+    ap.add_argument("--threshold", default=TRAINING.boostmis_threshold, choices=sorted(THRESHOLDS))
+    ap.add_argument("--optimizer", default=TRAINING.boostmis_optimizer, choices=sorted(OPTIMIZERS))
     results = Path(os.environ.get("RESULTS_DIR") or "bench/results")
-    ap.add_argument("--out", default=str(results / "boostmis_issue16.md"))
+    ap.add_argument("--out", default=str(results / "boostmis_issue27.md"))
     ap.add_argument("--exp-dir", default="exp")
     ap.add_argument("--ablation", action="store_true", help="issue 27.2's ablation (bench_boostmis_ablation.py)")
     ap.add_argument("--rows", default="", help="--ablation: only these rows (comma-separated keys)")
     args = ap.parse_args()
+    if "/" not in args.out:  # a bare file name goes to the results folder
+        args.out = str(results / args.out)
     if args.ablation:
-        out = args.out if args.out != str(results / "boostmis_issue16.md") else str(results / "boostmis_ablation.md")
+        out = args.out if args.out != str(results / "boostmis_issue27.md") else str(results / "boostmis_ablation.md")
         run_ablation(make_features(Path(args.exp_dir) / "bench_boostmis" / "features"), args, out)
         return
     root = Path(args.exp_dir) / "bench_boostmis"
@@ -89,10 +94,10 @@ def main() -> None:
     for label, (strategy, pseudo) in VARIANTS.items():
         for seed in seeds:
             t = time.perf_counter()
-            run = root / f"{strategy}-{pseudo}-{args.threshold}-s{seed}"
+            run = root / f"{strategy}-{pseudo}-{args.threshold}-{args.optimizer}-s{seed}"
             shutil.rmtree(run, ignore_errors=True)  # the table is always from this code
             run_classify(feats, run, args.labeled, args.queries, args.iterations, strategy, pseudo, seed, args.steps,
-                         log=lambda m: None, threshold=args.threshold)
+                         log=lambda m: None, threshold=args.threshold, boostmis_optimizer=args.optimizer)
             df = pd.read_csv(run / "results.csv")
             df["variant"], df["seed"] = label, seed
             frames.append(df)
@@ -103,11 +108,13 @@ def main() -> None:
              "Generated data (not ISIC, not MESCC): 3 imbalanced classes (60/30/10 %), two Gaussian clusters "
              "per class, D = 128; train 2000, test 1000. "
              f"{args.labeled} initial expert labels, {args.queries} per round, {args.steps} MLP updates per round, "
-             f"seeds {args.seeds}; mean +- std over seeds, on the test split. Adaptive cutoff: {args.threshold} "
+             f"seeds {args.seeds}; mean +- std over seeds, on the test split. Adaptive cutoff: {args.threshold}, "
+             f"optimizer {args.optimizer} "
              "(issue 16: N_A = the last round's labels, pseudo labels from the online head, the EMA head "
              "evaluated, one head through the rounds).", "",
              "Command: `python bench/bench_boostmis.py "
              f"--seeds {args.seeds} --iterations {args.iterations} --steps {args.steps} --threshold {args.threshold} "
+             f"--optimizer {args.optimizer} "
              f"--out {args.out}`", ""]
     for metric in ("accuracy", "macro_f1"):
         g = all_.groupby(["variant", "n_labelled"])[metric].agg(["mean", "std"]).reset_index()

@@ -54,8 +54,12 @@ def baseline_of(changes: dict) -> str:
     return "none" + "".join(f"+{k}" for k in kept)
 
 
+# "today": the configuration the ablation started from, pinned (the classify defaults became per_class + sgd after it)
+TODAY = {"boostmis_threshold": "global", "boostmis_optimizer": "adam"}
+
+
 def settings_of(changes: dict, steps: int) -> Booster.Settings:
-    values = {k: (steps if v == WARMUP else v) for k, v in changes.items()}
+    values = {k: (steps if v == WARMUP else v) for k, v in {**TODAY, **changes}.items()}
     s = replace(Booster.Settings(), **values)
     s.check()
     return s

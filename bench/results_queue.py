@@ -151,7 +151,8 @@ def plan() -> list[Job]:
                 "noisy-teacher", "--preset", "isic2017-cpu", "--data", ISIC, "--no-progress",
                 "--experts", str(experts), "--seeds", ",".join(map(str, SEEDS[:i + 1])), *AS_BEFORE))
     methods = [Job("boostmis/generated", "none", (sys.executable, "bench/bench_boostmis.py", "--seeds", "0,1,2",
-                                                  "--iterations", "5", "--steps", "300")),
+                                                  "--iterations", "5", "--steps", "300", "--threshold", "global",
+                                                  "--optimizer", "adam", "--out", "boostmis_issue16.md")),
                Job("robust/reduced-dilate-r0.4", "none", (sys.executable, "bench/robust_isic.py", "--data", ISIC,
                                                           "--seeds", "0", "--pool", "400", "--epochs", "5",
                                                           *AS_BEFORE))]
@@ -160,6 +161,9 @@ def plan() -> list[Job]:
     boostmis_ablation = [Job(f"boostmis/ablation/s{seed}", "none", (
         sys.executable, "bench/bench_boostmis.py", "--ablation", "--seeds", ",".join(map(str, SEEDS[:i + 1])),
         "--iterations", "5", "--steps", "300")) for i, seed in enumerate(SEEDS)]
+    # issue 27.2 after the ablation: the generated-feature table on dsal classify's new defaults (per_class, sgd)
+    boostmis_after = [Job("boostmis/generated-issue27", "none", (
+        sys.executable, "bench/bench_boostmis.py", "--seeds", "0,1,2", "--iterations", "5", "--steps", "300"))]
     # the combinations added after the first table (finished runs are skipped; about 1 min)
     boostmis_ablation += [Job("boostmis/ablation-combos", "none", (
         sys.executable, "bench/bench_boostmis.py", "--ablation", "--seeds", "0,1,2", "--iterations", "5",
@@ -188,7 +192,7 @@ def plan() -> list[Job]:
     isic = [compare_job(spec, seed) for seed in SEEDS for spec in STRATEGY_ROWS]  # every row of a seed first
     return ([noisy[(200, seed)] for seed in SEEDS] + methods + covid[:9] + precision[:2] + walltime
             + walltime_after + precision[2:5] + covid[9:] + precision[5:] + hippocampus_jobs()
-            + semisup + boostmis_ablation + isic + [compare_128_job(seed) for seed in SEEDS]
+            + semisup + boostmis_ablation + boostmis_after + isic + [compare_128_job(seed) for seed in SEEDS]
             + robust_jobs() + [noisy[(400, seed)] for seed in SEEDS]
             + plan_budget_jobs() + hippocampus_planned_jobs()
             + [Job("speed/scale", "none", (sys.executable, "bench/bench_scale.py", "--sizes", "500,4000,10000,30000",

@@ -298,9 +298,15 @@ class ClassifySettings:
 
     @classmethod
     def recorded(cls, saved: dict) -> dict:
-        """An earlier settings.json as `record` gives it today: a setting it lacks (added since) had its default."""
+        """An earlier settings.json as `record` gives it today: a setting it lacks (added since) had the default
+        of its day, `RECORDED_BEFORE` where that differs from today's."""
         return {**{f.name: f.default for f in fields(cls) if f.default is not MISSING and f.name != "iterations"},
-                **saved}
+                **RECORDED_BEFORE, **saved}
+
+
+# the defaults a settings.json without these fields ran with: before issue 27.2's ablation (dsal classify's
+# per-class thresholds and SGD) every run recorded both, or ran with these
+RECORDED_BEFORE = {"threshold": "global", "boostmis_optimizer": "adam"}
 
 
 # Booster.Settings fields by their ClassifySettings names (META_SIZE has no meaning here)

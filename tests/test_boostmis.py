@@ -336,11 +336,14 @@ def test_classify_registries_match_the_cli_and_the_config():
     assert list(options["pseudo"].type.choices) == list(PSEUDO_RULES) == list(PSEUDO)
     assert all(QUERIES[n].name == n for n in QUERIES) and all(PSEUDO_RULES[n].name == n for n in PSEUDO_RULES)
     from dsal_tf.strategies.boostmis import BoostMISQuery
+    from dsal_tf.trainers.booster import Booster
     from dsal_tf.trainers.boostmis import BoostMISTrainer
 
     cfg, rule, query = Config(), AdaptiveCutoff(3, 0, 5), FeatureQuery()
     seg_query, seg_trainer = BoostMISQuery.Settings(), BoostMISTrainer.Settings()
-    assert (rule.tau, rule.threshold) == (seg_trainer.boostmis_tau, seg_trainer.boostmis_threshold)
+    classify = Booster.Settings()  # feature vectors: the ablation's defaults (per-class thresholds)
+    assert (rule.tau, rule.threshold) == (classify.boostmis_tau, classify.boostmis_threshold)
+    assert rule.tau == seg_trainer.boostmis_tau
     assert (query.xi, query.eps, query.knn, query.seed) == (seg_query.boostmis_xi, seg_query.boostmis_eps,
                                                              seg_query.boostmis_knn, cfg.seed)
 
@@ -354,7 +357,7 @@ def test_classify_registries_match_the_cli_and_the_config():
 def test_classify_pseudo_rules_on_hand_made_probabilities(name, keep):
     from dsal_tf.classify import PSEUDO_RULES
 
-    rule = PSEUDO_RULES[name](3, n_active=10, queries=10)
+    rule = PSEUDO_RULES[name](3, n_active=10, queries=10, threshold="global")
     conf, cls = HAND_P.max(1), HAND_P.argmax(1)
     np.testing.assert_array_equal(confident(conf, cls, rule.cutoffs(conf, cls)).numpy(), keep)
 

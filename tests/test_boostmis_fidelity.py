@@ -174,13 +174,17 @@ def test_booster_ema_labeller_labels_with_the_ema_head():
     np.testing.assert_array_equal(cls.numpy(), ema_pred)
 
 
-def test_defaults_are_todays_and_the_booster_shares_the_segmentation_trainers():
+def test_defaults_and_the_booster_shares_the_segmentation_trainers_settings():
+    """Feature vectors default to the ablation's matching configuration (per-class thresholds, SGD); the
+    segmentation trainer keeps the paper's global cutoff and Adam (the ablation ran on features only)."""
     from dsal_tf.config import Config
 
     s = Booster.Settings()
     assert (s.boostmis_cutoff, s.boostmis_threshold, s.boostmis_labeller, s.boostmis_warmup, s.boostmis_optimizer,
-            s.boostmis_initial, s.boostmis_align, s.ema_decay) == ("adaptive", "global", "online", 0, "adam",
+            s.boostmis_initial, s.boostmis_align, s.ema_decay) == ("adaptive", "per_class", "online", 0, "sgd",
                                                                   "random", False, 0.99)
+    seg = BoostMISTrainer.Settings()
+    assert (seg.boostmis_threshold, seg.boostmis_optimizer) == ("global", "adam")
     assert set(BoostMISTrainer.Settings.__dataclass_fields__) < set(Booster.Settings.__dataclass_fields__)
     cfg = Config(settings={"boostmis_optimizer": "sgd", "boostmis_cutoff": "constant", "boostmis_warmup": 7})
     kwargs = BoostMISTrainer.config_kwargs(cfg, 100)
@@ -192,11 +196,11 @@ def test_defaults_are_todays_and_the_booster_shares_the_segmentation_trainers():
 
 
 # ------------------------------------------------------------------ dsal classify reads Booster.Settings
-def test_classify_settings_carry_every_booster_setting_with_todays_defaults():
+def test_classify_settings_carry_every_booster_setting_with_its_defaults():
     from dsal_tf.classify import ClassifySettings, booster_options
 
     s = ClassifySettings(6, 5, 1)
-    assert s.booster == Booster.Settings()  # META_SIZE aside, every field, today's values
+    assert s.booster == Booster.Settings()  # META_SIZE aside, every field, the defaults
     authors = Booster.Settings(boostmis_cutoff="constant", boostmis_initial="balanced", boostmis_optimizer="sgd",
                                ema_decay=0.999, boostmis_threshold="per_class")
     t = ClassifySettings(6, 5, 1, **booster_options(authors))
@@ -225,7 +229,7 @@ def test_classify_options_from_constants():
                             "BOOSTMIS_THRESHOLD": "per_class"})
     assert (got["boostmis_cutoff"], got["ema_decay"], got["boostmis_align"], got["threshold"]) == (
         "constant", 0.999, True, "per_class")
-    assert got["boostmis_optimizer"] == "adam"  # the rest: defaults
+    assert got["boostmis_optimizer"] == "sgd"  # the rest: dsal classify's defaults
     with pytest.raises(DsalError, match="--set BOOSTMIS_CUTOF: dsal classify takes .*BOOSTMIS_CUTOFF"):
         classify_options({"BOOSTMIS_CUTOF": "constant"})
     with pytest.raises(DsalError, match="META_SIZE"):  # a segmentation setting, not the head's
@@ -272,8 +276,8 @@ def test_classify_loop_hands_the_settings_to_the_booster(tmp_path, monkeypatch):
 
 
 def test_classify_resumes_a_run_recorded_before_the_booster_settings(tmp_path):
-    """A settings.json without the Booster.Settings fields ran with their defaults: it resumes; a run
-    asked with another setting does not."""
+    """A settings.json without the Booster.Settings fields ran with the defaults of its day (the global cutoff,
+    Adam): it resumes when asked with those; a run asked with another setting (today's SGD) does not."""
     import json
 
     from dsal_tf.classify import ClassifySettings, classify_loop
@@ -282,16 +286,16 @@ def test_classify_resumes_a_run_recorded_before_the_booster_settings(tmp_path):
 
     feats = write_feature_splits(tmp_path / "f", dim=8)
     quiet = dict(log=lambda m: None)
-    run = classify_loop(feats, tmp_path / "c", ClassifySettings(6, 5, 0, "random", "none", steps=2, batch_size=8),
-                        **quiet)
+    then = dict(threshold="global", boostmis_optimizer="adam")
+    run = classify_loop(feats, tmp_path / "c", ClassifySettings(6, 5, 0, "random", "none", steps=2, batch_size=8,
+                                                                **then), **quiet)
     saved = json.loads((run / "settings.json").read_text())
     old = {k: v for k, v in saved.items() if not k.startswith(("boostmis_", "ema_"))}
     (run / "settings.json").write_text(json.dumps(old))
-    classify_loop(feats, run, ClassifySettings(6, 5, 1, "random", "none", steps=2, batch_size=8), **quiet)
+    classify_loop(feats, run, ClassifySettings(6, 5, 1, "random", "none", steps=2, batch_size=8, **then), **quiet)
     assert json.loads((run / "settings.json").read_text()) == saved
     with pytest.raises(DsalError, match="started with other settings"):
-        classify_loop(feats, run, ClassifySettings(6, 5, 2, "random", "none", steps=2, batch_size=8,
-                                                   boostmis_optimizer="sgd"), **quiet)
+        classify_loop(feats, run, ClassifySettings(6, 5, 2, "random", "none", steps=2, batch_size=8), **quiet)
 
 
 def test_dsal_classify_takes_the_booster_settings_on_the_command_line(tmp_path):

@@ -77,6 +77,10 @@ class Booster(keras.Model):
 
     @dataclass(frozen=True)
     class Settings(BoostMISTrainer.Settings):  # the segmentation trainer's (META_SIZE does not apply here)
+        # on feature vectors the defaults are the configuration that matched the no-pseudo-label baseline in
+        # issue 27.2's ablation (bench/results/boostmis_ablation.md): per-class thresholds and the authors' SGD
+        boostmis_threshold: str = "per_class"  # pseudo-label cutoff: "global" eps_t or "per_class" (FlexMatch-style)
+        boostmis_optimizer: str = "sgd"  # "sgd": 0.03, momentum 0.9, weight decay 5e-4 (authors') or "adam" 1e-3
         boostmis_initial: str = "random"  # first expert labels: "random" or "balanced" per class (authors' code)
         boostmis_align: bool = False  # distribution alignment of the pseudo labeller (authors' code: off)
 
