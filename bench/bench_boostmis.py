@@ -115,7 +115,7 @@ def main() -> None:
              "Command: `python bench/bench_boostmis.py "
              f"--seeds {args.seeds} --iterations {args.iterations} --steps {args.steps} --threshold {args.threshold} "
              f"--optimizer {args.optimizer} "
-             f"--out {args.out}`", ""]
+             f"--out {Path(args.out).name if Path(args.out).parent == results else args.out}`", ""]
     for metric in ("accuracy", "macro_f1"):
         g = all_.groupby(["variant", "n_labelled"])[metric].agg(["mean", "std"]).reset_index()
         cols = sorted(g["n_labelled"].unique())
