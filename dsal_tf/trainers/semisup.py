@@ -6,9 +6,9 @@ trains; an EMA teacher `theta_t = g theta_t + (1 - g) theta_s` follows it. A mod
 scratch (`FitJob.from_scratch`) first learns the labels alone for `SEMISUP_PRETRAIN` of its steps with
 g = 0 (the teacher a copy), then g = EMA_DECAY; with `SEMISUP_PRETRAIN = 0` it uses Mean Teacher's
 warm-up `g = min(1 - 1/(step + 1), EMA_DECAY)`. A model that continues a trained one (a later round:
-its teacher is useful already) runs the method with g = EMA_DECAY from its first step. The teacher is the wrapped `segmenter`: it is what validation measures, what the
-checkpoint saves, what the next round scores the pool with and what the next round's student starts
-from. An epoch is the space's epoch over the labelled set (`steps_per_epoch`: ceil(n / BATCH_SIZE)
+its teacher is useful already) runs the method with g = EMA_DECAY from its first step. The teacher
+is the wrapped `segmenter`: it is what validation measures, what the checkpoint saves, what the next
+round scores the pool with and what the next round's student starts from. An epoch is the space's epoch over the labelled set (`steps_per_epoch`: ceil(n / BATCH_SIZE)
 batches of images, or a volume space's patch steps), as in a plain fit, with the same labelled
 stream (`FOREGROUND_OVERSAMPLE` included) and the same validation epochs (`VALIDATION_FREQ`), so
 the best epoch is chosen among as many as a plain fit's. An algorithm (`bcp.py`,
