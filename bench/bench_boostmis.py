@@ -42,8 +42,8 @@ import pandas as pd  # noqa: E402
 from bench_boostmis_ablation import run_ablation  # noqa: E402
 
 from dsal_tf.classify import TRAINING, run_classify  # noqa: E402
-from dsal_tf.trainers.boostmis import OPTIMIZERS  # noqa: E402
 from dsal_tf.strategies.boostmis import THRESHOLDS  # noqa: E402
+from dsal_tf.trainers.boostmis import OPTIMIZERS  # noqa: E402
 
 VARIANTS = {
     "BoostMIS (boostmis + adaptive)": ("boostmis", "adaptive"),

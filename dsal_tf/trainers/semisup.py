@@ -1,18 +1,18 @@
 """The shared core of the semi-supervised trainers that learn from the whole unlabelled pool.
 
-Every step takes a labelled batch (the round's expert labels, and pseudo labels if the run asks
-for them) and a batch of unlabelled pool images (`train.FitJob.unlabelled_stream`). A student
-trains; an EMA teacher `theta_t = g theta_t + (1 - g) theta_s` follows it. A model that starts from
-scratch (`FitJob.from_scratch`) first learns the labels alone for `SEMISUP_PRETRAIN` of its steps with
-g = 0 (the teacher a copy), then g = EMA_DECAY; with `SEMISUP_PRETRAIN = 0` it uses Mean Teacher's
-warm-up `g = min(1 - 1/(step + 1), EMA_DECAY)`. A model that continues a trained one (a later round:
-its teacher is useful already) runs the method with g = EMA_DECAY from its first step. The teacher
-is the wrapped `segmenter`: it is what validation measures, what the checkpoint saves, what the next
-round scores the pool with and what the next round's student starts from. An epoch is the space's epoch over the labelled set (`steps_per_epoch`: ceil(n / BATCH_SIZE)
-batches of images, or a volume space's patch steps), as in a plain fit, with the same labelled
-stream (`FOREGROUND_OVERSAMPLE` included) and the same validation epochs (`VALIDATION_FREQ`), so
-the best epoch is chosen among as many as a plain fit's. An algorithm (`bcp.py`,
-`mean_teacher.py`) overrides `objective` only.
+Every step takes a labelled batch (the round's expert labels, and pseudo labels if the run asks for
+them) and a batch of unlabelled pool images (`train.FitJob.unlabelled_stream`). A student trains; an
+EMA teacher `theta_t = g theta_t + (1 - g) theta_s` follows it. A model that starts from scratch
+(`FitJob.from_scratch`) first learns the labels alone for `SEMISUP_PRETRAIN` of its steps with g = 0
+(the teacher a copy), then g = EMA_DECAY; with `SEMISUP_PRETRAIN = 0` it uses Mean Teacher's warm-up
+`g = min(1 - 1/(step + 1), EMA_DECAY)`. A model that continues a trained one (a later round: its
+teacher is useful already) runs the method with g = EMA_DECAY from its first step. The teacher is
+the wrapped `segmenter`: it is what validation measures, what the checkpoint saves, what the next
+round scores the pool with and what the next round's student starts from. An epoch is the space's
+epoch over the labelled set (`steps_per_epoch`: ceil(n / BATCH_SIZE) batches of images, or a volume
+space's patch steps), as in a plain fit, with the same labelled stream (`FOREGROUND_OVERSAMPLE`
+included) and the same validation epochs (`VALIDATION_FREQ`), so the best epoch is chosen among as
+many as a plain fit's. An algorithm (`bcp.py`, `mean_teacher.py`) overrides `objective` only.
 
 Layout: channels last, `[B,*spatial,C]`; masks `[B,*spatial,1]`. Everything here is rank-generic:
 boxes and mixing work on 2D images and on 3D patches alike.
