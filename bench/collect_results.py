@@ -15,17 +15,12 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from compare_table import md  # noqa: E402  (the one markdown table writer of the bench scripts)
+
 EXP = Path(os.environ.get("EXP_DIR") or ROOT / "exp").resolve()
 OUT = Path(os.environ.get("RESULTS_DIR") or ROOT / "bench" / "results").resolve() / "isic2017_v3.md"
-
-
-def md(df: pd.DataFrame) -> str:
-    """A markdown table; floats with 4 decimals, integer columns as integers."""
-    cols = list(df.columns)
-    cells = {c: [f"{v:.4f}" if pd.api.types.is_float_dtype(df[c]) else str(v) for v in df[c]] for c in cols}
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cells[c][i] for c in cols) + " |" for i in range(len(df))]
-    return "\n".join(lines)
 
 
 def differences_against(cmp_dir: Path, baseline: str) -> pd.DataFrame:
