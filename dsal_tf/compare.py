@@ -272,6 +272,17 @@ def image_aulc(n_labels: np.ndarray, dice: np.ndarray) -> np.ndarray:
     return np.trapezoid(dice, np.asarray(n_labels, float), axis=0) / (n_labels[-1] - n_labels[0])
 
 
+def _bootstrap_means(arrays: np.ndarray, reps: int, seed: int) -> np.ndarray:
+    """Resampled means `[reps, k]` of the k paired arrays `arrays` [k, seeds, images], every array
+    with the same draws: seeds with replacement, then images with replacement inside each drawn seed."""
+    a = np.asarray(arrays, float)
+    _, n_seeds, n_img = a.shape
+    rng = np.random.default_rng(seed)
+    s_idx = rng.integers(0, n_seeds, (reps, n_seeds))
+    i_idx = rng.integers(0, n_img, (reps, n_seeds, n_img))
+    return a[:, s_idx[..., None], i_idx].mean(axis=(2, 3)).T
+
+
 def bootstrap_ci(diffs: np.ndarray, reps: int = BOOTSTRAP_REPS, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float, float]:
     """Mean of paired differences `diffs` [seeds, images] and its percentile bootstrap interval.
@@ -279,14 +290,28 @@ def bootstrap_ci(diffs: np.ndarray, reps: int = BOOTSTRAP_REPS, seed: int = 0,
     Two-stage resampling: seeds with replacement, then test images with replacement inside each
     drawn seed (the same image draw for both strategies: the differences are already paired)."""
     d = np.atleast_2d(np.asarray(diffs, float))
-    n_seeds, n_img = d.shape
-    rng = np.random.default_rng(seed)
-    s_idx = rng.integers(0, n_seeds, (reps, n_seeds))
-    i_idx = rng.integers(0, n_img, (reps, n_seeds, n_img))
-    means = d[s_idx[..., None], i_idx].mean(axis=(1, 2))
+    means = _bootstrap_means(d[None], reps, seed)[:, 0]
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return float(d.mean()), float(lo), float(hi)
+
+
+def bootstrap_ratio_ci(num: np.ndarray, den: np.ndarray, reps: int = BOOTSTRAP_REPS, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float, float]:
+    """`mean(num) / mean(den)` of two paired arrays [seeds, images] and its percentile bootstrap
+    interval, both means from the same draws (as `bootstrap_ci`'s). For a share of a gap recovered:
+    num = row - baseline, den = upper bound - baseline, per image. A draw whose denominator is 0
+    gives an infinite ratio and widens the interval to it."""
+    n, d = np.atleast_2d(np.asarray(num, float)), np.atleast_2d(np.asarray(den, float))
+    if n.shape != d.shape:
+        raise ValueError(f"num {n.shape} and den {d.shape} must pair: the same seeds and images")
+    means = _bootstrap_means(np.stack([n, d]), reps, seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = means[:, 0] / means[:, 1]
+    ratios = np.where(np.isnan(ratios), np.inf, ratios)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(ratios, [alpha, 1.0 - alpha])
+    return float(n.mean() / d.mean()), float(lo), float(hi)
 
 
 def paired_differences(curves: dict, baseline: str) -> list[dict]:

@@ -5,6 +5,7 @@ import pytest
 from dsal_tf.compare import (
     aulc,
     bootstrap_ci,
+    bootstrap_ratio_ci,
     full_supervision_config,
     image_aulc,
     paired_differences,
@@ -43,6 +44,25 @@ def test_bootstrap_interval_on_synthetic_differences_with_known_answers():
     mean, lo, hi = bootstrap_ci(diffs, reps=4000)
     assert mean == pytest.approx(0.0, abs=1e-12)
     assert lo == pytest.approx(-0.0098, rel=0.1) and hi == pytest.approx(0.0098, rel=0.1)
+
+
+def test_bootstrap_ratio_interval_with_known_answers():
+    # two seeds, each constant: a gap recovered of 0.01/0.02 in one and 0.03/0.02 in the other; the seed
+    # draws (A,A), (A,B), (B,B) give 0.5, 1.0, 1.5 with probabilities 1/4, 1/2, 1/4
+    num = np.stack([np.full(30, 0.01), np.full(30, 0.03)])
+    ratio, lo, hi = bootstrap_ratio_ci(num, np.full((2, 30), 0.02))
+    assert (ratio, lo, hi) == pytest.approx((1.0, 0.5, 1.5))
+    # a ratio of means, not a mean of ratios: (0.01 + 0.03) / (0.01 + 0.05) = 2/3, not (1 + 0.6) / 2
+    ratio, _, _ = bootstrap_ratio_ci(num, np.stack([np.full(30, 0.01), np.full(30, 0.05)]))
+    assert ratio == pytest.approx(2 / 3)
+    # the same draws as bootstrap_ci: with a constant denominator the interval is bootstrap_ci's, scaled
+    rng = np.random.default_rng(3)
+    diffs = rng.normal(0.01, 0.05, (3, 40))
+    _, lo_d, hi_d = bootstrap_ci(diffs)
+    _, lo_r, hi_r = bootstrap_ratio_ci(diffs, np.full((3, 40), 0.02))
+    assert (lo_r, hi_r) == pytest.approx((lo_d / 0.02, hi_d / 0.02))
+    with pytest.raises(ValueError, match="pair"):
+        bootstrap_ratio_ci(np.zeros((2, 3)), np.zeros((3, 3)))
 
 
 def _curve(n_oracle, dice):

@@ -168,12 +168,15 @@ def test_boostmis_strong_view_is_per_item_on_volumes_and_unchanged_on_images():
 
 
 # ------------------------------------------------------------------ one or two steps of every trainer
-def _fit_two_steps(name: str) -> dict:
-    """Two steps of trainer `name` on random NDHWC batches of a tiny 3D U-Net; the fit's history."""
+def _fit_two_steps(name: str, spatial=SPATIAL, precision: str = "off") -> dict:
+    """Two steps of trainer `name` on random batches of a tiny U-Net (3D on NDHWC volumes by default,
+    2D with a 2D `spatial`) under the precision `precision`; the fit's history."""
     from dsal_tf.config import resolve
 
-    model = _unet3d()
-    (xn, yn), (xc, yc) = _volumes(2, 1), _volumes(2, 2)
+    keras.mixed_precision.set_global_policy({"off": "float32", "bfloat16": "mixed_bfloat16"}[precision])
+    keras.utils.set_random_seed(0)
+    model = build_unet((None,) * len(spatial) + (1,), base_filters=2, depth=3, dropout=0.0)
+    (xn, yn), (xc, yc) = _volumes(2, 1, spatial), _volumes(2, 2, spatial)
     cls = trainers.get_trainer(name)
     if name == "boostmis":  # a paired trainer on (expert batch, unlabelled pool batch), as the pool trainers
         trainer = trainers.make_trainer(name, model, loss="bce_dice", n_active=1, queries=2)
@@ -187,7 +190,7 @@ def _fit_two_steps(name: str) -> dict:
     else:  # `standard`: the compiled U-Net itself
         from dsal_tf.train import compile_model
 
-        trainer = compile_model(model, resolve({"mixed_precision": "off"}))
+        trainer = compile_model(model, resolve({"mixed_precision": precision}))
         data = (xc, {h: yc for h in HEADS})
     if trainer is not model:
         trainer.compile(keras.optimizers.Adam(1e-3))
@@ -210,6 +213,20 @@ def test_every_trainer_takes_steps_on_volumes(name):
     history = _fit_two_steps(name)
     assert np.isfinite(history["loss"]).all(), history
     assert history["moved"]  # the wrapped (or EMA) U-Net changed
+
+
+@pytest.mark.parametrize("name", [n if n in ("mwnet", "mcpm") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(trainers.TRAINERS)])
+def test_every_trainer_takes_steps_under_bf16(name):
+    """`MIXED_PRECISION` is bf16 by default on this CPU and on recent GPUs: every trainer must run under
+    it (MW-Net's weight net computed in bf16 and could not multiply the float32 losses)."""
+    history = _fit_two_steps(name, spatial=(16, 16), precision="bfloat16")
+    assert np.isfinite(history["loss"]).all(), history
+    assert history["moved"]
+    if name in ("mwnet", "mcpm"):
+        meta_net = trainers.make_trainer(name, build_unet((None, None, 1), base_filters=2, depth=3,
+                                                          dropout=0.0)).meta_net
+        assert {layer.compute_dtype for layer in meta_net.layers[1:]} == {"float32"}
 
 
 # ------------------------------------------------------------------ the streams

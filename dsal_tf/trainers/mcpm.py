@@ -24,15 +24,16 @@ from .meta import MetaTrainer
 
 def mask_net(width: int = 32, rank: int = 2) -> keras.Model:
     """`[B,*spatial,1]` loss map -> pixel weights of the same shape in (0, 1); any spatial size.
-    `rank` = 2 (images, Conv2D) or 3 (volumes, Conv3D), the segmenter's."""
+    `rank` = 2 (images, Conv2D) or 3 (volumes, Conv3D), the segmenter's. Computed in float32 whatever the
+    run's precision policy, as the loss map it reads."""
     conv = _RANK_LAYERS[rank]["conv"]
     loss = keras.Input(shape=(None,) * rank + (1,), name="loss_map")
-    a = conv(width, 3, padding="same", activation="relu", name="a1")(loss)
-    a = conv(1, 3, padding="same", name="a2")(a)
-    b = conv(width, 5, padding="same", activation="relu", name="b1")(loss)
-    b = conv(1, 5, padding="same", name="b2")(b)
-    h = keras.layers.Concatenate(name="concat")([a, b, loss])
-    r = conv(1, 3, padding="same", activation="sigmoid", name="weight")(h)
+    a = conv(width, 3, padding="same", activation="relu", name="a1", dtype="float32")(loss)
+    a = conv(1, 3, padding="same", name="a2", dtype="float32")(a)
+    b = conv(width, 5, padding="same", activation="relu", name="b1", dtype="float32")(loss)
+    b = conv(1, 5, padding="same", name="b2", dtype="float32")(b)
+    h = keras.layers.Concatenate(name="concat", dtype="float32")([a, b, loss])
+    r = conv(1, 3, padding="same", activation="sigmoid", name="weight", dtype="float32")(h)
     return keras.Model(loss, r, name="mcpm_mask_net")
 
 

@@ -14,12 +14,13 @@ from .meta import MetaTrainer
 
 
 def weight_net(hidden: int = 100) -> keras.Model:
-    """`[B] loss -> [B] weight in (0, 1)`."""
+    """`[B] loss -> [B] weight in (0, 1)`, computed in float32 whatever the run's precision policy (the
+    losses it reads are float32)."""
     loss = keras.Input(shape=(), name="loss")
-    h = keras.layers.Reshape((1,))(loss)
-    h = keras.layers.Dense(hidden, activation="relu", name="hidden")(h)
-    w = keras.layers.Dense(1, activation="sigmoid", name="weight")(h)
-    return keras.Model(loss, keras.layers.Reshape(())(w), name="mwnet_weight_net")
+    h = keras.layers.Reshape((1,), dtype="float32")(loss)
+    h = keras.layers.Dense(hidden, activation="relu", name="hidden", dtype="float32")(h)
+    w = keras.layers.Dense(1, activation="sigmoid", name="weight", dtype="float32")(h)
+    return keras.Model(loss, keras.layers.Reshape((), dtype="float32")(w), name="mwnet_weight_net")
 
 
 @register_trainer("mwnet")
