@@ -75,6 +75,11 @@ def check_names(cfg: Config) -> None:
         if value not in registry and not (key in AUTO_ALLOWED and value == "auto"):
             options = sorted(registry) + (["auto"] if key in AUTO_ALLOWED else [])
             raise DsalError(f"{key.upper()} = {value!r} is not one of {options}" + suggest(value, options))
+    query = QUERY_STRATEGIES[cfg.query_strategy]
+    if query.draws_at_random and cfg.selection != "auto" and not SELECTIONS[cfg.selection].needs_features:
+        raise DsalError(f"SELECTION = {cfg.selection!r} ranks a score, but QUERY_STRATEGY = {cfg.query_strategy!r} "
+                        "draws its picks at random and would ignore it: set SELECTION = \"auto\" (or \"diverse\": "
+                        "random candidates thinned by k-center)")
     known = owners()
     for name in cfg.settings:
         if name not in known:

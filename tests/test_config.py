@@ -44,11 +44,18 @@ def test_unknown_constant_suggests_the_closest_name(tmp_path):
         ({"rgs_lambda": 2.0}, "RGS_LAMBDA must be in"),
         ({"boostmis_threshold": "global!"}, "BOOSTMIS_THRESHOLD .*did you mean 'global'"),
         ({"initial_selection": "kcentre"}, "INITIAL_SELECTION .*did you mean 'kcenter'"),
+        ({"query_strategy": "random", "selection": "power"}, "SELECTION = 'power' .*random.* set SELECTION"),
+        ({"query_strategy": "random_fg", "selection": "rank"}, "SELECTION = 'rank' .*random_fg"),
     ],
 )
 def test_bad_values_name_the_setting(values, match):
     with pytest.raises(DsalError, match=match):
         check_names(resolve(values))
+
+
+def test_random_takes_auto_or_diverse_selection():
+    for selection in ("auto", "diverse"):
+        check_names(resolve({"query_strategy": "random", "selection": selection}))
 
 
 def test_config_is_frozen_and_round_trips_through_json():

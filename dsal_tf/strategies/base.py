@@ -72,6 +72,7 @@ class QueryStrategy:
     name = "base"
     default_selection = "rank"  # used when SELECTION = "auto"
     default_pseudo = "confidence"  # the weak labeler used when PSEUDO_POLICY = "auto"
+    draws_at_random = False  # True: `pick` draws by itself and a ranking SELECTION would be ignored
     Settings = Settings
 
     def __init__(self, settings: Settings | None = None, selection: Selection | None = None, seed: int = 0,

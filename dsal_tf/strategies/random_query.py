@@ -15,5 +15,7 @@ from .dsal import DSALQuery
 
 @register_query("random")
 class RandomQuery(DSALQuery):
+    draws_at_random = True  # SELECTION "auto" or "diverse" (random candidates thinned by k-center) only
+
     def pick(self, scores, n, rng: np.random.Generator, round_: int = 1) -> np.ndarray:
         return rng.permutation(len(scores["uncertainty"]))[:n]
