@@ -75,9 +75,10 @@ def copy_paste(x_l, y_l, x_u, y_u, m, unlabelled_weight: float):
     out = x_u m + x_l' (1 - m)  (unlabelled pasted into labelled), target y_u m + y_l' (1 - m)
     where `x_l'` is the labelled batch rolled by one item (item i takes labelled item i - 1), so the
     two mixes pair each unlabelled image with two different labelled ones, as BCP's four-image
-    pairing does (with a batch of one, the same one). Pixel weights: 1 where the target is an expert
-    mask, `unlabelled_weight` where it is the teacher's. Returns (images, targets, weights), the two
-    mixes stacked on the batch axis."""
+    pairing does (with a batch of one, the same one). METHODS.md's M is 1 outside the box (its X_in
+    is the unlabelled box in a labelled image); with both mixes made, the pair of images is the same.
+    Pixel weights: 1 where the target is an expert mask, `unlabelled_weight` where it is the
+    teacher's. Returns (images, targets, weights), the two mixes stacked on the batch axis."""
     m = tf.cast(m, x_l.dtype)
     mt = tf.cast(m, tf.float32)
     a = float(unlabelled_weight)
