@@ -128,7 +128,35 @@ def al_table(exp_dir: str) -> str:
     d = differences(folder)
     if d is not None:
         lines += ["", "## Paired differences against random + bcp", "", md(d)]
+        lines += al_aim(d)
     return "\n".join(lines) + "\n"
+
+
+def al_aim(d: pd.DataFrame) -> list[str]:
+    """Issue 26's third aim, "does any query strategy beat random under bcp?", from the paired
+    differences pooled over every seed a row has (a row with one seed: that seed's)."""
+    out = ["", "Aim (issue 26): a query strategy above random + bcp, with an interval that excludes 0 "
+           "(AULC and final Dice, over the seeds each row has):", ""]
+    beats, loses = [], []
+    for strategy, rows in d[d["baseline"] == "random"].groupby("strategy", sort=True):
+        pooled = rows[rows["seeds"].astype(str) == "all"]
+        rows = pooled if len(pooled) else rows
+        seeds = "all" if len(pooled) else ",".join(rows["seeds"].astype(str).unique())
+        parts = []
+        for metric in ("aulc", "final_dice"):
+            r = rows[rows["metric"] == metric]
+            if len(r):
+                r = r.iloc[0]
+                parts.append(f"{metric} {r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]")
+                if r["ci_low"] > 0:
+                    beats.append(f"{strategy} ({metric})")
+                elif r["ci_high"] < 0:
+                    loses.append(f"{strategy} ({metric})")
+        out.append(f"- {strategy} (seeds {seeds}): " + "; ".join(parts))
+    out += ["", "**Met**: " + ", ".join(beats) if beats else "**Missed**: no strategy beats random under `bcp`."]
+    if loses:
+        out[-1] += " Below random, outside the noise: " + ", ".join(loses) + "."
+    return out
 
 
 def row_config(data: str, exp_dir: str, budget: int, trainer: str, seed: int, steps: int, sets: dict,
