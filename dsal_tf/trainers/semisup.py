@@ -128,6 +128,7 @@ class PoolTeacherTrainer(keras.Model):
         self.from_scratch = bool(from_scratch)
         # a new model first learns the labels alone, its teacher a copy of it (BCP's pre-training; METHODS §8)
         self.pretrain_steps = int(round(settings.semisup_pretrain * self.total_steps)) if from_scratch else 0
+        self.pretraining = self.pretrain_steps > 0  # this step's phase, fixed in each traced step (`train_step`)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.dice_tracker = keras.metrics.Mean(name="main_dice")
@@ -162,6 +163,27 @@ class PoolTeacherTrainer(keras.Model):
     def compile(self, optimizer="adam", jit_compile: bool | str = False, **kwargs) -> None:
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
 
+    def make_train_function(self, force: bool = False):
+        """Keras' step function made twice, one traced for the pre-training steps (the labels alone) and one
+        for the method's, each with its phase fixed (`pretraining`); each step calls the one its step number
+        needs. One graph holding both objectives behind a `tf.cond` rounded differently from one process to
+        the next (fp32 on CPU with oneDNN, two or more threads), so a run, or a resumed round, did not repeat
+        itself (tests/test_pool_determinism.py)."""
+        if self.train_function is not None and not force:
+            return self.train_function
+        phases = {}
+        for phase in (True, False):
+            super().make_train_function(force=True)
+            phases[phase] = self.train_function
+
+        def train_function(iterator):
+            if self.pretraining:  # once over, pre-training never comes back: no step count read after it
+                self.pretraining = int(self.optimizer.iterations.numpy()) < self.pretrain_steps
+            return phases[self.pretraining](iterator)
+
+        self.train_function = train_function
+        return train_function
+
     def call(self, x, training: bool = False):
         return self.segmenter(x, training=training)
 
@@ -190,16 +212,17 @@ class PoolTeacherTrainer(keras.Model):
     def train_step(self, data):
         theta = self.student.trainable_variables
         step = self.optimizer.iterations
-        pretraining = step < self.pretrain_steps
+        if tf.executing_eagerly():  # called directly, or run eagerly: this step's phase
+            self.pretraining = int(step.numpy()) < self.pretrain_steps
+        pretraining = self.pretraining  # a Python bool: the traced step holds one objective, no `tf.cond`
         with tf.GradientTape() as tape:
-            total, dice = tf.cond(pretraining, lambda: scalars(self.supervised(data)),
-                                  lambda: scalars(self.objective(data)))
+            total, dice = scalars(self.supervised(data) if pretraining else self.objective(data))
             scaled = self.optimizer.scale_loss(total)
         grads = tape.gradient(scaled, tf_variables(theta), unconnected_gradients=tf.UnconnectedGradients.ZERO)
         # read before this update: 0 while pre-training (the teacher is the student's copy), then EMA_DECAY (the
         # teacher starts from a trained copy); without pre-training Mean Teacher's warm-up from scratch
         warm = mean_teacher_decay(step, self.settings.ema_decay, self.from_scratch and self.pretrain_steps == 0)
-        decay = tf.where(pretraining, tf.zeros_like(warm), warm)
+        decay = tf.zeros_like(warm) if pretraining else warm
         self.optimizer.apply_gradients(zip(grads, theta))
         ema_update(self.segmenter, self.student, decay)
         self.loss_tracker.update_state(total)
