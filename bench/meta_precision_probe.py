@@ -36,11 +36,6 @@ def cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
-def spearman(a, b) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def signals(precision: str, weights: list, cfg, batches: list) -> list[dict]:
     """Every signal on every batch pair, under `precision`, from the float32 `weights`."""
     import keras
@@ -88,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     import keras
 
     from dsal_tf import train
+    from dsal_tf.compare import _spearman as spearman
     from dsal_tf.config import load_config
     from dsal_tf.corrupt import corrupt_mask
     from dsal_tf.data import Normalizer, load_split

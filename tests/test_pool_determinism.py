@@ -2,11 +2,12 @@
 
 Their step used to hold both objectives in one graph, `tf.cond(step < pretrain_steps, supervised, objective)`.
 On CPU with oneDNN and two or more threads, that graph rounded differently from one process to the next
-(the same process repeated itself): gradients differed in the last bits (~1e-7 relative) already in the
+(the same process repeated itself): gradients differed in the last bits already in the
 first pre-training step, and 500 steps made that 0.03 of validation Dice on the hippocampus volumes, in 3D
 and in 2D alike, so runs of the same seed (and resumed rounds) did not agree. The same objectives traced
-alone were bit-identical across processes (4 of 4 processes, at the hippocampus benchmark's size, by hand:
-a two-process test caught it only some of the time). Now each phase is its own traced step
+alone were bit-identical across processes (`python bench/pool_determinism_probe.py`:
+before the fix 3 distinct results over 4 processes at the hippocampus size, 2 over 4 at ISIC's; after
+it 1; a two-process test would catch it only some of the time). Now each phase is its own traced step
 (`PoolTeacherTrainer.make_train_function`), switched at `pretrain_steps`."""
 
 from __future__ import annotations

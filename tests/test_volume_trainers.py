@@ -22,9 +22,10 @@ DS = (0.6, 0.3, 0.1)
 HEADS = ("main", "side_1", "side_2")
 
 
-def _unet3d(seed: int = 0) -> keras.Model:
+def _tiny_unet(seed: int = 0, rank: int = 3) -> keras.Model:
+    """A tiny U-Net as a volume run builds it (`rank` = 2: its 2D twin)."""
     keras.utils.set_random_seed(seed)
-    return build_unet((None, None, None, 1), base_filters=2, depth=3, dropout=0.0)  # as a volume run builds it
+    return build_unet((None,) * rank + (1,), base_filters=2, depth=3, dropout=0.0)
 
 
 def _volumes(n: int, seed: int, spatial=SPATIAL):
@@ -104,7 +105,7 @@ def _per_sample_grads(model, x, y, sources):
 def test_rgs_and_rgm_scores_on_a_3d_unet_match_per_sample_gradients():
     """Trust by forward mode through Conv3D and the 3D side heads, informativeness by the closed form on the
     1x1x1 `main_logits` kernel, against one backward pass per sample."""
-    model = _unet3d()
+    model = _tiny_unet()
     (xn, yn), (xc, yc) = _volumes(3, 1), _volumes(2, 2)
     variables = model.trainable_variables
     e = reweight.trust_scores(model, xn, yn, xc, yc, "bce_dice", DS).numpy()
@@ -127,7 +128,7 @@ def test_pint_teacher_view_and_shares_on_volumes():
     label mask broadcasts the image mask over every voxel."""
     from dsal_tf.strategies.entropy import binary_entropy
 
-    trainer = trainers.make_trainer("pint", _unet3d(), loss="bce", passes=3, noise=0.0)
+    trainer = trainers.make_trainer("pint", _tiny_unet(), loss="bce", passes=3, noise=0.0)
     x, _ = _volumes(2, 4)
     p_bar, u = trainer.teacher_view(x)
     p = trainer.teacher(x)["main"]
@@ -143,7 +144,7 @@ def test_pint_teacher_view_and_shares_on_volumes():
 
 
 def test_mcpm_mask_net_has_the_segmenters_rank():
-    t3 = trainers.make_trainer("mcpm", _unet3d(), loss="bce", ds_weights=(1.0, 0.0, 0.0))
+    t3 = trainers.make_trainer("mcpm", _tiny_unet(), loss="bce", ds_weights=(1.0, 0.0, 0.0))
     r = t3.meta_net(tf.zeros([2, 5, 7, 3, 1]))
     assert r.shape == (2, 5, 7, 3, 1) and np.all((r.numpy() > 0) & (r.numpy() < 1))
     assert tuple(t3.meta_net.get_layer("b1").kernel.shape) == (5, 5, 5, 1, 32)
@@ -174,8 +175,7 @@ def _fit_two_steps(name: str, spatial=SPATIAL, precision: str = "off") -> dict:
     from dsal_tf.config import resolve
 
     keras.mixed_precision.set_global_policy({"off": "float32", "bfloat16": "mixed_bfloat16"}[precision])
-    keras.utils.set_random_seed(0)
-    model = build_unet((None,) * len(spatial) + (1,), base_filters=2, depth=3, dropout=0.0)
+    model = _tiny_unet(rank=len(spatial))
     (xn, yn), (xc, yc) = _volumes(2, 1, spatial), _volumes(2, 2, spatial)
     cls = trainers.get_trainer(name)
     if name == "boostmis":  # a paired trainer on (expert batch, unlabelled pool batch), as the pool trainers
@@ -226,8 +226,7 @@ def test_every_trainer_family_takes_steps_under_bf16(name):
     assert np.isfinite(history["loss"]).all(), history
     assert history["moved"]
     if name in ("mwnet", "mcpm"):
-        meta_net = trainers.make_trainer(name, build_unet((None, None, 1), base_filters=2, depth=3,
-                                                          dropout=0.0)).meta_net
+        meta_net = trainers.make_trainer(name, _tiny_unet(rank=2)).meta_net
         assert {layer.compute_dtype for layer in meta_net.layers[1:]} == {"float32"}
 
 
