@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dsal_tf.trainers.semisup import box_mask, copy_paste, largest_component
+from dsal_tf.trainers.semisup import box_mask, copy_paste, largest_component, paste_labelled
 
 
 def test_box_mask_is_one_box_of_two_thirds_of_each_side_per_sample():
@@ -45,6 +45,47 @@ def test_the_out_mix_pastes_each_unlabelled_image_into_another_labelled_one():
                                       [5, 20, 30, 8], [1, 60, 70, 4]])   # out: u_0 in l_1, u_1 in l_0
     np.testing.assert_array_equal(t, [[0, 1, 1, 1], [1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 1]])
     np.testing.assert_array_equal(w[2:], [[1, 0.5, 0.5, 1]] * 2)
+
+
+def test_pre_training_mix_pastes_each_labelled_image_into_the_next():
+    """BCP's pre-training (the authors' code): labelled pairs only. Batch of 2 (1x4 'images', box = pixels
+    1-2): item 0 takes item 1's box, item 1 item 0's, with their masks."""
+    m = tf.constant([[[[0.0], [1.0], [1.0], [0.0]]]] * 2)
+    x_l = tf.constant([[[[1.0], [2.0], [3.0], [4.0]]], [[[5.0], [6.0], [7.0], [8.0]]]])
+    y_l = tf.constant([[[[1.0], [1.0], [0.0], [0.0]]], [[[0.0], [0.0], [1.0], [1.0]]]])
+    x, y = (v.numpy()[:, 0, :, 0] for v in paste_labelled(x_l, y_l, m))
+    np.testing.assert_array_equal(x, [[1, 6, 7, 4], [5, 2, 3, 8]])
+    np.testing.assert_array_equal(y, [[1, 0, 1, 0], [0, 1, 0, 1]])
+
+
+def test_bcp_pre_training_learns_the_mixed_labelled_pairs():
+    """With `BCP_PRETRAIN_MIX` the pre-training loss is the plain supervised loss of the pasted pair (the box
+    this step draws); without it, of the labelled batch itself; the unlabelled batch never enters."""
+    import keras
+
+    from dsal_tf.model import build_unet
+    from dsal_tf.trainers.bcp import BCP
+    from dsal_tf.trainers.semisup import PoolTeacherTrainer
+
+    x_l = tf.random.stateless_normal((2, 16, 16, 1), (1, 2))
+    y_l = tf.cast(x_l > 0, tf.float32)
+    x_u = tf.random.stateless_normal((2, 16, 16, 1), (3, 4))
+
+    def trainer(mix):
+        keras.utils.set_random_seed(0)
+        return BCP(build_unet((16, 16, 1), base_filters=2, depth=3), BCP.Settings(bcp_pretrain_mix=mix), seed=3,
+                   total_steps=4)
+
+    mixed = trainer(True)
+    loss = mixed.supervised(((x_l, y_l), x_u))[0]
+    again = trainer(True)  # the same seed: the same box, drawn by hand
+    x, y = paste_labelled(x_l, y_l, box_mask(y_l, again.settings.bcp_box, again.stamp()))
+    assert not np.array_equal(x.numpy(), x_l.numpy())
+    np.testing.assert_allclose(loss, PoolTeacherTrainer.supervised(again, ((x, y), None))[0], rtol=1e-6)
+    plain = trainer(False).supervised(((x_l, y_l), x_u))[0]  # each loss from a fresh trainer: the same draws
+    np.testing.assert_allclose(plain, PoolTeacherTrainer.supervised(trainer(False), ((x_l, y_l), None))[0],
+                               rtol=1e-6)
+    assert abs(float(loss) - float(plain)) > 1e-4
 
 
 @pytest.mark.parametrize("from_scratch, step, expected", [

@@ -7,7 +7,10 @@ labelled into unlabelled and unlabelled into labelled, with the matching mixed t
 expert mask where the pixels came from a labelled image, the teacher's mask elsewhere). The
 student learns both mixes with BCE + soft Dice per head, weighted by the deep-supervision weights,
 the teacher-labelled pixels weighted by `BCP_UNLABELLED_WEIGHT`. Then the teacher follows the
-student (`semisup.PoolTeacherTrainer`). The same code mixes 2D images and 3D patches.
+student (`semisup.PoolTeacherTrainer`). A model that starts from scratch first learns the labels
+alone; with `BCP_PRETRAIN_MIX` (the authors' code, the default) on pairs of labelled images mixed by
+the same box (`paste_labelled`), so the student meets seams before the pool. The same code mixes 2D
+images and 3D patches.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import tensorflow as tf
 
 from ..settings import in_range
 from .base import head_sum, main_mask, pixel_weighted_loss, register_trainer
-from .semisup import PoolTeacherTrainer, TeacherSettings, box_mask, copy_paste, largest_component
+from .semisup import PoolTeacherTrainer, TeacherSettings, box_mask, copy_paste, largest_component, paste_labelled
 
 
 @register_trainer("bcp")
@@ -30,6 +33,7 @@ class BCP(PoolTeacherTrainer):
         bcp_unlabelled_weight: float = 0.5  # loss weight of the pixels the teacher labelled
         bcp_box: float = 2 / 3  # side of the pasted box, as a share of each image side
         bcp_largest_component: bool = False  # keep only the largest component of the teacher's masks
+        bcp_pretrain_mix: bool = True  # pre-training on labelled pairs mixed by the box (the authors' code)
 
         def check(self):
             super().check()
@@ -42,6 +46,15 @@ class BCP(PoolTeacherTrainer):
             masks = tf.ensure_shape(tf.numpy_function(largest_component, [masks], tf.float32, stateful=False),
                                     masks.shape)
         return masks
+
+    def supervised(self, data):
+        """Pre-training: the labels alone, on labelled pairs mixed by a box (`BCP_PRETRAIN_MIX`)."""
+        if not self.settings.bcp_pretrain_mix:
+            return super().supervised(data)
+        (x_l, y_l), x_u = data
+        y_l = tf.cast(main_mask(y_l), tf.float32)
+        return super().supervised((paste_labelled(x_l, y_l, box_mask(y_l, self.settings.bcp_box, self.stamp())),
+                                   x_u))
 
     def objective(self, data):
         (x_l, y_l), x_u = data

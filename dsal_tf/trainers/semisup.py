@@ -89,6 +89,14 @@ def copy_paste(x_l, y_l, x_u, y_u, m, unlabelled_weight: float):
     return tf.concat([x_in, x_out], 0), tf.concat([t_in, t_out], 0), tf.concat([w_in, w_out], 0)
 
 
+def paste_labelled(x_l, y_l, m):
+    """BCP's pre-training mix (the authors' code): each labelled image takes, inside its box `m`, the
+    pixels and mask of the labelled batch rolled by one (item i those of item i - 1; with a batch of
+    one, itself). Returns (images, masks), every pixel expert-labelled."""
+    x_l2, y_l2 = tf.roll(x_l, 1, axis=0), tf.roll(y_l, 1, axis=0)
+    return x_l * (1 - tf.cast(m, x_l.dtype)) + x_l2 * tf.cast(m, x_l.dtype), y_l * (1 - m) + y_l2 * m
+
+
 def largest_component(masks: np.ndarray) -> np.ndarray:
     """Per item, only the largest connected foreground component of a {0,1} `[B,*spatial,1]` batch."""
     from scipy import ndimage
@@ -238,4 +246,4 @@ class PoolTeacherTrainer(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
 
-__all__ = ["PoolTeacherTrainer", "TeacherSettings", "box_mask", "copy_paste", "largest_component"]
+__all__ = ["PoolTeacherTrainer", "TeacherSettings", "box_mask", "copy_paste", "largest_component", "paste_labelled"]
