@@ -61,7 +61,7 @@ class Config:
     lr_warmup_epochs: int = 0  # linear learning-rate warm-up over the first k epochs of each round (0 = off)
     foreground_oversample: float = 0.0  # share of each batch drawn from images with foreground (0 = plain shuffle)
     collapse_floor: float = 0.01  # val Dice below this for COLLAPSE_PATIENCE epochs, with foreground in the
-    collapse_patience: int = 5  # training masks, stops the round as collapsed (0 = off)
+    collapse_patience: int = 5  # training masks (or still at an all-foreground mask's): round stopped (0 = off)
     jit_compile: str = "auto"  # XLA: "auto" (on with a GPU, off on CPU where it is slower), "on", "off"
     distribute: str = "auto"  # "auto", "none", "mirrored" or "multiworker"
     seed: int = 0  # every random choice of the run follows from it

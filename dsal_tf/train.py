@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from .config import Config
-from .data import Normalizer, Rows, Split, foreground_rows  # noqa: F401 (Rows: FitJob.unlabelled)
+from .data import Normalizer, Rows, Split, all_foreground_dice, foreground_rows  # noqa: F401 (Rows: FitJob.unlabelled)
 from .determinism import reset_seed_generators
 from .errors import DsalError
 from .files import atomic_write
@@ -266,15 +266,22 @@ def collapse_advice(cfg: Config, all_foreground: bool = False) -> str:
 
 
 class StopOnCollapse(keras.callbacks.Callback):
-    """End the round with one line when `val_main_dice` stays below `COLLAPSE_FLOOR` for
-    `COLLAPSE_PATIENCE` epochs (added only when the training masks have foreground): the model
-    predicts background everywhere, and a round must not be reported finished with it. The round
-    is left unfinished; no silent restart."""
+    """End the round with one line when the model has collapsed to a constant mask (added only when the
+    training masks have foreground), and a round must not be reported finished with it:
+    - all-background: `val_main_dice` stays below `COLLAPSE_FLOOR` for `COLLAPSE_PATIENCE` epochs;
+    - all-foreground: as long, it stays within `NEAR` of `all_foreground`, the validation Dice of a mask
+      that is foreground everywhere (`data.all_foreground_dice`), and moves less than `STILL` (a stuck net
+      repeats its value; one that learns moves). Soft Dice cannot bring a saturated all-foreground net
+      back: its gradient through the sigmoid vanishes.
+    The round is left unfinished; no silent restart."""
+
+    NEAR, STILL = 0.01, 0.002
 
     def __init__(self, where: str, floor: float, patience: int, advice: str, monitor: str = "val_main_dice",
-                 every: int = 1):
+                 every: int = 1, all_foreground: float | None = None, foreground_advice: str | None = None):
         super().__init__()
         self.where, self.floor, self.patience, self.advice, self.monitor = where, floor, patience, advice, monitor
+        self.all_foreground, self.foreground_advice = all_foreground, foreground_advice or advice
         self.values: list[float] = []
         # validated every `every` epochs (`validation_epochs`): patience epochs are this many validations
         self.checks = math.ceil(patience / max(int(every), 1)) if patience > 0 else 0
@@ -287,15 +294,26 @@ class StopOnCollapse(keras.callbacks.Callback):
         if value is None:
             return
         self.values.append(float(value))
+        where = f"{self.where}, epoch {epoch + 1}: the model collapsed to all-"
         if collapsed(self.values, self.floor, self.checks):
             raise DsalError(
-                f"{self.where}, epoch {epoch + 1}: the model collapsed to all-background (val Dice "
-                f"{self.values[-1]:.4f}, below COLLAPSE_FLOOR={self.floor:g} for {self.patience} epochs, although "
-                f"the training masks have foreground); the round is not finished: try {self.advice}")
+                f"{where}background (val Dice {self.values[-1]:.4f}, below COLLAPSE_FLOOR={self.floor:g} for "
+                f"{self.patience} epochs, although the training masks have foreground); the round is not "
+                f"finished: try {self.advice}")
+        window = self.values[-self.checks:] if self.checks else []
+        if (self.all_foreground is not None and len(window) == self.checks > 0
+                and max(window) - min(window) < self.STILL
+                and all(abs(v - self.all_foreground) < self.NEAR for v in window)):
+            raise DsalError(
+                f"{where}foreground (val Dice {self.values[-1]:.4f} for {self.patience} epochs, near the "
+                f"{self.all_foreground:.4f} of a mask that is foreground everywhere); the round is not finished: "
+                f"try {self.foreground_advice}")
 
 
-def _callbacks(cfg: Config, out_dir: Path, epochs: int, fg_images: int = 0, n_images: int = 0) -> list:
-    """The round's callbacks; `fg_images` of the `n_images` training masks have foreground."""
+def _callbacks(cfg: Config, out_dir: Path, epochs: int, fg_images: int = 0, n_images: int = 0,
+               all_foreground: float | None = None) -> list:
+    """The round's callbacks; `fg_images` of the `n_images` training masks have foreground; `all_foreground`:
+    the validation Dice of an all-foreground mask (`data.all_foreground_dice`), None to skip that check."""
     where = out_dir.name.replace("_", " ")
     cbs: list = [
         StopOnNaN(where),
@@ -319,7 +337,8 @@ def _callbacks(cfg: Config, out_dir: Path, epochs: int, fg_images: int = 0, n_im
     if cfg.collapse_patience and fg_images:
         cbs.append(StopOnCollapse(where, cfg.collapse_floor, cfg.collapse_patience,
                                   collapse_advice(cfg, all_foreground=fg_images == n_images),
-                                  every=validation_every(cfg, epochs)))
+                                  every=validation_every(cfg, epochs), all_foreground=all_foreground,
+                                  foreground_advice=collapse_advice(cfg, all_foreground=True)))
     return cbs
 
 
@@ -383,7 +402,8 @@ def fit(job: FitJob) -> dict[str, list[float]]:
     keras.utils.set_random_seed(job.seed)
     reset_seed_generators(model, job.seed)  # dropout draws the same masks straight through or resumed
     fg_images = len(foreground_rows(job.y)) if cfg.collapse_patience else 0
-    job.callbacks = _callbacks(cfg, out_dir, job.epochs, fg_images, len(job.y))
+    all_fg = all_foreground_dice(job.val.masks) if fg_images else None
+    job.callbacks = _callbacks(cfg, out_dir, job.epochs, fg_images, len(job.y), all_fg)
     checkpoint = next(c for c in job.callbacks if isinstance(c, BestCheckpoint))
     try:
         history = get_trainer(cfg.trainer).fit_job(job)

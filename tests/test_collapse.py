@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 
 from dsal_tf.config import resolve
-from dsal_tf.data import Normalizer, forced_foreground, foreground_rows, make_dataset
+from dsal_tf.data import Normalizer, all_foreground_dice, forced_foreground, foreground_rows, make_dataset
 from dsal_tf.errors import DsalError
-from dsal_tf.losses import batch_soft_dice_loss, bce_loss, deep_supervision, soft_dice_loss
+from dsal_tf.losses import batch_soft_dice_loss, bce_loss, deep_supervision, dice, soft_dice_loss
 from dsal_tf.train import StopOnCollapse, WarmUp, _callbacks, collapse_advice, collapsed, warmup_lr
 
 # two 2x2 images: A has foreground on its top row, B none
@@ -61,6 +61,51 @@ def test_collapse_callback_raises_on_constant_zero_dice_only():
     ok.on_train_begin()
     for epoch, value in enumerate([0.0, 0.0, 0.02, 0.0, 0.0, 0.5]):
         ok.on_epoch_end(epoch, {"val_main_dice": value})
+
+
+def test_all_foreground_dice_is_the_metric_of_a_mask_that_is_foreground_everywhere():
+    # A: 2 of 4 pixels foreground, (2*2 + 1) / (2 + 4 + 1); B: none, 1 / (0 + 4 + 1)
+    expected = (5 / 7 + 1 / 5) / 2
+    assert all_foreground_dice(Y) == pytest.approx(expected)
+    assert all_foreground_dice(Y, chunk=1) == pytest.approx(expected)
+    assert float(np.mean(dice(Y, np.ones_like(Y)))) == pytest.approx(expected)
+
+
+def test_collapse_callback_raises_on_a_constant_all_foreground_dice():
+    """ISIC's seed-1 case (val Dice 0.2557 three times, 0.2517 for a mask that is foreground everywhere: a
+    few pixels stayed background) stops; a value that moves, or stays still far from it, does not."""
+    cb = StopOnCollapse("round 0", 0.01, 3, advice="X", all_foreground=0.2517, foreground_advice="LR_WARMUP_EPOCHS=1")
+    cb.on_train_begin()
+    cb.on_epoch_end(0, {"val_main_dice": 0.2557})
+    cb.on_epoch_end(1, {"val_main_dice": 0.2559})
+    with pytest.raises(DsalError, match=r"epoch 3: the model collapsed to all-foreground .* try LR_WARMUP_EPOCHS=1"):
+        cb.on_epoch_end(2, {"val_main_dice": 0.2557})
+    for values in ([0.2557, 0.2517, 0.2600, 0.2557, 0.2530, 0.2580], [0.30] * 6):
+        ok = StopOnCollapse("round 0", 0.01, 3, advice="", all_foreground=0.2517)
+        ok.on_train_begin()
+        for epoch, value in enumerate(values):
+            ok.on_epoch_end(epoch, {"val_main_dice": value})
+
+
+@pytest.mark.slow
+def test_a_fit_stuck_at_all_foreground_stops_with_one_line(tiny_cfg, tmp_path):
+    """A real U-Net whose heads are saturated at foreground (logit bias +40) under soft Dice: the gradient
+    through the sigmoid vanishes, so it stays there; the fit ends with the all-foreground error."""
+    from dsal_tf import train
+    from dsal_tf.data import load_splits
+
+    cfg = tiny_cfg.replace(loss="dice", collapse_patience=2, learning_rate=1e-6)
+    splits = load_splits(cfg, ("train", "val"))
+    pool, val = splits["train"], splits["val"]
+    model = train.new_model(cfg, 0)
+    for head in ("main", "side_1", "side_2"):
+        kernel, bias = model.get_layer(f"{head}_logits").get_weights()
+        model.get_layer(f"{head}_logits").set_weights([kernel * 0, bias + 40.0])
+    x, y = np.asarray(pool.images[:8]), np.asarray(pool.masks[:8])
+    job = train.FitJob(model, cfg, x, y, np.zeros(8, bool), val, Normalizer.fit(pool.images, cfg.normalization),
+                       tmp_path / "round_00", 3, seed=0)
+    with pytest.raises(DsalError, match="round 00, epoch 2: the model collapsed to all-foreground"):
+        train.fit(job)
 
 
 def test_collapse_callback_only_with_foreground_and_patience(tmp_path):
