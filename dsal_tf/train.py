@@ -256,6 +256,15 @@ def collapsed(val_dice: list[float], floor: float, patience: int) -> bool:
     return patience > 0 and len(val_dice) >= patience and all(v < floor for v in val_dice[-patience:])
 
 
+def foreground_collapse_advice(cfg: Config) -> str:
+    """What brought a net back from all-foreground, in the order it is worth trying: a loss with a gradient
+    at a saturated sigmoid (BCE), a warm-up, a smaller rate, float32."""
+    tries = [('LOSS="bce_dice"', cfg.loss not in ("bce", "bce_dice")),
+             ("LR_WARMUP_EPOCHS=1", cfg.lr_warmup_epochs == 0)]
+    return ", ".join([t for t, useful in tries if useful] + [f"LEARNING_RATE={cfg.learning_rate / 10:g}"]
+                     + (["MIXED_PRECISION=off"] if cfg.mixed_precision != "off" else []))
+
+
 def collapse_advice(cfg: Config, all_foreground: bool = False) -> str:
     """The settings worth trying after a collapse, skipping those already in use."""
     tries = [("BATCH_DICE=True", not cfg.batch_dice), ('LOSS="bce_dice"', cfg.loss != "bce_dice"),
@@ -269,19 +278,24 @@ class StopOnCollapse(keras.callbacks.Callback):
     """End the round with one line when the model has collapsed to a constant mask (added only when the
     training masks have foreground), and a round must not be reported finished with it:
     - all-background: `val_main_dice` stays below `COLLAPSE_FLOOR` for `COLLAPSE_PATIENCE` epochs;
-    - all-foreground: as long, it stays within `NEAR` of `all_foreground`, the validation Dice of a mask
-      that is foreground everywhere (`data.all_foreground_dice`), and moves less than `STILL` (a stuck net
-      repeats its value; one that learns moves). Soft Dice cannot bring a saturated all-foreground net
-      back: its gradient through the sigmoid vanishes.
+    - all-foreground: as long, and for at least `MIN_CHECKS` validations, it stays within `NEAR` of
+      `all_foreground`, the validation Dice of a mask that is foreground everywhere
+      (`data.all_foreground_dice`), and moves less than `STILL` (a stuck net repeats its value; one that
+      learns moves). Only where that value lies clear of the floor (`all_foreground - NEAR > floor`): on
+      small structures a mask that is foreground everywhere scores near 0, as a near-background model
+      does. Soft Dice cannot bring a saturated all-foreground net back: its gradient through the sigmoid
+      vanishes.
     The round is left unfinished; no silent restart."""
 
-    NEAR, STILL = 0.01, 0.002
+    NEAR, STILL, MIN_CHECKS = 0.01, 0.002, 3
 
     def __init__(self, where: str, floor: float, patience: int, advice: str, monitor: str = "val_main_dice",
                  every: int = 1, all_foreground: float | None = None, foreground_advice: str | None = None):
         super().__init__()
         self.where, self.floor, self.patience, self.advice, self.monitor = where, floor, patience, advice, monitor
-        self.all_foreground, self.foreground_advice = all_foreground, foreground_advice or advice
+        clear = all_foreground is not None and all_foreground - self.NEAR > floor
+        self.all_foreground = all_foreground if clear else None
+        self.foreground_advice = foreground_advice or advice
         self.values: list[float] = []
         # validated every `every` epochs (`validation_epochs`): patience epochs are this many validations
         self.checks = math.ceil(patience / max(int(every), 1)) if patience > 0 else 0
@@ -300,9 +314,9 @@ class StopOnCollapse(keras.callbacks.Callback):
                 f"{where}background (val Dice {self.values[-1]:.4f}, below COLLAPSE_FLOOR={self.floor:g} for "
                 f"{self.patience} epochs, although the training masks have foreground); the round is not "
                 f"finished: try {self.advice}")
-        window = self.values[-self.checks:] if self.checks else []
-        if (self.all_foreground is not None and len(window) == self.checks > 0
-                and max(window) - min(window) < self.STILL
+        n = max(self.checks, self.MIN_CHECKS) if self.checks else 0  # one validation alone proves nothing
+        window = self.values[-n:] if n else []
+        if (self.all_foreground is not None and n and len(window) == n and max(window) - min(window) < self.STILL
                 and all(abs(v - self.all_foreground) < self.NEAR for v in window)):
             raise DsalError(
                 f"{where}foreground (val Dice {self.values[-1]:.4f} for {self.patience} epochs, near the "
@@ -338,7 +352,7 @@ def _callbacks(cfg: Config, out_dir: Path, epochs: int, fg_images: int = 0, n_im
         cbs.append(StopOnCollapse(where, cfg.collapse_floor, cfg.collapse_patience,
                                   collapse_advice(cfg, all_foreground=fg_images == n_images),
                                   every=validation_every(cfg, epochs), all_foreground=all_foreground,
-                                  foreground_advice=collapse_advice(cfg, all_foreground=True)))
+                                  foreground_advice=foreground_collapse_advice(cfg)))
     return cbs
 
 

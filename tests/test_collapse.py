@@ -10,7 +10,15 @@ from dsal_tf.config import resolve
 from dsal_tf.data import Normalizer, all_foreground_dice, forced_foreground, foreground_rows, make_dataset
 from dsal_tf.errors import DsalError
 from dsal_tf.losses import batch_soft_dice_loss, bce_loss, deep_supervision, dice, soft_dice_loss
-from dsal_tf.train import StopOnCollapse, WarmUp, _callbacks, collapse_advice, collapsed, warmup_lr
+from dsal_tf.train import (
+    StopOnCollapse,
+    WarmUp,
+    _callbacks,
+    collapse_advice,
+    collapsed,
+    foreground_collapse_advice,
+    warmup_lr,
+)
 
 # two 2x2 images: A has foreground on its top row, B none
 Y = np.array([[[1, 1], [0, 0]], [[0, 0], [0, 0]]], np.float32)[..., None]
@@ -85,6 +93,27 @@ def test_collapse_callback_raises_on_a_constant_all_foreground_dice():
         ok.on_train_begin()
         for epoch, value in enumerate(values):
             ok.on_epoch_end(epoch, {"val_main_dice": value})
+    # validated every 10 epochs, patience 5: one validation is the whole window of the all-background rule,
+    # but the all-foreground rule waits for 3
+    sparse = StopOnCollapse("round 0", 0.01, 5, advice="", every=10, all_foreground=0.2517)
+    sparse.on_train_begin()
+    sparse.on_epoch_end(9, {"val_main_dice": 0.2557})
+    sparse.on_epoch_end(19, {"val_main_dice": 0.2557})
+    with pytest.raises(DsalError, match="all-foreground"):
+        sparse.on_epoch_end(29, {"val_main_dice": 0.2557})
+    # small structures: a mask that is foreground everywhere scores 0.015, inside the floor's reach; a model
+    # steady at 0.016 is not called all-foreground
+    small = StopOnCollapse("round 0", 0.01, 3, advice="", all_foreground=0.015)
+    small.on_train_begin()
+    for epoch in range(6):
+        small.on_epoch_end(epoch, {"val_main_dice": 0.016})
+
+
+def test_all_foreground_advice_leads_with_what_brought_the_net_back():
+    assert foreground_collapse_advice(resolve(dict(learning_rate=1e-3, loss="dice"))) == (
+        'LOSS="bce_dice", LR_WARMUP_EPOCHS=1, LEARNING_RATE=0.0001, MIXED_PRECISION=off')
+    assert foreground_collapse_advice(resolve(dict(learning_rate=1e-3, loss="bce_dice", lr_warmup_epochs=1,
+                                                   mixed_precision="off"))) == "LEARNING_RATE=0.0001"
 
 
 @pytest.mark.slow
@@ -94,7 +123,7 @@ def test_a_fit_stuck_at_all_foreground_stops_with_one_line(tiny_cfg, tmp_path):
     from dsal_tf import train
     from dsal_tf.data import load_splits
 
-    cfg = tiny_cfg.replace(loss="dice", collapse_patience=2, learning_rate=1e-6)
+    cfg = tiny_cfg.replace(loss="dice", collapse_patience=3, learning_rate=1e-6)
     splits = load_splits(cfg, ("train", "val"))
     pool, val = splits["train"], splits["val"]
     model = train.new_model(cfg, 0)
@@ -103,8 +132,8 @@ def test_a_fit_stuck_at_all_foreground_stops_with_one_line(tiny_cfg, tmp_path):
         model.get_layer(f"{head}_logits").set_weights([kernel * 0, bias + 40.0])
     x, y = np.asarray(pool.images[:8]), np.asarray(pool.masks[:8])
     job = train.FitJob(model, cfg, x, y, np.zeros(8, bool), val, Normalizer.fit(pool.images, cfg.normalization),
-                       tmp_path / "round_00", 3, seed=0)
-    with pytest.raises(DsalError, match="round 00, epoch 2: the model collapsed to all-foreground"):
+                       tmp_path / "round_00", 4, seed=0)
+    with pytest.raises(DsalError, match="round 00, epoch 3: the model collapsed to all-foreground"):
         train.fit(job)
 
 
