@@ -10,7 +10,8 @@ the rest of the pool (1500 images) is the noisy stream:
 
 - `noisy`: U-Net, `uniform` trainer on the corrupted masks (the baseline);
 - `mwnet`, `mcpm`, `pnt`, `int`, `pint`, `rgs`: the robust trainers (and the noisy-teacher RGS) on
-  the same data;
+  the same data, every one with the same real step as `noisy` (Adam; `META_STEP = "adam"`);
+- `mwnet-sgd`: MW-Net with the authors' real step (SGD 0.1, momentum 0.9: `META_STEP = "sgd"`, its default);
 - `clean`: U-Net, `uniform` trainer with the clean masks in the noisy stream too (the upper bound).
 
 One loss for every row, the preset's `LOSS` (`REWEIGHT_LOSS = "run"`, so `uniform` and `rgs` do
@@ -37,8 +38,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-ROWS = {"noisy": "uniform", "mwnet": "mwnet", "mcpm": "mcpm", "pnt": "pnt", "int": "int", "pint": "pint",
-        "rgs": "rgs", "clean": "uniform"}
+# row -> (trainer, its settings). Every row takes the same real step, Adam at LEARNING_RATE, so each differs
+# from `noisy` in its weighting alone: MW-Net and MCPM with `META_STEP = "adam"`. `mwnet-sgd` is MW-Net with
+# the authors' real step (`META_STEP = "sgd"`, the trainer's default), paired with `mwnet` for the
+# optimizer's own effect (in plain fits SGD at 0.1 lags Adam: bench/results/meta_step_rate.md).
+ROWS = {"noisy": ("uniform", {}), "mwnet": ("mwnet", {"meta_step": "adam"}), "mcpm": ("mcpm", {"meta_step": "adam"}),
+        "pnt": ("pnt", {}), "int": ("int", {}), "pint": ("pint", {}), "rgs": ("rgs", {}),
+        "mwnet-sgd": ("mwnet", {"meta_step": "sgd"}), "clean": ("uniform", {})}
+
+
+def trainer_label(row: str) -> str:
+    trainer, settings = ROWS[row]
+    return f"`{trainer}`" + "".join(f", {k.upper()} = {v}" for k, v in settings.items())
 RESULTS = Path(os.environ.get("RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
@@ -51,7 +62,8 @@ def run_row(cfg, row: str, seed: int, pool, noisy_masks, val, test, normalizer, 
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    rcfg = cfg.replace(trainer=ROWS[row], meta_size=0, reweight_loss="run")
+    trainer, settings = ROWS[row]
+    rcfg = cfg.replace(trainer=trainer, meta_size=0, reweight_loss="run", **settings)
     is_noisy = np.ones(len(pool), bool)
     is_noisy[meta] = False
     y = pool.masks.copy() if row == "clean" else noisy_masks.copy()
@@ -190,7 +202,8 @@ def write_table(results: pd.DataFrame, out: Path, args, tag: str) -> None:
         "row; the other pool images are the noisy stream (clean masks in the `clean` row). Test split "
         "(400 images); mean ± std over seeds (std blank with one seed). Gap recovered = "
         "(row − noisy) / (clean − noisy). Every row trains on the preset's `LOSS` (`REWEIGHT_LOSS = run`, "
-        "also for `uniform` and `rgs`); MCPM's weighted term is the per-pixel BCE.",
+        "also for `uniform` and `rgs`); MCPM's weighted term is the per-pixel BCE. Every row's real step is "
+        "Adam at `LEARNING_RATE` except `mwnet-sgd`'s (the MW-Net authors' SGD 0.1, momentum 0.9).",
         "",
         "| row | trainer | seeds | test Dice | IoU | HD95 (px at 64x64) | Dice gap recovered "
         "| IoU gap recovered | train s |",
@@ -204,7 +217,7 @@ def write_table(results: pd.DataFrame, out: Path, args, tag: str) -> None:
     for row, r in summary.iterrows():
         gap = "" if lo is None or hi is None or hi == lo else f"{(r['dice'] - lo) / (hi - lo):+.0%}"
         igap = "" if ilo is None or ihi is None or ihi == ilo else f"{(r['iou'] - ilo) / (ihi - ilo):+.0%}"
-        lines.append(f"| {row} | `{ROWS[row]}` | {int(r['seeds'])} | {pm(r['dice'], r['dice_std'])} | "
+        lines.append(f"| {row} | {trainer_label(row)} | {int(r['seeds'])} | {pm(r['dice'], r['dice_std'])} | "
                      f"{pm(r['iou'], r['iou_std'])} | {pm(r['hd95'], r['hd95_std'], 2)} | {gap} | {igap} | "
                      f"{r['train_s']:.0f} |")
         found = paired_gap(out, row) if row not in ("noisy", "clean") else None
@@ -217,7 +230,8 @@ def write_table(results: pd.DataFrame, out: Path, args, tag: str) -> None:
         lines += ["", "Paired against `noisy` and `clean` of the same seed, per test image (95% bootstrap intervals "
                   "over seeds, then test images; the gap recovered is a ratio of the resampled means):", "",
                   "| row | seeds | Δ Dice vs noisy | Dice gap recovered |", "|---|---|---:|---:|", *paired]
-    extra = (f" --epochs {args.epochs}" if args.epochs else "") + (f" --pool {args.pool}" if args.pool else "")
+    extra = (f" --epochs {args.epochs}" if args.epochs else "") + (f" --pool {args.pool}" if args.pool else "") + (
+        f" --meta {args.meta}" if args.meta != 100 else "")
     lines += ["", f"Command: `python bench/robust_isic.py --kind {args.kind} --rate {args.rate:g} "
               f"--seeds {args.seeds}{extra}` (resumable); per-seed rows in `{out}/results.csv`.", ""]
     path = RESULTS / f"robust_isic2017_{tag}.md"

@@ -34,7 +34,7 @@ from ..settings import positive, suggest
 from .base import PairedSettings, PairedTrainer, tf_variables
 
 META_STEPS = ("sgd", "adam")
-META_STEP_LR = 0.1  # the authors' rate; on synthetic lesions it trains our U-Net nearly as fast as Adam 1e-3
+META_STEP_LR = 0.1  # the authors'; at 1e-3 SGD barely trains our U-Net (bench/results/meta_step_rate.md)
 SGD_MOMENTUM = 0.9  # MW-Net's code: SGD(lr, momentum=0.9, weight_decay=5e-4) on the classifier
 SGD_WEIGHT_DECAY = 5e-4
 
