@@ -50,6 +50,8 @@ ROWS = {"noisy": ("uniform", {}), "mwnet": ("mwnet", {"meta_step": "adam"}), "mc
 def trainer_label(row: str) -> str:
     trainer, settings = ROWS[row]
     return f"`{trainer}`" + "".join(f", {k.upper()} = {v}" for k, v in settings.items())
+
+
 RESULTS = Path(os.environ.get("RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 

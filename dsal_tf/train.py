@@ -319,7 +319,7 @@ class StopOnCollapse(keras.callbacks.Callback):
         if (self.all_foreground is not None and n and len(window) == n and max(window) - min(window) < self.STILL
                 and all(abs(v - self.all_foreground) < self.NEAR for v in window)):
             raise DsalError(
-                f"{where}foreground (val Dice {self.values[-1]:.4f} for {self.patience} epochs, near the "
+                f"{where}foreground (val Dice {self.values[-1]:.4f} over the last {n} validations, near the "
                 f"{self.all_foreground:.4f} of a mask that is foreground everywhere); the round is not finished: "
                 f"try {self.foreground_advice}")
 
