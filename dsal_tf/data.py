@@ -401,30 +401,29 @@ def _augment(image, mask, seed, square: bool):
     return both[..., :-1], both[..., -1:]
 
 
-def _chunk(masks, chunk: int) -> int:
-    """Items read at once: at most `chunk`, and about 16M values (one CT volume at a time, 256 images)."""
-    return max(1, min(chunk, (1 << 24) // max(1, int(np.prod(masks.shape[1:])))))
+def _flat_chunks(masks, chunk: int):
+    """`(start, items [k, pixels])` over `masks` (a memory map or `Rows` stays on disk), at most `chunk` items
+    and about 16M values at a time (one CT volume, or 256 images)."""
+    step = max(1, min(chunk, (1 << 24) // max(1, int(np.prod(masks.shape[1:])))))
+    for start in range(0, len(masks), step):
+        part = np.asarray(masks[start:start + step])
+        yield start, part.reshape(len(part), -1)
 
 
 def foreground_rows(masks, chunk: int = 256) -> np.ndarray:
-    """Indices of the masks `[N,H,W,1]` (or `[N,D,H,W,1]`) with at least one foreground pixel, read
-    `chunk` at a time (a memory-mapped pool or `Rows` stays on disk)."""
+    """Indices of the masks `[N,H,W,1]` (or `[N,D,H,W,1]`) with at least one foreground pixel."""
     found = [np.zeros(0, np.int64)]
-    chunk = _chunk(masks, chunk)
-    for start in range(0, len(masks), chunk):
-        part = np.asarray(masks[start:start + chunk])
-        found.append(np.flatnonzero(part.reshape(len(part), -1).max(axis=1) > 0) + start)
+    for start, part in _flat_chunks(masks, chunk):
+        found.append(np.flatnonzero(part.max(axis=1) > 0) + start)
     return np.concatenate(found)
 
 
 def all_foreground_dice(masks, chunk: int = 256) -> float:
     """The mean per-item hard Dice of a prediction that is foreground everywhere, `(2s + 1) / (s + n + 1)`
     for an item of n pixels (or voxels) of which s are foreground (`losses.dice`): the validation Dice
-    of a model collapsed to all-foreground. Read `chunk` items at a time (a memory map stays on disk)."""
+    of a model collapsed to all-foreground."""
     values = [np.zeros(0)]
-    chunk = _chunk(masks, chunk)
-    for start in range(0, len(masks), chunk):
-        part = np.asarray(masks[start:start + chunk]).reshape(min(chunk, len(masks) - start), -1)
+    for _, part in _flat_chunks(masks, chunk):
         s = (part > 0.5).sum(axis=1).astype(np.float64)
         values.append((2 * s + 1) / (s + part.shape[1] + 1))
     return float(np.concatenate(values).mean()) if len(masks) else float("nan")

@@ -111,7 +111,7 @@ def largest_component(masks: np.ndarray) -> np.ndarray:
 
 
 def scalars(pair) -> tuple[tf.Tensor, tf.Tensor]:
-    """(loss, dice) as float32 scalars: both branches of the pre-training switch give the same structure."""
+    """(loss, dice) as float32 scalars, whichever objective the step's phase runs."""
     return tuple(tf.reshape(tf.cast(tf.reduce_mean(v), tf.float32), []) for v in pair)
 
 
