@@ -2,16 +2,21 @@
 
 Variants (each `dsal classify` settings): BoostMIS (boostmis queries + adaptive pseudo labels),
 random queries + adaptive pseudo labels, random queries + FixMatch's fixed threshold (0.95),
-random queries without pseudo labels. Data: 3 imbalanced classes (60/30/10 %), each a mixture of
-two Gaussian clusters in D = 128, train 2000 / val 300 / test 1000 (the seed's file format).
+boostmis queries without pseudo labels, random queries without pseudo labels (the baseline: each
+variant's final accuracy gets a paired difference from it). Data: 3 imbalanced classes (60/30/10 %),
+each a mixture of two Gaussian clusters in D = 128, train 2000 / val 300 / test 1000 (the seed's
+file format).
 
     python bench/bench_boostmis.py [--seeds 0,1,2] [--iterations 5] [--steps 300] [--threshold T] [--optimizer O]
+                                   [--one-head]
 
 The adaptive variants use the `--threshold` cutoff rule (`global` or `per_class`) and every variant the
-`--optimizer` (`adam` or `sgd`); both default to `dsal classify`'s defaults (per_class and sgd since issue
-27.2's ablation). Each run starts afresh in exp/bench_boostmis/ (a stale run there is deleted); the
-table goes to `--out` (default bench/results/boostmis_issue27.md). Earlier tables: boostmis.md (before
-issue 16's fixes) and boostmis_issue16.md (after them: `--threshold global --optimizer adam`).
+`--optimizer` (`adam` or `sgd`); both default to `dsal classify`'s defaults (global and sgd since issue
+27.2's ablation), and every round starts from the head's first weights unless `--one-head`
+(BOOSTMIS_FRESH_HEAD off: one head trained on through the rounds). Each run starts afresh in
+exp/bench_boostmis/ (a stale run there is deleted); the table goes to `--out` (default
+bench/results/boostmis_issue27.md). Earlier tables: boostmis.md (before issue 16's fixes) and
+boostmis_issue16.md (after them: `--threshold global --optimizer adam --one-head`).
 
     python bench/bench_boostmis.py --ablation [--seeds 0,1,2] [--iterations 5] [--steps 300] [--rows a,b]
 
@@ -41,7 +46,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from bench_boostmis_ablation import run_ablation  # noqa: E402
 
-from dsal_tf.classify import TRAINING, run_classify  # noqa: E402
+from dsal_tf.classify import TRAINING, ClassifySettings, classify_loop, load_feature_splits  # noqa: E402
+from dsal_tf.compare import bootstrap_ci  # noqa: E402
 from dsal_tf.strategies.boostmis import THRESHOLDS  # noqa: E402
 from dsal_tf.trainers.boostmis import OPTIMIZERS  # noqa: E402
 
@@ -49,8 +55,10 @@ VARIANTS = {
     "BoostMIS (boostmis + adaptive)": ("boostmis", "adaptive"),
     "random + adaptive": ("random", "adaptive"),
     "random + fixed 0.95 (FixMatch)": ("random", "fixed"),
+    "boostmis query, no pseudo labels": ("boostmis", "none"),
     "random, no pseudo labels": ("random", "none"),
 }
+BASELINE = "random, no pseudo labels"  # the paired differences are against it
 
 
 def make_features(folder: Path, seed: int = 123, dim: int = 128) -> Path:
@@ -75,6 +83,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--threshold", default=TRAINING.boostmis_threshold, choices=sorted(THRESHOLDS))
     ap.add_argument("--optimizer", default=TRAINING.boostmis_optimizer, choices=sorted(OPTIMIZERS))
+    ap.add_argument("--one-head", action="store_true", help="one head through the rounds (BOOSTMIS_FRESH_HEAD off)")
     results = Path(os.environ.get("RESULTS_DIR") or "bench/results")
     ap.add_argument("--out", default=str(results / "boostmis_issue27.md"))
     ap.add_argument("--exp-dir", default="exp")
@@ -90,14 +99,19 @@ def main() -> None:
     root = Path(args.exp_dir) / "bench_boostmis"
     feats = make_features(root / "features")
     seeds = [int(s) for s in args.seeds.split(",")]
-    frames = []
+    yt = load_feature_splits(feats)["test"][1]
+    frames, correct = [], {}
     for label, (strategy, pseudo) in VARIANTS.items():
         for seed in seeds:
             t = time.perf_counter()
-            run = root / f"{strategy}-{pseudo}-{args.threshold}-{args.optimizer}-s{seed}"
+            run = root / f"{strategy}-{pseudo}-{args.threshold}-{args.optimizer}{'-one' * args.one_head}-s{seed}"
             shutil.rmtree(run, ignore_errors=True)  # the table is always from this code
-            run_classify(feats, run, args.labeled, args.queries, args.iterations, strategy, pseudo, seed, args.steps,
-                         log=lambda m: None, threshold=args.threshold, boostmis_optimizer=args.optimizer)
+            settings = ClassifySettings(args.labeled, args.queries, args.iterations, strategy, pseudo, seed, args.steps,
+                                        threshold=args.threshold, boostmis_optimizer=args.optimizer,
+                                        boostmis_fresh_head=not args.one_head)
+            last = []
+            classify_loop(feats, run, settings, log=lambda m: None, on_round=last.append)
+            correct[label, seed] = (last[-1]["test_pred"] == yt).astype(np.int8)
             df = pd.read_csv(run / "results.csv")
             df["variant"], df["seed"] = label, seed
             frames.append(df)
@@ -111,10 +125,11 @@ def main() -> None:
              f"seeds {args.seeds}; mean +- std over seeds, on the test split. Adaptive cutoff: {args.threshold}, "
              f"optimizer {args.optimizer} "
              "(issue 16: N_A = the last round's labels, pseudo labels from the online head, the EMA head "
-             "evaluated, one head through the rounds).", "",
+             "evaluated; " + ("one head through the rounds)." if args.one_head else
+                              "issue 27.2: each round from the head's first weights)."), "",
              "Command: `python bench/bench_boostmis.py "
              f"--seeds {args.seeds} --iterations {args.iterations} --steps {args.steps} --threshold {args.threshold} "
-             f"--optimizer {args.optimizer} "
+             f"--optimizer {args.optimizer} " + ("--one-head " if args.one_head else "") +
              f"--out {Path(args.out).name if Path(args.out).parent == results else args.out}`", ""]
     for metric in ("accuracy", "macro_f1"):
         g = all_.groupby(["variant", "n_labelled"])[metric].agg(["mean", "std"]).reset_index()
@@ -126,6 +141,14 @@ def main() -> None:
             lines.append(f"| {label} | " + " | ".join(f"{row.loc[c, 'mean']:.3f} +- {row.loc[c, 'std']:.3f}"
                                                       for c in cols) + " |")
         lines.append("")
+    lines += [f"## final accuracy: difference from '{BASELINE}'", "",
+              "Paired per test item and seed (the same first labels and seeds), 95 % bootstrap interval "
+              "(dsal_tf.compare.bootstrap_ci: seeds, then test items).", "", "| variant | difference |", "|---|---|"]
+    for label in VARIANTS:
+        if label != BASELINE:
+            m, lo, hi = bootstrap_ci(np.array([correct[label, s] - correct[BASELINE, s] for s in seeds]))
+            lines.append(f"| {label} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+    lines.append("")
     pseudo = all_.groupby("variant")["n_pseudo"].mean()
     lines += ["Mean pseudo-labelled share of the unlabelled pool kept by the final thresholds (n_pseudo, "
               "all rounds): " + ", ".join(f"{k}: {v:.0f}" for k, v in pseudo.items()), ""]

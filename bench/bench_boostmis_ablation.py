@@ -2,11 +2,11 @@
 
 Run through `python bench/bench_boostmis.py --ablation` (the features and the options are that
 script's). Each run is `dsal classify`'s loop itself (`classify.classify_loop`: one head through the
-rounds, a fresh optimizer and `Booster` each round, `steps` updates of batch 64, the EMA head evaluated on
-the test split) with random queries and the settings of `trainers.booster.Booster.Settings`; its `on_round`
-hands over each round's test predictions and the Booster's per-class tally of its pseudo labels. No resume
-inside a run: a run is seconds; it starts afresh in <row>-s<seed>/run, and finished runs are skipped by
-their result.json.
+rounds unless the row says a fresh head, a fresh optimizer and `Booster` each round, `steps` updates of
+batch 64, the EMA head evaluated on the test split) with random queries and the settings of
+`trainers.booster.Booster.Settings`; its `on_round` hands over each round's test predictions and the
+Booster's per-class tally of its pseudo labels. No resume inside a run: a run is seconds; it starts
+afresh in <row>-s<seed>/run, and finished runs are skipped by their result.json.
 """
 
 from __future__ import annotations
@@ -44,18 +44,26 @@ ABLATION = {  # key: (label, Booster.Settings changes); every row has pseudo lab
     "authors+per_class": ("authors' code + (b) per-class thresholds",
                           {"boostmis_cutoff": "constant", "boostmis_initial": "balanced", "boostmis_optimizer": "sgd",
                            "ema_decay": 0.999, "boostmis_threshold": "per_class"}),
+    # the difference issue 16 made and the first table left out: one head trained on through every round
+    "fresh": ("(h) a fresh head each round (round 0's weights, the EMA warm-up again)", {"boostmis_fresh_head": True}),
+    "fresh+sgd": ("(h) + (e): a fresh head each round, SGD + wd", {"boostmis_fresh_head": True,
+                                                                   "boostmis_optimizer": "sgd"}),
+    "fresh+per_class+sgd": ("(h) + (b) + (e): a fresh head each round, per-class thresholds, SGD + wd",
+                            {"boostmis_fresh_head": True, "boostmis_threshold": "per_class",
+                             "boostmis_optimizer": "sgd"}),
 }
-BASELINE_FIELDS = ("boostmis_initial", "boostmis_optimizer", "ema_decay")  # what a no-pseudo-label run shares
+# what a no-pseudo-label run shares with the row it is the baseline of
+BASELINE_FIELDS = ("boostmis_initial", "boostmis_optimizer", "ema_decay", "boostmis_fresh_head")
 
 
 def baseline_of(changes: dict) -> str:
-    """The key of the no-pseudo-label run with the same first labels, optimizer and EMA as `changes`."""
+    """The key of the no-pseudo-label run with the same first labels, optimizer, EMA and head policy as `changes`."""
     kept = [f"{k.removeprefix('boostmis_')}={changes[k]}" for k in BASELINE_FIELDS if k in changes]
     return "none" + "".join(f"+{k}" for k in kept)
 
 
-# "today": the configuration the ablation started from, pinned (the classify defaults became per_class + sgd after it)
-TODAY = {"boostmis_threshold": "global", "boostmis_optimizer": "adam"}
+# "today": the configuration the ablation started from, pinned (the classify defaults changed after it)
+TODAY = {"boostmis_threshold": "global", "boostmis_optimizer": "adam", "boostmis_fresh_head": False}
 
 
 def settings_of(changes: dict, steps: int) -> Booster.Settings:
@@ -149,8 +157,8 @@ def ablation_table(results: dict, rows: list[str], seeds: list[int], args, out: 
              f"{args.labeled} first expert labels, {args.queries} random queries a round, {args.iterations + 1} "
              f"rounds of {args.steps} updates, seeds {args.seeds}. Accuracy of the EMA head on the test split after "
              "the last round (mean +- std over seeds). Differences: paired per test item and seed against the "
-             "no-pseudo-label run with the same first labels, optimizer and EMA decay (its accuracy in the "
-             "'baseline' column), and against today's no-pseudo-label run; 95 % bootstrap intervals "
+             "no-pseudo-label run with the same first labels, optimizer, EMA decay and head policy (its accuracy "
+             "in the 'baseline' column), and against today's no-pseudo-label run; 95 % bootstrap intervals "
              "(dsal_tf.compare.bootstrap_ci: seeds, then test items). Pseudo-label accuracy and share: the kept "
              "pseudo labels of all rounds, per predicted class 0/1/2 (accuracy = right / kept, share = kept / all "
              "kept; the pool is about 0.60/0.30/0.10). Kept per round: pseudo labels learned in a round, summed "

@@ -3,20 +3,24 @@
 
 Input folder: `train-`, `val-`, `test-features.npy` (N x D float) and `-targets.npy` (N int,
 classes 0..C-1), the seed's format. One small MLP head (D -> 128 relu -> C softmax), made once
-and trained on through the rounds by `trainers.booster.Booster` (Adam 1e-3, batch 64, `steps`
-updates a round), learns the labelled training samples plus the unlabelled ones the pseudo-label
+and trained by `trainers.booster.Booster` (SGD 0.03 with momentum and weight decay, batch 64, `steps`
+updates a round), each round from its first weights again (BOOSTMIS_FRESH_HEAD; off: trained on
+through the rounds), learns the labelled training samples plus the unlabelled ones the pseudo-label
 rule keeps (`PSEUDO_RULES`, `--pseudo`): `adaptive`, BoostMIS's cutoff (`strategies.boostmis`:
 eps_t from the learning status with N_A = the labels the last round added, and the `threshold`
 rule); `fixed`, FixMatch's BOOSTMIS_TAU (0.95); `none`, no pseudo labels. An EMA copy (EMA_DECAY,
-also kept across rounds) is evaluated on the test split; the online head, the pseudo labeller,
+restarted with the head) is evaluated on the test split; the online head, the pseudo labeller,
 queries the next K labels (`QUERIES`, `--strategy`): `boostmis` (VAT and class-balanced
 density-aware entropy, among samples the pseudo labeller does not take), `entropy` or `random`.
 The settings where the authors' code differs (`Booster.Settings`: BOOSTMIS_CUTOFF, _INITIAL, _ALIGN,
-_OPTIMIZER, _LABELLER, _WARMUP, EMA_DECAY, BOOSTMIS_TAU) are `ClassifySettings` fields by their lower-case
-names (BOOSTMIS_THRESHOLD is `threshold`); their defaults are today's (the Adam 1e-3 and random first labels
-above). Defaults not given are the `Config` defaults. exp/NAME/results.csv: round, n_labelled, n_pseudo
-(unlabelled samples the final cutoffs keep), accuracy, macro_f1; learning_curve.png; round_XX.npz (the
-labelled indices of round XX and the two heads' weights it starts from) makes the loop resumable.
+_OPTIMIZER, _LABELLER, _WARMUP, _FRESH_HEAD, EMA_DECAY, BOOSTMIS_TAU) are `ClassifySettings` fields by
+their lower-case names (BOOSTMIS_THRESHOLD is `threshold`); their defaults are the configuration that
+beat the no-pseudo-label baseline in issue 27.2's ablation (a fresh head each round, the global
+cutoff, SGD; random first labels). Defaults not given are the `Config` defaults.
+exp/NAME/results.csv: round, n_labelled, n_pseudo (unlabelled samples the final cutoffs keep),
+accuracy, macro_f1; learning_curve.png; round_XX.npz (the
+labelled indices of round XX and the two heads' weights at its start, unless each round starts afresh)
+makes the loop resumable.
 """
 
 from __future__ import annotations
@@ -275,6 +279,7 @@ class ClassifySettings:
     boostmis_optimizer: str = TRAINING.boostmis_optimizer
     boostmis_initial: str = TRAINING.boostmis_initial
     boostmis_align: bool = TRAINING.boostmis_align
+    boostmis_fresh_head: bool = TRAINING.boostmis_fresh_head
     ema_decay: float = TRAINING.ema_decay
 
     def __post_init__(self) -> None:
@@ -304,9 +309,9 @@ class ClassifySettings:
                 **RECORDED_BEFORE, **saved}
 
 
-# the defaults a settings.json without these fields ran with: before issue 27.2's ablation (dsal classify's
-# per-class thresholds and SGD) every run recorded both, or ran with these
-RECORDED_BEFORE = {"threshold": "global", "boostmis_optimizer": "adam"}
+# the defaults a settings.json without these fields ran with: a run from before issue 27.2's ablation recorded
+# neither threshold nor optimizer, or ran with these; every run from before BOOSTMIS_FRESH_HEAD trained one head
+RECORDED_BEFORE = {"threshold": "global", "boostmis_optimizer": "adam", "boostmis_fresh_head": False}
 
 
 # Booster.Settings fields by their ClassifySettings names (META_SIZE has no meaning here)
@@ -380,12 +385,17 @@ def classify_loop(features: str | Path, run_dir: str | Path, settings: ClassifyS
         atomic_write(first, lambda tmp: np.savez(tmp, labelled=start))
     query = QUERIES[s.strategy](s.xi, s.eps, s.knn, s.seed)
     keras.utils.set_random_seed(s.seed * 1000)
-    head = build_head(x.shape[1], n_classes)  # one head through the rounds, not a fresh one each round
+    head = build_head(x.shape[1], n_classes)
+    first_weights = head.get_weights()
     ema_head = keras.Model.from_config(head.get_config())
-    ema_head.set_weights(head.get_weights())
+    ema_head.set_weights(first_weights)
     ema_head.trainable = False
+    fresh = s.boostmis_fresh_head  # each round from the first weights, or one head through the rounds
     for r in range(len(rows), s.iterations + 1):
-        labelled = load_round(run / f"{round_name(r)}.npz", head, ema_head)
+        labelled = load_round(run / f"{round_name(r)}.npz", *(() if fresh else (head, ema_head)))
+        if fresh:
+            head.set_weights(first_weights)
+            ema_head.set_weights(first_weights)
         n_added = len(labelled) - len(load_round(run / f"{round_name(r - 1)}.npz")) if r else 0  # N_A
         unl = np.setdiff1d(np.arange(len(x)), labelled)
         keras.utils.set_random_seed(s.seed * 1000 + r)
@@ -393,8 +403,8 @@ def classify_loop(features: str | Path, run_dir: str | Path, settings: ClassifyS
                                       s.boostmis_cutoff)
         optimizer = make_optimizer(s.boostmis_optimizer)[0]
         p_target = np.bincount(y[labelled], minlength=n_classes) / len(labelled) if s.boostmis_align else None
-        booster = Booster(head, ema_head, rule, s.seed * 1000 + r, step0=r * s.steps, settings=s.booster,
-                          p_target=p_target)
+        booster = Booster(head, ema_head, rule, s.seed * 1000 + r, step0=0 if fresh else r * s.steps,
+                          settings=s.booster, p_target=p_target)
         booster.compile(optimizer=optimizer)
         u = unl if len(unl) else labelled
         lab = tf.data.Dataset.from_tensor_slices((x[labelled], y[labelled])).repeat().shuffle(4096, seed=s.seed)

@@ -305,7 +305,8 @@ def test_classify_settings_are_the_arguments(tmp_path):
 
 
 def test_classify_n_active_and_one_head_through_the_rounds(tmp_path, monkeypatch):
-    """N_A = the labels the last round added (0, then 5, 5), and each round trains on from the last head."""
+    """N_A = the labels the last round added (0, then 5, 5), and with BOOSTMIS_FRESH_HEAD off each round trains
+    on from the last head."""
     import dsal_tf.classify as dc
 
     calls = []
@@ -317,7 +318,7 @@ def test_classify_n_active_and_one_head_through_the_rounds(tmp_path, monkeypatch
 
     monkeypatch.setattr(dc, "Booster", spy)
     run = dc.run_classify(write_feature_splits(tmp_path / "f", dim=8), tmp_path / "c", labeled=6, queries=5,
-                          iterations=2, steps=3, batch_size=8, log=lambda m: None)
+                          iterations=2, steps=3, batch_size=8, log=lambda m: None, boostmis_fresh_head=False)
     assert [c[:2] for c in calls] == [(0, 0), (5, 5), (5, 5)]
     assert calls[1][2] is calls[0][2] is calls[2][2]
     with np.load(run / "round_01.npz") as z:  # round 1 starts where round 0 ended
@@ -341,7 +342,7 @@ def test_classify_registries_match_the_cli_and_the_config():
 
     cfg, rule, query = Config(), AdaptiveCutoff(3, 0, 5), FeatureQuery()
     seg_query, seg_trainer = BoostMISQuery.Settings(), BoostMISTrainer.Settings()
-    classify = Booster.Settings()  # feature vectors: the ablation's defaults (per-class thresholds)
+    classify = Booster.Settings()  # feature vectors: the ablation's defaults
     assert (rule.tau, rule.threshold) == (classify.boostmis_tau, classify.boostmis_threshold)
     assert rule.tau == seg_trainer.boostmis_tau
     assert (query.xi, query.eps, query.knn, query.seed) == (seg_query.boostmis_xi, seg_query.boostmis_eps,

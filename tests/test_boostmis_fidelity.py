@@ -175,14 +175,15 @@ def test_booster_ema_labeller_labels_with_the_ema_head():
 
 
 def test_defaults_and_the_booster_shares_the_segmentation_trainers_settings():
-    """Feature vectors default to the ablation's matching configuration (per-class thresholds, SGD); the
-    segmentation trainer keeps the paper's global cutoff and Adam (the ablation ran on features only)."""
+    """Feature vectors default to the configuration that beat the no-pseudo-label baseline in the ablation (a
+    fresh head each round, the global cutoff, SGD); the segmentation trainer keeps the paper's global cutoff and
+    Adam (the ablation ran on features only)."""
     from dsal_tf.config import Config
 
     s = Booster.Settings()
     assert (s.boostmis_cutoff, s.boostmis_threshold, s.boostmis_labeller, s.boostmis_warmup, s.boostmis_optimizer,
-            s.boostmis_initial, s.boostmis_align, s.ema_decay) == ("adaptive", "per_class", "online", 0, "sgd",
-                                                                  "random", False, 0.99)
+            s.boostmis_initial, s.boostmis_align, s.ema_decay, s.boostmis_fresh_head) == (
+        "adaptive", "global", "online", 0, "sgd", "random", False, 0.99, True)
     seg = BoostMISTrainer.Settings()
     assert (seg.boostmis_threshold, seg.boostmis_optimizer) == ("global", "adam")
     assert set(BoostMISTrainer.Settings.__dataclass_fields__) < set(Booster.Settings.__dataclass_fields__)
@@ -277,7 +278,7 @@ def test_classify_loop_hands_the_settings_to_the_booster(tmp_path, monkeypatch):
 
 def test_classify_resumes_a_run_recorded_before_the_booster_settings(tmp_path):
     """A settings.json without the Booster.Settings fields ran with the defaults of its day (the global cutoff,
-    Adam): it resumes when asked with those; a run asked with another setting (today's SGD) does not."""
+    Adam, one head): it resumes when asked with those; a run asked with other settings (today's) does not."""
     import json
 
     from dsal_tf.classify import ClassifySettings, classify_loop
@@ -286,7 +287,7 @@ def test_classify_resumes_a_run_recorded_before_the_booster_settings(tmp_path):
 
     feats = write_feature_splits(tmp_path / "f", dim=8)
     quiet = dict(log=lambda m: None)
-    then = dict(threshold="global", boostmis_optimizer="adam")
+    then = dict(threshold="global", boostmis_optimizer="adam", boostmis_fresh_head=False)
     run = classify_loop(feats, tmp_path / "c", ClassifySettings(6, 5, 0, "random", "none", steps=2, batch_size=8,
                                                                 **then), **quiet)
     saved = json.loads((run / "settings.json").read_text())
@@ -319,3 +320,34 @@ def test_dsal_classify_takes_the_booster_settings_on_the_command_line(tmp_path):
     result = CliRunner().invoke(cli, [*base, "--exp", "good", "--set", "BOOSTMIS_CUTOFF=constant"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "exp" / "good" / "settings.json").read_text())["boostmis_cutoff"] == "constant"
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_each_round_starts_from_the_first_weights_or_from_the_last(tmp_path, monkeypatch, fresh):
+    """BOOSTMIS_FRESH_HEAD: every round's Booster gets both heads at the run's first weights and counts its
+    updates from 0 (the EMA warm-up again); off, later rounds start from the trained heads, their updates
+    counted after the earlier rounds' (tests/test_boostmis.py checks the weights round_01.npz holds)."""
+    import dsal_tf.classify as dc
+
+    from .test_boostmis import write_feature_splits
+
+    seen = []
+    real = dc.Booster
+
+    def spy(head, ema_head, rule, seed, **kwargs):
+        seen.append(([w.copy() for w in head.get_weights()], [w.copy() for w in ema_head.get_weights()],
+                     kwargs["step0"]))
+        return real(head, ema_head, rule, seed, **kwargs)
+
+    monkeypatch.setattr(dc, "Booster", spy)
+    feats = write_feature_splits(tmp_path / "f", dim=8)
+    s = dc.ClassifySettings(6, 5, 2, "random", "adaptive", steps=4, batch_size=8, boostmis_fresh_head=fresh)
+    dc.classify_loop(feats, tmp_path / "c", s, log=lambda m: None)
+    first = seen[0][0]
+
+    def at_first(weights):
+        return all(np.array_equal(a, b) for a, b in zip(weights, first))
+
+    assert at_first(seen[0][1])  # round 0: the EMA head is the online head's copy
+    assert [at_first(online) and at_first(ema) for online, ema, _ in seen[1:]] == [fresh, fresh]
+    assert [step0 for *_, step0 in seen] == ([0, 0, 0] if fresh else [0, 4, 8])

@@ -12,7 +12,8 @@ by CE on a strong view (feature dropout 0.3, noise 0.3) beside CE on the labelle
 update `warmup` (counted through the rounds) the pseudo-label term is off. With `weight_decay` the
 kernels' gradients get `wd * w` added (PyTorch's coupled L2, what the authors' SGD does; biases
 excluded). Then `ema_head` moves after `head` with Mean Teacher's warm-up `min(1 - 1/(step+1), ema)`;
-`step0` = the updates of earlier rounds, as the same two heads train on through the rounds.
+`step0` = the updates of earlier rounds when the same two heads train on through the rounds (0 when
+each round starts from the first weights, BOOSTMIS_FRESH_HEAD).
 
 `Booster.Settings` holds the choices where the authors' code and today's defaults differ
 (issue 27.2); `bench/bench_boostmis.py --ablation` turns each on alone.
@@ -77,12 +78,12 @@ class Booster(keras.Model):
 
     @dataclass(frozen=True)
     class Settings(BoostMISTrainer.Settings):  # the segmentation trainer's (META_SIZE does not apply here)
-        # on feature vectors the defaults are the configuration that matched the no-pseudo-label baseline in
-        # issue 27.2's ablation (bench/results/boostmis_ablation.md): per-class thresholds and the authors' SGD
-        boostmis_threshold: str = "per_class"  # pseudo-label cutoff: "global" eps_t or "per_class" (FlexMatch-style)
+        # on feature vectors the defaults are the configuration that beat the no-pseudo-label baseline in issue
+        # 27.2's ablation (bench/results/boostmis_ablation.md): a fresh head each round, the global cutoff, SGD
         boostmis_optimizer: str = "sgd"  # "sgd": 0.03, momentum 0.9, weight decay 5e-4 (authors') or "adam" 1e-3
         boostmis_initial: str = "random"  # first expert labels: "random" or "balanced" per class (authors' code)
         boostmis_align: bool = False  # distribution alignment of the pseudo labeller (authors' code: off)
+        boostmis_fresh_head: bool = True  # each round from the run's first weights; False: one head through them
 
         def check(self):
             super().check()
