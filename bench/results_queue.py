@@ -115,6 +115,18 @@ def hippocampus_planned_jobs() -> list[Job]:
             for seed in PLANNED_SEEDS for row in (*ROWS, "full")]
 
 
+def slices_fg_jobs() -> list[Job]:
+    """Issue 27.3: foreground-aware random against random on hippocampus slices (bench/slices_fg.py), every row
+    of a seed first; the seed's first job also trains its initial model (and the first writes the slices)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from slices_fg import PREFIX, ROWS
+    from slices_fg import SEEDS as SLICE_SEEDS
+
+    return [Job(f"{PREFIX}{row}/s{seed}", "none", (sys.executable, "bench/slices_fg.py", "row", row, str(seed),
+                                                   "--data", HIPPOCAMPUS))
+            for seed in SLICE_SEEDS for row in (*ROWS, "full")]
+
+
 def plan_budget_jobs() -> list[Job]:
     """Issue 25: does `--preset auto` keep its budget, planning included (bench/plan_budget.py)?"""
     sys.path.insert(0, str(ROOT / "bench"))
@@ -199,7 +211,7 @@ def plan() -> list[Job]:
     return ([noisy[(200, seed)] for seed in SEEDS] + methods + covid[:9] + precision[:2] + walltime
             + walltime_after + precision[2:5] + covid[9:] + precision[5:] + hippocampus_jobs()
             + semisup + boostmis_ablation + boostmis_after + isic + [compare_128_job(seed) for seed in SEEDS]
-            + robust_jobs() + [noisy[(400, seed)] for seed in SEEDS]
+            + robust_jobs() + [noisy[(400, seed)] for seed in SEEDS] + slices_fg_jobs()
             + plan_budget_jobs() + hippocampus_planned_jobs()
             + [Job("speed/scale", "none", (sys.executable, "bench/bench_scale.py", "--sizes", "500,4000,10000,30000",
                                           "--fresh-cache"))])
