@@ -41,7 +41,7 @@ from hippocampus import result_sections  # noqa: E402
 RESULTS = Path(os.environ.get("RESULTS_DIR") or ROOT / "bench" / "results")
 NAME = "compare-hippocampus-slices"
 PREFIX = "slices-fg/"
-ROWS = ("random", "random_fg")
+ROWS = ("random", "random_fg", "random_fg@fgonly")  # RANDOM_FG_SHARE 0.67 (nnActive's split) and 1
 SEEDS = (0, 1, 2)
 ITERATIONS = 5
 VOLUMES = {"train": 40, "val": 10, "test": 40}  # the first volumes of each split (sorted names)
@@ -146,7 +146,7 @@ def pick_shares(folder: Path, gt_dir: Path) -> list[str]:
 
 
 def split_differences(folder: Path, gt_dir: Path) -> list[str]:
-    """Markdown lines: `random_fg` minus `random`, final-round test Dice paired per slice over the seeds both
+    """Markdown lines: each row minus `random`, final-round test Dice paired per slice over the seeds every row
     finished, on the test slices with foreground and on the empty ones (bootstrap 95% intervals)."""
     import pandas as pd
 
@@ -155,17 +155,20 @@ def split_differences(folder: Path, gt_dir: Path) -> list[str]:
     final = f"round_{ITERATIONS:02d}"
     seeds = [s for s in SEEDS if all((folder / f"{r}-s{s}" / final / "test_metrics.csv").is_file() for r in ROWS)]
     if not seeds:
-        return ["(no seed has both rows yet)"]
+        return ["(no seed has every row yet)"]
     tables = {(r, s): pd.read_csv(folder / f"{r}-s{s}" / final / "test_metrics.csv") for r in ROWS for s in seeds}
     names = tables[ROWS[0], seeds[0]]["name"]
     fg = has_foreground(gt_dir, names)
-    lines = ["| test slices | n | random | random_fg | difference |", "|---|---|---|---|---|"]
+    lines = ["| test slices | n | random | " + " | ".join(f"{r} | difference" for r in ROWS[1:]) + " |",
+             "|---|---|---|" + "---|---|" * (len(ROWS) - 1)]
     for label, keep in (("with foreground", fg), ("empty", ~fg), ("all", np.ones_like(fg))):
         dice = {r: np.array([tables[r, s].set_index("name").loc[names, "dice"].to_numpy()[keep] for s in seeds])
                 for r in ROWS}
-        m, lo, hi = bootstrap_ci(dice["random_fg"] - dice["random"])
-        lines.append(f"| {label} | {int(keep.sum())} | {dice['random'].mean():.4f} | {dice['random_fg'].mean():.4f} "
-                     f"| {m:+.4f} [{lo:+.4f}, {hi:+.4f}] |")
+        cells = [f"{int(keep.sum())}", f"{dice['random'].mean():.4f}"]
+        for r in ROWS[1:]:
+            m, lo, hi = bootstrap_ci(dice[r] - dice["random"])
+            cells += [f"{dice[r].mean():.4f}", f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines + ["", f"Seeds: {', '.join(map(str, seeds))}."]
 
 
@@ -191,7 +194,7 @@ def table(exp_dir: Path) -> str:
         gt_dir = slices / "trainGT"
         lines += ["", f"## The oracle's picks with foreground (rounds 1-{ITERATIONS}; picks in brackets)", "",
                   *pick_shares(folder, gt_dir), "",
-                  "## Final test Dice by kind of slice (random_fg minus random, paired)", "",
+                  "## Final test Dice by kind of slice (paired differences from random)", "",
                   *split_differences(folder, slices / "testGT")]
     return "\n".join(lines) + "\n"
 

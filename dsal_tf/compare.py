@@ -48,6 +48,7 @@ VARIANTS: dict[str, dict] = {
     "minfg": {"pseudo_min_foreground": 0.01},  # the weak labeler skips (near-)empty predictions
     "pre8": {"side_upsampling": "bilinear", "dropout_at": "bottleneck+deepest"},  # the pre-issue-8 U-Net
     "boostmis-trainer": {"trainer": "boostmis"},  # adaptive pixel pseudo labels over the unlabelled pool
+    "fgonly": {"random_fg_share": 1.0},  # random_fg: every pick among the items with predicted foreground
     # the DSAL reference code's data settings (the isic2017 preset's): greyscale, /255, no augmentation, batch Dice
     "reference": {"color": "gray", "normalization": "unit", "augment": False, "batch_dice": True},
 }

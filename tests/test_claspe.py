@@ -165,13 +165,34 @@ def test_random_fg_falls_back_to_plain_random_for_the_rest():
     assert len(foreground_random_select(np.zeros(3), 5, 0.001, np.random.default_rng(0))) == 3  # none qualify
 
 
+def test_random_fg_share_takes_its_part_from_foreground_items_and_the_rest_from_all_others():
+    """RANDOM_FG_SHARE 0.67 of a query of 6: 4 (round(4.02)) drawn among the eligible items, then 2 drawn
+    uniformly among every item not taken yet (eligible or not), with the same generator in that order."""
+    fg = np.array([0.0, 0.2, 0.0, 0.3, 0.0, 0.4, 0.0, 0.5, 0.6, 0.0])
+    eligible = np.array([1, 3, 5, 7, 8])
+    picked = foreground_random_select(fg, 6, 0.001, np.random.default_rng(3), share=0.67)
+    rng = np.random.default_rng(3)
+    first = rng.permutation(eligible)[:4]
+    rest = rng.permutation(np.setdiff1d(np.arange(10), first))[:2]
+    assert list(picked) == [*first, *rest] and len(set(picked.tolist())) == 6
+    rng = np.random.default_rng(3)
+    rng.permutation(eligible)  # share 0 still draws the (empty) foreground part first: the same generator calls
+    assert list(foreground_random_select(fg, 6, 0.001, np.random.default_rng(3), share=0.0)) == list(
+        rng.permutation(np.arange(10))[:6])  # then plain random over every item
+    # share 1 is the foreground-only draw the tests above check (every eligible item before any other)
+    one = foreground_random_select(fg, 6, 0.001, np.random.default_rng(3), share=1.0)
+    assert set(one[:5]) == set(eligible)
+
+
 def test_random_fg_strategy_reads_the_predicted_foreground_share():
-    cfg = resolve({"query_strategy": "random_fg", "random_fg_min_foreground": 0.25})
+    cfg = resolve({"query_strategy": "random_fg", "random_fg_min_foreground": 0.25, "random_fg_share": 1.0})
     strategy = QUERY_STRATEGIES["random_fg"].from_config(cfg)
     scores = {"uncertainty": np.zeros(5), "foreground": np.array([0.1, 0.3, 0.25, 0.9, 0.0])}
     assert set(strategy.select(scores, 2, np.random.default_rng(0))) == {1, 3}  # strictly above 0.25
     with pytest.raises(DsalError, match="RANDOM_FG_MIN_FOREGROUND"):
         QUERY_STRATEGIES["random_fg"].Settings.from_values({"random_fg_min_foreground": 1.5})
+    with pytest.raises(DsalError, match="RANDOM_FG_SHARE"):
+        QUERY_STRATEGIES["random_fg"].Settings.from_values({"random_fg_share": -0.1})
 
 
 # ------------------------------------------------------------------ the loop
