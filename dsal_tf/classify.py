@@ -18,9 +18,8 @@ their lower-case names (BOOSTMIS_THRESHOLD is `threshold`); their defaults are t
 beat the no-pseudo-label baseline in issue 27.2's ablation (a fresh head each round, the global
 cutoff, SGD; random first labels). Defaults not given are the `Config` defaults.
 exp/NAME/results.csv: round, n_labelled, n_pseudo (unlabelled samples the final cutoffs keep),
-accuracy, macro_f1; learning_curve.png; round_XX.npz (the
-labelled indices of round XX and the two heads' weights at its start, unless each round starts afresh)
-makes the loop resumable.
+accuracy, macro_f1; learning_curve.png; round_XX.npz (the labelled indices of round XX and the two
+heads' weights at its start, unless each round starts afresh) makes the loop resumable.
 """
 
 from __future__ import annotations
