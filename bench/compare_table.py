@@ -1,10 +1,14 @@
 """The pieces of a results table made from a `dsal compare` folder and the results queue's records:
 markdown, the runs grid (minutes and peak memory per row and seed), the summary with seconds per round,
-and the paired differences. Used by bench/hippocampus.py and bench/semisup_isic.py."""
+and the paired differences, and the `row` / `table` command line of a table made one `dsal compare` row at a
+time. Used by bench/hippocampus.py, bench/hippocampus_planned.py, bench/slices_fg.py and bench/semisup_isic.py."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -80,3 +84,28 @@ def summary(folder: Path) -> pd.DataFrame | None:
 def differences(folder: Path) -> pd.DataFrame | None:
     path = folder / "differences.csv"
     return pd.read_csv(path) if path.is_file() else None
+
+
+def row_table_main(argv: list[str] | None, doc: str, rows, run_row: Callable, table: Callable[[Path], str],
+                   out: Path) -> int:
+    """`SCRIPT row ROW SEED [--data D] [--exp-dir E]` runs one row (`run_row(data, row, seed, exp_dir)`) and
+    rewrites the table `out` (`table(exp_dir)`); `SCRIPT table [--exp-dir E]` only rewrites it. `--data`
+    defaults to $HIPPOCAMPUS_DATA or ../shared/data/hippocampus beside the project."""
+    root = Path(__file__).resolve().parent.parent
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("what", choices=("row", "table"))
+    ap.add_argument("row", nargs="?", choices=(*rows, "full"))
+    ap.add_argument("seed", nargs="?", type=int)
+    ap.add_argument("--data", default=os.environ.get("HIPPOCAMPUS_DATA",
+                                                     str((root.parent / "shared" / "data" / "hippocampus").resolve())))
+    ap.add_argument("--exp-dir", type=Path, default=Path(os.environ.get("EXP_DIR") or root / "exp"))
+    args = ap.parse_args(argv)
+    exp_dir = args.exp_dir.resolve()
+    if args.what == "row":
+        if args.row is None or args.seed is None:
+            ap.error("row needs ROW and SEED")
+        run_row(args.data, args.row, args.seed, exp_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table(exp_dir))
+    print(f"wrote {out}")
+    return 0

@@ -15,7 +15,6 @@ row that finds none (`EXP/hippocampus-planned/plan.json` and `plan_constants.py`
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from compare_table import queue_records, runs_grid  # noqa: E402
+from compare_table import queue_records, row_table_main, runs_grid  # noqa: E402
 from hippocampus import ITERATIONS, ROWS, result_sections  # noqa: E402
 
 RESULTS = Path(os.environ.get("RESULTS_DIR") or ROOT / "bench" / "results")
@@ -96,23 +95,7 @@ def table(exp_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("row", "table"))
-    ap.add_argument("row", nargs="?", choices=(*ROWS, "full"))
-    ap.add_argument("seed", nargs="?", type=int)
-    ap.add_argument("--data", default=os.environ.get("HIPPOCAMPUS_DATA",
-                                                     str((ROOT.parent / "shared" / "data" / "hippocampus").resolve())))
-    ap.add_argument("--exp-dir", type=Path, default=Path(os.environ.get("EXP_DIR") or ROOT / "exp"))
-    args = ap.parse_args(argv)
-    exp_dir = args.exp_dir.resolve()
-    if args.what == "row":
-        if args.row is None or args.seed is None:
-            ap.error("row needs ROW and SEED")
-        run_row(args.data, args.row, args.seed, exp_dir)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "hippocampus_planned.md").write_text(table(exp_dir))
-    print(f"wrote {RESULTS / 'hippocampus_planned.md'}")
-    return 0
+    return row_table_main(argv, __doc__, ROWS, run_row, table, RESULTS / "hippocampus_planned.md")
 
 
 if __name__ == "__main__":
