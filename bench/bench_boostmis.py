@@ -12,7 +12,7 @@ file format).
 
 The adaptive variants use the `--threshold` cutoff rule (`global` or `per_class`) and every variant the
 `--optimizer` (`adam` or `sgd`); both default to `dsal classify`'s defaults (global and sgd since issue
-27.2's ablation), and every round starts from the head's first weights unless `--one-head`
+27.2's fresh-head rows), and every round starts from the head's first weights unless `--one-head`
 (BOOSTMIS_FRESH_HEAD off: one head trained on through the rounds). Each run starts afresh in
 exp/bench_boostmis/ (a stale run there is deleted); the table goes to `--out` (default
 bench/results/boostmis_issue27.md). Earlier tables: boostmis.md (before issue 16's fixes) and

@@ -25,7 +25,8 @@ from dsal_tf.trainers.booster import Booster
 
 WARMUP = "one round"  # (g): the first round's updates without pseudo labels (resolved to --steps)
 ABLATION = {  # key: (label, Booster.Settings changes); every row has pseudo labels
-    "today": ("today: adaptive eps_t, Adam 1e-3, EMA 0.99, online labels, random first labels", {}),
+    "today": ("start (issue 16): adaptive eps_t, Adam 1e-3, EMA 0.99, online labels, random first labels, one head",
+              {}),
     "constant": ("(a) constant 0.95 cutoff", {"boostmis_cutoff": "constant"}),
     "per_class": ("(b) per-class thresholds", {"boostmis_threshold": "per_class"}),
     "align": ("(c) distribution alignment", {"boostmis_align": True}),
@@ -62,7 +63,8 @@ def baseline_of(changes: dict) -> str:
     return "none" + "".join(f"+{k}" for k in kept)
 
 
-# "today": the configuration the ablation started from, pinned (the classify defaults changed after it)
+# "today" (the key of the first table's runs): the configuration the ablation started from, pinned (the classify
+# defaults changed after it)
 TODAY = {"boostmis_threshold": "global", "boostmis_optimizer": "adam", "boostmis_fresh_head": False}
 
 
@@ -158,7 +160,8 @@ def ablation_table(results: dict, rows: list[str], seeds: list[int], args, out: 
              f"rounds of {args.steps} updates, seeds {args.seeds}. Accuracy of the EMA head on the test split after "
              "the last round (mean +- std over seeds). Differences: paired per test item and seed against the "
              "no-pseudo-label run with the same first labels, optimizer, EMA decay and head policy (its accuracy "
-             "in the 'baseline' column), and against today's no-pseudo-label run; 95 % bootstrap intervals "
+             "in the 'baseline' column), and against the starting configuration's no-pseudo-label run; 95 % "
+             "bootstrap intervals "
              "(dsal_tf.compare.bootstrap_ci: seeds, then test items). Pseudo-label accuracy and share: the kept "
              "pseudo labels of all rounds, per predicted class 0/1/2 (accuracy = right / kept, share = kept / all "
              "kept; the pool is about 0.60/0.30/0.10). Kept per round: pseudo labels learned in a round, summed "
@@ -166,7 +169,7 @@ def ablation_table(results: dict, rows: list[str], seeds: list[int], args, out: 
              f"Command: `python bench/bench_boostmis.py --ablation --seeds {args.seeds} --iterations "
              f"{args.iterations} --steps {args.steps}" + (f" --rows {args.rows}" if args.rows else "") + "`", "",
              "| row | final accuracy | baseline (no pseudo labels) | difference vs. that baseline | difference vs. "
-             "today's baseline | kept per round | PL accuracy per class | PL share per class |",
+             "the start's baseline | kept per round | PL accuracy per class | PL share per class |",
              "|---|---|---|---|---|---|---|---|"]
     today_base = baseline_of({})
     for key in rows:

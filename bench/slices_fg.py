@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -69,11 +70,14 @@ def write_slices(data: str | Path, out: Path, volumes: dict[str, int] = VOLUMES,
     from dsal_tf.volumes import find_volume_pairs, read_label, read_volume, volume_stem
 
     record = out / "slices.json"
-    if record.is_file():
-        return json.loads(record.read_text())
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     info = {"data": str(Path(data).resolve()), "axis": axis, "volumes": dict(volumes)}
+    if record.is_file():
+        done = json.loads(record.read_text())
+        if {k: done.get(k) for k in info} == info:
+            return done
+        raise SystemExit(f"{out} holds slices of other volumes ({record}); delete it, or use another --exp-dir")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     for split, n in volumes.items():
         img_dir, gt_dir = tmp / f"{split}Img", tmp / f"{split}GT"
         img_dir.mkdir(parents=True)
@@ -86,14 +90,16 @@ def write_slices(data: str | Path, out: Path, volumes: dict[str, int] = VOLUMES,
             masks = np.moveaxis(label, axis, 0)
             stem = volume_stem(image_path)
             for k in range(len(pixels)):
-                name = f"{stem}_{k:02d}"
-                cv2.imwrite(str(img_dir / f"{name}.png"), pixels[k])
-                cv2.imwrite(str(gt_dir / f"{name}_segmentation.png"), masks[k].astype(np.uint8) * 255)
+                name = f"{stem}_{k:02d}"  # volumes here have under 100 slices along any axis
+                for path, array in ((img_dir / f"{name}.png", pixels[k]),
+                                    (gt_dir / f"{name}_segmentation.png", masks[k].astype(np.uint8) * 255)):
+                    if not cv2.imwrite(str(path), array):
+                        raise SystemExit(f"could not write {path}; check the disk and {out.parent}")
                 slices += 1
                 empty += int(not masks[k].any())
         info[split] = {"slices": slices, "empty_share": round(empty / max(slices, 1), 4)}
     (tmp / "slices.json").write_text(json.dumps(info, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # an unfinished folder (no slices.json)
     tmp.rename(out)
     return info
 
@@ -158,17 +164,24 @@ def split_differences(folder: Path, gt_dir: Path) -> list[str]:
     tables = {(r, s): pd.read_csv(folder / f"{r}-s{s}" / final / "test_metrics.csv") for r in ROWS for s in seeds}
     names = tables[ROWS[0], seeds[0]]["name"]
     fg = has_foreground(gt_dir, names)
-    lines = ["| test slices | n | random | " + " | ".join(f"{r} | difference" for r in ROWS[1:]) + " |",
-             "|---|---|---|" + "---|---|" * (len(ROWS) - 1)]
+    lines = ["| test slices | seeds | n | random | " + " | ".join(f"{r} | difference" for r in ROWS[1:]) + " |",
+             "|---|---|---|---|" + "---|---|" * (len(ROWS) - 1)]
     for label, keep in (("with foreground", fg), ("empty", ~fg), ("all", np.ones_like(fg))):
-        dice = {r: np.array([tables[r, s].set_index("name").loc[names, "dice"].to_numpy()[keep] for s in seeds])
-                for r in ROWS}
-        cells = [f"{int(keep.sum())}", f"{dice['random'].mean():.4f}"]
-        for r in ROWS[1:]:
-            m, lo, hi = bootstrap_ci(dice[r] - dice["random"])
-            cells += [f"{dice[r].mean():.4f}", f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines + ["", f"Seeds: {', '.join(map(str, seeds))}."]
+        for group in ([s] for s in seeds) if len(seeds) > 1 else ():
+            lines.append(split_row(label, keep, group, tables, names, bootstrap_ci))
+        lines.append(split_row(label, keep, seeds, tables, names, bootstrap_ci))
+    return lines
+
+
+def split_row(label: str, keep: np.ndarray, seeds: list[int], tables: dict, names, bootstrap_ci) -> str:
+    """One line of `split_differences`: the `keep` test slices over `seeds`."""
+    dice = {r: np.array([tables[r, s].set_index("name").loc[names, "dice"].to_numpy()[keep] for s in seeds])
+            for r in ROWS}
+    cells = [", ".join(map(str, seeds)), f"{int(keep.sum())}", f"{dice['random'].mean():.4f}"]
+    for r in ROWS[1:]:
+        m, lo, hi = bootstrap_ci(dice[r] - dice["random"])
+        cells += [f"{dice[r].mean():.4f}", f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"]
+    return f"| {label} | " + " | ".join(cells) + " |"
 
 
 def table(exp_dir: Path) -> str:

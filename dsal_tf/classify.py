@@ -19,7 +19,8 @@ beat the no-pseudo-label baseline in issue 27.2's ablation (a fresh head each ro
 cutoff, SGD; random first labels). Defaults not given are the `Config` defaults.
 exp/NAME/results.csv: round, n_labelled, n_pseudo (unlabelled samples the final cutoffs keep),
 accuracy, macro_f1; learning_curve.png; round_XX.npz (the labelled indices of round XX and the two
-heads' weights at its start, unless each round starts afresh) makes the loop resumable.
+heads' weights after round XX-1, where round XX starts unless each round starts afresh) makes the loop
+resumable.
 """
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ def build_head(dim: int, n_classes: int, hidden: int = 128) -> keras.Model:
 
 
 def save_round(path: Path, labelled: np.ndarray, head, ema_head) -> None:
-    """round_XX.npz: the round's labelled indices and the weights it starts from (online and EMA head)."""
+    """round_XX.npz: the round's labelled indices and the heads' weights (online and EMA) after the round
+    before: round XX starts from them unless each round starts afresh (BOOSTMIS_FRESH_HEAD)."""
     weights = {f"{k}_{i}": w for k, m in (("online", head), ("ema", ema_head)) for i, w in enumerate(m.get_weights())}
     atomic_write(path, lambda tmp: np.savez(tmp, labelled=labelled, **weights))
 

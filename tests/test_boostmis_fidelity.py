@@ -297,6 +297,40 @@ def test_classify_resumes_a_run_recorded_before_the_booster_settings(tmp_path):
     assert json.loads((run / "settings.json").read_text()) == saved
     with pytest.raises(DsalError, match="started with other settings"):
         classify_loop(feats, run, ClassifySettings(6, 5, 2, "random", "none", steps=2, batch_size=8), **quiet)
+    # a run from between the two changes recorded per_class and sgd, not the head policy: it trained one head
+    between = dict(threshold="per_class", boostmis_optimizer="sgd", boostmis_fresh_head=False)
+    run2 = classify_loop(feats, tmp_path / "c2", ClassifySettings(6, 5, 0, "random", "none", steps=2, batch_size=8,
+                                                                  **between), **quiet)
+    saved = json.loads((run2 / "settings.json").read_text())
+    (run2 / "settings.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "boostmis_fresh_head"}))
+    classify_loop(feats, run2, ClassifySettings(6, 5, 1, "random", "none", steps=2, batch_size=8, **between), **quiet)
+    with pytest.raises(DsalError, match="started with other settings"):  # today's fresh head is another setting
+        classify_loop(feats, run2, ClassifySettings(6, 5, 2, "random", "none", steps=2, batch_size=8,
+                                                    threshold="per_class"), **quiet)
+
+
+def test_a_fresh_head_run_resumed_between_rounds_equals_the_run_in_one_go(tmp_path):
+    """Each round rebuilt from the first weights: stopping after round 0 and resuming gives the same rows and
+    the same labelled sets as running both rounds at once."""
+    import pandas as pd
+
+    from dsal_tf.classify import ClassifySettings, classify_loop
+
+    from .test_boostmis import write_feature_splits
+
+    feats = write_feature_splits(tmp_path / "f", dim=8)
+    quiet = dict(log=lambda m: None)
+
+    def settings(iterations):
+        return ClassifySettings(6, 5, iterations, "boostmis", "adaptive", steps=4, batch_size=8)
+
+    whole = classify_loop(feats, tmp_path / "whole", settings(2), **quiet)
+    classify_loop(feats, tmp_path / "parts", settings(0), **quiet)
+    parts = classify_loop(feats, tmp_path / "parts", settings(2), **quiet)
+    pd.testing.assert_frame_equal(pd.read_csv(whole / "results.csv"), pd.read_csv(parts / "results.csv"))
+    for r in range(4):
+        with np.load(whole / f"round_{r:02d}.npz") as a, np.load(parts / f"round_{r:02d}.npz") as b:
+            np.testing.assert_array_equal(a["labelled"], b["labelled"])
 
 
 def test_dsal_classify_takes_the_booster_settings_on_the_command_line(tmp_path):

@@ -179,6 +179,10 @@ def test_random_fg_share_takes_its_part_from_foreground_items_and_the_rest_from_
     rng.permutation(eligible)  # share 0 still draws the (empty) foreground part first: the same generator calls
     assert list(foreground_random_select(fg, 6, 0.001, np.random.default_rng(3), share=0.0)) == list(
         rng.permutation(np.arange(10))[:6])  # then plain random over every item
+    tie = foreground_random_select(fg, 5, 0.001, np.random.default_rng(4), share=0.5)  # 2.5 half up: 3 (even: 2)
+    rng = np.random.default_rng(4)
+    first = rng.permutation(eligible)[:3]
+    assert list(tie) == [*first, *rng.permutation(np.setdiff1d(np.arange(10), first))[:2]]
     # share 1 is the foreground-only draw the tests above check (every eligible item before any other)
     one = foreground_random_select(fg, 6, 0.001, np.random.default_rng(3), share=1.0)
     assert set(one[:5]) == set(eligible)

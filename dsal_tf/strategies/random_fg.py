@@ -21,7 +21,7 @@ from .random_query import RandomQuery
 
 def foreground_random_select(foreground: np.ndarray, n: int, min_foreground: float, rng: np.random.Generator,
                              share: float = 1.0) -> np.ndarray:
-    """`n` distinct positions: `round(share * n)` from a seeded permutation of the items with `foreground >
+    """`n` distinct positions: `share * n` (rounded half up) from a seeded permutation of the items with `foreground >
     min_foreground` (all of them if fewer qualify), then a seeded permutation of all the items not taken yet
     fills the rest. `share = 1`: every eligible item before any other."""
     foreground = np.asarray(foreground)

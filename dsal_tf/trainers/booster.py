@@ -9,7 +9,7 @@ view of the unlabelled batch (Gaussian noise 0.05 on standardised features), opt
 distribution-aligned (`p_target`), kept where the confidence reaches the cutoff of the label's class
 (`rule.cutoffs`, a `classify.PSEUDO_RULES` class or a `LearningStatus`), and the head learns them
 by CE on a strong view (feature dropout 0.3, noise 0.3) beside CE on the labelled batch; before
-update `warmup` (counted through the rounds) the pseudo-label term is off. With `weight_decay` the
+update `warmup` (counted from `step0`) the pseudo-label term is off. With `weight_decay` the
 kernels' gradients get `wd * w` added (PyTorch's coupled L2, what the authors' SGD does; biases
 excluded). Then `ema_head` moves after `head` with Mean Teacher's warm-up `min(1 - 1/(step+1), ema)`;
 `step0` = the updates of earlier rounds when the same two heads train on through the rounds (0 when
@@ -92,7 +92,8 @@ class Booster(keras.Model):
     def __init__(self, head: keras.Model, ema_head: keras.Model, rule, seed: int, step0: int = 0,
                  settings: Booster.Settings | None = None, p_target=None):
         """`settings`: EMA_DECAY, BOOSTMIS_LABELLER, BOOSTMIS_WARMUP and BOOSTMIS_OPTIMIZER's weight decay (the
-        optimizer itself is `compile`'s); `step0`: updates before this round (the warm-up counts through them)."""
+        optimizer itself is `compile`'s); `step0`: updates before this round that the warm-up counts (0: it
+        starts again)."""
         super().__init__()
         s = settings if settings is not None else Booster.Settings()
         s.check()

@@ -104,7 +104,7 @@ class BoostMISTrainer(PairedTrainer):
         boostmis_threshold: str = "global"  # pseudo-label cutoff: "global" eps_t (authors' code) or "per_class"
         boostmis_cutoff: str = "adaptive"  # eps_t: "adaptive" (the paper) or "constant" 0.95 (the authors' code)
         boostmis_labeller: str = "online"  # pseudo labels from the "online" model's weak view or the "ema" one
-        boostmis_warmup: int = 0  # updates without pseudo labels first (a round's; classify: through the rounds)
+        boostmis_warmup: int = 0  # updates without pseudo labels first (each round's; classify with one head: in all)
         boostmis_optimizer: str = "adam"  # "adam" (ours) or "sgd": 0.03, momentum 0.9, weight decay 5e-4 (authors')
 
         def check(self):
