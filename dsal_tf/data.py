@@ -418,14 +418,16 @@ def foreground_rows(masks, chunk: int = 256) -> np.ndarray:
     return np.concatenate(found)
 
 
-def all_foreground_dice(masks, chunk: int = 256) -> float:
+def all_foreground_dice(masks, chunk: int = 256, sizes=None) -> float:
     """The mean per-item hard Dice of a prediction that is foreground everywhere, `(2s + 1) / (s + n + 1)`
     for an item of n pixels (or voxels) of which s are foreground (`losses.dice`): the validation Dice
-    of a model collapsed to all-foreground."""
+    of a model collapsed to all-foreground. `sizes` [N]: n per item instead of the whole item (a volume's
+    voxels inside its padding, the foreground everywhere there and nowhere else)."""
     values = [np.zeros(0)]
-    for _, part in _flat_chunks(masks, chunk):
+    for start, part in _flat_chunks(masks, chunk):
         s = (part > 0.5).sum(axis=1).astype(np.float64)
-        values.append((2 * s + 1) / (s + part.shape[1] + 1))
+        n = part.shape[1] if sizes is None else np.asarray(sizes, np.float64)[start:start + len(part)]
+        values.append((2 * s + 1) / (s + n + 1))
     return float(np.concatenate(values).mean()) if len(masks) else float("nan")
 
 

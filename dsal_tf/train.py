@@ -280,21 +280,24 @@ class StopOnCollapse(keras.callbacks.Callback):
     - all-background: `val_main_dice` stays below `COLLAPSE_FLOOR` for `COLLAPSE_PATIENCE` epochs;
     - all-foreground: as long, and for at least `MIN_CHECKS` validations, it stays within `NEAR` of
       `all_foreground`, the validation Dice of a mask that is foreground everywhere
-      (`data.all_foreground_dice`), and moves less than `STILL` (a stuck net repeats its value; one that
-      learns moves). Only where that value lies clear of the floor (`all_foreground - NEAR > floor`): on
-      small structures a mask that is foreground everywhere scores near 0, as a near-background model
-      does. Soft Dice cannot bring a saturated all-foreground net back: its gradient through the sigmoid
+      (`data.all_foreground_dice`; `{where: value}` for more than one reading of "everywhere", such as a
+      volume's voxels but not its padding), and moves less than `STILL` (a stuck net repeats its value;
+      one that learns moves). Only values clear of the floor count (`value - NEAR > floor`): on small
+      structures a mask that is foreground everywhere scores near 0, as a near-background model does.
+      Soft Dice cannot bring a saturated all-foreground net back: its gradient through the sigmoid
       vanishes.
     The round is left unfinished; no silent restart."""
 
     NEAR, STILL, MIN_CHECKS = 0.01, 0.002, 3
 
     def __init__(self, where: str, floor: float, patience: int, advice: str, monitor: str = "val_main_dice",
-                 every: int = 1, all_foreground: float | None = None, foreground_advice: str | None = None):
+                 every: int = 1, all_foreground: float | dict[str, float] | None = None,
+                 foreground_advice: str | None = None):
         super().__init__()
         self.where, self.floor, self.patience, self.advice, self.monitor = where, floor, patience, advice, monitor
-        clear = all_foreground is not None and all_foreground - self.NEAR > floor
-        self.all_foreground = all_foreground if clear else None
+        refs = all_foreground if isinstance(all_foreground, dict) else (
+            {} if all_foreground is None else {"everywhere": all_foreground})
+        self.all_foreground = {k: float(v) for k, v in refs.items() if v - self.NEAR > floor}
         self.foreground_advice = foreground_advice or advice
         self.values: list[float] = []
         # validated every `every` epochs (`validation_epochs`): patience epochs are this many validations
@@ -316,18 +319,21 @@ class StopOnCollapse(keras.callbacks.Callback):
                 f"finished: try {self.advice}")
         n = max(self.checks, self.MIN_CHECKS) if self.checks else 0  # one validation alone proves nothing
         window = self.values[-n:] if n else []
-        if (self.all_foreground is not None and n and len(window) == n and max(window) - min(window) < self.STILL
-                and all(abs(v - self.all_foreground) < self.NEAR for v in window)):
-            raise DsalError(
-                f"{where}foreground (val Dice {self.values[-1]:.4f} over the last {n} validations, near the "
-                f"{self.all_foreground:.4f} of a mask that is foreground everywhere); the round is not finished: "
-                f"try {self.foreground_advice}")
+        if not (n and len(window) == n and max(window) - min(window) < self.STILL):
+            return
+        for place, ref in self.all_foreground.items():
+            if all(abs(v - ref) < self.NEAR for v in window):
+                raise DsalError(
+                    f"{where}foreground (val Dice {self.values[-1]:.4f} over the last {n} validations, near the "
+                    f"{ref:.4f} of a mask that is foreground {place}); the round is not finished: "
+                    f"try {self.foreground_advice}")
 
 
 def _callbacks(cfg: Config, out_dir: Path, epochs: int, fg_images: int = 0, n_images: int = 0,
-               all_foreground: float | None = None) -> list:
+               all_foreground: float | dict[str, float] | None = None) -> list:
     """The round's callbacks; `fg_images` of the `n_images` training masks have foreground; `all_foreground`:
-    the validation Dice of an all-foreground mask (`data.all_foreground_dice`), None to skip that check."""
+    the validation Dice of an all-foreground mask (`data.all_foreground_dice`; `StopOnCollapse` takes more than
+    one), None to skip that check."""
     where = out_dir.name.replace("_", " ")
     cbs: list = [
         StopOnNaN(where),
@@ -402,6 +408,19 @@ class FitJob:
         return self.space.image_stream(self.unlabelled, self.normalizer, seed, repeat=repeat)
 
 
+def all_foreground_references(val: Split) -> dict[str, float]:
+    """The validation Dice of the masks a model collapsed to all-foreground predicts, by where the foreground
+    is: everywhere; on volumes also everywhere inside each volume and nowhere on its padding (the metric
+    counts the padding, and a net may tell padding from tissue)."""
+    refs = {"everywhere": all_foreground_dice(val.masks)}
+    if len(val.masks.shape) == 5:
+        from .volume_space import box_sizes
+
+        refs["everywhere inside the volumes (not on their padding)"] = all_foreground_dice(
+            val.masks, sizes=box_sizes(val.images))
+    return refs
+
+
 def fit(job: FitJob) -> dict[str, list[float]]:
     """Train `job.model` for `job.epochs`, keep the best epoch by `val_main_dice`, and load it back.
 
@@ -416,7 +435,7 @@ def fit(job: FitJob) -> dict[str, list[float]]:
     keras.utils.set_random_seed(job.seed)
     reset_seed_generators(model, job.seed)  # dropout draws the same masks straight through or resumed
     fg_images = len(foreground_rows(job.y)) if cfg.collapse_patience else 0
-    all_fg = all_foreground_dice(job.val.masks) if fg_images else None
+    all_fg = all_foreground_references(job.val) if fg_images else None
     job.callbacks = _callbacks(cfg, out_dir, job.epochs, fg_images, len(job.y), all_fg)
     checkpoint = next(c for c in job.callbacks if isinstance(c, BestCheckpoint))
     try:

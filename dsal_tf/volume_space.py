@@ -192,6 +192,13 @@ def stored_boxes(images) -> list[tuple[np.ndarray, np.ndarray]] | None:
     return boxes if index is None else [boxes[int(i)] for i in index]
 
 
+def box_sizes(images) -> np.ndarray:
+    """Voxels inside each item's padding box [N]: the cache's record (`stored_boxes`), or found from the
+    voxels (`content_box`)."""
+    boxes = stored_boxes(images) or [content_box(images[i]) for i in range(len(images))]
+    return np.array([int(np.prod(high - low)) for low, high in boxes], np.int64)
+
+
 def crop_item(array, i: int, start, size) -> np.ndarray:
     """The `size` box at `start` of item `i` of `array` ([N,D,H,W,...], a memory map or `Rows`),
     reading only that box; voxels outside the item are zero."""

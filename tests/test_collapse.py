@@ -14,6 +14,7 @@ from dsal_tf.train import (
     StopOnCollapse,
     WarmUp,
     _callbacks,
+    all_foreground_references,
     collapse_advice,
     collapsed,
     foreground_collapse_advice,
@@ -107,6 +108,58 @@ def test_collapse_callback_raises_on_a_constant_all_foreground_dice():
     small.on_train_begin()
     for epoch in range(6):
         small.on_epoch_end(epoch, {"val_main_dice": 0.016})
+
+
+def padded_volumes():
+    """Two 4x4x4 volumes in their padding: A's tissue a 2x2x1 box (4 voxels) holding 2 foreground voxels,
+    B's a 2x2x2 box (8 voxels) holding 1."""
+    from dsal_tf.data import Split
+
+    images = np.zeros((2, 4, 4, 4, 1), np.float32)
+    masks = np.zeros_like(images)
+    images[0, 1:3, 1:3, 2] = 1.5
+    masks[0, 1, 1:3, 2] = 1
+    images[1, :2, 2:, 2:] = -0.5
+    masks[1, 0, 2, 2] = 1
+    return Split(["a", "b"], images, masks)
+
+
+def test_all_foreground_inside_the_volumes_by_hand():
+    """Foreground on every voxel of the grid: A (2*2 + 1) / (2 + 64 + 1), B (2 + 1) / (1 + 64 + 1); on every
+    voxel inside the padding and none outside: A 5 / (2 + 4 + 1), B 3 / (1 + 8 + 1)."""
+    from dsal_tf.volume_space import box_sizes
+
+    val = padded_volumes()
+    np.testing.assert_array_equal(box_sizes(val.images), [4, 8])
+    refs = all_foreground_references(val)
+    assert refs["everywhere"] == pytest.approx((5 / 67 + 3 / 66) / 2)
+    assert refs["everywhere inside the volumes (not on their padding)"] == pytest.approx((5 / 7 + 3 / 10) / 2)
+    assert all_foreground_dice(val.masks, chunk=1, sizes=[4, 8]) == pytest.approx((5 / 7 + 3 / 10) / 2)
+    assert list(all_foreground_references(images_2d())) == ["everywhere"]  # images: no padding reading
+
+
+def images_2d():
+    from dsal_tf.data import Split
+
+    return Split(["a", "b"], np.zeros((2, 2, 2, 1), np.uint8), Y)
+
+
+def test_collapse_callback_names_the_reading_of_everywhere_it_matched():
+    """A volume net foreground on the tissue and background on the padding stays near the second value and
+    is stopped with it named; a reference within the floor's reach is dropped."""
+    refs = {"everywhere": 0.06, "everywhere inside the volumes (not on their padding)": 0.5071}
+    cb = StopOnCollapse("round 0", 0.01, 3, advice="X", all_foreground=refs)
+    cb.on_train_begin()
+    cb.on_epoch_end(0, {"val_main_dice": 0.5080})
+    cb.on_epoch_end(1, {"val_main_dice": 0.5079})
+    with pytest.raises(DsalError, match=r"near the 0\.5071 of a mask that is foreground everywhere inside the "
+                                        r"volumes \(not on their padding\)"):
+        cb.on_epoch_end(2, {"val_main_dice": 0.5080})
+    assert list(StopOnCollapse("r", 0.01, 3, advice="", all_foreground={"a": 0.015, "b": 0.3}).all_foreground) == ["b"]
+    steady = StopOnCollapse("round 0", 0.01, 3, advice="", all_foreground=refs)  # far from both: learning
+    steady.on_train_begin()
+    for epoch in range(6):
+        steady.on_epoch_end(epoch, {"val_main_dice": 0.70})
 
 
 def test_all_foreground_advice_leads_with_what_brought_the_net_back():
