@@ -12,11 +12,16 @@ the rest of the pool (1500 images) is the noisy stream:
 - `mwnet`, `mcpm`, `pnt`, `int`, `pint`, `rgs`: the robust trainers (and the noisy-teacher RGS) on
   the same data, every one with the same real step as `noisy` (Adam; `META_STEP = "adam"`);
 - `mwnet-sgd`: MW-Net with the authors' real step (SGD 0.1, momentum 0.9: `META_STEP = "sgd"`, its default);
-- `clean`: U-Net, `uniform` trainer with the clean masks in the noisy stream too (the upper bound).
+- `clean`: U-Net, `uniform` trainer with the clean masks in the noisy stream too (the upper bound);
+- `noisy-bce`: `noisy` with `LOSS = "bce"`, the loss control: the rows are not all on one loss.
 
-One loss for every row, the preset's `LOSS` (`REWEIGHT_LOSS = "run"`, so `uniform` and `rgs` do
-not switch to BCE + Dice and the gap stays a comparison of weightings); MCPM's weighted term is
-the per-pixel BCE by definition. Each `result.json` records the trainer's loss as `loss`.
+The preset's `LOSS` (soft Dice) for `noisy`, `clean`, `mwnet`, `rgs` (`REWEIGHT_LOSS = "run"`, so
+`uniform` and `rgs` do not switch to BCE + Dice); MCPM's weighted term is the per-pixel BCE by
+definition, and PNT, INT and PINT learn the noisy stream by per-pixel cross-entropy where the gate
+trusts the label and squared error to the teacher elsewhere (their expert batch on `LOSS`). So those
+four differ from `noisy` in the loss as well as the weighting; `noisy-bce` (plain per-pixel BCE on the
+same masks) is the row they differ from in the weighting alone. Each `result.json` records the
+trainer's loss as `loss`.
 
 All rows: a fresh U-Net (seed s), `NB_INITIAL_EPOCHS` epochs of one pass over the 1500-image
 stream, the best epoch by validation Dice, then test Dice, IoU and HD95. The gap recovered is
@@ -44,7 +49,8 @@ import pandas as pd  # noqa: E402
 # optimizer's own effect (in plain fits SGD at 0.1 lags Adam: bench/results/meta_step_rate.md).
 ROWS = {"noisy": ("uniform", {}), "mwnet": ("mwnet", {"meta_step": "adam"}), "mcpm": ("mcpm", {"meta_step": "adam"}),
         "pnt": ("pnt", {}), "int": ("int", {}), "pint": ("pint", {}), "rgs": ("rgs", {}),
-        "mwnet-sgd": ("mwnet", {"meta_step": "sgd"}), "clean": ("uniform", {})}
+        "mwnet-sgd": ("mwnet", {"meta_step": "sgd"}), "clean": ("uniform", {}),
+        "noisy-bce": ("uniform", {"loss": "bce"})}  # the loss control (added after seed 0 of dilate r = 0.4)
 
 
 # rows whose `train s` includes pauses of the results queue (SIGSTOP while a probe or the test suite ran alone)
@@ -182,6 +188,23 @@ def paired_gap(out: Path, row: str) -> tuple[tuple, tuple, tuple, list[int]] | N
     return bootstrap_ci(num), bootstrap_ci(den), bootstrap_ratio_ci(num, den), seeds
 
 
+def paired_delta(out: Path, row: str, base: str) -> str:
+    """`row - base` in test Dice, paired per test image over the seeds both finished, with its bootstrap
+    interval; '' when they share no seed."""
+    from dsal_tf.compare import bootstrap_ci
+
+    diffs = []
+    for seed_dir in sorted(out.glob("s*/"), key=lambda p: int(p.name[1:])):
+        a, b = seed_dir / row / "test_metrics.csv", seed_dir / base / "test_metrics.csv"
+        if a.is_file() and b.is_file():
+            diffs.append((pd.read_csv(a).set_index("name")["dice"].sort_index()
+                          - pd.read_csv(b).set_index("name")["dice"].sort_index()).to_numpy())
+    if not diffs:
+        return ""
+    m, lo, hi = bootstrap_ci(np.stack(diffs))
+    return f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.reshape(len(a), -1) > 0, b.reshape(len(b), -1) > 0
     inter = (a & b).sum(1)
@@ -210,9 +233,11 @@ def write_table(results: pd.DataFrame, out: Path, args, tag: str) -> None:
         "row; the other pool images are the noisy stream (clean masks in the `clean` row). Test split "
         "(400 images); mean ± std over seeds (std blank with one seed). Gap recovered = "
         "(row − noisy) / (clean − noisy), blank while clean − noisy is within noise (the paired interval "
-        "below). Every row trains on the preset's `LOSS` (`REWEIGHT_LOSS = run`, "
-        "also for `uniform` and `rgs`); MCPM's weighted term is the per-pixel BCE. Every row's real step is "
-        "Adam at `LEARNING_RATE` except `mwnet-sgd`'s (the MW-Net authors' SGD 0.1, momentum 0.9).",
+        "below). `noisy`, `clean`, `mwnet` and `rgs` train on the preset's `LOSS` (`REWEIGHT_LOSS = run`); "
+        "MCPM's weighted term is the per-pixel BCE, and PNT, INT and PINT learn the noisy stream by per-pixel "
+        "cross-entropy and squared error to the teacher, so `noisy-bce` (`noisy` on per-pixel BCE) is the row "
+        "those four differ from in the weighting alone. Every row's real step is Adam at `LEARNING_RATE` "
+        "except `mwnet-sgd`'s (the MW-Net authors' SGD 0.1, momentum 0.9).",
         "",
         "| row | trainer | seeds | test Dice | IoU | HD95 (px at 64x64) | Dice gap recovered "
         "| IoU gap recovered | train s |",
@@ -237,11 +262,14 @@ def write_table(results: pd.DataFrame, out: Path, args, tag: str) -> None:
             (d, dlo, dhi), (gap, gap_lo, gap_hi), (g, glo, ghi), seeds = found
             share = (f"{g:+.0%} [{glo:+.0%}, {ghi:+.0%}]" if gap_lo > 0 else  # a ratio needs a gap that is there
                      f"undefined: clean - noisy = {gap:+.4f} [{gap_lo:+.4f}, {gap_hi:+.4f}]")
-            paired.append(f"| {row} | {','.join(map(str, seeds))} | {d:+.4f} [{dlo:+.4f}, {dhi:+.4f}] | {share} |")
+            paired.append(f"| {row} | {','.join(map(str, seeds))} | {d:+.4f} [{dlo:+.4f}, {dhi:+.4f}] | {share} | "
+                          f"{paired_delta(out, row, 'noisy-bce') if row != 'noisy-bce' else ''} |")
     if paired:
         lines += ["", "Paired against `noisy` and `clean` of the same seed, per test image (95% bootstrap intervals "
-                  "over seeds, then test images; the gap recovered is a ratio of the resampled means):", "",
-                  "| row | seeds | Δ Dice vs noisy | Dice gap recovered |", "|---|---|---:|---:|", *paired]
+                  "over seeds, then test images; the gap recovered is a ratio of the resampled means), and "
+                  "against `noisy-bce`, the loss control, on the seeds it has:", "",
+                  "| row | seeds | Δ Dice vs noisy | Dice gap recovered | Δ Dice vs noisy-bce |",
+                  "|---|---|---:|---:|---:|", *paired]
     extra = (f" --epochs {args.epochs}" if args.epochs else "") + (f" --pool {args.pool}" if args.pool else "") + (
         f" --meta {args.meta}" if args.meta != 100 else "")
     lines += ["", PAUSED[tag]] if tag in PAUSED else []
