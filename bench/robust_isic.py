@@ -13,7 +13,8 @@ the rest of the pool (1500 images) is the noisy stream:
   the same data, every one with the same real step as `noisy` (Adam; `META_STEP = "adam"`);
 - `mwnet-sgd`: MW-Net with the authors' real step (SGD 0.1, momentum 0.9: `META_STEP = "sgd"`, its default);
 - `clean`: U-Net, `uniform` trainer with the clean masks in the noisy stream too (the upper bound);
-- `noisy-bce`: `noisy` with `LOSS = "bce"`, the loss control: the rows are not all on one loss.
+- `noisy-bce`, `clean-bce`: `noisy` and `clean` with `LOSS = "bce"`, the loss control and the noise's
+  cost under it: the rows are not all on one loss.
 
 The preset's `LOSS` (soft Dice) for `noisy`, `clean`, `mwnet`, `rgs` (`REWEIGHT_LOSS = "run"`, so
 `uniform` and `rgs` do not switch to BCE + Dice); MCPM's weighted term is the per-pixel BCE by
@@ -50,7 +51,9 @@ import pandas as pd  # noqa: E402
 ROWS = {"noisy": ("uniform", {}), "mwnet": ("mwnet", {"meta_step": "adam"}), "mcpm": ("mcpm", {"meta_step": "adam"}),
         "pnt": ("pnt", {}), "int": ("int", {}), "pint": ("pint", {}), "rgs": ("rgs", {}),
         "mwnet-sgd": ("mwnet", {"meta_step": "sgd"}), "clean": ("uniform", {}),
-        "noisy-bce": ("uniform", {"loss": "bce"})}  # the loss control (added after seed 0 of dilate r = 0.4)
+        "noisy-bce": ("uniform", {"loss": "bce"}), "clean-bce": ("uniform", {"loss": "bce"})}
+# noisy-bce and clean-bce: the loss control and its upper bound (added after seed 0 of dilate r = 0.4)
+CLEAN_ROWS = ("clean", "clean-bce")  # rows with the clean masks in the noisy stream too
 
 
 # rows whose `train s` includes pauses of the results queue (SIGSTOP while a probe or the test suite ran alone)
@@ -80,7 +83,7 @@ def run_row(cfg, row: str, seed: int, pool, noisy_masks, val, test, normalizer, 
     rcfg = cfg.replace(trainer=trainer, meta_size=0, reweight_loss="run", **settings)
     is_noisy = np.ones(len(pool), bool)
     is_noisy[meta] = False
-    y = pool.masks.copy() if row == "clean" else noisy_masks.copy()
+    y = pool.masks.copy() if row in CLEAN_ROWS else noisy_masks.copy()
     y[meta] = pool.masks[meta]
     model = train.new_model(rcfg, seed)
     log(f"seed {seed} {row}: trainer {rcfg.trainer}, {int(is_noisy.sum())} + {len(meta)} meta images, "
@@ -257,7 +260,7 @@ def write_table(results: pd.DataFrame, out: Path, args, tag: str) -> None:
         lines.append(f"| {row} | {trainer_label(row)} | {int(r['seeds'])} | {pm(r['dice'], r['dice_std'])} | "
                      f"{pm(r['iou'], r['iou_std'])} | {pm(r['hd95'], r['hd95_std'], 2)} | {gap} | {igap} | "
                      f"{r['train_s']:.0f} |")
-        found = paired_gap(out, row) if row not in ("noisy", "clean") else None
+        found = paired_gap(out, row) if row not in ("noisy", "clean", "clean-bce") else None
         if found:
             (d, dlo, dhi), (gap, gap_lo, gap_hi), (g, glo, ghi), seeds = found
             share = (f"{g:+.0%} [{glo:+.0%}, {ghi:+.0%}]" if gap_lo > 0 else  # a ratio needs a gap that is there
@@ -270,6 +273,8 @@ def write_table(results: pd.DataFrame, out: Path, args, tag: str) -> None:
                   "against `noisy-bce`, the loss control, on the seeds it has:", "",
                   "| row | seeds | Δ Dice vs noisy | Dice gap recovered | Δ Dice vs noisy-bce |",
                   "|---|---|---:|---:|---:|", *paired]
+        bce_gap = paired_delta(out, "clean-bce", "noisy-bce")
+        lines += ["", f"Under per-pixel BCE, the noise costs clean-bce - noisy-bce = {bce_gap}."] if bce_gap else []
     extra = (f" --epochs {args.epochs}" if args.epochs else "") + (f" --pool {args.pool}" if args.pool else "") + (
         f" --meta {args.meta}" if args.meta != 100 else "")
     lines += ["", PAUSED[tag]] if tag in PAUSED else []
