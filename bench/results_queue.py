@@ -139,15 +139,15 @@ def robust_jobs() -> list[Job]:
     """The full robust-trainer tables (3 noise settings, seeds 0-2), one job a seed: each rebuilds its
     table over the seeds so far (finished rows are skipped). At the default precision (bf16 here):
     the weighting signals of RGS, MW-Net and MCPM agree with float32's as closely as the plain gradient
-    does (bench/meta_precision_probe.py, results/meta_precision.md). Then the loss control `noisy-bce`, added
-    after the first jobs ran (a job that finished without it leaves it to these)."""
+    does (bench/meta_precision_probe.py, results/meta_precision.md). Then the loss control `noisy-bce` and
+    `clean-bce`, added after the first jobs ran (a job that finished without them leaves them to these)."""
     settings = (("dilate", "0.4"), ("dilate", "0.8"), ("elastic", "0.4"))
     return [Job(f"robust/{kind}-r{rate}/s{seed}", "none", (
         sys.executable, "bench/robust_isic.py", "--data", ISIC, "--kind", kind, "--rate", rate,
         "--seeds", ",".join(map(str, SEEDS[:i + 1])))) for kind, rate in settings for i, seed in enumerate(SEEDS)] + [
-        Job(f"robust/{kind}-r{rate}/noisy-bce", "none", (
+        Job(f"robust/{kind}-r{rate}/bce", "none", (
             sys.executable, "bench/robust_isic.py", "--data", ISIC, "--kind", kind, "--rate", rate,
-            "--seeds", ",".join(map(str, SEEDS)), "--rows", "noisy-bce")) for kind, rate in settings]
+            "--seeds", ",".join(map(str, SEEDS)), "--rows", "noisy-bce,clean-bce")) for kind, rate in settings]
 
 
 def hippocampus_jobs() -> list[Job]:
