@@ -59,7 +59,8 @@ CLEAN_ROWS = ("clean", "clean-bce")  # rows with the clean masks in the noisy st
 # rows whose `train s` includes pauses of the results queue (SIGSTOP while a probe or the test suite ran alone)
 PAUSED = {"dilate-r0.4": "Seed 0's `train s` of `noisy` (about 7 min), `rgs` (about 15 min) and `mwnet-sgd` (about "
                          "30 min) include pauses of the queue while probes, another table and the test suite ran "
-                         "alone; they overstate by that much."}
+                         "alone, and so do seed 1's `noisy` (about 5 min) and `mwnet` (about 12 min); they overstate "
+                         "by that much."}
 
 
 def trainer_label(row: str) -> str:
