@@ -167,6 +167,12 @@ def main(argv: list[str] | None = None) -> None:
         write_table(pd.DataFrame(results), out, args, tag + scale)
 
 
+def seed_dice(seed_dir: Path, name: str) -> pd.Series | None:
+    """Per-test-image Dice of one row of one seed, by image name, or None before it finished."""
+    path = seed_dir / name / "test_metrics.csv"
+    return pd.read_csv(path).set_index("name")["dice"].sort_index() if path.is_file() else None
+
+
 def paired_gap(out: Path, row: str) -> tuple[tuple, tuple, tuple, list[int]] | None:
     """`(Δ Dice vs noisy, the gap clean - noisy, share of the gap recovered, seeds)`, each `(value, lo,
     hi)` with a paired bootstrap interval over seeds and test images (`compare.bootstrap_ci`,
@@ -174,13 +180,9 @@ def paired_gap(out: Path, row: str) -> tuple[tuple, tuple, tuple, list[int]] | N
     metrics; None if there are none."""
     from dsal_tf.compare import bootstrap_ci, bootstrap_ratio_ci
 
-    def dice(seed_dir: Path, name: str):
-        path = seed_dir / name / "test_metrics.csv"
-        return pd.read_csv(path).set_index("name")["dice"].sort_index() if path.is_file() else None
-
     num, den, seeds = [], [], []
     for seed_dir in sorted(out.glob("s*/"), key=lambda p: int(p.name[1:])):
-        r, lo, hi = dice(seed_dir, row), dice(seed_dir, "noisy"), dice(seed_dir, "clean")
+        r, lo, hi = seed_dice(seed_dir, row), seed_dice(seed_dir, "noisy"), seed_dice(seed_dir, "clean")
         if r is None or lo is None or hi is None:
             continue
         num.append((r - lo).to_numpy())
@@ -199,10 +201,9 @@ def paired_delta(out: Path, row: str, base: str) -> str:
 
     diffs = []
     for seed_dir in sorted(out.glob("s*/"), key=lambda p: int(p.name[1:])):
-        a, b = seed_dir / row / "test_metrics.csv", seed_dir / base / "test_metrics.csv"
-        if a.is_file() and b.is_file():
-            diffs.append((pd.read_csv(a).set_index("name")["dice"].sort_index()
-                          - pd.read_csv(b).set_index("name")["dice"].sort_index()).to_numpy())
+        a, b = seed_dice(seed_dir, row), seed_dice(seed_dir, base)
+        if a is not None and b is not None:
+            diffs.append((a - b).to_numpy())
     if not diffs:
         return ""
     m, lo, hi = bootstrap_ci(np.stack(diffs))
