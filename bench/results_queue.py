@@ -261,16 +261,18 @@ def state_dir(exp_dir: Path) -> Path:
     return exp_dir / "queue"
 
 
-def record_path(exp_dir: Path, job: Job) -> Path:
-    return state_dir(exp_dir) / (job.id.replace("/", "__") + ".json")
+def record_path(results: Path, job: Job) -> Path:
+    """A finished job's record, kept beside the tables (committed with them: a new machine starts with no run
+    folders, and the queue's records of what finished must not go with them)."""
+    return results / "queue" / (job.id.replace("/", "__") + ".json")
 
 
-def status_rows(exp_dir: Path, jobs: list[Job]) -> list[dict]:
+def status_rows(exp_dir: Path, results: Path, jobs: list[Job]) -> list[dict]:
     running = state_dir(exp_dir) / "RUNNING"
     now_running = json.loads(running.read_text()) if running.is_file() else {}
     rows = []
     for job in jobs:
-        rec = record_path(exp_dir, job)
+        rec = record_path(results, job)
         if rec.is_file():
             r = json.loads(rec.read_text())
             rows.append({"job": job.id, "state": "done", "minutes": f"{r['minutes']:.1f}", "commit": r["commit"]})
@@ -286,7 +288,7 @@ def status_rows(exp_dir: Path, jobs: list[Job]) -> list[dict]:
 
 
 def write_status(exp_dir: Path, results: Path, jobs: list[Job]) -> str:
-    rows = status_rows(exp_dir, jobs)
+    rows = status_rows(exp_dir, results, jobs)
     done = [float(r["minutes"]) for r in rows if r["state"] == "done"]
     lines = ["# Results queue", "",
              "`python bench/results_queue.py status` (this file is rewritten after every job). Minutes are wall time, "
@@ -315,11 +317,12 @@ def commit_results(results: Path, job: Job) -> None:
 
 def run(exp_dir: Path, results: Path, jobs: list[Job], only: str | None, commit_each: bool = False) -> int:
     state_dir(exp_dir).mkdir(parents=True, exist_ok=True)
+    (results / "queue").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "RESULTS_DIR": str(results), "PYTHONPATH": pinned_path()}
     failed = 0
     for job in jobs:
         named = only and job.id.startswith(tuple(only.split(",")))
-        if (only and not named) or record_path(exp_dir, job).is_file() or (made_earlier(job) and not named):
+        if (only and not named) or record_path(results, job).is_file() or (made_earlier(job) and not named):
             continue
         if (state_dir(exp_dir) / "STOP").is_file():  # `touch <exp-dir>/queue/STOP`: end between jobs
             (state_dir(exp_dir) / "STOP").unlink()
@@ -337,7 +340,7 @@ def run(exp_dir: Path, results: Path, jobs: list[Job], only: str | None, commit_
         minutes = (time.time() - start) / 60
         running.unlink(missing_ok=True)
         if rc == 0:
-            record_path(exp_dir, job).write_text(json.dumps(
+            record_path(results, job).write_text(json.dumps(
                 {"job": job.id, "minutes": minutes, "peak_rss_mb": usage.ru_maxrss / 1024, "commit": sha,
                  "argv": list(job.argv[2:]),
                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))

@@ -1,7 +1,11 @@
 """Robust training under noisy masks on ISIC 2017 (issue 10): every row through the same paired sampler.
 
 Run: `python bench/robust_isic.py --seeds 0 [--kind dilate --rate 0.4] [--rows noisy,mwnet,...]`
-(resumable: finished rows are skipped; `exp/robust-<preset>-<kind>-r<rate>/`).
+(resumable: finished rows are skipped; runs in `exp/robust-<preset>-<kind>-r<rate>/`). Each finished row's
+`result.json` and per-image `test_metrics.csv` are also kept in the repository, under
+`bench/results/raw/robust-<preset>-<kind>-r<rate>/s<seed>/<row>/`: a row found there is done, and the
+table is built from there, so the tables survive the loss of the run folders (a new machine) and a
+later session adds seeds to them instead of starting over.
 
 Per seed s: `dsal corrupt` writes `exp/data/isic2017-<kind>-r<rate>-s<s>` (a fraction `rate` of the
 training masks corrupted, seed s). A meta set of `--meta` pool images (seeded by s) keeps its clean
@@ -56,13 +60,6 @@ ROWS = {"noisy": ("uniform", {}), "mwnet": ("mwnet", {"meta_step": "adam"}), "mc
 CLEAN_ROWS = ("clean", "clean-bce")  # rows with the clean masks in the noisy stream too
 
 
-# rows whose `train s` includes pauses of the results queue (SIGSTOP while a probe or the test suite ran alone)
-PAUSED = {"dilate-r0.4": "Seed 0's `train s` of `noisy` (about 7 min), `rgs` (about 15 min) and `mwnet-sgd` (about "
-                         "30 min) include pauses of the queue while probes, another table and the test suite ran "
-                         "alone, and so do seed 1's `noisy` (about 5 min) and `mwnet` (about 12 min); they overstate "
-                         "by that much."}
-
-
 def trainer_label(row: str) -> str:
     trainer, settings = ROWS[row]
     return f"`{trainer}`" + "".join(f", {k.upper()} = {v}" for k, v in settings.items())
@@ -72,14 +69,15 @@ RESULTS = Path(os.environ.get("RESULTS_DIR") or Path(__file__).resolve().parent 
 
 
 def run_row(cfg, row: str, seed: int, pool, noisy_masks, val, test, normalizer, meta: np.ndarray, out: Path,
-            log=print) -> dict:
+            kept: Path, log=print) -> dict:
+    """Train and test one row in `out` (a run folder); its result and per-image metrics are copied to `kept`
+    (the repository's record), and a row already kept is not run again."""
     from dsal_tf import train
     from dsal_tf.evaluate import evaluate_model, summarize
     from dsal_tf.trainers import get_trainer
 
-    done = out / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    if (kept / "result.json").is_file():
+        return json.loads((kept / "result.json").read_text())
     trainer, settings = ROWS[row]
     rcfg = cfg.replace(trainer=trainer, meta_size=0, reweight_loss="run", **settings)
     is_noisy = np.ones(len(pool), bool)
@@ -92,10 +90,12 @@ def run_row(cfg, row: str, seed: int, pool, noisy_masks, val, test, normalizer, 
     start = time.time()
     train.fit(train.FitJob(model, rcfg, pool.images, y, is_noisy, val, normalizer, out, rcfg.nb_initial_epochs, seed))
     per_image, _ = evaluate_model(model, test, normalizer, rcfg.batch_size)
-    per_image.to_csv(out / "test_metrics.csv", index=False, float_format="%.6f")  # for the paired intervals
     result = {"row": row, "trainer": rcfg.trainer, "loss": get_trainer(rcfg.trainer).loss_for(rcfg), "seed": seed,
               "train_s": round(time.time() - start, 1), **summarize(per_image)}
-    done.write_text(json.dumps(result, indent=1))
+    for folder in (out, kept):  # the run folder, then the repository's record (the row is done once it is there)
+        folder.mkdir(parents=True, exist_ok=True)
+        per_image.to_csv(folder / "test_metrics.csv", index=False, float_format="%.5f")  # for the paired intervals
+        (folder / "result.json").write_text(json.dumps(result, indent=1))
     log(f"seed {seed} {row}: test Dice {result['dice_mean']:.4f} in {result['train_s']:.0f} s")
     return result
 
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     name = f"robust-{args.preset}{scale}-{tag}"
     base = load_config(None, overrides)
     out = Path(base.exp_dir) / name
+    kept = RESULTS / "raw" / name  # the finished rows, in the repository
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         cfg = base.replace(seed=seed)
@@ -153,18 +154,20 @@ def main(argv: list[str] | None = None) -> None:
             label_dice = _dice(noisy.masks, pool.masks)
             normalizer = Normalizer.fit(pool.images, cfg.normalization)
             meta = np.sort(np.random.default_rng([seed, args.meta]).choice(len(pool), args.meta, replace=False))
-            (out / f"s{seed}").mkdir(parents=True, exist_ok=True)
-            (out / f"s{seed}" / "setup.json").write_text(json.dumps(
-                {"noisy_data": str(noisy_dir), "meta": meta.tolist(), "noisy_label_dice": label_dice,
-                 "config": json.loads(cfg.to_json())}, indent=1))
+            setup = json.dumps({"noisy_data": str(noisy_dir), "meta": meta.tolist(), "noisy_label_dice": label_dice,
+                                "config": json.loads(cfg.to_json())}, indent=1)
+            for folder in (out, kept):
+                (folder / f"s{seed}").mkdir(parents=True, exist_ok=True)
+                (folder / f"s{seed}" / "setup.json").write_text(setup)
             for row in rows:
-                run_row(cfg, row, seed, pool, noisy.masks, val, test, normalizer, meta, out / f"s{seed}" / row)
+                run_row(cfg, row, seed, pool, noisy.masks, val, test, normalizer, meta, out / f"s{seed}" / row,
+                        kept / f"s{seed}" / row)
         for row in ROWS:
-            done = out / f"s{seed}" / row / "result.json"
+            done = kept / f"s{seed}" / row / "result.json"
             if done.is_file():
                 results.append(json.loads(done.read_text()))
     if results:
-        write_table(pd.DataFrame(results), out, args, tag + scale)
+        write_table(pd.DataFrame(results), kept, args, tag + scale)
 
 
 def seed_dice(seed_dir: Path, name: str) -> pd.Series | None:
@@ -279,9 +282,10 @@ def write_table(results: pd.DataFrame, out: Path, args, tag: str) -> None:
         lines += ["", f"Under per-pixel BCE, the noise costs clean-bce - noisy-bce = {bce_gap}."] if bce_gap else []
     extra = (f" --epochs {args.epochs}" if args.epochs else "") + (f" --pool {args.pool}" if args.pool else "") + (
         f" --meta {args.meta}" if args.meta != 100 else "")
-    lines += ["", PAUSED[tag]] if tag in PAUSED else []
     lines += ["", f"Command: `python bench/robust_isic.py --kind {args.kind} --rate {args.rate:g} "
-              f"--seeds {args.seeds}{extra}` (resumable); per-seed rows in `{out}/results.csv`.", ""]
+              f"--seeds {args.seeds}{extra}` (resumable); per-seed rows in "
+              f"`bench/results/{out.relative_to(RESULTS)}/results.csv`, each row's per-image test metrics beside them.",
+              ""]
     path = RESULTS / f"robust_isic2017_{tag}.md"
     path.write_text("\n".join(lines))
     print("\n".join(lines))
