@@ -1,5 +1,7 @@
 """Collect the ISIC benchmark folders under exp/ into bench/results/isic2017_v3.md (partial results too):
-the issue-27 strategy table (`compare-isic2017-cpu-v3`), DSAL against random at 128x128 and the noisy teacher.
+the issue-27 strategy table (`compare-isic2017-cpu-v3`) and DSAL against random at 128x128; and the noisy
+teacher's folders into bench/results/noisy_teacher.md. A table whose run folders are not on this machine
+(a new machine: the folders stay behind, the tables are committed) is left as it is, not rewritten empty.
 
 bench/results/isic2017.md, the issue-8 table (`compare-isic2017-cpu-v2`, fp32), is complete and no longer
 rewritten: its run folders are not on this machine any more, and its command is in bench/results/README.md."""
@@ -20,7 +22,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from compare_table import md  # noqa: E402  (the one markdown table writer of the bench scripts)
 
 EXP = Path(os.environ.get("EXP_DIR") or ROOT / "exp").resolve()
-OUT = Path(os.environ.get("RESULTS_DIR") or ROOT / "bench" / "results").resolve() / "isic2017_v3.md"
+RESULTS = Path(os.environ.get("RESULTS_DIR") or ROOT / "bench" / "results").resolve()
+OUT = RESULTS / "isic2017_v3.md"
+NOISY_OUT = RESULTS / "noisy_teacher.md"
 
 
 def differences_against(cmp_dir: Path, baseline: str) -> pd.DataFrame:
@@ -142,6 +146,21 @@ def main() -> None:
         shutil.copyfile(cmp_dir / "learning_curves.png", OUT.parent / "learning_curves_v3.png")
         parts += ["![learning curves](learning_curves_v3.png)\n"]
     parts += resolution_sections(EXP)
+    if cmp_dir.is_dir():
+        write(OUT, parts)
+    else:
+        print(f"{OUT}: left as it is (no {cmp_dir} on this machine)", file=sys.stderr)
+    noisy = noisy_teacher_sections()
+    if noisy:
+        write(NOISY_OUT, ["# Noisy teacher (issue 9; `dsal noisy-teacher`, isic2017-cpu)\n",
+                          "`python bench/results_queue.py run --only noisy/` (one job a seed, the summary over the "
+                          "seeds so far). The 200-expert table, made before these records, is in "
+                          "[README.md](README.md#noisy-teacher-with-the-same-sampler-control-isic-2017-200-experts-"
+                          "seeds-0-2).\n", *noisy])
+
+
+def noisy_teacher_sections() -> list[str]:
+    parts = []
     for nt in sorted(EXP.glob("noisy-teacher-isic2017-cpu-e*/summary.csv")):
         parts += [f"## Noisy teacher, {nt.parent.name} ({precision_of([nt.parent / 'config.json'])})\n",
                   "Students train on BCE + Dice (`loss` column); the teacher on the preset's LOSS.\n",
@@ -150,9 +169,13 @@ def main() -> None:
             parts += ["Paired differences against `uniform` (the same sampler with equal weights), test Dice, "
                       "bootstrap 95% interval over test images and seeds:\n",
                       md(pd.read_csv(nt.parent / "differences.csv")), ""]
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("\n".join(parts) + "\n")
-    print(f"wrote {OUT}", file=sys.stderr)
+    return parts
+
+
+def write(path: Path, parts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -280,6 +280,9 @@ def write_table(results: pd.DataFrame, out: Path, args, tag: str) -> None:
                   "|---|---|---:|---:|---:|", *paired]
         bce_gap = paired_delta(out, "clean-bce", "noisy-bce")
         lines += ["", f"Under per-pixel BCE, the noise costs clean-bce - noisy-bce = {bce_gap}."] if bce_gap else []
+        loss_effect = paired_delta(out, "clean-bce", "clean")
+        lines += ["", "The loss alone, on the true masks (per-pixel BCE against the preset's soft Dice): "
+                  f"clean-bce - clean = {loss_effect}."] if loss_effect else []
     extra = (f" --epochs {args.epochs}" if args.epochs else "") + (f" --pool {args.pool}" if args.pool else "") + (
         f" --meta {args.meta}" if args.meta != 100 else "")
     lines += ["", f"Command: `python bench/robust_isic.py --kind {args.kind} --rate {args.rate:g} "
