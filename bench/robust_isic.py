@@ -60,6 +60,12 @@ ROWS = {"noisy": ("uniform", {}), "mwnet": ("mwnet", {"meta_step": "adam"}), "mc
 CLEAN_ROWS = ("clean", "clean-bce")  # rows with the clean masks in the noisy stream too
 
 
+# what inflates a row's `train s` (wall time): the queue paused (SIGSTOP) while the test suite ran alone, or
+# another process on the 2 cores
+PAUSED = {"dilate-r0.8": "Seed 0's `train s` of `mwnet-sgd` includes about 7 min of the queue paused while the "
+                         "test suite ran alone, and `noisy`'s (222 s) a package install beside it."}
+
+
 def trainer_label(row: str) -> str:
     trainer, settings = ROWS[row]
     return f"`{trainer}`" + "".join(f", {k.upper()} = {v}" for k, v in settings.items())
@@ -285,6 +291,7 @@ def write_table(results: pd.DataFrame, out: Path, args, tag: str) -> None:
                   f"clean-bce - clean = {loss_effect}."] if loss_effect else []
     extra = (f" --epochs {args.epochs}" if args.epochs else "") + (f" --pool {args.pool}" if args.pool else "") + (
         f" --meta {args.meta}" if args.meta != 100 else "")
+    lines += ["", PAUSED[tag]] if tag in PAUSED else []
     lines += ["", f"Command: `python bench/robust_isic.py --kind {args.kind} --rate {args.rate:g} "
               f"--seeds {args.seeds}{extra}` (resumable); per-seed rows in "
               f"`bench/results/{out.relative_to(RESULTS)}/results.csv`, each row's per-image test metrics beside them.",
