@@ -63,7 +63,9 @@ CLEAN_ROWS = ("clean", "clean-bce")  # rows with the clean masks in the noisy st
 # what inflates a row's `train s` (wall time): the queue paused (SIGSTOP) while the test suite ran alone, or
 # another process on the 2 cores
 PAUSED = {"dilate-r0.8": "Seed 0's `train s` of `mwnet-sgd` includes about 7 min of the queue paused while the "
-                         "test suite ran alone, and `noisy`'s (222 s) a package install beside it."}
+                         "test suite ran alone, and `noisy`'s (222 s) a package install beside it.",
+          "dilate-r0.4": "Seed 1's `train s` of `noisy` includes about 7.5 min of the queue paused while the test "
+                         "suite ran alone."}
 
 
 def trainer_label(row: str) -> str:
