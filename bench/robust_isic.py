@@ -286,6 +286,8 @@ def write_table(results: pd.DataFrame, out: Path, args, tag: str) -> None:
                   "against `noisy-bce`, the loss control, on the seeds it has:", "",
                   "| row | seeds | Δ Dice vs noisy | Dice gap recovered | Δ Dice vs noisy-bce |",
                   "|---|---|---:|---:|---:|", *paired]
+        gap = paired_delta(out, "clean", "noisy")
+        lines += ["", f"Under the preset's loss, the noise costs clean - noisy = {gap}."] if gap else []
         bce_gap = paired_delta(out, "clean-bce", "noisy-bce")
         lines += ["", f"Under per-pixel BCE, the noise costs clean-bce - noisy-bce = {bce_gap}."] if bce_gap else []
         loss_effect = paired_delta(out, "clean-bce", "clean")
