@@ -238,8 +238,18 @@ def aims(dice, budgets, seeds, pool: int) -> list[str]:
              "are paired over seeds and test images):", ""] + lines) if lines else []
 
 
+def bcp_pretraining(sets: dict) -> str:
+    """How `bcp` pre-trains under `sets` (with the trainer's defaults), for a table's header."""
+    from dsal_tf.config import resolve
+    from dsal_tf.trainers import TRAINERS
+
+    mix = TRAINERS["bcp"].Settings.from_config(resolve({"trainer": "bcp", **sets})).bcp_pretrain_mix
+    return (" `bcp` pre-trains on labelled pairs mixed by its box (`BCP_PRETRAIN_MIX`, the authors' code)."
+            if mix else " `bcp` pre-trains on the labels alone (`BCP_PRETRAIN_MIX = false`).")
+
+
 def table(exp_dir: str, budgets, trainers, seeds, steps: int, precision: str,
-          curve: Curve = CURVES["isic2017"]) -> str:
+          curve: Curve = CURVES["isic2017"], sets: dict | None = None) -> str:
     root = Path(exp_dir) / curve.key
 
     def dice(trainer, budget, seed):
@@ -255,7 +265,8 @@ def table(exp_dir: str, budgets, trainers, seeds, steps: int, precision: str,
              f"{curve.about}; {steps} optimizer steps in every row, random expert labels (the same {curve.unit} for "
              f"every trainer of a seed), precision {precision}. Differences against `standard` of the same budget "
              f"and seed, and against full supervision (all {curve.pool} labels) of the same seed, paired per test "
-             "item, with the bootstrap 95% interval over seeds and items.", "",
+             "item, with the bootstrap 95% interval over seeds and items."
+             + (bcp_pretraining(sets or {}) if "bcp" in trainers else ""), "",
              "| labels | share | trainer | seeds | test Dice | - standard | 95% interval | - full | 95% interval |",
              "|---:|---:|---|---|---:|---:|---|---:|---|"]
     for budget in budgets:
@@ -354,7 +365,7 @@ def main(argv=None) -> int:
     for budget, trainer, seed in jobs:
         run_row(row_config(data, args.exp_dir, budget, trainer, seed, steps, sets, curve), print)
         out.write_text(table(args.exp_dir, budgets, trainers, [int(s) for s in args.table_seeds.split(",")],
-                             steps, precision, curve))
+                             steps, precision, curve, sets))
     print(out.read_text())
     return 0
 
