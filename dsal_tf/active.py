@@ -124,7 +124,9 @@ def open_run(cfg: Config, constants_path: str | Path | None = None, log: Callabl
             f"NB_LABELED = {cfg.nb_labeled} but {cfg.data_path}/trainImg has only {len(splits['train'])} images; "
             "lower NB_LABELED or add images"
         )
-    run = Run.create(cfg, constants_path)
+    rule = parts.query.base_selection
+    run = Run.create(cfg, constants_path, fixed={"nb_iterations": f"SELECTION '{rule.name}' spreads its draw's "
+                                                 "schedule over NB_ITERATIONS rounds"} if rule.round_schedule else None)
     if run.normalizer_file.is_file():
         normalizer = parts.space.load_normalizer(run.normalizer_file)
     else:

@@ -217,8 +217,10 @@ class Run:
 
     # ------------------------------------------------------------------ create / resume
     @classmethod
-    def create(cls, cfg: Config, constants_path: str | Path | None = None) -> Run:
-        """Create or reopen `exp/<name>`; refuse to mix a finished run with different settings."""
+    def create(cls, cfg: Config, constants_path: str | Path | None = None, fixed: dict[str, str] | None = None) -> Run:
+        """Create or reopen `exp/<name>`; refuse to mix a finished run with different settings.
+        `fixed`: settings otherwise resumable (RESUMABLE_CHANGES) that this run must keep, each with the
+        reason (NB_ITERATIONS under a selection whose schedule spans the rounds)."""
         run = cls.of(cfg)
         saved = run.config_file
         if saved.is_file() and run.completed():
@@ -229,11 +231,13 @@ class Run:
                 )
             new = json.loads(cfg.to_json())
             # settings added to dsal-tf after the run started take their defaults; ignore them
-            diff = [k for k in new if k in old and k not in RESUMABLE_CHANGES and old[k] != new[k]]
+            fixed = fixed or {}
+            diff = [k for k in new if k in old and (k not in RESUMABLE_CHANGES or k in fixed) and old[k] != new[k]]
             if diff:
                 k = diff[0]
+                why = f" ({fixed[k]})" if k in fixed else ""
                 raise DsalError(
-                    f"{run.path} was run with {k.upper()} = {old.get(k)!r}, now {new[k]!r}; "
+                    f"{run.path} was run with {k.upper()} = {old.get(k)!r}, now {new[k]!r}{why}; "
                     f"use --exp NEW_NAME for new settings (nothing was changed)"
                 )
         run.path.mkdir(parents=True, exist_ok=True)

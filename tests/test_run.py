@@ -106,3 +106,24 @@ def test_a_moved_run_is_opened_where_it_is(tmp_path):
     new.parent.mkdir(parents=True)
     old.rename(new)
     assert Run(new).saved_config().run_dir == new
+
+
+@pytest.mark.parametrize("strategy, selection, refused", [
+    ("claspe", "auto", True),  # its own rule, score_power: beta runs from 1 to 100 over NB_ITERATIONS rounds
+    ("dsal", "power", True),
+    ("dsal", "auto", False),  # rank: no schedule, more rounds are a resumable change
+    ("random", "auto", False),
+])
+def test_iterations_stay_fixed_under_a_round_schedule(tiny_data, tmp_path, strategy, selection, refused):
+    from dsal_tf.active import open_run
+
+    cfg = resolve({**tiny_values(tiny_data, tmp_path), "query_strategy": strategy, "selection": selection})
+    ctx = open_run(cfg, log=lambda m: None)
+    finished(ctx.run, 0, 0.5)
+    longer = cfg.replace(nb_iterations=cfg.nb_iterations + 2)
+    if refused:
+        with pytest.raises(DsalError, match=r"NB_ITERATIONS = .*spreads its draw's schedule.*--exp NEW_NAME"):
+            open_run(longer, log=lambda m: None)
+        assert json.loads(ctx.run.config_file.read_text())["nb_iterations"] == cfg.nb_iterations  # nothing changed
+    else:
+        assert open_run(longer, log=lambda m: None).cfg.nb_iterations == cfg.nb_iterations + 2

@@ -42,6 +42,7 @@ class Selection:
 
     name = "base"
     needs_features = False
+    round_schedule = False  # True: its draw depends on the round's place in NB_ITERATIONS (a schedule)
     Settings = Settings
 
     def __init__(self, settings: Settings | None = None, nb_rounds: int = 1):
@@ -75,6 +76,8 @@ class Histogram(Selection):
 
 @register_selection("power")
 class Power(Selection):
+    round_schedule = True
+
     @dataclass(frozen=True)
     class Settings(Settings):
         power_beta_start: float = 1.0  # draw with p ~ rank-score**beta, beta from START (round 1) ...
@@ -94,6 +97,8 @@ class ScorePower(Selection):
     """ClaSP PE's power noising: a seeded draw with p ~ score**beta, beta from 1 to 100 geometrically.
 
     docs/methods.md#clasp-pe; scores must be >= 0 (`power` draws on the rank instead)."""
+
+    round_schedule = True
 
     @dataclass(frozen=True)
     class Settings(Settings):
