@@ -208,17 +208,23 @@ def paired_gap(out: Path, row: str) -> tuple[tuple, tuple, tuple, list[int]] | N
 def paired_delta(out: Path, row: str, base: str) -> str:
     """`row - base` in test Dice, paired per test image over the seeds both finished, with its bootstrap
     interval; '' when they share no seed."""
+    return paired_contrast(out, (row,), (base,))
+
+
+def paired_contrast(out: Path, plus: tuple[str, ...], minus: tuple[str, ...]) -> str:
+    """`sum(plus) - sum(minus)` of rows' test Dice, paired per test image over the seeds where every row
+    finished, with its bootstrap interval; '' when there is no such seed."""
     from dsal_tf.compare import bootstrap_ci
 
     diffs = []
     for seed_dir in sorted(out.glob("s*/"), key=lambda p: int(p.name[1:])):
-        a, b = seed_dice(seed_dir, row), seed_dice(seed_dir, base)
-        if a is not None and b is not None:
-            diffs.append((a - b).to_numpy())
+        found = {row: seed_dice(seed_dir, row) for row in plus + minus}
+        if all(d is not None for d in found.values()):
+            diffs.append((sum(found[r] for r in plus) - sum(found[r] for r in minus)).to_numpy())
     if not diffs:
         return ""
     m, lo, hi = bootstrap_ci(np.stack(diffs))
-    return f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+    return f"{m + 0.0:+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -286,10 +292,13 @@ def write_table(results: pd.DataFrame, out: Path, args, tag: str) -> None:
                   "against `noisy-bce`, the loss control, on the seeds it has:", "",
                   "| row | seeds | Δ Dice vs noisy | Dice gap recovered | Δ Dice vs noisy-bce |",
                   "|---|---|---:|---:|---:|", *paired]
-        gap = paired_delta(out, "clean", "noisy")
-        lines += ["", f"Under the preset's loss, the noise costs clean - noisy = {gap}."] if gap else []
+        cost = paired_delta(out, "clean", "noisy")
+        lines += ["", f"Under the preset's loss, the noise costs clean - noisy = {cost}."] if cost else []
         bce_gap = paired_delta(out, "clean-bce", "noisy-bce")
         lines += ["", f"Under per-pixel BCE, the noise costs clean-bce - noisy-bce = {bce_gap}."] if bce_gap else []
+        between = paired_contrast(out, ("clean", "noisy-bce"), ("noisy", "clean-bce"))
+        lines += ["", "The two costs differ by (clean - noisy) - (clean-bce - noisy-bce) = "
+                  f"{between}."] if between else []
         loss_effect = paired_delta(out, "clean-bce", "clean")
         lines += ["", "The loss alone, on the true masks (per-pixel BCE against the preset's soft Dice): "
                   f"clean-bce - clean = {loss_effect}."] if loss_effect else []

@@ -25,6 +25,7 @@ bench/results/semisup_hippocampus.md.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -238,18 +239,24 @@ def aims(dice, budgets, seeds, pool: int) -> list[str]:
              "are paired over seeds and test images):", ""] + lines) if lines else []
 
 
-def bcp_pretraining(sets: dict) -> str:
-    """How `bcp` pre-trains under `sets` (with the trainer's defaults), for a table's header."""
-    from dsal_tf.config import resolve
-    from dsal_tf.trainers import TRAINERS
-
-    mix = TRAINERS["bcp"].Settings.from_config(resolve({"trainer": "bcp", **sets})).bcp_pretrain_mix
-    return (" `bcp` pre-trains on labelled pairs mixed by its box (`BCP_PRETRAIN_MIX`, the authors' code)."
-            if mix else " `bcp` pre-trains on the labels alone (`BCP_PRETRAIN_MIX = false`).")
+def bcp_pretraining(run_dirs) -> str:
+    """How the finished `bcp` rows in `run_dirs` pre-trained, from each run's config.json (a run made
+    before `BCP_PRETRAIN_MIX` existed has no such key and learnt the labels alone), for a table's header."""
+    mixed = {d.name: bool(json.loads((d / "config.json").read_text()).get("bcp_pretrain_mix", False))
+             for d in run_dirs if (d / "config.json").is_file()}
+    if not mixed:
+        return ""
+    if all(mixed.values()):
+        return " `bcp` pre-trains on labelled pairs mixed by its box (`BCP_PRETRAIN_MIX`, the authors' code)."
+    if not any(mixed.values()):
+        return " `bcp` pre-trains on the labels alone (`BCP_PRETRAIN_MIX = false`)."
+    return (" `bcp` rows pre-trained on mixed labelled pairs (`BCP_PRETRAIN_MIX`): "
+            + ", ".join(n for n, m in sorted(mixed.items()) if m) + "; on the labels alone: "
+            + ", ".join(n for n, m in sorted(mixed.items()) if not m) + ".")
 
 
 def table(exp_dir: str, budgets, trainers, seeds, steps: int, precision: str,
-          curve: Curve = CURVES["isic2017"], sets: dict | None = None) -> str:
+          curve: Curve = CURVES["isic2017"]) -> str:
     root = Path(exp_dir) / curve.key
 
     def dice(trainer, budget, seed):
@@ -266,7 +273,9 @@ def table(exp_dir: str, budgets, trainers, seeds, steps: int, precision: str,
              f"every trainer of a seed), precision {precision}. Differences against `standard` of the same budget "
              f"and seed, and against full supervision (all {curve.pool} labels) of the same seed, paired per test "
              "item, with the bootstrap 95% interval over seeds and items."
-             + (bcp_pretraining(sets or {}) if "bcp" in trainers else ""), "",
+             + bcp_pretraining(root / f"bcp-n{b}-s{s}" for b in budgets for s in seeds
+                               if dice("bcp", b, s) is not None),
+             "",
              "| labels | share | trainer | seeds | test Dice | - standard | 95% interval | - full | 95% interval |",
              "|---:|---:|---|---|---:|---:|---|---:|---|"]
     for budget in budgets:
@@ -365,7 +374,7 @@ def main(argv=None) -> int:
     for budget, trainer, seed in jobs:
         run_row(row_config(data, args.exp_dir, budget, trainer, seed, steps, sets, curve), print)
         out.write_text(table(args.exp_dir, budgets, trainers, [int(s) for s in args.table_seeds.split(",")],
-                             steps, precision, curve, sets))
+                             steps, precision, curve))
     print(out.read_text())
     return 0
 

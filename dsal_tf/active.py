@@ -107,11 +107,6 @@ def completed_rounds(run_dir: Path) -> list[int]:
     return Run(run_dir).completed()
 
 
-def prepare_run_dir(cfg: Config, constants_path: str | Path | None = None) -> Path:
-    """Create or reopen `exp/<name>`; refuse to mix a finished run with different settings."""
-    return Run.create(cfg, constants_path).path
-
-
 def open_run(cfg: Config, constants_path: str | Path | None = None, log: Callable[[str], None] = print) -> RoundContext:
     """Check everything (names, settings, every data file), then create or reopen the run folder
     and return the context of its first round; the resolved config (precision, every setting of
@@ -125,8 +120,9 @@ def open_run(cfg: Config, constants_path: str | Path | None = None, log: Callabl
             "lower NB_LABELED or add images"
         )
     rule = parts.query.base_selection
-    run = Run.create(cfg, constants_path, fixed={"nb_iterations": f"SELECTION '{rule.name}' spreads its draw's "
-                                                 "schedule over NB_ITERATIONS rounds"} if rule.round_schedule else None)
+    run = Run.create(cfg, constants_path, fixed={"nb_iterations": f"the selection rule '{rule.name}' spreads its "
+                                                 "draw's schedule over NB_ITERATIONS rounds"}
+                     if rule.round_schedule else None)
     if run.normalizer_file.is_file():
         normalizer = parts.space.load_normalizer(run.normalizer_file)
     else:

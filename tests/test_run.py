@@ -110,8 +110,10 @@ def test_a_moved_run_is_opened_where_it_is(tmp_path):
 
 @pytest.mark.parametrize("strategy, selection, refused", [
     ("claspe", "auto", True),  # its own rule, score_power: beta runs from 1 to 100 over NB_ITERATIONS rounds
+    ("claspe", "diverse", True),  # diverse thins candidates that its own rule (score_power) draws
     ("dsal", "power", True),
     ("dsal", "auto", False),  # rank: no schedule, more rounds are a resumable change
+    ("dsal", "diverse", False),
     ("random", "auto", False),
 ])
 def test_iterations_stay_fixed_under_a_round_schedule(tiny_data, tmp_path, strategy, selection, refused):
