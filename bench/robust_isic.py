@@ -224,7 +224,7 @@ def paired_contrast(out: Path, plus: tuple[str, ...], minus: tuple[str, ...]) ->
     if not diffs:
         return ""
     m, lo, hi = bootstrap_ci(np.stack(diffs))
-    return f"{m + 0.0:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+    return f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
